@@ -1,0 +1,13 @@
+"""optimize-sd: find the fastest training-free acceleration settings for a Stable Diffusion pipeline.
+
+The public Python API applies a found configuration to your own pipeline::
+
+    import optimize
+    with optimize.accelerate(pipe, {"deepcache": True, "deepcache.cache_interval": 3}) as fast:
+        images = fast("a red fox in the snow", num_inference_steps=50).images
+"""
+
+from .accelerators import Accelerated, Config, DeepCache, InvalidConfig, TGate, ToMe, accelerate
+
+__all__ = ["Accelerated", "Config", "DeepCache", "InvalidConfig", "TGate", "ToMe", "accelerate"]
+__version__ = "0.1.0"

@@ -1,0 +1,185 @@
+"""``optimize-sd``: the command line. Data flows one way: options -> study -> pipeline.
+
+Every check that needs no model runs first, so bad input costs one clear line and a non-zero exit
+before anything heavy loads.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from . import pipelines, prompts as prompts_mod
+from .accelerators import METHODS
+from .pipelines import DTYPES, SCHEDULERS
+from .storage import DEFAULT_STORAGE
+
+EXIT_USAGE = 2
+STUDY_ATTR = "optimize_sd"
+
+
+class Failure(click.ClickException):
+    exit_code = EXIT_USAGE
+
+
+def _methods(value: str) -> tuple[str, ...]:
+    names = tuple(dict.fromkeys(m.strip().lower() for m in value.split(",") if m.strip()))
+    bad = [m for m in names if m not in METHODS]
+    if bad or not names:
+        raise Failure(f"--methods: unknown method(s) {', '.join(bad) or '(none)'}; choose from {','.join(METHODS)}")
+    return names
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(package_name="optimize-sd")
+def cli():
+    """Find the fastest training-free acceleration settings (DeepCache, ToMe, T-GATE) for a Stable
+    Diffusion pipeline that keep CLIP score within a bound."""
+
+
+@cli.command()
+@click.option("--pipe", default="sd1.5", show_default=True,
+              help="Preset (sd1.5, sd2.1, sdxl), hub id, local diffusers dir, or tiny / tiny-xl (offline, random weights).")
+@click.option("--scheduler", type=click.Choice(list(SCHEDULERS)), default="ddim", show_default=True)
+@click.option("--device", default=None, help="cuda, cuda:N or cpu  [default: cuda if available]")
+@click.option("--dtype", type=click.Choice(DTYPES), default=None, help="[default: fp16 on GPU, fp32 on CPU]")
+@click.option("--steps", type=click.IntRange(1), default=None, help="Denoising steps  [default: 50; tiny: 20]")
+@click.option("--guidance", type=float, default=None, help="CFG scale  [default: 7.5; SDXL 5.0]")
+@click.option("--height", type=click.IntRange(8), default=None, help="[default: the model's native size]")
+@click.option("--width", type=click.IntRange(8), default=None, help="[default: the model's native size]")
+@click.option("--batch-size", type=click.IntRange(1), default=1, show_default=True)
+@click.option("--prompts", "prompt_spec", default=None,
+              help="coco, coco:<dataset>, builtin, or a .txt/.json/.csv file  [default: coco; tiny: builtin]")
+@click.option("--num-samples", type=int, default=None, help="Prompts to generate and score  [default: 32; tiny: 8]")
+@click.option("--clip-model", default=None, help="open_clip model  [default: ViT-g-14; tiny: tiny-clip]")
+@click.option("--clip-pretrained", default=None, help="open_clip weights  [default: laion2b_s34b_b88k; tiny: none]")
+@click.option("--repeats", type=click.IntRange(0), default=None,
+              help="Extra timed calls per configuration besides the scoring pass  [default: 3 on GPU, 0 on CPU]")
+@click.option("--target-speedup", type=float, default=None,
+              help="Target mode: least loss among configs at least this fast. Without it: max speedup.")
+@click.option("--max-loss", type=float, default=0.02, show_default=True, help="Bound on relative CLIP score loss.")
+@click.option("--methods", default=",".join(METHODS), show_default=True, help="Methods that may switch on.")
+@click.option("--n-trials", type=click.IntRange(1), default=20, show_default=True, help="Trials to add in this run.")
+@click.option("--storage", default=DEFAULT_STORAGE, show_default=True, help="Optuna storage URL.")
+@click.option("--study", "study_name", default=None, help="[default: derived from model, scheduler, steps and goal]")
+@click.option("--seed", type=int, default=42, show_default=True)
+@click.option("--output", default="search_params.json", show_default=True, type=click.Path(dir_okay=False))
+@click.option("--heartbeat", type=click.IntRange(1), default=60, show_default=True,
+              help="Seconds between trial heartbeats; a trial silent for twice that is retried.")
+@click.option("--progress/--no-progress", default=True, show_default=True)
+def run(**o):
+    """Search acceleration settings; running the same command again resumes the study."""
+    from .runner import run_search
+
+    spec, opts = _check_run_options(o)
+    run_search(spec, opts)
+
+
+def _check_run_options(o: dict):
+    """All checks that need no model; returns the resolved pipe and a :class:`RunOptions`."""
+    from .runner import RunOptions
+    from .search import Goal
+    from .storage import StorageError, check_storage_url
+
+    try:
+        spec = pipelines.resolve_pipe(o["pipe"])
+    except pipelines.PipelineError as e:
+        raise Failure(str(e)) from None
+    tiny = spec.kind in pipelines.TINY
+    try:
+        goal = Goal("target" if o["target_speedup"] is not None else "max", o["target_speedup"], o["max_loss"])
+    except ValueError as e:
+        raise Failure(str(e)) from None
+    methods = _methods(o["methods"])
+    device = o["device"] or _default_device()
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise Failure(f"--device {device}: no CUDA GPU is available here (use --device cpu)")
+    elif device != "cpu":
+        raise Failure(f"--device {device!r}: use cpu, cuda or cuda:N")
+    dtype = o["dtype"] or ("fp16" if device.startswith("cuda") else "fp32")
+    if dtype == "fp16" and device == "cpu":
+        raise Failure("--dtype fp16 is not supported on CPU (use fp32 or bf16)")
+    prompt_spec = o["prompt_spec"] or ("builtin" if tiny else "coco")
+    num_samples = o["num_samples"] if o["num_samples"] is not None else (8 if tiny else 32)
+    if num_samples < 1:
+        raise Failure("--num-samples must be at least 1")
+    try:
+        prompts_mod.check_spec(prompt_spec)
+        check_storage_url(o["storage"])
+    except (prompts_mod.PromptsError, StorageError) as e:
+        raise Failure(str(e)) from None
+    if o["guidance"] is not None and o["guidance"] <= 1 and "tgate" in methods:
+        raise Failure("T-GATE needs --guidance > 1 (or leave tgate out of --methods)")
+    default_clip = ("tiny-clip", None) if tiny else ("ViT-g-14", "laion2b_s34b_b88k")
+    steps = o["steps"] or (20 if tiny else 50)
+    opts = RunOptions(
+        scheduler=o["scheduler"], device=device, dtype=dtype, steps=steps, guidance=o["guidance"],
+        height=o["height"], width=o["width"], batch_size=o["batch_size"], prompt_spec=prompt_spec,
+        num_samples=num_samples, clip_model=o["clip_model"] or default_clip[0],
+        clip_pretrained=o["clip_pretrained"] if o["clip_pretrained"] is not None else (
+            default_clip[1] if o["clip_model"] is None else None),
+        repeats=o["repeats"] if o["repeats"] is not None else (3 if device.startswith("cuda") else 0),
+        goal=goal, methods=methods, n_trials=o["n_trials"], storage=o["storage"], study_name=o["study_name"],
+        seed=o["seed"], output=o["output"], heartbeat=o["heartbeat"], progress=o["progress"],
+    )
+    return spec, opts
+
+
+def _default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@cli.command()
+@click.option("--storage", default=DEFAULT_STORAGE, show_default=True)
+@click.option("--study", "study_name", default=None, help="[default: the only study, or the most recently run]")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def best(storage, study_name, as_json):
+    """Print the best feasible trial of a study."""
+    from .baseline import Baseline
+    from .report import best_entry, format_best
+    from .runner import goal_of, pick_study
+    from .search import best_feasible
+
+    study = pick_study(storage, study_name)
+    goal = goal_of(study)
+    trial = best_feasible(study, goal)
+    baseline = Baseline.load(study)
+    if as_json:
+        click.echo(json.dumps({
+            "study": study.study_name, "goal": goal.as_dict(),
+            "baseline": {"time_per_image": baseline.time_per_image, "clip_score": baseline.clip_score} if baseline else None,
+            "best": best_entry(trial) if trial else None,
+        }, indent=2))
+    else:
+        click.echo(format_best(study.study_name, goal, trial, baseline))
+    if trial is None:
+        sys.exit(1)
+
+
+def main(argv=None) -> None:
+    """Entry point: click's errors become one line on stderr."""
+    import warnings
+
+    # Optuna flags the features this tool relies on (heartbeat, grouped TPE) as experimental on every use.
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*experimental.*")
+    try:
+        code = cli.main(args=argv, prog_name="optimize-sd", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("optimize-sd: interrupted", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        click.echo(f"optimize-sd: error: {e.format_message()}", err=True)
+        sys.exit(e.exit_code)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

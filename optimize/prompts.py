@@ -1,0 +1,106 @@
+"""Prompts a study generates from: COCO-2017 validation captions, a file, or a built-in set.
+
+``--prompts`` takes ``coco`` (``datasets.load_dataset("phiyodr/coco2017")``, validation split, first
+caption of each image), ``coco:<dataset dir or hub id>`` (any dataset in COCO's schema), ``builtin``
+(the captions in ``builtin_prompts.txt``, offline) or a file: ``.txt`` one prompt a line, ``.json`` a
+list of strings, ``.csv`` with a ``prompt`` or ``caption`` column.
+
+Example:
+    >>> load_prompts("builtin", 3)
+    ['A man riding a bicycle down a busy city street.', 'Two cats sleeping on a red couch next to a window.', 'A bowl of fresh fruit on a wooden kitchen table.']
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+
+COCO_DATASET = "phiyodr/coco2017"
+_BUILTIN = os.path.join(os.path.dirname(__file__), "builtin_prompts.txt")
+
+
+class PromptsError(ValueError):
+    """Prompts that cannot be read or are empty."""
+
+
+def check_spec(spec: str) -> None:
+    """Cheap checks run before anything loads: the file exists and has a known format."""
+    if spec in ("coco", "builtin") or spec.startswith("coco:"):
+        return
+    if not os.path.isfile(spec):
+        raise PromptsError(f"prompts file {spec!r} does not exist (or use 'coco', 'coco:<dataset>' or 'builtin')")
+    if not os.access(spec, os.R_OK):
+        raise PromptsError(f"prompts file {spec!r} is not readable")
+    if os.path.splitext(spec)[1].lower() not in (".txt", ".json", ".csv"):
+        raise PromptsError(f"prompts file {spec!r}: use a .txt, .json or .csv file")
+
+
+def load_prompts(spec: str, num_samples: int) -> list[str]:
+    """Return the first ``num_samples`` prompts of ``spec``."""
+    if num_samples < 1:
+        raise PromptsError("--num-samples must be at least 1")
+    check_spec(spec)
+    if spec == "builtin":
+        prompts = _read_txt(_BUILTIN)
+    elif spec == "coco" or spec.startswith("coco:"):
+        prompts = _read_coco(spec.partition(":")[2] or COCO_DATASET, num_samples)
+    else:
+        prompts = _read_file(spec)
+    prompts = [p.strip() for p in prompts if isinstance(p, str) and p.strip()]
+    if not prompts:
+        raise PromptsError(f"no prompts in {spec!r}")
+    if len(prompts) < num_samples:
+        raise PromptsError(f"{spec!r} has {len(prompts)} prompts, fewer than --num-samples {num_samples}")
+    return prompts[:num_samples]
+
+
+def prompts_hash(prompts: list[str]) -> str:
+    return hashlib.sha256("\n".join(prompts).encode()).hexdigest()[:16]
+
+
+def _read_txt(path: str) -> list[str]:
+    with open(path, encoding="utf-8") as f:
+        return f.read().splitlines()
+
+
+def _read_file(path: str) -> list[str]:
+    ext = os.path.splitext(path)[1].lower()
+    try:
+        if ext == ".txt":
+            return _read_txt(path)
+        if ext == ".json":
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+            if not isinstance(data, list):
+                raise PromptsError(f"{path}: expected a JSON list of strings")
+            return data
+        with open(path, encoding="utf-8", newline="") as f:
+            reader = csv.DictReader(f)
+            column = next((c for c in ("prompt", "caption") if c in (reader.fieldnames or [])), None)
+            if column is None:
+                raise PromptsError(f"{path}: no 'prompt' or 'caption' column")
+            return [row[column] for row in reader]
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        if isinstance(e, PromptsError):
+            raise
+        raise PromptsError(f"cannot read prompts from {path}: {e}") from None
+
+
+def _read_coco(source: str, num_samples: int) -> list[str]:
+    """First caption of the first ``num_samples`` validation images of a COCO-schema dataset."""
+    import datasets
+
+    try:
+        split = datasets.load_dataset(source, split="validation")
+    except Exception as e:  # noqa: BLE001 - no network, missing dataset: one clear line
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise PromptsError(
+            f"cannot load COCO captions from {source!r} ({first}); offline, use --prompts builtin or a file"
+        ) from e
+    column = "captions" if "captions" in split.column_names else "caption" if "caption" in split.column_names else None
+    if column is None:
+        raise PromptsError(f"{source}: validation split has no 'captions' column")
+    rows = split.select(range(min(num_samples, len(split))))[column]
+    return [row[0] if isinstance(row, list) and row else row for row in rows]

@@ -1,0 +1,191 @@
+"""The search: a constrained TPE study over DeepCache / ToMe / T-GATE settings.
+
+Two goals:
+
+* ``target``: minimise ``score_loss`` subject to ``speedup >= target`` and ``score_loss <= max_loss``;
+* ``max``: maximise ``speedup`` subject to ``score_loss <= max_loss``.
+
+Each trial switches every allowed method on or off, samples that method's parameters (one Optuna
+distribution per parameter name, so TPE's grouped multivariate model sees a fixed space), measures the
+configuration against the stored baseline, and records speedup, loss, time and spread as user attrs.
+
+Example:
+    >>> goal = Goal("max", None, 0.02)
+    >>> goal.constraints(speedup=2.1, loss=0.01)
+    [-0.01]
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from .accelerators import TOME_DOWNSAMPLES, Config, DeepCache, TGate, ToMe
+from .baseline import Baseline
+from .metrics import score_loss
+
+CONSTRAINTS_ATTR = "constraints"  # the list optuna-dashboard 0.21 reads to mark trials feasible
+
+
+@dataclass(frozen=True)
+class Goal:
+    mode: str  # "target" or "max"
+    target_speedup: float | None
+    max_loss: float
+
+    def __post_init__(self):
+        if self.mode not in ("target", "max"):
+            raise ValueError(f"unknown mode {self.mode!r}")
+        if self.mode == "target" and not (self.target_speedup and self.target_speedup > 1):
+            raise ValueError("--target-speedup must be greater than 1")
+        if not 0 < self.max_loss < 1:
+            raise ValueError("--max-loss must be in (0, 1)")
+
+    @property
+    def direction(self) -> str:
+        return "minimize" if self.mode == "target" else "maximize"
+
+    @property
+    def objective_name(self) -> str:
+        return "score_loss" if self.mode == "target" else "speedup"
+
+    @property
+    def constraint_names(self) -> list[str]:
+        names = ["score_loss <= max_loss"]
+        return (["speedup >= target"] + names) if self.mode == "target" else names
+
+    def constraints(self, speedup: float, loss: float) -> list[float]:
+        """Values <= 0 mean satisfied (Optuna's convention)."""
+        values = [loss - self.max_loss]
+        return ([self.target_speedup - speedup] + values) if self.mode == "target" else values
+
+    def value(self, speedup: float, loss: float) -> float:
+        return loss if self.mode == "target" else speedup
+
+    @property
+    def slug(self) -> str:
+        head = f"target{self.target_speedup:g}" if self.mode == "target" else "max"
+        return f"{head}-loss{self.max_loss:g}"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"mode": self.mode, "target_speedup": self.target_speedup, "max_loss": self.max_loss}
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """The ranges searched; at least as wide as the original grid (REFERENCE: DeepCache N 2..5, branch
+    0..3; ToMe ratio 0.1..0.9, max_downsample 1,2,4; T-GATE gate 5..19, sp 2..9, fi 1..5, warm-up 1..3)."""
+
+    methods: tuple[str, ...]
+    steps: int
+    max_branch_id: int
+    xl: bool = False
+
+    def suggest(self, trial: optuna.Trial) -> Config:
+        kwargs: dict[str, Any] = {}
+        if "deepcache" in self.methods and trial.suggest_categorical("deepcache", [False, True]):
+            kwargs["deepcache"] = DeepCache(
+                trial.suggest_int("deepcache.cache_interval", 2, 10),
+                trial.suggest_int("deepcache.cache_branch_id", 0, min(5, self.max_branch_id)),
+            )
+        if "tome" in self.methods and trial.suggest_categorical("tome", [False, True]):
+            # tomesd merges at most 75% of tokens with its default 2x2 stride: ratios above that act as 0.75.
+            # SDXL has no attention at full resolution, so max_downsample=1 would be a no-op there.
+            downsamples = [d for d in TOME_DOWNSAMPLES if not (self.xl and d == 1)]
+            kwargs["tome"] = ToMe(
+                round(trial.suggest_float("tome.ratio", 0.1, 0.9, step=0.05), 2),
+                trial.suggest_categorical("tome.max_downsample", downsamples),
+            )
+        if "tgate" in self.methods and self.steps > 4 and trial.suggest_categorical("tgate", [False, True]):
+            kwargs["tgate"] = TGate(
+                # gate_step >= 4 > warm_up keeps every sampled pair valid with fixed distributions
+                trial.suggest_int("tgate.gate_step", 4, self.steps - 1),
+                trial.suggest_int("tgate.sp_interval", 1, 10),
+                trial.suggest_int("tgate.fi_interval", 1, 5),
+                trial.suggest_int("tgate.warm_up", 0, 3),
+            )
+        return Config(**kwargs)
+
+
+def make_sampler(seed: int) -> optuna.samplers.TPESampler:
+    return optuna.samplers.TPESampler(multivariate=True, group=True, seed=seed, n_startup_trials=8)
+
+
+def record_constraints(trial: optuna.Trial, values: list[float]) -> None:
+    """Store constraint values where both TPE and optuna-dashboard 0.21 read them.
+
+    ``Trial.set_constraint`` writes per-name keys that the dashboard ignores (it would show every
+    trial feasible); the list under ``constraints`` is what ``constraints_func`` wrote, and TPE reads it too.
+    """
+    trial.storage.set_trial_system_attr(trial._trial_id, CONSTRAINTS_ATTR, [float(v) for v in values])
+
+
+def is_feasible(trial: FrozenTrial) -> bool:
+    cons = trial.system_attrs.get(CONSTRAINTS_ATTR)
+    return trial.state == TrialState.COMPLETE and cons is not None and all(c <= 0 for c in cons)
+
+
+def best_feasible(study: optuna.Study, goal: Goal) -> FrozenTrial | None:
+    """Best feasible trial: least loss (ties: more speedup) for target, most speedup (ties: less loss) for max."""
+    trials = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if is_feasible(t)]
+    if not trials:
+        return None
+    if goal.mode == "target":
+        return min(trials, key=lambda t: (t.user_attrs["score_loss"], -t.user_attrs["speedup"], t.number))
+    return min(trials, key=lambda t: (-t.user_attrs["speedup"], t.user_attrs["score_loss"], t.number))
+
+
+class Objective:
+    """Optuna objective: suggest, measure, compare with the baseline, record."""
+
+    def __init__(self, evaluator, baseline: Baseline, goal: Goal, space: SearchSpace):
+        self.evaluator, self.baseline, self.goal, self.space = evaluator, baseline, goal, space
+
+    def _same_config(self, study: optuna.Study, params: dict[str, Any]) -> FrozenTrial | None:
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+            if t.params == params and "speedup" in t.user_attrs:
+                return t
+        return None
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        config = self.space.suggest(trial)
+        trial.set_user_attr("config", config.label())
+        same = self._same_config(trial.study, trial.params)
+        if same is not None:
+            # TPE proposes a configuration it has already seen: reuse the measurement, spend no GPU time.
+            attrs = {k: same.user_attrs[k] for k in ("speedup", "score_loss", "time_per_image", "spread", "clip_score")}
+            attrs["reused_from"] = same.number
+        else:
+            try:
+                m = self.evaluator.measure(config)
+            except Exception as e:
+                trial.set_user_attr("error", f"{type(e).__name__}: {e}"[:2000])
+                _free_device_memory()
+                raise
+            attrs = {
+                "speedup": self.baseline.time_per_image / m.timing.median,
+                "score_loss": score_loss(self.baseline.clip_score, m.clip_score),
+                "time_per_image": m.timing.median,
+                "spread": m.timing.spread,
+                "clip_score": m.clip_score,
+            }
+        for key, value in attrs.items():
+            if isinstance(value, float) and not math.isfinite(value):
+                raise FloatingPointError(f"{key} is {value}")
+            trial.set_user_attr(key, value)
+        record_constraints(trial, self.goal.constraints(attrs["speedup"], attrs["score_loss"]))
+        return self.goal.value(attrs["speedup"], attrs["score_loss"])
+
+
+def _free_device_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
