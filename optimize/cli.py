@@ -42,6 +42,8 @@ def cli():
 @cli.command()
 @click.option("--pipe", default="sd1.5", show_default=True,
               help="Preset (sd1.5, sd2.1, sdxl), hub id, local diffusers dir, or tiny / tiny-xl (offline, random weights).")
+@click.option("--random-weights", is_flag=True,
+              help="Build the preset's full-size architecture with random weights: real speed, meaningless quality.")
 @click.option("--scheduler", type=click.Choice(list(SCHEDULERS)), default="ddim", show_default=True)
 @click.option("--device", default=None, help="cuda, cuda:N or cpu  [default: cuda if available]")
 @click.option("--dtype", type=click.Choice(DTYPES), default=None, help="[default: fp16 on GPU, fp32 on CPU]")
@@ -54,7 +56,7 @@ def cli():
               help="coco, coco:<dataset>, builtin, or a .txt/.json/.csv file  [default: coco; tiny: builtin]")
 @click.option("--num-samples", type=int, default=None, help="Prompts to generate and score  [default: 32; tiny: 8]")
 @click.option("--clip-model", default=None, help="open_clip model  [default: ViT-g-14; tiny: tiny-clip]")
-@click.option("--clip-pretrained", default=None, help="open_clip weights  [default: laion2b_s34b_b88k; tiny: none]")
+@click.option("--clip-pretrained", default=None, help="open_clip weights, or none for random  [default: laion2b_s34b_b88k; tiny, random weights: none]")
 @click.option("--repeats", type=click.IntRange(0), default=None,
               help="Extra timed calls per configuration besides the scoring pass  [default: 3 on GPU, 0 on CPU]")
 @click.option("--target-speedup", type=float, default=None,
@@ -84,7 +86,7 @@ def _check_run_options(o: dict):
     from .storage import StorageError, check_storage_url
 
     try:
-        spec = pipelines.resolve_pipe(o["pipe"])
+        spec = pipelines.resolve_pipe(o["pipe"], random_weights=o["random_weights"])
     except pipelines.PipelineError as e:
         raise Failure(str(e)) from None
     tiny = spec.kind in pipelines.TINY
@@ -115,19 +117,25 @@ def _check_run_options(o: dict):
         raise Failure(str(e)) from None
     if o["guidance"] is not None and o["guidance"] <= 1 and "tgate" in methods:
         raise Failure("T-GATE needs --guidance > 1 (or leave tgate out of --methods)")
-    default_clip = ("tiny-clip", None) if tiny else ("ViT-g-14", "laion2b_s34b_b88k")
+    # Random-weight pipelines get a random-weight scorer of the real size: its cost is real, its scores not.
+    default_clip = ("tiny-clip", None) if tiny else ("ViT-g-14", None if spec.kind == "random" else "laion2b_s34b_b88k")
     steps = o["steps"] or (20 if tiny else 50)
     opts = RunOptions(
         scheduler=o["scheduler"], device=device, dtype=dtype, steps=steps, guidance=o["guidance"],
         height=o["height"], width=o["width"], batch_size=o["batch_size"], prompt_spec=prompt_spec,
         num_samples=num_samples, clip_model=o["clip_model"] or default_clip[0],
-        clip_pretrained=o["clip_pretrained"] if o["clip_pretrained"] is not None else (
-            default_clip[1] if o["clip_model"] is None else None),
+        clip_pretrained=_pretrained(o["clip_pretrained"], default_clip[1] if o["clip_model"] is None else None),
         repeats=o["repeats"] if o["repeats"] is not None else (3 if device.startswith("cuda") else 0),
         goal=goal, methods=methods, n_trials=o["n_trials"], storage=o["storage"], study_name=o["study_name"],
         seed=o["seed"], output=o["output"], heartbeat=o["heartbeat"], progress=o["progress"],
     )
     return spec, opts
+
+
+def _pretrained(value: str | None, default: str | None) -> str | None:
+    if value is None:
+        return default
+    return None if value.lower() in ("none", "random", "") else value
 
 
 def _default_device() -> str:

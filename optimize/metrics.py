@@ -52,7 +52,7 @@ class ClipScorer:
         self.model.eval().to(dtype=torch_dtype(dtype))
         self.tokenizer = open_clip.get_tokenizer(model)
         self.device, self.dtype = device, torch_dtype(dtype)
-        if model == TINY_MODEL[0]:
+        if pretrained is None:
             self._calibrate_random_model()
 
     def _calibrate_random_model(self) -> None:
@@ -66,7 +66,7 @@ class ClipScorer:
         import torch
         from PIL import Image
 
-        probe = [Image.new("RGB", (32, 32), (128, 128, 128))]
+        probe = [Image.new("RGB", (64, 64), (128, 128, 128))]
         if self._cosines(probe, ["a photo"])[0] < 0:
             with torch.no_grad():
                 self.model.text_projection.neg_()

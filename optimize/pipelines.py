@@ -63,11 +63,21 @@ class PipeSpec:
     @property
     def slug(self) -> str:
         base = os.path.basename(os.path.normpath(self.source)) if self.kind == "dir" else self.name
+        if self.kind == "random":
+            base += "-random"
         return re.sub(r"[^\w.-]+", "-", base).strip("-").lower()
 
 
-def resolve_pipe(name: str) -> PipeSpec:
-    """Turn ``--pipe`` into a :class:`PipeSpec` without loading weights; raise on unknown input."""
+def resolve_pipe(name: str, random_weights: bool = False) -> PipeSpec:
+    """Turn ``--pipe`` into a :class:`PipeSpec` without loading weights; raise on unknown input.
+
+    ``random_weights`` builds a preset's full-size architecture from its config with random weights
+    (kind ``random``): real latencies with no download, meaningless images.
+    """
+    if random_weights:
+        if name.lower() not in PRESETS:
+            raise PipelineError(f"--random-weights needs a preset ({', '.join(PRESETS)}), not {name!r}")
+        return PipeSpec(name.lower(), f"random:{name.lower()}", "random", name.lower() == "sdxl")
     if name in TINY:
         return PipeSpec(name, name, name, name == "tiny-xl")
     if name.lower() in PRESETS:
@@ -115,6 +125,8 @@ def load_pipeline(spec: PipeSpec, scheduler: str = "ddim", device: str = "cpu", 
         pipe = build_tiny_pipeline(xl=spec.kind == "tiny-xl")
         if dtype != "fp32":
             pipe.to(dtype=torch_dtype(dtype))
+    elif spec.kind == "random":
+        pipe = build_random_pipeline(spec.name, device=device, dtype=dtype)
     else:
         from diffusers import DiffusionPipeline
 
@@ -243,3 +255,83 @@ def build_tiny_pipeline(xl: bool = False, seed: int = 0):
         tokenizer=clip_tokenizer(), safety_checker=None, feature_extractor=None,
         requires_safety_checker=False,
     )
+
+
+def _vae(scaling_factor: float):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, layers_per_block=2,
+        scaling_factor=scaling_factor,
+    )
+
+
+def _full_text_config(hidden: int, layers: int, heads: int, projection: int, act: str):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        hidden_size=hidden, intermediate_size=4 * hidden, num_attention_heads=heads, num_hidden_layers=layers,
+        vocab_size=49408, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+        max_position_embeddings=77, projection_dim=projection, hidden_act=act,
+    )
+
+
+def build_random_pipeline(preset: str, device: str = "cpu", dtype: str = "fp16", seed: int = 0, scale: float = 0.5):
+    """A preset's full-size architecture with random weights, built directly on ``device``.
+
+    Latency does not depend on weight values, so this gives real timings with no download. Weights
+    are scaled by ``scale`` so fp16 activations stay finite through the deep residual stacks.
+    """
+    import torch
+    from diffusers import DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    scheduler = DDIMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+        set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading",
+        prediction_type="v_prediction" if preset == "sd2.1" else "epsilon",
+    )
+    with torch.device(device):
+        if preset == "sdxl":
+            from diffusers import StableDiffusionXLPipeline
+
+            unet = UNet2DConditionModel(
+                sample_size=128, block_out_channels=(320, 640, 1280), layers_per_block=2,
+                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20),
+                use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+                projection_class_embeddings_input_dim=2816, cross_attention_dim=2048,
+            )
+            pipe = StableDiffusionXLPipeline(
+                vae=_vae(0.13025), unet=unet, scheduler=scheduler,
+                text_encoder=CLIPTextModel(_full_text_config(768, 12, 12, 768, "quick_gelu")),
+                text_encoder_2=CLIPTextModelWithProjection(_full_text_config(1280, 32, 20, 1280, "gelu")),
+                tokenizer=clip_tokenizer(), tokenizer_2=clip_tokenizer(pad_token="!"),
+            )
+        else:
+            from diffusers import StableDiffusionPipeline
+
+            if preset == "sd2.1":
+                unet = UNet2DConditionModel(sample_size=96, cross_attention_dim=1024,
+                                            attention_head_dim=(5, 10, 20, 20), use_linear_projection=True)
+                text = CLIPTextModel(_full_text_config(1024, 23, 16, 512, "gelu"))
+                tokenizer = clip_tokenizer(pad_token="!")
+            else:
+                unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
+                text = CLIPTextModel(_full_text_config(768, 12, 12, 768, "quick_gelu"))
+                tokenizer = clip_tokenizer()
+            pipe = StableDiffusionPipeline(
+                vae=_vae(0.18215), unet=unet, scheduler=scheduler, text_encoder=text, tokenizer=tokenizer,
+                safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+            )
+    with torch.no_grad():
+        for module in (pipe.unet, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)):
+            if module is not None:
+                for p in module.parameters():
+                    p.mul_(scale)
+    if dtype != "fp32":
+        pipe.to(dtype=torch_dtype(dtype))
+    return pipe

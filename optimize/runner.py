@@ -143,6 +143,8 @@ def run_search(spec: pipelines.PipeSpec, opts: RunOptions) -> None:
     study, n_before = _open_study(storage, name, opts, fingerprint)
     baseline = Baseline.load(study)
     echo(f"study {name} ({opts.storage}): {n_before} trials so far, adding {opts.n_trials}")
+    if spec.kind in ("random", "tiny", "tiny-xl") or opts.clip_pretrained is None:
+        echo("note: random weights (pipeline or CLIP model): speed is real, CLIP scores and losses are meaningless")
 
     try:
         pipe = pipelines.load_pipeline(spec, opts.scheduler, opts.device, opts.dtype)
