@@ -40,7 +40,8 @@ class ClipScorer:
 
         if model == TINY_MODEL[0]:
             open_clip.add_model_config(_CONFIGS)
-            torch.manual_seed(0)  # the random model must be the same in every run of a study
+        if pretrained is None:
+            torch.manual_seed(0)  # a random model must be the same in every run of a study
             logging.getLogger().setLevel(logging.ERROR)  # open_clip warns that it has no weights: by design
         try:
             self.model, _, self.preprocess = open_clip.create_model_and_transforms(
