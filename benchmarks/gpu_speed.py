@@ -79,7 +79,9 @@ def landscape_configs(steps: int, xl: bool, quick: bool) -> list[Config]:
         Config(deepcache=DeepCache(5, 0), tgate=TGate(g, 5, 1, 2)),
     ]
     if quick:
-        configs = configs[::6]
+        configs = [c for c in configs if not c.deepcache or (c.deepcache.cache_interval in (2, 3, 5, 10)
+                                                           and c.deepcache.cache_branch_id < 2)]
+        configs = [c for c in configs if not (c.tome and not c.deepcache and c.tome.ratio != 0.5)]
     return configs
 
 
@@ -119,6 +121,54 @@ def run_landscape(pipe, args, xl: bool) -> list[dict]:
     return rows
 
 
+def run_crashes(pipe, args, xl: bool) -> list[dict]:
+    """Every method combination, two calls each (the crashes the libraries had came on the second
+    call), at batch 1 and 4 and several step counts."""
+    md = 2 if xl else 1
+    rows = []
+    for steps in args.crash_steps:
+        for batch in (1, 4):
+            for dc in (None, DeepCache(3, 0)):
+                for tome in (None, ToMe(0.5, md)):
+                    for tg in (None, TGate(10, 5, 1, 2)):
+                        cfg = Config(dc, tome, tg)
+                        if steps != args.crash_steps[0] and not (dc and tg):
+                            continue  # other step counts: only the combinations that crashed before
+                        try:
+                            with accelerate(pipe, cfg) as fast:
+                                for _ in range(2):
+                                    one_call(fast, pipe, steps, batch, args.guidance)
+                            error = ""
+                        except Exception as e:  # noqa: BLE001
+                            error = f"{type(e).__name__}: {e}"[:200]
+                        rows.append({"config": cfg.label(), "steps": steps, "batch": batch, "error": error})
+                        print(f"  crash check {cfg.label():45s} steps {steps} bs {batch}: {error or 'ok'}", flush=True)
+    return rows
+
+
+def run_optimizer_precision(pipe, args, xl: bool) -> dict:
+    """P1 through the optimizer's own protocol (optimize.measure): baseline, DC3 and a three-method
+    combination, each measured twice in one run; speedup from the fastest call, as the study does."""
+    from optimize.measure import Evaluator, GenerationSettings
+    from optimize.metrics import ClipScorer
+    from optimize.prompts import load_prompts
+
+    md = 2 if xl else 1
+    size = int(pipe.unet.config.sample_size * pipe.vae_scale_factor)
+    settings = GenerationSettings(args.steps, args.guidance, size, size, args.batch, 42)
+    scorer = ClipScorer("tiny-clip", None, device=str(pipe.device))  # scoring is not what is measured here
+    ev = Evaluator(pipe, scorer, load_prompts("builtin", args.p1_prompts), settings, repeats=3)
+    configs = {"baseline": Config(), "dc3": Config(deepcache=DeepCache(3, 0)),
+               "dc5+tome+tgate": Config(deepcache=DeepCache(5, 0), tome=ToMe(0.5, md), tgate=TGate(10, 5, 1, 2))}
+    times = {run: {k: ev.measure(c).timing.best for k, c in configs.items()} for run in ("A", "B")}
+    table = {}
+    for k in configs:
+        sa, sb = (times[r]["baseline"] / times[r][k] for r in ("A", "B"))
+        table[k] = {"A": sa, "B": sb, "rel_diff": abs(sa - sb) / ((sa + sb) / 2),
+                    "time_rel_diff": abs(times["A"][k] - times["B"][k]) / times["A"][k]}
+    return {"times": times, "speedups": table, "prompts": args.p1_prompts}
+
+
 def run_precision(pipe, args, xl: bool) -> dict:
     md = 2 if xl else 1
     configs = {
@@ -142,6 +192,7 @@ def run_precision(pipe, args, xl: bool) -> dict:
             row[stat] = {"A": sa, "B": sb, "rel_diff": abs(sa - sb) / ((sa + sb) / 2)}
         # for the baseline itself: how far its two runs' times are apart
         row["time_rel_diff"] = abs(out["A"][name]["median"] - out["B"][name]["median"]) / out["A"][name]["median"]
+        row["time_rel_diff_min"] = abs(out["A"][name]["min"] - out["B"][name]["min"]) / out["A"][name]["min"]
         table[name] = row
     return {"runs": out, "speedups": table}
 
@@ -214,6 +265,11 @@ def run_overhead(pipe, args, xl: bool) -> dict:
             "harness_fraction": harness / (harness + gen_s)}
 
 
+def _save(stem: str, result: dict) -> None:
+    with open(stem + ".json", "w") as f:
+        json.dump(result, f, indent=1)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pipe", default="sd1.5", help="sd1.5, sd2.1, sdxl (random weights) or tiny/tiny-xl")
@@ -226,11 +282,15 @@ def main() -> None:
     ap.add_argument("--cycles", type=int, default=100, help="apply/remove cycles for the leak check")
     ap.add_argument("--overhead-prompts", type=int, default=32)
     ap.add_argument("--clip-model", default="ViT-g-14")
-    ap.add_argument("--parts", default="landscape,precision,leaks,overhead")
-    ap.add_argument("--quick", action="store_true", help="a sixth of the landscape grid")
+    ap.add_argument("--parts", default="landscape,precision,leaks,overhead",
+                    help="comma list of landscape, precision, leaks, overhead, crashes, p1opt")
+    ap.add_argument("--quick", action="store_true", help="a smaller landscape grid (DeepCache N 2,3,5,10 x branch 0,1)")
+    ap.add_argument("--crash-steps", default="25,20,50", help="step counts for the crash check (first: all combinations)")
+    ap.add_argument("--p1-prompts", type=int, default=8)
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--tmp", default="/tmp")
     args = ap.parse_args()
+    args.crash_steps = [int(x) for x in args.crash_steps.split(",")]
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tiny = args.pipe.startswith("tiny")
@@ -260,6 +320,14 @@ def main() -> None:
             w = csv.DictWriter(f, fieldnames=["config", "speedup", "median", "min", "iqr_rel", "n", "baseline_median", "params", "error"])
             w.writeheader()
             w.writerows(rows)
+    if "crashes" in parts:
+        print("crashes", flush=True)
+        result["crashes"] = run_crashes(pipe, args, xl)
+        _save(stem, result)
+    if "p1opt" in parts:
+        print("p1 through the optimizer's protocol", flush=True)
+        result["p1opt"] = run_optimizer_precision(pipe, args, xl)
+        _save(stem, result)
     if "precision" in parts:
         print("precision", flush=True)
         result["precision"] = run_precision(pipe, args, xl)
@@ -269,8 +337,7 @@ def main() -> None:
     if "overhead" in parts:
         print("overhead", flush=True)
         result["overhead"] = run_overhead(pipe, args, xl)
-    with open(stem + ".json", "w") as f:
-        json.dump(result, f, indent=1)
+    _save(stem, result)
 
     print(f"\n{meta['pipe']} on {meta['device']}, {args.steps} steps, batch {args.batch}, {meta['date']}")
     if "landscape" in result:
@@ -284,6 +351,15 @@ def main() -> None:
         for name, row in result["precision"]["speedups"].items():
             print(f"P1 {name:16s} median A {row['median']['A']:.3f} B {row['median']['B']:.3f} diff {100 * row['median']['rel_diff']:.2f}%"
                   f" | min diff {100 * row['min']['rel_diff']:.2f}% | time diff {100 * row['time_rel_diff']:.2f}%")
+    if "crashes" in result:
+        bad = [r for r in result["crashes"] if r["error"]]
+        print(f"crash check: {len(result['crashes'])} runs of two calls, {len(bad)} raised")
+        for r in bad:
+            print(f"  {r['config']} steps {r['steps']} bs {r['batch']}: {r['error']}")
+    if "p1opt" in result:
+        for name, row in result["p1opt"]["speedups"].items():
+            print(f"P1 (optimizer protocol) {name:16s} A {row['A']:.3f} B {row['B']:.3f} diff {100 * row['rel_diff']:.2f}%"
+                  f" | time diff {100 * row['time_rel_diff']:.2f}%")
     if "leaks" in result:
         lk = result["leaks"]
         print(f"leaks over {lk['cycles']} cycles: allocated {lk['allocated_growth']:+d} B, objects {lk['object_growth']:+d}")

@@ -129,6 +129,8 @@ class Config:
                 raise InvalidConfig(f"tome.ratio must be in (0, 1), got {t.ratio!r}")
             if t.max_downsample not in TOME_DOWNSAMPLES:
                 raise InvalidConfig(f"tome.max_downsample must be one of {TOME_DOWNSAMPLES}, got {t.max_downsample!r}")
+            if pipe is not None and t.max_downsample == 1 and hasattr(pipe, "text_encoder_2"):
+                raise InvalidConfig("tome.max_downsample=1 does nothing on SDXL (no attention at full resolution): use 2, 4 or 8")
         if self.tgate:
             g = self.tgate
             # gate_step 0 reuses the cross-attention cache of the previous call; interval 0 divides by zero.

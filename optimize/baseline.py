@@ -34,7 +34,7 @@ class Baseline:
     def measure(cls, evaluator, fingerprint: dict[str, Any]) -> "Baseline":
         m = evaluator.measure(Config())
         s = evaluator.settings
-        return cls(m.timing.median, m.timing.spread, m.clip_score, [float(x) for x in m.scores],
+        return cls(m.timing.best, m.timing.spread, m.clip_score, [float(x) for x in m.scores],
                    dict(fingerprint), s.height, s.width, m.timing.samples)
 
     def save(self, study) -> None:

@@ -70,6 +70,8 @@ def cli():
 @click.option("--output", default="search_params.json", show_default=True, type=click.Path(dir_okay=False))
 @click.option("--heartbeat", type=click.IntRange(1), default=60, show_default=True,
               help="Seconds between trial heartbeats; a trial silent for twice that is retried.")
+@click.option("--retime-every", type=click.IntRange(0), default=10, show_default=True,
+              help="Re-time the baseline every N trials (0: only at the start of a resumed run) to cancel drift.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 def run(**o):
     """Search acceleration settings; running the same command again resumes the study."""
@@ -83,7 +85,7 @@ def _check_run_options(o: dict):
     """All checks that need no model; returns the resolved pipe and a :class:`RunOptions`."""
     from .runner import RunOptions
     from .search import Goal
-    from .storage import StorageError, check_storage_url
+    from .storage import StorageError, check_storage_url, read_search_params
 
     try:
         spec = pipelines.resolve_pipe(o["pipe"], random_weights=o["random_weights"])
@@ -110,9 +112,13 @@ def _check_run_options(o: dict):
     num_samples = o["num_samples"] if o["num_samples"] is not None else (8 if tiny else 32)
     if num_samples < 1:
         raise Failure("--num-samples must be at least 1")
+    for side in ("height", "width"):
+        if o[side] is not None and o[side] % 8:
+            raise Failure(f"--{side} must be a multiple of 8, got {o[side]}")
     try:
         prompts_mod.check_spec(prompt_spec)
         check_storage_url(o["storage"])
+        read_search_params(o["output"])  # an unreadable file is found now, not after the first good trial
     except (prompts_mod.PromptsError, StorageError) as e:
         raise Failure(str(e)) from None
     if o["guidance"] is not None and o["guidance"] <= 1 and "tgate" in methods:
@@ -127,7 +133,7 @@ def _check_run_options(o: dict):
         clip_pretrained=_pretrained(o["clip_pretrained"], default_clip[1] if o["clip_model"] is None else None),
         repeats=o["repeats"] if o["repeats"] is not None else (3 if device.startswith("cuda") else 0),
         goal=goal, methods=methods, n_trials=o["n_trials"], storage=o["storage"], study_name=o["study_name"],
-        seed=o["seed"], output=o["output"], heartbeat=o["heartbeat"], progress=o["progress"],
+        seed=o["seed"], output=o["output"], heartbeat=o["heartbeat"], progress=o["progress"], retime_every=o["retime_every"],
     )
     return spec, opts
 

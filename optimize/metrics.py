@@ -40,16 +40,21 @@ class ClipScorer:
 
         if model == TINY_MODEL[0]:
             open_clip.add_model_config(_CONFIGS)
-        if pretrained is None:
-            torch.manual_seed(0)  # a random model must be the same in every run of a study
-            logging.getLogger().setLevel(logging.ERROR)  # open_clip warns that it has no weights: by design
+        root = logging.getLogger()
+        level = root.level
         try:
-            self.model, _, self.preprocess = open_clip.create_model_and_transforms(
-                model, pretrained=pretrained, device=device
-            )
+            with torch.random.fork_rng(devices=[]):
+                if pretrained is None:
+                    torch.manual_seed(0)  # a random model must be the same in every run of a study
+                    root.setLevel(logging.ERROR)  # open_clip warns that it has no weights: by design
+                self.model, _, self.preprocess = open_clip.create_model_and_transforms(
+                    model, pretrained=pretrained, device=device
+                )
         except Exception as e:  # noqa: BLE001 - missing weights offline: one clear line
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise MetricError(f"cannot load CLIP model {model} ({pretrained}): {first}") from e
+        finally:
+            root.setLevel(level)
         self.model.eval().to(dtype=torch_dtype(dtype))
         self.tokenizer = open_clip.get_tokenizer(model)
         self.device, self.dtype = device, torch_dtype(dtype)

@@ -114,7 +114,9 @@ def set_scheduler(pipe, name: str) -> None:
     import diffusers
 
     cls = getattr(diffusers, SCHEDULERS[name])
-    pipe.scheduler = cls.from_config(pipe.scheduler.config)
+    # PNDM's Runge-Kutta warm-up triples the first UNet calls (and moves T-GATE's gate); SD pipelines skip it.
+    extra = {"skip_prk_steps": True} if name == "pndm" else {}
+    pipe.scheduler = cls.from_config(pipe.scheduler.config, **extra)
 
 
 def load_pipeline(spec: PipeSpec, scheduler: str = "ddim", device: str = "cpu", dtype: str = "fp32"):
@@ -166,20 +168,31 @@ def clip_tokenizer_dir() -> str:
     Same ids as the hub's CLIP tokenizers: 256 byte tokens, the same with ``</w>``, the merges, then
     the two special tokens (49,408 entries).
     """
+    import shutil
+
+    import open_clip
     from open_clip.tokenizer import bytes_to_unicode, default_bpe
 
+    # One directory per open_clip version, shared by every process: written once, renamed into place.
+    final = os.path.join(tempfile.gettempdir(), f"optimize-sd-clip-tokenizer-{open_clip.__version__}")
+    if os.path.isfile(os.path.join(final, "merges.txt")):
+        return final
     with gzip.open(default_bpe()) as f:
         merges = f.read().decode("utf-8").split("\n")[1 : 49152 - 256 - 2 + 1]
     vocab = list(bytes_to_unicode().values())
     vocab += [v + "</w>" for v in vocab]
     vocab += ["".join(m.split()) for m in merges]
     vocab += ["<|startoftext|>", "<|endoftext|>"]
-    out = tempfile.mkdtemp(prefix="optimize-sd-clip-tokenizer-")
+    out = tempfile.mkdtemp(prefix=".optimize-sd-clip-tokenizer-")
     with open(os.path.join(out, "vocab.json"), "w") as f:
         json.dump({tok: i for i, tok in enumerate(vocab)}, f)
     with open(os.path.join(out, "merges.txt"), "w") as f:
         f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
-    return out
+    try:
+        os.rename(out, final)
+    except OSError:  # another process got there first
+        shutil.rmtree(out, ignore_errors=True)
+    return final
 
 
 def clip_tokenizer(pad_token: str = "<|endoftext|>"):
@@ -233,9 +246,11 @@ def build_tiny_pipeline(xl: bool = False, seed: int = 0):
         block_out_channels=(32, 64), in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=32,
         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
     )
+    # Every field explicit, as in a saved config: switching scheduler gives the same result whether the
+    # pipeline was just built or reloaded with save_pretrained/from_pretrained.
     scheduler = DDIMScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-        set_alpha_to_one=False, steps_offset=1,
+        set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading",
     )
     if xl:
         from diffusers import StableDiffusionXLPipeline

@@ -61,7 +61,7 @@ def prompts_hash(prompts: list[str]) -> str:
 
 
 def _read_txt(path: str) -> list[str]:
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:  # -sig: files saved by Excel/Notepad start with a BOM
         return f.read().splitlines()
 
 
@@ -71,12 +71,12 @@ def _read_file(path: str) -> list[str]:
         if ext == ".txt":
             return _read_txt(path)
         if ext == ".json":
-            with open(path, encoding="utf-8") as f:
+            with open(path, encoding="utf-8-sig") as f:
                 data = json.load(f)
             if not isinstance(data, list):
                 raise PromptsError(f"{path}: expected a JSON list of strings")
             return data
-        with open(path, encoding="utf-8", newline="") as f:
+        with open(path, encoding="utf-8-sig", newline="") as f:
             reader = csv.DictReader(f)
             column = next((c for c in ("prompt", "caption") if c in (reader.fieldnames or [])), None)
             if column is None:

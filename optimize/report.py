@@ -42,6 +42,7 @@ def format_best(study_name: str, goal: Goal, trial: FrozenTrial | None, baseline
     e = best_entry(trial)
     return (f"{study_name}: best feasible trial #{e['trial']}: {e['config']}\n"
             f"  speedup {e['speedup']:.2f}x (±{100 * e['spread']:.0f}%), {1000 * e['time_per_image']:.1f} ms/image "
-            f"vs baseline {1000 * baseline.time_per_image:.1f} ms; score_loss {e['score_loss']:+.4f} "
+            f"vs baseline {1000 * trial.user_attrs.get('baseline_time', baseline.time_per_image):.1f} ms; "
+            f"score_loss {e['score_loss']:+.4f} "
             f"(CLIP {e['clip_score']:.2f} vs {baseline.clip_score:.2f})\n"
             f"  params {e['params']}")

@@ -18,7 +18,7 @@ from . import pipelines
 from .accelerators import max_branch_id
 from .baseline import Baseline, BaselineMismatch, check_fingerprint
 from .measure import Evaluator, GenerationSettings
-from .metrics import ClipScorer, MetricError
+from .metrics import ClipScorer, MetricError, score_loss
 from .prompts import PromptsError, load_prompts, prompts_hash
 from .report import best_entry, format_best, trial_line
 from .search import Goal, Objective, SearchSpace, best_feasible, make_sampler
@@ -55,6 +55,7 @@ class RunOptions:
     output: str
     heartbeat: int
     progress: bool
+    retime_every: int = 10
 
 
 def study_name_for(spec: pipelines.PipeSpec, opts: RunOptions) -> str:
@@ -85,11 +86,17 @@ def pick_study(storage_url: str, name: str | None) -> optuna.Study:
     if not summaries:
         raise RunError(f"no study in {storage_url}")
     if name is None:
-        latest = max(summaries, key=lambda s: (s.datetime_start or _dt.datetime.min))
-        name = latest.study_name
+        name = max(summaries, key=lambda s: _last_activity(storage, s)).study_name
     elif name not in {s.study_name for s in summaries}:
         raise RunError(f"no study {name!r} in {storage_url} (have: {', '.join(s.study_name for s in summaries)})")
     return optuna.load_study(study_name=name, storage=storage)
+
+
+def _last_activity(storage, summary) -> _dt.datetime:
+    """When a study last started or finished a trial (its creation time if it has none)."""
+    study = optuna.load_study(study_name=summary.study_name, storage=storage)
+    times = [t for tr in study.get_trials(deepcopy=False) for t in (tr.datetime_start, tr.datetime_complete) if t]
+    return max(times, default=summary.datetime_start or _dt.datetime.min)
 
 
 def _fingerprint(spec, opts: RunOptions, prompts: list[str]) -> dict:
@@ -158,23 +165,26 @@ def run_search(spec: pipelines.PipeSpec, opts: RunOptions) -> None:
         height=opts.height or size, width=opts.width or size, batch_size=opts.batch_size, seed=opts.seed,
     )
     evaluator = Evaluator(pipe, scorer, prompts, settings, repeats=opts.repeats, progress=opts.progress)
+    reference = None  # a stored baseline's time is re-measured first: the machine may have changed since
     if baseline is None:
         echo(f"measuring baseline on {len(prompts)} prompts ({settings.steps} steps, {settings.width}x{settings.height})")
-        baseline = Baseline.measure(evaluator, fingerprint)
         try:
-            from .metrics import score_loss
-
-            score_loss(baseline.clip_score, baseline.clip_score)
-        except MetricError as e:
-            raise RunError(str(e)) from None
+            baseline = Baseline.measure(evaluator, fingerprint)
+            score_loss(baseline.clip_score, baseline.clip_score)  # a zero baseline score is an error
+        except Exception as e:  # noqa: BLE001 - nothing can be searched without a baseline: one line
+            raise RunError(f"baseline measurement failed: {type(e).__name__}: {e}") from e
         baseline.save(study)
+        meta = dict(study.user_attrs[STUDY_ATTR], fingerprint=fingerprint)
+        study.set_user_attr(STUDY_ATTR, meta)
+        reference = baseline.time_per_image
     else:
         echo("reusing the stored baseline")
     echo(f"baseline: {1000 * baseline.time_per_image:.1f} ms/image (±{100 * baseline.spread:.0f}%), "
          f"CLIP {baseline.clip_score:.3f}")
 
     space = SearchSpace(opts.methods, opts.steps, max_branch_id(pipe), xl)
-    objective = Objective(evaluator, baseline, opts.goal, space)
+    objective = Objective(evaluator, baseline, opts.goal, space, retime_every=opts.retime_every,
+                          reference=reference, retime_calls=max(3, opts.repeats))
     key = search_params_key(spec, opts)
 
     from tqdm.auto import tqdm
@@ -195,7 +205,10 @@ def run_search(spec: pipelines.PipeSpec, opts: RunOptions) -> None:
                 baseline_time_per_image=baseline.time_per_image, baseline_clip_score=baseline.clip_score,
                 updated=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             )
-            update_search_params(opts.output, key, entry)
+            try:
+                update_search_params(opts.output, key, entry)
+            except (StorageError, OSError) as e:  # keep searching; the study still holds the result
+                tqdm.write(f"optimize-sd: warning: {opts.output} not updated: {e}", file=sys.stderr)
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # our trial line reports failures
     try:

@@ -42,6 +42,8 @@ class Goal:
             raise ValueError(f"unknown mode {self.mode!r}")
         if self.mode == "target" and not (self.target_speedup and self.target_speedup > 1):
             raise ValueError("--target-speedup must be greater than 1")
+        if self.mode == "target" and not math.isfinite(self.target_speedup):
+            raise ValueError("--target-speedup must be a finite number")
         if not 0 < self.max_loss < 1:
             raise ValueError("--max-loss must be in (0, 1)")
 
@@ -140,10 +142,26 @@ def best_feasible(study: optuna.Study, goal: Goal) -> FrozenTrial | None:
 
 
 class Objective:
-    """Optuna objective: suggest, measure, compare with the baseline, record."""
+    """Optuna objective: suggest, measure, compare with the baseline, record.
 
-    def __init__(self, evaluator, baseline: Baseline, goal: Goal, space: SearchSpace):
+    Speedups divide by a *reference* baseline time re-measured in this process every
+    ``retime_every`` measured trials (and at the start of a resumed run), so slow drift of the
+    machine cancels; the stored baseline keeps the scores. ``reference`` seeds it (a baseline just
+    measured in this process needs no re-timing).
+    """
+
+    def __init__(self, evaluator, baseline: Baseline, goal: Goal, space: SearchSpace,
+                 retime_every: int = 10, reference: float | None = None, retime_calls: int = 3):
         self.evaluator, self.baseline, self.goal, self.space = evaluator, baseline, goal, space
+        self.retime_every, self.retime_calls = retime_every, retime_calls
+        self.reference = reference
+        self._since_retime = 0
+
+    def reference_time(self) -> float:
+        if self.reference is None or (self.retime_every and self._since_retime >= self.retime_every):
+            self.reference = self.evaluator.time_only(Config(), self.retime_calls).best
+            self._since_retime = 0
+        return self.reference
 
     def _same_config(self, study: optuna.Study, params: dict[str, Any]) -> FrozenTrial | None:
         for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
@@ -151,31 +169,40 @@ class Objective:
                 return t
         return None
 
+    def _measure(self, config: Config) -> dict[str, Any]:
+        reference = self.reference_time()
+        m = self.evaluator.measure(config)
+        self._since_retime += 1
+        attrs = {
+            "speedup": reference / m.timing.best,
+            "score_loss": score_loss(self.baseline.clip_score, m.clip_score),
+            "time_per_image": m.timing.best,
+            "time_median": m.timing.median,
+            "spread": m.timing.spread,
+            "clip_score": m.clip_score,
+            "baseline_time": reference,
+        }
+        bad = [k for k, v in attrs.items() if not math.isfinite(v)]
+        if bad:
+            raise FloatingPointError(f"non-finite {', '.join(bad)} for {config.label()}")
+        return attrs
+
     def __call__(self, trial: optuna.Trial) -> float:
         config = self.space.suggest(trial)
         trial.set_user_attr("config", config.label())
         same = self._same_config(trial.study, trial.params)
         if same is not None:
             # TPE proposes a configuration it has already seen: reuse the measurement, spend no GPU time.
-            attrs = {k: same.user_attrs[k] for k in ("speedup", "score_loss", "time_per_image", "spread", "clip_score")}
+            attrs = {k: v for k, v in same.user_attrs.items() if k not in ("config", "error", "reused_from")}
             attrs["reused_from"] = same.number
         else:
             try:
-                m = self.evaluator.measure(config)
+                attrs = self._measure(config)
             except Exception as e:
                 trial.set_user_attr("error", f"{type(e).__name__}: {e}"[:2000])
                 _free_device_memory()
                 raise
-            attrs = {
-                "speedup": self.baseline.time_per_image / m.timing.median,
-                "score_loss": score_loss(self.baseline.clip_score, m.clip_score),
-                "time_per_image": m.timing.median,
-                "spread": m.timing.spread,
-                "clip_score": m.clip_score,
-            }
         for key, value in attrs.items():
-            if isinstance(value, float) and not math.isfinite(value):
-                raise FloatingPointError(f"{key} is {value}")
             trial.set_user_attr(key, value)
         record_constraints(trial, self.goal.constraints(attrs["speedup"], attrs["score_loss"]))
         return self.goal.value(attrs["speedup"], attrs["score_loss"])

@@ -1,0 +1,57 @@
+"""Shared test fixtures and helpers.
+
+Sections:
+  * process set-up: offline hub, torch threads
+  * helpers: ``generate`` (deterministic numpy images)
+  * fixtures: ``tiny_pipe``, ``tiny_xl_pipe`` (built once per session)
+
+Tests that change a shared pipeline must leave it as they found it (``optimize.accelerate`` restores
+it on exit); tests that need to break a pipeline build their own with ``make_pipe``.
+"""
+
+from __future__ import annotations
+
+import os
+
+# --- process set-up -----------------------------------------------------------------------------
+# No network here: make every hub client fail fast instead of retrying. Set before diffusers /
+# transformers / datasets are imported, since they read these variables at import time.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from optimize.pipelines import load_pipeline, resolve_pipe  # noqa: E402
+
+# The tiny models are dominated by per-op overhead: on a small (often shared) CPU one thread is much
+# faster than several competing ones. Override with OPTIMIZE_TEST_THREADS.
+torch.set_num_threads(int(os.environ.get("OPTIMIZE_TEST_THREADS", "1")))
+
+
+# --- helpers ------------------------------------------------------------------------------------
+def make_pipe(name: str = "tiny", scheduler: str = "ddim"):
+    """A fresh tiny pipeline (``tiny`` or ``tiny-xl``) on CPU in fp32; same weights every time."""
+    return load_pipeline(resolve_pipe(name), scheduler, "cpu", "fp32")
+
+
+def generate(fn, prompts, steps: int, seed: int = 0, **kwargs) -> np.ndarray:
+    """Run a pipeline or an ``Accelerated`` callable deterministically; images as a numpy array."""
+    out = fn(
+        prompts, num_inference_steps=steps, generator=torch.Generator("cpu").manual_seed(seed),
+        output_type="np", **kwargs,
+    )
+    return np.asarray(out.images)
+
+
+# --- fixtures -----------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def tiny_pipe():
+    return make_pipe("tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_xl_pipe():
+    return make_pipe("tiny-xl")

@@ -1,0 +1,131 @@
+"""Shared helpers for tests/test_search.py and tests/test_cli.py.
+
+``run_cli`` calls ``optimize.cli.main`` in-process and returns ``(exit code, stdout, stderr)``;
+``shared_run`` runs a small search once per test session (cached here, so both test modules reuse it)
+and hands back where its storage, study and output live. Tests that use a shared run must only read it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import sqlite3
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+
+import optuna
+
+# The cheapest settings that still exercise every method (T-GATE needs more than 4 steps).
+SMALL = ["--pipe", "tiny", "--steps", "8", "--num-samples", "2", "--no-progress"]
+
+
+def run_cli(argv) -> tuple[int, str, str]:
+    """Run ``optimize-sd ARGV`` in this process; return (exit code, stdout, stderr).
+
+    Exceptions other than SystemExit propagate (an uncaught traceback is a bug the test should see).
+    """
+    from optimize.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main([str(a) for a in argv])
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        else:  # main always exits; returning normally would be a bug of its own
+            code = None
+    return code, out.getvalue(), err.getvalue()
+
+
+def storage_url(directory) -> str:
+    return f"sqlite:///{os.path.join(str(directory), 's.db')}"
+
+
+def run_args(directory, *extra, small=SMALL) -> list[str]:
+    """``run`` arguments with the storage and output inside ``directory``."""
+    return ["run", *small, "--storage", storage_url(directory),
+            "--output", os.path.join(str(directory), "search_params.json"), *extra]
+
+
+def goal_opts(steps: int = 8, target: float | None = None, max_loss: float = 0.02, scheduler: str = "ddim"):
+    """The (spec, opts) pair that runner.study_name_for / search_params_key read."""
+    from optimize.pipelines import resolve_pipe
+    from optimize.search import Goal
+
+    goal = Goal("target" if target is not None else "max", target, max_loss)
+    return resolve_pipe("tiny"), SimpleNamespace(scheduler=scheduler, steps=steps, goal=goal)
+
+
+def load_study(url: str, name: str | None = None) -> optuna.Study:
+    storage = optuna.storages.RDBStorage(url)
+    if name is None:
+        (name,) = optuna.get_all_study_names(storage)
+    return optuna.load_study(study_name=name, storage=storage)
+
+
+@dataclass
+class Run:
+    directory: str
+    storage: str
+    output: str
+    study_name: str
+    argv: list[str]
+    code: int
+    out: str
+    err: str
+    extra: dict = field(default_factory=dict)
+
+    def study(self) -> optuna.Study:
+        return load_study(self.storage, self.study_name)
+
+
+_RUNS: dict[str, Run] = {}
+
+
+def shared_run(tmp_path_factory, key: str, extra: list[str], *, target: float | None, max_loss: float,
+               prewrite: dict | None = None) -> Run:
+    """Run ``optimize-sd run SMALL EXTRA`` once per session in its own directory (cwd there)."""
+    if key in _RUNS:
+        return _RUNS[key]
+    import json
+
+    import pytest
+
+    directory = str(tmp_path_factory.mktemp(key))
+    argv = run_args(directory, *extra)
+    output = os.path.join(directory, "search_params.json")
+    if prewrite is not None:
+        with open(output, "w") as f:
+            json.dump(prewrite, f)
+    from optimize.runner import study_name_for
+
+    name = study_name_for(*goal_opts(target=target, max_loss=max_loss))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(directory)
+        code, out, err = run_cli(argv)
+    run = Run(directory, storage_url(directory), output, name, argv, code, out, err, {"prewrite": prewrite})
+    _RUNS[key] = run
+    return run
+
+
+def target_run(tmp_path_factory) -> Run:
+    """Target mode, 4 trials."""
+    return shared_run(tmp_path_factory, "target", ["--target-speedup", "1.2", "--n-trials", "4"],
+                      target=1.2, max_loss=0.02)
+
+
+def max_run(tmp_path_factory) -> Run:
+    """Max mode with a loose bound (CLIP losses on the tiny model are ~0.003), 4 trials, and an
+    unrelated key already in search_params.json."""
+    return shared_run(tmp_path_factory, "max", ["--max-loss", "0.05", "--n-trials", "4"],
+                      target=None, max_loss=0.05, prewrite={"some:other:key": {"keep": [1, 2, 3]}})
+
+
+def sqlite_rows(db_path: str, query: str, params=()) -> list[tuple]:
+    """Read the study database directly (works while another process writes it)."""
+    con = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=30)
+    try:
+        return con.execute(query, params).fetchall()
+    finally:
+        con.close()

@@ -1,0 +1,360 @@
+"""``optimize-sd`` as a user meets it: bad input fails fast with one line, a study made with other
+settings is refused before anything loads, ``search_params.json`` is kept consistent, ``best`` reports.
+
+Runs are in-process (``optimize.cli.main``); the two 4-trial searches are shared with test_search.py.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+
+import optuna
+import pytest
+
+try:
+    from helpers import goal_opts, load_study, max_run, run_args, run_cli, storage_url, target_run
+except ImportError:  # tests/ made a package
+    from tests.helpers import goal_opts, load_study, max_run, run_args, run_cli, storage_url, target_run
+
+from optimize import pipelines, runner, storage
+from optimize.search import Goal, best_feasible
+
+PREFIX = "optimize-sd: error:"
+
+
+@pytest.fixture(scope="module")
+def target(tmp_path_factory):
+    return target_run(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def maxrun(tmp_path_factory):
+    return max_run(tmp_path_factory)
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Loading a pipeline or a CLIP model is an error in these tests: they must fail before that."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(pipelines, "load_pipeline", refuse)
+    monkeypatch.setattr(pipelines, "build_tiny_pipeline", refuse)
+    monkeypatch.setattr(runner, "ClipScorer", refuse)
+
+
+def _one_error_line(code, out, err):
+    assert code not in (0, None), (code, out, err)
+    lines = [l for l in err.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith(PREFIX), err
+    assert "Traceback" not in err + out
+    return lines[0]
+
+
+# --- 7. bad input -------------------------------------------------------------------------------------
+
+
+def _prompt_file(tmp_path, name, content: bytes):
+    p = tmp_path / name
+    p.write_bytes(content)
+    return str(p)
+
+
+BAD = {
+    "unknown preset": (["--pipe", "sd9"], "sd9"),
+    "unknown scheduler": (["--scheduler", "nope"], "--scheduler"),
+    "target 1.0": (["--target-speedup", "1.0"], "--target-speedup"),
+    "target 0.5": (["--target-speedup", "0.5"], "--target-speedup"),
+    "max-loss 0": (["--max-loss", "0"], "--max-loss"),
+    "max-loss 1.5": (["--max-loss", "1.5"], "--max-loss"),
+    "max-loss negative": (["--max-loss", "-0.1"], "--max-loss"),
+    "missing prompts": (["--prompts", "{tmp}/missing.txt"], "missing.txt"),
+    "prompts dir": (["--prompts", "{tmp}"], "prompts"),
+    "prompts bad ext": (["--prompts", "{tmp}/p.bin"], "p.bin"),
+    "prompts empty": (["--prompts", "{tmp}/empty.txt"], "empty.txt"),
+    "prompts not utf-8": (["--prompts", "{tmp}/latin.txt"], "latin.txt"),
+    "prompts too few": (["--prompts", "{tmp}/one.txt"], "one.txt"),
+    "prompts json not list": (["--prompts", "{tmp}/obj.json"], "obj.json"),
+    "cuda without gpu": (["--device", "cuda"], "cuda"),
+    "cuda:1 without gpu": (["--device", "cuda:1"], "cuda"),
+    "bad device": (["--device", "tpu"], "tpu"),
+    "unknown method": (["--methods", "foo"], "foo"),
+    "no method": (["--methods", ","], "--methods"),
+    "redis storage": (["--storage", "redis://x"], "redis://x"),
+    "storage no scheme": (["--storage", "studies.db"], "studies.db"),
+    "num-samples 0": (["--num-samples", "0"], "--num-samples"),
+    "fp16 on cpu": (["--dtype", "fp16", "--device", "cpu"], "fp16"),
+    "guidance 1 with tgate": (["--guidance", "1"], "T-GATE"),
+    "steps 0": (["--steps", "0"], "--steps"),
+    "n-trials 0": (["--n-trials", "0"], "--n-trials"),
+    "unknown option": (["--bogus"], "--bogus"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_is_one_line_and_loads_nothing(case, tmp_path, monkeypatch, no_model):
+    import torch
+
+    if "gpu" in case and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    _prompt_file(tmp_path, "p.bin", b"a cat\n")
+    _prompt_file(tmp_path, "empty.txt", b"\n  \n")
+    _prompt_file(tmp_path, "latin.txt", "caf\xe9 au lait\n".encode("latin-1"))
+    _prompt_file(tmp_path, "one.txt", b"a single prompt\n")
+    _prompt_file(tmp_path, "obj.json", b'{"prompt": "a cat"}')
+    args, needle = BAD[case]
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    monkeypatch.chdir(tmp_path)
+    # SMALL comes first so that the case's own value of an option wins
+    code, out, err = run_cli(run_args(tmp_path, *args))
+    line = _one_error_line(code, out, err)
+    assert needle in line, line
+    assert not os.path.exists(tmp_path / "search_params.json")
+
+
+def test_unreadable_prompts_file(tmp_path, monkeypatch, no_model):
+    if os.geteuid() == 0:
+        pytest.skip("root reads any file")
+    p = _prompt_file(tmp_path, "secret.txt", b"a cat\na dog\n")
+    os.chmod(p, 0)
+    monkeypatch.chdir(tmp_path)
+    line = _one_error_line(*run_cli(run_args(tmp_path, "--prompts", p)))
+    assert "secret.txt" in line
+
+
+@pytest.mark.parametrize("command", [["run", "--help"], ["best", "--help"], ["--help"], ["run", "-h"]])
+def test_help_exits_zero(command, no_model):
+    code, out, err = run_cli(command)
+    assert code == 0, err
+    assert "Usage:" in out and not err
+    if command[0] == "run":
+        assert "--target-speedup" in out and "--max-loss" in out
+    if command[0] == "best":
+        assert "--json" in out
+
+
+# --- 3. a study made with other settings is refused before anything loads ------------------------------
+
+
+@pytest.mark.parametrize("change,names", [
+    (["--steps", "10"], ["steps"]),
+    (["--num-samples", "3"], ["num_samples", "prompts"]),
+    (["--seed", "7"], ["seed"]),
+    (["--scheduler", "euler"], ["scheduler"]),
+])
+def test_changed_settings_are_refused(change, names, target, tmp_path, monkeypatch, no_model):
+    assert target.code == 0, target.out + target.err
+    before = target.study()
+    n_before, attrs_before = len(before.trials), dict(before.user_attrs)
+    monkeypatch.chdir(tmp_path)
+    argv = run_args(target.directory, "--target-speedup", "1.2", "--n-trials", "1", "--study", target.study_name,
+                    *change)
+    line = _one_error_line(*run_cli(argv))
+    for name in names:
+        assert name in line, line
+    assert "steps" not in line or "steps" in names  # names what differs, and only that
+    after = target.study()
+    assert len(after.trials) == n_before and after.user_attrs == attrs_before
+
+
+def test_other_goal_is_refused(target, tmp_path, monkeypatch, no_model):
+    assert target.code == 0, target.out + target.err
+    n_before = len(target.study().trials)
+    monkeypatch.chdir(tmp_path)
+    for goal in (["--max-loss", "0.05"], ["--target-speedup", "1.5"], ["--target-speedup", "1.2", "--max-loss", "0.03"]):
+        line = _one_error_line(*run_cli(run_args(target.directory, *goal, "--study", target.study_name)))
+        assert target.study_name in line and "goal" in line, line
+    assert len(target.study().trials) == n_before
+
+
+# --- 5. search_params.json -----------------------------------------------------------------------------
+
+
+def test_search_params_written(maxrun):
+    assert maxrun.code == 0, maxrun.out + maxrun.err
+    key = runner.search_params_key(*goal_opts(max_loss=0.05))
+    assert key == "tiny:ddim:8:max:0.05"
+    with open(maxrun.output) as f:
+        data = json.load(f)
+    assert data["some:other:key"] == {"keep": [1, 2, 3]}  # an unrelated key is kept
+    assert set(data) == {"some:other:key", key}
+    entry = data[key]
+    for k in ("params", "speedup", "time_per_image", "score_loss", "model", "scheduler", "steps", "mode", "max_loss"):
+        assert k in entry, k
+    study = maxrun.study()
+    best = best_feasible(study, Goal("max", None, 0.05))
+    assert entry["trial"] == best.number
+    assert entry["params"] == best.params
+    assert entry["speedup"] == best.user_attrs["speedup"]
+    assert entry["score_loss"] == best.user_attrs["score_loss"]
+    assert entry["time_per_image"] == best.user_attrs["time_per_image"]
+    assert (entry["model"], entry["scheduler"], entry["steps"], entry["mode"], entry["max_loss"]) == (
+        "tiny", "ddim", 8, "max", 0.05)
+    assert entry["baseline_time_per_image"] == study.user_attrs["baseline"]["time_per_image"]
+    assert f"saved to {maxrun.output} under {key!r}" in maxrun.out
+    assert not glob.glob(os.path.join(maxrun.directory, ".search_params.*.tmp"))
+
+
+def test_search_params_broken_during_run_is_not_overwritten(tmp_path, monkeypatch):
+    """(A loss bound of 0.5 makes every trial feasible, so every trial tries to save.)
+    The file turns invalid while the study runs: it is left as the user made it, the run warns and
+    goes on to finish every trial."""
+    out_path = tmp_path / "search_params.json"
+    junk = b'{"tiny:ddim:8:max:0.5": {"params": {}},,, oops'
+    original = runner.update_search_params
+
+    def break_then_update(path, key, entry):
+        out_path.write_bytes(junk)
+        return original(path, key, entry)
+
+    monkeypatch.setattr(runner, "update_search_params", break_then_update)
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_cli(run_args(tmp_path, "--max-loss", "0.5", "--n-trials", "2"))
+    assert code == 0, err
+    assert out_path.read_bytes() == junk
+    assert "not updated" in err and "not valid JSON" in err
+    assert not glob.glob(str(tmp_path / ".search_params.*.tmp"))
+    study = optuna.load_study(study_name="tiny-ddim-8steps-max-loss0.5", storage=f"sqlite:///{tmp_path}/s.db")
+    assert len(study.trials) == 2
+
+
+def test_invalid_search_params_fails_fast(tmp_path, monkeypatch, no_model):
+    out_path = tmp_path / "search_params.json"
+    out_path.write_text("[1, 2")
+    monkeypatch.chdir(tmp_path)
+    line = _one_error_line(*run_cli(run_args(tmp_path, "--max-loss", "0.05", "--n-trials", "1")))
+    assert "search_params.json" in line
+    assert out_path.read_text() == "[1, 2"
+
+
+def test_update_search_params_keeps_other_keys(tmp_path):
+    path = str(tmp_path / "sub" / "sp.json")
+    storage.update_search_params(path, "a", {"x": 1})
+    storage.update_search_params(path, "b", {"y": [1, 2]})
+    storage.update_search_params(path, "a", {"x": 2})
+    with open(path) as f:
+        assert json.load(f) == {"a": {"x": 2}, "b": {"y": [1, 2]}}
+    assert not glob.glob(str(tmp_path / "sub" / ".search_params.*.tmp"))
+
+
+@pytest.mark.parametrize("content", [b"{oops", b"[1, 2, 3]", b'"a string"', b"\xff\xfe"])
+def test_update_search_params_refuses_bad_file(tmp_path, content):
+    path = tmp_path / "sp.json"
+    path.write_bytes(content)
+    with pytest.raises(storage.StorageError, match="not overwritten"):
+        storage.update_search_params(str(path), "a", {"x": 1})
+    assert path.read_bytes() == content
+
+
+def test_atomic_write_json_failure_keeps_old_file(tmp_path, monkeypatch):
+    path = tmp_path / "search_params.json"
+    storage.atomic_write_json(str(path), {"old": 1})
+    old = path.read_bytes()
+    assert json.loads(old) == {"old": 1}
+
+    def half_then_fail(data, f, **kwargs):
+        f.write('{"new": ')  # a crash mid-write
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(storage.json, "dump", half_then_fail)
+    with pytest.raises(RuntimeError, match="disk full"):
+        storage.atomic_write_json(str(path), {"new": 2})
+    assert path.read_bytes() == old
+    assert sorted(os.listdir(tmp_path)) == ["search_params.json"]  # no temp file left behind
+    with pytest.raises(RuntimeError, match="disk full"):
+        storage.update_search_params(str(path), "k", {"new": 2})
+    assert path.read_bytes() == old
+    assert not glob.glob(str(tmp_path / ".search_params.*.tmp"))
+    monkeypatch.undo()
+    storage.atomic_write_json(str(path), {"new": 2})
+    assert json.loads(path.read_text()) == {"new": 2}
+
+
+def test_atomic_write_json_not_serialisable(tmp_path):
+    path = tmp_path / "sp.json"
+    path.write_text('{"old": 1}')
+    with pytest.raises(TypeError):
+        storage.atomic_write_json(str(path), {"bad": object()})
+    assert path.read_text() == '{"old": 1}'
+    assert sorted(os.listdir(tmp_path)) == ["sp.json"]
+
+
+# --- 6. best -------------------------------------------------------------------------------------------
+
+
+def test_best_text_and_json(maxrun, no_model):
+    assert maxrun.code == 0, maxrun.out + maxrun.err
+    study = maxrun.study()
+    best = best_feasible(study, Goal("max", None, 0.05))
+    assert best is not None
+
+    code, out, err = run_cli(["best", "--storage", maxrun.storage])
+    assert code == 0, err
+    assert f"{maxrun.study_name}: best feasible trial #{best.number}: {best.user_attrs['config']}" in out
+    assert f"{best.user_attrs['speedup']:.2f}x" in out
+
+    code, out, err = run_cli(["best", "--storage", maxrun.storage, "--json", "--study", maxrun.study_name])
+    assert code == 0, err
+    data = json.loads(out)
+    assert data["study"] == maxrun.study_name
+    assert data["goal"] == {"mode": "max", "target_speedup": None, "max_loss": 0.05}
+    assert data["best"]["trial"] == best.number
+    assert data["best"]["params"] == best.params
+    assert data["best"]["speedup"] == best.user_attrs["speedup"]
+    assert data["baseline"]["time_per_image"] == study.user_attrs["baseline"]["time_per_image"]
+
+
+def test_best_target_mode_matches_exit_code(target, no_model):
+    """Whether the 1.2x target was met depends on timing: best must agree with best_feasible either way."""
+    assert target.code == 0, target.out + target.err
+    best = best_feasible(target.study(), Goal("target", 1.2, 0.02))
+    code, out, err = run_cli(["best", "--storage", target.storage, "--json"])
+    data = json.loads(out)
+    assert data["goal"]["mode"] == "target" and data["goal"]["target_speedup"] == 1.2
+    if best is None:
+        assert code == 1 and data["best"] is None
+    else:
+        assert code == 0 and data["best"]["trial"] == best.number
+
+
+def test_best_without_feasible_trial_exits_1(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_cli(run_args(tmp_path, "--target-speedup", "50", "--n-trials", "1"))
+    assert code == 0, out + err
+    assert "no feasible trial yet" in out and "saved to" not in out
+    assert not os.path.exists(tmp_path / "search_params.json")
+    study = load_study(storage_url(tmp_path))
+    assert study.trials[0].system_attrs["constraints"][0] > 0  # 50x was not reached
+
+    code, out, err = run_cli(["best", "--storage", storage_url(tmp_path)])
+    assert code == 1
+    assert "no feasible trial yet" in out
+    code, out, err = run_cli(["best", "--storage", storage_url(tmp_path), "--json"])
+    assert code == 1
+    data = json.loads(out)
+    assert data["best"] is None and data["study"] == study.study_name
+    assert data["baseline"]["time_per_image"] > 0
+
+
+def test_best_errors(tmp_path, target, no_model):
+    line = _one_error_line(*run_cli(["best", "--storage", storage_url(tmp_path)]))
+    assert "no study" in line
+    line = _one_error_line(*run_cli(["best", "--storage", target.storage, "--study", "nope"]))
+    assert "nope" in line and target.study_name in line
+    line = _one_error_line(*run_cli(["best", "--storage", "redis://x"]))
+    assert "redis://x" in line
+    # a study optimize-sd did not create
+    other = storage_url(tmp_path / "other")
+    os.makedirs(tmp_path / "other")
+    optuna.create_study(study_name="foreign", storage=other)
+    line = _one_error_line(*run_cli(["best", "--storage", other]))
+    assert "foreign" in line and "not created by optimize-sd" in line
+
+
+def test_height_not_multiple_of_8_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    line = _one_error_line(*run_cli(run_args(tmp_path, "--height", "12", "--n-trials", "1")))
+    assert "12" in line

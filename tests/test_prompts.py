@@ -1,0 +1,183 @@
+"""optimize.prompts (built-in, files, COCO schema through datasets) and optimize.metrics."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import generate
+
+from optimize.metrics import ClipScorer, MetricError, score_loss
+from optimize.prompts import PromptsError, load_prompts, prompts_hash
+
+
+# --- built-in and files --------------------------------------------------------------------------
+def test_builtin():
+    prompts = load_prompts("builtin", 64)
+    assert len(prompts) == 64 and len(set(prompts)) == 64
+    assert all(isinstance(p, str) and p == p.strip() and p for p in prompts)
+    assert load_prompts("builtin", 3) == prompts[:3]
+
+
+def test_txt(tmp_path):
+    f = tmp_path / "p.txt"
+    f.write_text("a cat\n\n  a dog  \na fox\n", encoding="utf-8")
+    assert load_prompts(str(f), 3) == ["a cat", "a dog", "a fox"]
+    assert load_prompts(str(f), 2) == ["a cat", "a dog"]
+
+
+def test_json(tmp_path):
+    f = tmp_path / "p.json"
+    f.write_text(json.dumps(["one", " two ", "", "three"]))
+    assert load_prompts(str(f), 3) == ["one", "two", "three"]
+
+
+@pytest.mark.parametrize("column", ["prompt", "caption"])
+def test_csv(tmp_path, column):
+    f = tmp_path / "p.csv"
+    f.write_text(f'id,{column}\n1,a cat\n2,"a dog, sleeping"\n3,a fox\n', encoding="utf-8")
+    assert load_prompts(str(f), 2) == ["a cat", "a dog, sleeping"]
+
+
+def test_csv_prefers_prompt_column(tmp_path):
+    f = tmp_path / "p.csv"
+    f.write_text("caption,prompt\nfrom caption,from prompt\n")
+    assert load_prompts(str(f), 1) == ["from prompt"]
+
+
+@pytest.mark.parametrize("name,content,message", [
+    ("empty.txt", "", "no prompts"),
+    ("blank.txt", "\n  \n\n", "no prompts"),
+    ("empty.json", "", "cannot read prompts"),
+    ("empty-list.json", "[]", "no prompts"),
+    ("dict.json", '{"prompts": ["a"]}', "JSON list"),
+    ("text.json", '"a cat"', "JSON list"),
+    ("no-column.csv", "id,text\n1,a cat\n", "no 'prompt' or 'caption' column"),
+    ("empty.csv", "", "no 'prompt' or 'caption' column"),
+    ("prompts.yaml", "- a cat\n", r"\.txt, \.json or \.csv"),
+])
+def test_bad_files(tmp_path, name, content, message):
+    f = tmp_path / name
+    f.write_text(content)
+    with pytest.raises(PromptsError, match=message):
+        load_prompts(str(f), 1)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(PromptsError, match="does not exist"):
+        load_prompts(str(tmp_path / "nope.txt"), 1)
+
+
+def test_too_few_prompts(tmp_path):
+    f = tmp_path / "p.txt"
+    f.write_text("a\nb\n")
+    with pytest.raises(PromptsError, match="has 2 prompts, fewer than --num-samples 3"):
+        load_prompts(str(f), 3)
+    with pytest.raises(PromptsError, match="fewer than"):
+        load_prompts("builtin", 10_000)
+
+
+@pytest.mark.parametrize("n", [0, -1])
+def test_num_samples_at_least_one(n):
+    with pytest.raises(PromptsError, match="at least 1"):
+        load_prompts("builtin", n)
+
+
+def test_prompts_hash():
+    assert prompts_hash(["a", "b"]) == prompts_hash(["a", "b"])
+    assert prompts_hash(["a", "b"]) != prompts_hash(["b", "a"])
+    assert len(prompts_hash(["a"])) == 16
+
+
+# --- COCO schema through the real datasets loader ------------------------------------------------
+def _coco_rows(n):
+    return {
+        "file_name": [f"{i:012d}.jpg" for i in range(n)],
+        "coco_url": [f"http://images.cocodataset.org/val2017/{i:012d}.jpg" for i in range(n)],
+        "height": [480] * n,
+        "width": [640] * n,
+        "date_captured": ["2013-11-14 17:02:52"] * n,
+        "id": list(range(n)),
+        "captions": [[f"first caption {i}", f"second caption {i}", f"third {i}"] for i in range(n)],
+    }
+
+
+@pytest.fixture
+def offline_datasets(tmp_path, monkeypatch):
+    """datasets with no network and its cache in tmp_path (also if datasets was imported before)."""
+    import datasets
+
+    cache = tmp_path / "hf-cache"
+    for var, value in [("HF_DATASETS_OFFLINE", "1"), ("HF_HUB_OFFLINE", "1"), ("HF_HOME", str(tmp_path / "hf")),
+                       ("HF_DATASETS_CACHE", str(cache))]:
+        monkeypatch.setenv(var, value)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    return cache
+
+
+def test_coco_schema_dataset(tmp_path, offline_datasets):
+    import datasets
+
+    root = tmp_path / "coco2017"
+    (root / "data").mkdir(parents=True)
+    datasets.Dataset.from_dict(_coco_rows(5)).to_parquet(str(root / "data" / "validation-00000-of-00001.parquet"))
+    datasets.Dataset.from_dict(_coco_rows(2)).to_parquet(str(root / "data" / "train-00000-of-00001.parquet"))
+
+    assert load_prompts(f"coco:{root}", 3) == ["first caption 0", "first caption 1", "first caption 2"]
+    assert any(offline_datasets.iterdir()), "datasets did not use the temporary cache"
+    with pytest.raises(PromptsError, match="has 5 prompts, fewer than"):
+        load_prompts(f"coco:{root}", 6)
+
+
+def test_coco_without_validation_split(tmp_path, offline_datasets):
+    import datasets
+
+    root = tmp_path / "coco-train-only"
+    (root / "data").mkdir(parents=True)
+    datasets.Dataset.from_dict(_coco_rows(3)).to_parquet(str(root / "data" / "train-00000-of-00001.parquet"))
+    with pytest.raises(PromptsError, match="cannot load COCO captions"):
+        load_prompts(f"coco:{root}", 1)
+
+
+def test_coco_without_captions_column(tmp_path, offline_datasets):
+    import datasets
+
+    root = tmp_path / "not-coco"
+    (root / "data").mkdir(parents=True)
+    datasets.Dataset.from_dict({"text": ["a", "b"]}).to_parquet(str(root / "data" / "validation-00000-of-00001.parquet"))
+    with pytest.raises(PromptsError, match="no 'captions' column"):
+        load_prompts(f"coco:{root}", 1)
+
+
+# --- metrics -------------------------------------------------------------------------------------
+def test_clip_score_tiny(tiny_pipe):
+    prompts = ["a red fox in the snow", "two cats on a red couch", "a bowl of fresh fruit"]
+    images = tiny_pipe(prompts, num_inference_steps=4, output_type="pil",
+                       generator=torch.Generator("cpu").manual_seed(0)).images
+    scorer = ClipScorer("tiny-clip", None)
+    scores = scorer.score(images, prompts)
+    assert scores.shape == (3,) and (scores > 0).all() and (scores <= 100).all()
+    again = ClipScorer("tiny-clip", None).score(images, prompts)
+    assert np.array_equal(scores, again), "two instances of the tiny scorer disagree"
+    # scores depend on the pairing, not only on the images
+    assert not np.array_equal(scorer.score(images, prompts[::-1]), scores)
+    with pytest.raises(ValueError):
+        scorer.score(images, prompts[:2])
+
+
+def test_score_loss():
+    assert score_loss(10, 9) == pytest.approx(0.1)
+    assert score_loss(20, 20) == 0
+    assert score_loss(10, 11) == pytest.approx(-0.1)
+    for base in (0, 0.0, -1.0, float("nan")):
+        with pytest.raises(MetricError, match="baseline CLIP score"):
+            score_loss(base, 5.0)
+
+
+def test_generate_helper_is_deterministic(tiny_pipe):
+    a = generate(tiny_pipe, ["a cat"], 3, seed=1)
+    assert np.array_equal(a, generate(tiny_pipe, ["a cat"], 3, seed=1))
+    assert not np.array_equal(a, generate(tiny_pipe, ["a cat"], 3, seed=2))

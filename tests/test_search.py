@@ -1,0 +1,375 @@
+"""The search end to end on the tiny pipeline: both goals, resume, failed trials, optuna-dashboard's
+view of the constraints, and a killed worker whose trial is retried.
+
+Settings are the smallest that exercise every method (``--steps 8 --num-samples 2``): about a second
+a trial on a CPU. The two 4-trial runs (target and max mode) are shared with tests/test_cli.py.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from wsgiref.util import setup_testing_defaults
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+try:
+    from helpers import goal_opts, load_study, max_run, run_args, run_cli, sqlite_rows, storage_url, target_run
+except ImportError:  # tests/ made a package
+    from tests.helpers import (goal_opts, load_study, max_run, run_args, run_cli, sqlite_rows, storage_url,
+                               target_run)
+
+from optimize import runner
+from optimize.search import CONSTRAINTS_ATTR, Goal, best_feasible, is_feasible
+
+ATTRS = ("speedup", "score_loss", "time_per_image", "spread", "clip_score", "config")
+
+
+@pytest.fixture(scope="module")
+def target(tmp_path_factory):
+    return target_run(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def maxrun(tmp_path_factory):
+    return max_run(tmp_path_factory)
+
+
+# --- Goal: the constraint arithmetic every feasibility check below relies on -------------------------
+
+
+def test_goal_constraints_and_values():
+    t = Goal("target", 2.0, 0.02)
+    assert t.direction == "minimize" and t.objective_name == "score_loss"
+    assert t.constraints(speedup=2.5, loss=0.01) == pytest.approx([-0.5, -0.01])
+    assert t.constraints(speedup=1.5, loss=0.03) == pytest.approx([0.5, 0.01])
+    assert t.value(2.5, 0.01) == 0.01
+    m = Goal("max", None, 0.05)
+    assert m.direction == "maximize" and m.objective_name == "speedup"
+    assert m.constraints(speedup=3.0, loss=0.01) == pytest.approx([-0.04])
+    assert m.value(3.0, 0.01) == 3.0
+    assert len(t.constraint_names) == 2 and len(m.constraint_names) == 1
+
+
+@pytest.mark.parametrize("mode,target_speedup,max_loss", [
+    ("target", None, 0.02), ("target", 1.0, 0.02), ("target", 0.5, 0.02), ("max", None, 0.0),
+    ("max", None, 1.0), ("max", None, -0.1), ("nope", None, 0.02),
+])
+def test_goal_rejects_bad_bounds(mode, target_speedup, max_loss):
+    with pytest.raises(ValueError):
+        Goal(mode, target_speedup, max_loss)
+
+
+# --- 1. both goals ------------------------------------------------------------------------------------
+
+
+def _check_study(run, goal: Goal, direction: str, n_constraints: int, name: str):
+    assert run.code == 0, run.out + run.err
+    assert runner.study_name_for(*goal_opts(target=goal.target_speedup, max_loss=goal.max_loss)) == name
+    assert run.study_name == name and f"study {name} ({run.storage}): 0 trials so far, adding 4" in run.out
+    url = run.storage
+    assert run.study_name in optuna.get_all_study_names(optuna.storages.RDBStorage(url))
+    study = run.study()
+    assert study.direction.name.lower() == direction
+    trials = study.trials
+    assert [t.number for t in trials] == [0, 1, 2, 3]
+    assert all(t.state == TrialState.COMPLETE for t in trials), [(t.number, t.state, t.user_attrs) for t in trials]
+
+    base = study.user_attrs["baseline"]
+    assert base["time_per_image"] > 0 and base["clip_score"] > 0
+    meta = study.user_attrs["optimize_sd"]
+    assert meta["goal"] == goal.as_dict()
+    assert len(meta["constraints"]) == n_constraints
+
+    for t in trials:
+        for key in ATTRS:
+            assert key in t.user_attrs, (t.number, key)
+        a = t.user_attrs
+        assert a["speedup"] > 0 and a["time_per_image"] > 0 and math.isfinite(a["score_loss"])
+        # speedup is the baseline time (the stored one, or the one re-timed in this run) over this trial's
+        assert a["speedup"] == pytest.approx(a.get("baseline_time", base["time_per_image"]) / a["time_per_image"],
+                                             rel=1e-9)
+        cons = t.system_attrs[CONSTRAINTS_ATTR]
+        assert isinstance(cons, list) and len(cons) == n_constraints
+        assert cons == pytest.approx(goal.constraints(a["speedup"], a["score_loss"]))
+        expect_feasible = a["score_loss"] <= goal.max_loss and (
+            goal.mode == "max" or a["speedup"] >= goal.target_speedup)
+        assert is_feasible(t) == expect_feasible == all(c <= 0 for c in cons)
+        assert t.value == pytest.approx(a["score_loss"] if goal.mode == "target" else a["speedup"])
+    # one line per trial, then the summary
+    for t in trials:
+        assert f"#{t.number:<3d}" in run.out
+    return study
+
+
+def test_target_mode(target):
+    goal = Goal("target", 1.2, 0.02)
+    study = _check_study(target, goal, "minimize", 2, "tiny-ddim-8steps-target1.2-loss0.02")
+    assert study.metric_names == ["score_loss"]
+    best = best_feasible(study, goal)
+    if best is None:
+        assert "no feasible trial yet" in target.out
+    else:
+        feasible = [t for t in study.trials if is_feasible(t)]
+        assert best.user_attrs["score_loss"] == min(t.user_attrs["score_loss"] for t in feasible)
+        assert f"best feasible trial #{best.number}" in target.out
+
+
+def test_max_mode(maxrun):
+    goal = Goal("max", None, 0.05)
+    study = _check_study(maxrun, goal, "maximize", 1, "tiny-ddim-8steps-max-loss0.05")
+    assert study.metric_names == ["speedup"]
+    best = best_feasible(study, goal)
+    assert best is not None, maxrun.out  # losses of the tiny model are far below 0.05
+    feasible = [t for t in study.trials if is_feasible(t)]
+    assert best.user_attrs["speedup"] == max(t.user_attrs["speedup"] for t in feasible)
+    assert f"best feasible trial #{best.number}" in maxrun.out
+
+
+def test_search_space_respects_methods_and_steps():
+    """--methods limits what may switch on; with <= 4 steps T-GATE is never suggested."""
+    from optimize.search import SearchSpace
+
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    space = SearchSpace(("deepcache", "tome"), steps=8, max_branch_id=3)
+    for _ in range(20):
+        trial = study.ask()
+        config = space.suggest(trial)
+        assert "tgate" not in trial.params and config.tgate is None
+        if config.deepcache is not None:
+            assert 2 <= config.deepcache.cache_interval <= 10 and 0 <= config.deepcache.cache_branch_id <= 3
+        study.tell(trial, 1.0)
+    space = SearchSpace(("tgate",), steps=4, max_branch_id=3)
+    trial = study.ask()
+    assert space.suggest(trial).tgate is None and trial.params == {}
+    space = SearchSpace(("tgate",), steps=8, max_branch_id=3)
+    for _ in range(20):
+        trial = study.ask()
+        c = space.suggest(trial)
+        if c.tgate is not None:
+            assert 4 <= trial.params["tgate.gate_step"] <= 7
+        study.tell(trial, 1.0)
+
+
+# --- 2. resume ----------------------------------------------------------------------------------------
+
+
+def test_resume_reuses_baseline(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    argv = run_args(tmp_path, "--max-loss", "0.05")
+    code, out1, err1 = run_cli(argv + ["--n-trials", "3"])
+    assert code == 0, out1 + err1
+    assert "measuring baseline" in out1
+    assert "0 trials so far, adding 3" in out1
+    study = load_study(storage_url(tmp_path))
+    baseline = study.user_attrs["baseline"]
+    meta = study.user_attrs["optimize_sd"]
+    first_params = [t.params for t in study.trials]
+
+    code, out2, err2 = run_cli(argv + ["--n-trials", "2"])
+    assert code == 0, out2 + err2
+    assert "measuring baseline" not in out2
+    assert "reusing the stored baseline" in out2
+    assert "3 trials so far, adding 2" in out2
+
+    study = load_study(storage_url(tmp_path))
+    assert [t.number for t in study.trials] == [0, 1, 2, 3, 4]
+    assert all(t.state == TrialState.COMPLETE for t in study.trials)
+    assert study.user_attrs["baseline"] == baseline  # identical dict, not re-measured
+    assert study.user_attrs["optimize_sd"] == meta
+    # the resumed run's sampler is seeded afresh: it does not replay the first run's start-up trials
+    assert [t.params for t in study.trials[3:]] != first_params[:2]
+    for t in study.trials[3:]:
+        a = t.user_attrs
+        assert a["speedup"] == pytest.approx(a.get("baseline_time", baseline["time_per_image"]) / a["time_per_image"])
+
+
+# --- 4. a trial that raises ---------------------------------------------------------------------------
+
+
+def test_failing_trial_is_recorded_and_search_goes_on(tmp_path, monkeypatch):
+    from optimize import measure
+
+    original = measure.Evaluator.measure
+    calls = []
+
+    def flaky(self, config):
+        calls.append(config.label())
+        if len(calls) == 3:  # call 1 is the baseline, 2 is trial #0, 3 is trial #1
+            raise RuntimeError("boom")
+        return original(self, config)
+
+    monkeypatch.setattr(measure.Evaluator, "measure", flaky)
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_cli(run_args(tmp_path, "--max-loss", "0.05", "--n-trials", "3"))
+    assert code == 0, out + err
+    assert len(calls) == 4
+    study = load_study(storage_url(tmp_path))
+    states = [t.state for t in study.trials]
+    assert states == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE]
+    failed = study.trials[1]
+    assert "boom" in failed.user_attrs["error"] and "RuntimeError" in failed.user_attrs["error"]
+    assert CONSTRAINTS_ATTR not in failed.system_attrs
+    assert "speedup" not in failed.user_attrs
+    assert not is_feasible(failed)
+    line = next(l for l in out.splitlines() if l.startswith("#1 "))
+    assert "fail" in line and "boom" in line
+    best = best_feasible(study, Goal("max", None, 0.05))
+    assert best is not None and best.number != 1
+
+
+@pytest.fixture(scope="module")
+def nan_run(tmp_path_factory):
+    """A 2-trial run whose first trial measures a NaN CLIP score (call 1 is the baseline)."""
+    from optimize import measure
+
+    original = measure.Evaluator.measure
+    calls = []
+
+    def nan_scores(self, config):
+        m = original(self, config)
+        calls.append(1)
+        if len(calls) == 2:
+            m.scores = m.scores * float("nan")
+        return m
+
+    directory = tmp_path_factory.mktemp("nan")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(measure.Evaluator, "measure", nan_scores)
+        mp.chdir(directory)
+        code, out, err = run_cli(run_args(directory, "--max-loss", "0.05", "--n-trials", "2"))
+    return code, out, err, load_study(storage_url(directory))
+
+
+def test_nan_measurement_fails_the_trial_not_the_study(nan_run):
+    """A non-finite loss/speedup is a failed trial (never a feasible one, never a crash)."""
+    code, out, err, study = nan_run
+    assert code == 0, out + err
+    assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.COMPLETE]
+    assert CONSTRAINTS_ATTR not in study.trials[0].system_attrs
+    assert best_feasible(study, Goal("max", None, 0.05)).number == 1
+    line = next(l for l in out.splitlines() if l.startswith("#0 "))
+    assert "fail" in line
+
+
+def test_nan_measurement_reason_is_recorded(nan_run):
+    code, out, err, study = nan_run
+    failed = study.trials[0]
+    assert "score_loss" in failed.user_attrs.get("error", "") or "nan" in failed.user_attrs.get("error", "")
+    assert "speedup" not in failed.user_attrs
+    line = next(l for l in out.splitlines() if l.startswith("#0 "))
+    assert line.split("fail:", 1)[1].strip()
+
+
+# --- 8. optuna-dashboard reads the constraints ---------------------------------------------------------
+
+
+def _dashboard_get(url: str, path: str) -> dict:
+    import optuna_dashboard
+
+    app = optuna_dashboard.wsgi(optuna.storages.RDBStorage(url))
+    environ: dict = {}
+    setup_testing_defaults(environ)
+    environ.update(REQUEST_METHOD="GET", PATH_INFO=path, QUERY_STRING="")
+    status = {}
+
+    def start_response(s, headers, exc_info=None):
+        status["status"] = s
+
+    body = b"".join(app(environ, start_response))
+    assert status["status"].startswith("200"), (status, body[:500])
+    return json.loads(body)
+
+
+@pytest.mark.parametrize("which", ["target", "max"])
+def test_dashboard_sees_constraints(which, tmp_path_factory):
+    run = target_run(tmp_path_factory) if which == "target" else max_run(tmp_path_factory)
+    assert run.code == 0, run.out + run.err
+    study = run.study()
+    data = _dashboard_get(run.storage, f"/api/studies/{study._study_id}")
+    assert data["name"] == run.study_name
+    assert data["objective_names"] == (["score_loss"] if which == "target" else ["speedup"])
+    by_number = {t.number: t for t in study.trials}
+    completed = [t for t in data["trials"] if t["state"] == "Complete"]
+    assert len(completed) == len(by_number) == 4
+    for t in completed:
+        stored = by_number[t["number"]].system_attrs[CONSTRAINTS_ATTR]
+        assert t["constraints"], t  # an empty list would show every trial as feasible
+        assert t["constraints"] == pytest.approx(stored)
+        dashboard_feasible = all(c <= 0 for c in t["constraints"])
+        assert dashboard_feasible == is_feasible(by_number[t["number"]])
+
+
+# --- 9. a killed worker's trial is retried -------------------------------------------------------------
+
+# A trial lasts a few seconds here, so the worker is surely mid-trial when it is killed.
+SLOW = ["--pipe", "tiny", "--steps", "12", "--num-samples", "3", "--no-progress"]
+
+
+@pytest.mark.timeout(400)
+def test_killed_trial_is_retried(tmp_path, monkeypatch):
+    db = os.path.join(str(tmp_path), "s.db")
+    argv = run_args(tmp_path, "--max-loss", "0.05", "--heartbeat", "1", small=SLOW)
+    log = open(tmp_path / "worker.log", "w")
+    threads = os.environ.get("OPTIMIZE_TEST_THREADS", "1")  # as conftest sets for this process
+    env = dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, HF_HUB_OFFLINE="1")
+    proc = subprocess.Popen([sys.executable, "-m", "optimize.cli", *argv, "--n-trials", "3"],
+                            cwd=str(tmp_path), stdout=log, stderr=subprocess.STDOUT, env=env)
+    running = None
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and proc.poll() is None:
+            if os.path.exists(db):
+                try:
+                    rows = sqlite_rows(db, """
+                        SELECT t.number FROM trials t JOIN trial_user_attributes a ON a.trial_id = t.trial_id
+                        WHERE t.state = 'RUNNING' AND a.key = 'config'
+                          AND EXISTS (SELECT 1 FROM study_user_attributes s
+                                      WHERE s.study_id = t.study_id AND s.key = 'baseline')""")
+                except Exception:  # noqa: BLE001 - tables not created yet, or locked for a moment
+                    rows = []
+                if rows:
+                    running = rows[0][0]
+                    break
+            time.sleep(0.1)
+        assert running is not None, f"no running trial seen (rc={proc.poll()}): {(tmp_path / 'worker.log').read_text()}"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+        log.close()
+    assert proc.returncode == -signal.SIGKILL
+
+    study = load_study(storage_url(tmp_path))
+    killed = study.trials[running]
+    assert killed.state == TrialState.RUNNING  # died mid-trial: nothing marked it
+    n_before = len(study.trials)
+    time.sleep(3.5)  # grace period = 2 * heartbeat
+
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_cli(argv + ["--n-trials", "2"])
+    assert code == 0, out + err
+    assert "reusing the stored baseline" in out
+    study = load_study(storage_url(tmp_path))
+    trials = study.trials
+    assert trials[running].state == TrialState.FAIL
+    assert len(trials) == n_before + 2
+    retries = [t for t in trials if t.system_attrs.get("failed_trial") == running]
+    assert len(retries) == 1, [(t.number, t.state, t.system_attrs) for t in trials]
+    retry = retries[0]
+    assert retry.number > running
+    assert retry.params == killed.params
+    assert retry.system_attrs["retry_history"] == [running]
+    assert retry.state == TrialState.COMPLETE
+    assert "speedup" in retry.user_attrs and CONSTRAINTS_ATTR in retry.system_attrs
+    assert retry.user_attrs["config"] == killed.user_attrs["config"]
+    assert all(t.state == TrialState.COMPLETE for t in trials if t.number not in (running,))
