@@ -7,6 +7,7 @@ is checked before the pipeline loads.
 from __future__ import annotations
 
 import datetime as _dt
+import signal
 import sys
 from dataclasses import dataclass
 
@@ -138,6 +139,10 @@ def _open_study(storage, name: str, opts: RunOptions, fingerprint: dict):
     return study, n_before
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def run_search(spec: pipelines.PipeSpec, opts: RunOptions) -> None:
     echo = click.echo
     try:
@@ -211,6 +216,9 @@ def run_search(spec: pipelines.PipeSpec, opts: RunOptions) -> None:
                 tqdm.write(f"optimize-sd: warning: {opts.output} not updated: {e}", file=sys.stderr)
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # our trial line reports failures
+    # A scheduler's pre-emption (SIGTERM) ends the run like Ctrl-C: the running trial is marked failed
+    # at once instead of waiting for its heartbeat to go stale.
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         study.optimize(objective, n_trials=opts.n_trials, catch=(Exception,), callbacks=[after_trial],
                        gc_after_trial=True)

@@ -313,15 +313,16 @@ def test_dashboard_sees_constraints(which, tmp_path_factory):
 SLOW = ["--pipe", "tiny", "--steps", "12", "--num-samples", "3", "--no-progress"]
 
 
-@pytest.mark.timeout(400)
-def test_killed_trial_is_retried(tmp_path, monkeypatch):
+def _start_worker_until_running(tmp_path, argv):
+    """Start ``optimize-sd run`` in a subprocess; return it and the number of its running trial
+    (one after the baseline, with its config chosen)."""
     db = os.path.join(str(tmp_path), "s.db")
-    argv = run_args(tmp_path, "--max-loss", "0.05", "--heartbeat", "1", small=SLOW)
     log = open(tmp_path / "worker.log", "w")
     threads = os.environ.get("OPTIMIZE_TEST_THREADS", "1")  # as conftest sets for this process
     env = dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, HF_HUB_OFFLINE="1")
     proc = subprocess.Popen([sys.executable, "-m", "optimize.cli", *argv, "--n-trials", "3"],
                             cwd=str(tmp_path), stdout=log, stderr=subprocess.STDOUT, env=env)
+    log.close()
     running = None
     try:
         deadline = time.monotonic() + 240
@@ -340,13 +341,31 @@ def test_killed_trial_is_retried(tmp_path, monkeypatch):
                     break
             time.sleep(0.1)
         assert running is not None, f"no running trial seen (rc={proc.poll()}): {(tmp_path / 'worker.log').read_text()}"
-        os.kill(proc.pid, signal.SIGKILL)
+    except BaseException:
+        proc.kill()
         proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=30)
-        log.close()
+        raise
+    return proc, running
+
+
+@pytest.mark.timeout(400)
+def test_terminated_worker_marks_its_trial_failed(tmp_path):
+    """SIGTERM (a cluster's pre-emption) ends the run like Ctrl-C: exit 130, running trial FAIL."""
+    argv = run_args(tmp_path, "--max-loss", "0.05", small=SLOW)
+    proc, running = _start_worker_until_running(tmp_path, argv)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 130
+    assert "interrupted" in (tmp_path / "worker.log").read_text()
+    study = load_study(storage_url(tmp_path))
+    assert study.trials[running].state == TrialState.FAIL
+
+
+@pytest.mark.timeout(400)
+def test_killed_trial_is_retried(tmp_path, monkeypatch):
+    argv = run_args(tmp_path, "--max-loss", "0.05", "--heartbeat", "1", small=SLOW)
+    proc, running = _start_worker_until_running(tmp_path, argv)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
     assert proc.returncode == -signal.SIGKILL
 
     study = load_study(storage_url(tmp_path))
