@@ -55,3 +55,19 @@ def tiny_pipe():
 @pytest.fixture(scope="session")
 def tiny_xl_pipe():
     return make_pipe("tiny-xl")
+
+
+@pytest.fixture(scope="module")
+def target(tmp_path_factory):
+    """The shared 4-trial target-mode run (made once per session, see helpers.target_run)."""
+    from helpers import target_run
+
+    return target_run(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def maxrun(tmp_path_factory):
+    """The shared 4-trial max-mode run (see helpers.max_run)."""
+    from helpers import max_run
+
+    return max_run(tmp_path_factory)

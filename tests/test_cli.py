@@ -14,24 +14,14 @@ import optuna
 import pytest
 
 try:
-    from helpers import goal_opts, load_study, max_run, run_args, run_cli, storage_url, target_run
+    from helpers import goal_opts, load_study, run_args, run_cli, storage_url
 except ImportError:  # tests/ made a package
-    from tests.helpers import goal_opts, load_study, max_run, run_args, run_cli, storage_url, target_run
+    from tests.helpers import goal_opts, load_study, run_args, run_cli, storage_url
 
 from optimize import pipelines, runner, storage
 from optimize.search import Goal, best_feasible
 
 PREFIX = "optimize-sd: error:"
-
-
-@pytest.fixture(scope="module")
-def target(tmp_path_factory):
-    return target_run(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def maxrun(tmp_path_factory):
-    return max_run(tmp_path_factory)
 
 
 @pytest.fixture

@@ -32,16 +32,6 @@ from optimize.search import CONSTRAINTS_ATTR, Goal, best_feasible, is_feasible
 ATTRS = ("speedup", "score_loss", "time_per_image", "spread", "clip_score", "config")
 
 
-@pytest.fixture(scope="module")
-def target(tmp_path_factory):
-    return target_run(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def maxrun(tmp_path_factory):
-    return max_run(tmp_path_factory)
-
-
 # --- Goal: the constraint arithmetic every feasibility check below relies on -------------------------
 
 
