@@ -11,6 +11,7 @@ import contextlib
 import io
 import os
 import sqlite3
+import warnings
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
@@ -129,3 +130,61 @@ def sqlite_rows(db_path: str, query: str, params=()) -> list[tuple]:
         return con.execute(query, params).fetchall()
     finally:
         con.close()
+
+
+# --- studies made without a model (tests/test_report.py, tests/test_generate.py) -----------------
+
+TINY_FINGERPRINT = {
+    "pipe": "tiny", "scheduler": "ddim", "steps": 8, "guidance": None, "height": None, "width": None,
+    "dtype": "fp32", "device": "cpu", "batch_size": 1, "prompts": "0", "num_samples": 2, "seed": 42,
+    "clip": "tiny-clip/None",
+}
+
+
+def _distributions():
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    switch = CategoricalDistribution([False, True])
+    return {
+        "deepcache": switch, "deepcache.cache_interval": IntDistribution(2, 10),
+        "deepcache.cache_branch_id": IntDistribution(0, 5),
+        "tome": switch, "tome.ratio": FloatDistribution(0.1, 0.9, step=0.05),
+        "tome.max_downsample": CategoricalDistribution([1, 2, 4, 8]),
+        "tgate": switch, "tgate.gate_step": IntDistribution(4, 7), "tgate.sp_interval": IntDistribution(1, 10),
+        "tgate.fi_interval": IntDistribution(1, 5), "tgate.warm_up": IntDistribution(0, 3),
+    }
+
+
+def synthetic_study(url: str, name: str, goal, trials, fingerprint: dict | None = None,
+                    baseline_size: int = 32) -> optuna.Study:
+    """A study as ``optimize-sd run`` leaves it, with made-up measurements and no model.
+
+    ``trials``: ``(config, speedup, score_loss[, extra user attrs])`` per trial (``config`` an
+    ``optimize.Config``); ``speedup=None`` makes a failed trial. Constraints are stored as the search stores them.
+    """
+    from optimize.baseline import Baseline
+    from optimize.search import CONSTRAINTS_ATTR
+    from optuna.trial import TrialState, create_trial
+
+    dists = _distributions()
+    fingerprint = dict(TINY_FINGERPRINT if fingerprint is None else fingerprint)
+    study = optuna.create_study(storage=url, study_name=name, direction=goal.direction)
+    study.set_user_attr("optimize_sd", {"goal": goal.as_dict(), "constraints": goal.constraint_names,
+                                        "fingerprint": fingerprint})
+    Baseline(0.1, 0.02, 30.0, [30.0, 30.0], fingerprint, baseline_size, baseline_size).save(study)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # experimental in Optuna
+        study.set_metric_names([goal.objective_name])
+    for config, speedup, loss, *extra in trials:
+        params = config.to_params()
+        distributions = {k: dists[k] for k in params}
+        if speedup is None:
+            study.add_trial(create_trial(state=TrialState.FAIL, params=params, distributions=distributions,
+                                         user_attrs={"config": config.label(), "error": "RuntimeError: made up"}))
+            continue
+        attrs = {"config": config.label(), "speedup": speedup, "score_loss": loss, "time_per_image": 0.1 / speedup,
+                 "time_median": 0.1 / speedup, "spread": 0.02, "clip_score": 30.0 * (1 - loss), "baseline_time": 0.1, **(extra[0] if extra else {})}
+        study.add_trial(create_trial(
+            state=TrialState.COMPLETE, value=goal.value(speedup, loss), params=params, distributions=distributions,
+            user_attrs=attrs, system_attrs={CONSTRAINTS_ATTR: goal.constraints(speedup, loss)}))
+    return study

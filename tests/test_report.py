@@ -1,0 +1,538 @@
+"""Seeing the result: ``optimize-sd report`` and the figures it is made of, notebooks/analyze_study.ipynb,
+and the report (and optuna-dashboard) in a real browser.
+
+Most checks use a study made without a model (known trials, so the Pareto front, the ranking and the
+grouping are known exactly); the command, the notebook and the browser also run on the shared 4-trial
+search of test_search.py / test_cli.py. The browser tests drive headless Chromium over the DevTools
+protocol on a pipe and are skipped only where no chromium is installed.
+"""
+
+from __future__ import annotations
+
+import base64
+import fcntl
+import json
+import os
+import re
+import select
+import shutil
+import subprocess
+import sys
+import threading
+import time
+
+import optuna
+import pytest
+
+try:
+    from helpers import run_cli, synthetic_study, target_run
+except ImportError:  # tests/ made a package
+    from tests.helpers import run_cli, synthetic_study, target_run
+
+from optimize import report
+from optimize.accelerators import Config, DeepCache, TGate, ToMe
+from optimize.search import Goal, best_feasible, is_feasible
+
+PREFIX = "optimize-sd: error:"
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GOAL = Goal("target", 1.5, 0.02)
+NAME = "synth<b>&"  # a name that must be escaped in HTML
+
+DC = Config(deepcache=DeepCache(3, 0))
+# number: config, speedup, score_loss (target 1.5x, max_loss 0.02)
+TRIALS = [
+    (DC, 2.0, 0.010),                                                   # 0 feasible, front
+    (Config(tome=ToMe(0.5, 2)), 1.3, 0.001),                            # 1 too slow
+    (Config(deepcache=DeepCache(5, 1), tome=ToMe(0.6, 1)), 2.6, 0.030),  # 2 too lossy
+    (Config(tgate=TGate(6, 2, 1, 1)), 1.6, 0.004),                      # 3 feasible, front, best
+    (Config(deepcache=DeepCache(2, 0), tgate=TGate(5, 3, 1, 2)), 1.8, 0.012),  # 4 feasible, dominated by 0
+    (Config(tome=ToMe(0.7, 4)), None, None),                            # 5 failed
+    (DC, 2.0, 0.010, {"reused_from": 0}),                               # 6 same as 0: not a second front point
+    (Config(DeepCache(4, 2), ToMe(0.3, 1), TGate(7, 2, 2, 0)), 2.4, 0.018),  # 7 feasible, front
+    (Config(), 1.01, 0.0),                                              # 8 baseline config: too slow
+]
+FEASIBLE, INFEASIBLE = [0, 3, 4, 6, 7], [1, 2, 8]
+FRONT = [3, 0, 7]
+RANKED = [3, 0, 6, 4, 7, 2, 1, 8]  # feasible by loss, then infeasible by how far they miss (0.01, 0.2, 0.49)
+GROUPS = {"deepcache": [0, 6], "tome": [1], "deepcache+tome": [2], "tgate": [3], "deepcache+tgate": [4],
+          "deepcache+tome+tgate": [7], "none": [8]}
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("synthetic")
+    url = f"sqlite:///{directory / 's.db'}"
+    study = synthetic_study(url, NAME, GOAL, TRIALS)
+    return url, study
+
+
+@pytest.fixture(scope="module")
+def target(tmp_path_factory):
+    run = target_run(tmp_path_factory)
+    assert run.code == 0, run.out + run.err
+    return run
+
+
+def _numbers(trace) -> list[int]:
+    """Trial numbers of a trace, from the ``#N config`` its hover text starts with."""
+    return [int(re.match(r"#(\d+) ", h).group(1)) for h in trace.hovertext]
+
+
+def _trace(fig, prefix: str):
+    (trace,) = [t for t in fig.data if (t.name or "").startswith(prefix)]
+    return trace
+
+
+# --- the figures, on known trials --------------------------------------------------------------------
+
+
+def test_pareto_front_and_ranking(synthetic):
+    _, study = synthetic
+    assert [t.number for t in report.measured_trials(study)] == [0, 1, 2, 3, 4, 6, 7, 8]  # the failed #5 left out
+    feasible = [t for t in report.measured_trials(study) if is_feasible(t)]
+    assert [t.number for t in feasible] == FEASIBLE
+    assert [t.number for t in report.pareto_front(feasible)] == FRONT
+    rows = report.top_trials(study, GOAL, n=20)
+    assert [r["trial"] for r in rows] == RANKED
+    assert [r["rank"] for r in rows] == list(range(1, 9))
+    assert [r["feasible"] for r in rows] == [True] * 5 + [False] * 3
+    assert rows[0]["trial"] == best_feasible(study, GOAL).number
+    assert rows[1]["reused_from"] is None and rows[2]["reused_from"] == 0
+    assert rows[0]["methods"] == "tgate" and rows[0]["ms_per_image"] == pytest.approx(100 / 1.6)
+    assert [r["trial"] for r in report.top_trials(study, GOAL, n=3)] == RANKED[:3]
+    # in max mode the same trials rank by speedup
+    max_goal = Goal("max", None, 0.02)
+    assert [r["trial"] for r in report.top_trials(study, max_goal, n=5)] == [7, 0, 6, 4, 3]
+
+
+def test_pareto_figure_marks_feasible_infeasible_front_and_best(synthetic):
+    _, study = synthetic
+    fig = report.pareto_figure(study)
+    assert sorted(_numbers(_trace(fig, "feasible"))) == FEASIBLE
+    assert sorted(_numbers(_trace(fig, "infeasible"))) == INFEASIBLE
+    front = _trace(fig, "Pareto front")
+    assert _numbers(front) == FRONT and list(front.x) == [0.004, 0.010, 0.018] and list(front.y) == [1.6, 2.0, 2.4]
+    assert _numbers(_trace(fig, "best feasible")) == [3]
+    feasible = _trace(fig, "feasible")
+    assert sorted(zip(feasible.x, feasible.y)) == sorted((TRIALS[n][2], TRIALS[n][1]) for n in FEASIBLE)
+    lines = {(s.type, s.x0, s.y0) for s in fig.layout.shapes}
+    assert ("line", 0.02, 0) in lines  # max_loss, a vertical line
+    assert any(s.y0 == 1.5 == s.y1 for s in fig.layout.shapes)  # the target speedup
+    # max mode: no target line
+    assert not any(s.y0 == 1.5 == s.y1 for s in report.pareto_figure(study, Goal("max", None, 0.02)).layout.shapes)
+
+
+def test_methods_figure_groups_by_combination(synthetic):
+    _, study = synthetic
+    fig = report.methods_figure(study)
+    got = {t.name: sorted(_numbers(t)) for t in fig.data}
+    assert got == GROUPS
+    assert all(t.type == "box" and t.boxpoints == "all" for t in fig.data)
+    medians = [sorted(t.y)[len(t.y) // 2] for t in fig.data]
+    assert medians == sorted(medians, reverse=True)  # fastest combination first
+    assert fig.data[0].x[0] == "deepcache+tome (1)"
+
+
+def test_history_marks_infeasible_trials(synthetic):
+    _, study = synthetic
+    fig = report.history_figure(study)
+    infeasible = [t for t in fig.data if t.name == "Infeasible Trial"]
+    assert infeasible and sorted(infeasible[0].x) == INFEASIBLE
+    best = [t for t in fig.data if t.name == "Best Value"][0]
+    assert min(v for v in best.y if v is not None) == pytest.approx(0.004)  # the best feasible loss
+
+
+def test_importances_need_enough_trials(synthetic):
+    _, study = synthetic
+    fig = report.importance_figure(study)
+    assert len(fig.data) == 1 and fig.data[0].type == "bar"
+    names = set(fig.data[0].y)
+    assert names and names <= set(Config(DeepCache(), ToMe(), TGate()).to_params())
+    few = report.importance_figure(study, min_trials=20)
+    assert not few.data
+    assert "at least 20 completed trials (this study has 8)" in few.layout.annotations[0].text
+
+
+def test_figures_of_a_study_without_trials(tmp_path):
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    study = synthetic_study(url, "empty", GOAL, [])
+    figures = report.report_figures(study)
+    assert list(figures) == list(report.FIGURES)
+    for name, fig in figures.items():
+        message = fig.layout.annotations[0].text
+        assert not fig.data and ("no completed trial yet" in message or "(this study has 0)" in message), name
+    code, out, err = run_cli(["report", "--storage", url, "-o", tmp_path / "r.html"])
+    assert code == 0, err
+    page = (tmp_path / "r.html").read_text()
+    assert page.count("no completed trial yet") >= 3 and "No completed trial yet." in page
+
+
+# --- the HTML file -----------------------------------------------------------------------------------
+
+
+def test_report_html_is_self_contained_and_escaped(synthetic):
+    from plotly.offline import get_plotlyjs
+
+    url, study = synthetic
+    page = report.build_report_html(study, url)
+    assert get_plotlyjs()[:500] in page  # plotly.js embedded ...
+    assert page.count(get_plotlyjs()[:500]) == 1  # ... once
+    assert not re.search(r"<script[^>]*\bsrc=", page) and "<link" not in page  # nothing fetched
+    for name in report.FIGURES:
+        assert f'id="fig-{name}"' in page
+    assert "synth&lt;b&gt;&amp;" in page and NAME not in page
+    table = page[page.index('<table id="top-trials">'):page.index("</table>")]
+    assert table.count('<tr class="feasible">') == 5 and table.count('<tr class="infeasible">') == 3
+    assert [int(n) for n in re.findall(r"<td>#(\d+)</td>", table)] == RANKED
+    assert "(same as #0)" in table
+    assert "least score_loss among configurations with speedup &gt;= 1.5x and score_loss &lt;= 0.02" in page
+    assert "Random weights" in page  # a tiny pipeline's losses are meaningless, and the page says so
+    shared = report.build_report_html(study, "postgresql://user:secret@db.example/studies")
+    assert "secret" not in shared and "postgresql://user:***@db.example/studies" in shared
+    best = best_feasible(study, GOAL)
+    assert f"--study '{NAME}' 'a red fox in the snow'" in report.html.unescape(page)  # quoted for the shell
+    assert json.dumps(dict(best.params), indent=2) in report.html.unescape(page)
+
+
+def test_report_command_on_a_search(target, tmp_path):
+    out = tmp_path / "sub" / "report.html"
+    code, stdout, err = run_cli(["report", "--storage", target.storage, "--study", target.study_name, "-o", out])
+    assert code == 0, err
+    assert stdout.strip() == f"wrote {out} (study {target.study_name}, 4 completed trials)"
+    page = out.read_text()
+    study = target.study()
+    for t in study.trials:  # every trial is in the figures and the table
+        assert f"#{t.number} {t.user_attrs['config']}" in page
+        assert f"<td>#{t.number}</td>" in page
+    assert f"<h1>optimize-sd report: {target.study_name}</h1>" in page
+    assert oct(out.stat().st_mode & 0o777) == oct(0o666 & ~_umask())
+    assert [p.name for p in out.parent.iterdir()] == ["report.html"]  # no temporary file left
+    # the default study is the most recently run one
+    code, stdout, err = run_cli(["report", "--storage", target.storage, "-o", tmp_path / "again.html"])
+    assert code == 0 and target.study_name in stdout, err
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _one_error_line(code, out, err) -> str:
+    assert code == 2, (code, out, err)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(PREFIX), err
+    assert "Traceback" not in out + err and not out.strip()
+    return lines[0]
+
+
+def test_report_errors_are_one_line(target, tmp_path):
+    missing = tmp_path / "missing.db"
+    line = _one_error_line(*run_cli(["report", "--storage", f"sqlite:///{missing}", "-o", tmp_path / "r.html"]))
+    assert "no study database" in line and not missing.exists()  # nothing created
+    line = _one_error_line(*run_cli(["report", "--storage", target.storage, "--study", "nope", "-o",
+                                     tmp_path / "r.html"]))
+    assert "no study 'nope'" in line and target.study_name in line
+    other = f"sqlite:///{tmp_path / 'other.db'}"
+    optuna.create_study(storage=other, study_name="foreign")
+    line = _one_error_line(*run_cli(["report", "--storage", other, "-o", tmp_path / "r.html"]))
+    assert "not created by optimize-sd" in line
+    _one_error_line(*run_cli(["report", "--storage", target.storage, "-o", tmp_path]))  # a directory
+    assert not (tmp_path / "r.html").exists()
+
+
+def test_atomic_write_keeps_the_old_file_on_failure(tmp_path, monkeypatch):
+    path = tmp_path / "r.html"
+    report.atomic_write(str(path), "old")
+    path.chmod(0o600)
+
+    def fail(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", fail)
+    with pytest.raises(OSError, match="disk full"):
+        report.atomic_write(str(path), "new")
+    assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["r.html"]
+    monkeypatch.undo()
+    report.atomic_write(str(path), b"new \xc3\xa9")
+    assert path.read_text(encoding="utf-8") == "new é"
+    assert path.stat().st_mode & 0o777 == 0o600  # an existing file keeps its permissions
+
+
+# --- the notebook ------------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(300)
+def test_notebook_runs_on_a_study(target, monkeypatch):
+    import nbclient
+    import nbformat
+
+    path = os.path.join(ROOT, "notebooks", "analyze_study.ipynb")
+    nb = nbformat.read(path, as_version=4)
+    assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), "commit the notebook without outputs"
+    monkeypatch.setenv("OPTIMIZE_SD_STORAGE", target.storage)
+    monkeypatch.setenv("OPTIMIZE_SD_STUDY", target.study_name)
+    client = nbclient.NotebookClient(nb, timeout=240, kernel_name="python3",
+                                     resources={"metadata": {"path": os.path.dirname(path)}})
+    client.execute()  # raises CellExecutionError on any failing cell
+    text, plots = [], []
+    for cell in nb.cells:
+        for o in cell.get("outputs", []):
+            assert o.output_type != "error", o
+            if o.output_type == "stream":
+                text.append(o.text)
+            elif "data" in o:
+                text.append(o.data.get("text/plain", "") + o.data.get("text/html", ""))
+                if "application/vnd.plotly.v1+json" in o.data:
+                    plots.append(o.data["application/vnd.plotly.v1+json"])
+    text = "\n".join(text)
+    study = target.study()
+    assert f"study {target.study_name} ({target.storage})" in text
+    assert "Traceback" not in text and "Warning" not in text, text[:3000]
+    assert len(plots) == len(report.FIGURES)
+    # the Pareto figure shows every trial, the table lists them
+    pareto = plots[0]["data"]
+    shown = {int(re.match(r"#(\d+) ", h).group(1)) for trace in pareto for h in trace.get("hovertext", [])
+             if h.startswith("#")}
+    assert shown == {t.number for t in study.trials}
+    for t in study.trials:
+        assert t.user_attrs["config"] in text
+    best = best_feasible(study, report.study_goal(study))
+    if best is None:
+        assert "no feasible trial yet" in text
+    else:
+        assert f"best feasible trial #{best.number}" in text and f"--study {target.study_name}" in text
+
+
+# --- in a real browser ---------------------------------------------------------------------------------
+
+CHROMIUM = next(filter(None, map(shutil.which, ("chromium", "chromium-browser"))), None)
+needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed")
+
+
+class Browser:
+    """Headless Chromium driven over the DevTools protocol on a pipe (``--remote-debugging-pipe``):
+    no port, no websocket library."""
+
+    FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             "--disable-dev-shm-usage", "--hide-scrollbars", "--remote-debugging-pipe"]
+    # Chromium reads commands from fd 3 and writes to fd 4: a trampoline puts the pipe ends there.
+    TRAMPOLINE = ("import os, sys; r, w = int(sys.argv[1]), int(sys.argv[2]); "
+                  "os.dup2(r, 100); os.dup2(w, 101); os.close(r); os.close(w); "
+                  "os.dup2(100, 3); os.dup2(101, 4); os.close(100); os.close(101); os.execv(sys.argv[3], sys.argv[3:])")
+
+    def __init__(self, executable: str, profile_dir: str, log_path: str):
+        cmd_r, cmd_w = os.pipe()
+        evt_r, evt_w = os.pipe()
+        self._log = open(log_path, "wb")
+        argv = [executable, *self.FLAGS, f"--user-data-dir={profile_dir}", "about:blank"]
+        self.proc = subprocess.Popen([sys.executable, "-c", self.TRAMPOLINE, str(cmd_r), str(evt_w), *argv],
+                                     pass_fds=(cmd_r, evt_w), stdin=subprocess.DEVNULL, stdout=self._log,
+                                     stderr=self._log)
+        os.close(cmd_r)
+        os.close(evt_w)
+        self._out = os.fdopen(cmd_w, "wb", buffering=0)
+        self._in = evt_r
+        fcntl.fcntl(self._in, fcntl.F_SETFL, fcntl.fcntl(self._in, fcntl.F_GETFL) | os.O_NONBLOCK)
+        self._buf = b""
+        self._id = 0
+        self.events: list[dict] = []
+
+    def _next(self, deadline: float) -> dict:
+        while b"\0" not in self._buf:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("chromium did not answer in time")
+            if select.select([self._in], [], [], left)[0]:
+                chunk = os.read(self._in, 1 << 20)
+                if not chunk:
+                    raise RuntimeError(f"chromium closed the pipe (exit code {self.proc.poll()})")
+                self._buf += chunk
+        message, self._buf = self._buf.split(b"\0", 1)
+        return json.loads(message)
+
+    def send(self, method: str, params: dict | None = None, session: str | None = None, timeout: float = 60) -> dict:
+        self._id += 1
+        message = {"id": self._id, "method": method, "params": params or {}}
+        if session:
+            message["sessionId"] = session
+        self._out.write(json.dumps(message).encode() + b"\0")
+        deadline = time.monotonic() + timeout
+        while True:
+            m = self._next(deadline)
+            if m.get("id") == self._id:
+                if "error" in m:
+                    raise RuntimeError(f"{method}: {m['error']}")
+                return m.get("result", {})
+            self.events.append(m)
+
+    def wait_event(self, method: str, session: str, since: int, timeout: float = 60) -> dict:
+        deadline = time.monotonic() + timeout
+        i = since
+        while True:
+            while i < len(self.events):
+                if self.events[i].get("method") == method and self.events[i].get("sessionId") == session:
+                    return self.events[i]
+                i += 1
+            self.events.append(self._next(deadline))
+
+    def open(self, url: str, width: int = 1200, height: int = 900) -> "Page":
+        target = self.send("Target.createTarget", {"url": "about:blank"})["targetId"]
+        session = self.send("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
+        for domain in ("Page", "Runtime", "Log", "Network"):
+            self.send(f"{domain}.enable", session=session)
+        self.send("Emulation.setDeviceMetricsOverride",
+                  {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False}, session=session)
+        since = len(self.events)
+        self.send("Page.navigate", {"url": url}, session=session)
+        self.wait_event("Page.loadEventFired", session, since)
+        return Page(self, session, since)
+
+    def close(self) -> None:
+        try:
+            self.send("Browser.close", timeout=10)
+        except Exception:  # noqa: BLE001 - closing anyway
+            pass
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=15)
+        self._out.close()
+        os.close(self._in)
+        self._log.close()
+
+
+class Page:
+    def __init__(self, browser: Browser, session: str, since: int):
+        self.browser, self.session, self.since = browser, session, since
+
+    def evaluate(self, expression: str, timeout: float = 60):
+        result = self.browser.send("Runtime.evaluate", {"expression": expression, "awaitPromise": True,
+                                                        "returnByValue": True}, session=self.session, timeout=timeout)
+        if "exceptionDetails" in result:
+            raise RuntimeError(f"page script failed: {result['exceptionDetails']}")
+        return result["result"].get("value")
+
+    def _events(self, *methods):
+        return [e for e in self.browser.events[self.since:] if e.get("sessionId") == self.session
+                and e.get("method") in methods]
+
+    def exceptions(self) -> list[str]:
+        return [json.dumps(e["params"]["exceptionDetails"])[:500] for e in self._events("Runtime.exceptionThrown")]
+
+    def errors(self) -> list[str]:
+        """Uncaught exceptions, console errors and browser-logged errors (failed loads, ...)."""
+        out = self.exceptions()
+        out += [json.dumps(e["params"])[:500] for e in self._events("Runtime.consoleAPICalled")
+                if e["params"]["type"] in ("error", "assert")]
+        out += [json.dumps(e["params"]["entry"])[:500] for e in self._events("Log.entryAdded")
+                if e["params"]["entry"]["level"] == "error"]
+        return out
+
+    def requests(self) -> list[str]:
+        return [e["params"]["request"]["url"] for e in self._events("Network.requestWillBeSent")]
+
+    def screenshot(self, path) -> tuple[int, int]:
+        size = self.browser.send("Page.getLayoutMetrics", session=self.session)["cssContentSize"]
+        width, height = int(size["width"]), int(size["height"])
+        shot = self.browser.send("Page.captureScreenshot", {
+            "format": "png", "captureBeyondViewport": True,
+            "clip": {"x": 0, "y": 0, "width": width, "height": height, "scale": 1}}, session=self.session)
+        with open(path, "wb") as f:
+            f.write(base64.b64decode(shot["data"]))
+        return width, height
+
+
+# Resolves, once every plotly figure on the page has drawn its SVG (or after 30 s), to what each drew.
+RENDERED = """new Promise(resolve => { const t0 = Date.now(); (function poll() {
+  const divs = [...document.querySelectorAll('.plotly-graph-div')];
+  const done = divs.length > 0 && divs.every(d => d.querySelector('svg.main-svg'));
+  if (done || Date.now() - t0 > 30000) resolve(divs.map(d => ({
+      id: d.id, svgs: d.querySelectorAll('svg.main-svg').length, traces: (d.data || []).length,
+      points: d.querySelectorAll('.scatterlayer .point').length, boxes: d.querySelectorAll('.boxlayer .box').length,
+      bars: d.querySelectorAll('.barlayer .point').length, text: d.textContent.slice(0, 2000)})));
+  else setTimeout(poll, 100); })(); })"""
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    if CHROMIUM is None:
+        pytest.skip("chromium is not installed")
+    directory = tmp_path_factory.mktemp("chromium")
+    b = Browser(CHROMIUM, str(directory / "profile"), str(directory / "chromium.log"))
+    try:
+        b.send("Browser.getVersion", timeout=60)
+        yield b
+    finally:
+        b.close()
+
+
+def _check_page_png(path, width, height):
+    from PIL import Image
+
+    with Image.open(path) as image:
+        assert image.size == (width, height)
+        colours = image.convert("RGB").resize((64, 64)).getcolors(64 * 64)
+    assert colours is not None and len(colours) > 20, "the screenshot is (almost) blank"
+
+
+@needs_chromium
+@pytest.mark.timeout(300)
+def test_report_renders_in_chromium(browser, synthetic, target, tmp_path):
+    url, study = synthetic
+    for label, made in (("synthetic", (study, url)), ("search", (target.study(), target.storage))):
+        path = tmp_path / f"report-{label}.html"
+        report.write_report(made[0], str(path), made[1])
+        page = browser.open(path.as_uri())
+        figures = {f["id"]: f for f in page.evaluate(RENDERED)}
+        assert sorted(figures) == sorted(f"fig-{n}" for n in report.FIGURES), figures.keys()
+        for f in figures.values():
+            assert f["svgs"] >= 1, f  # plotly drew it
+        n = len(report.measured_trials(made[0]))
+        pareto, methods = figures["fig-pareto"], figures["fig-methods"]
+        # every trial a marker (plus front, best and baseline markers), every combination a box
+        assert pareto["points"] >= n + 1, pareto
+        assert methods["boxes"] == len({report.combination(report.methods_of(t)) for t in report.measured_trials(made[0])})
+        assert "speedup" in pareto["text"] and "score_loss" in pareto["text"]
+        if label == "synthetic":
+            assert figures["fig-importance"]["bars"] >= 1  # 8 trials: real importances
+            assert "Pareto front (3)" in pareto["text"] and "infeasible (3)" in pareto["text"]
+        assert page.errors() == []
+        assert page.requests() == [path.as_uri()]  # self-contained: nothing else was fetched
+        shot = tmp_path / f"report-{label}.png"
+        width, height = page.screenshot(shot)
+        assert height > 1500, height  # four figures and the table, not an error page
+        _check_page_png(shot, width, height)
+
+
+@needs_chromium
+@pytest.mark.timeout(300)
+def test_dashboard_renders_in_chromium(browser, target, tmp_path):
+    """optuna-dashboard (served from the search's storage) shows the study with its plots."""
+    from wsgiref.simple_server import WSGIRequestHandler, make_server
+
+    import optuna_dashboard
+
+    class Quiet(WSGIRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    server = make_server("127.0.0.1", 0, optuna_dashboard.wsgi(target.storage), handler_class=Quiet)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        study = target.study()
+        page = browser.open(f"http://127.0.0.1:{server.server_port}/dashboard/studies/{study._study_id}")
+        state = page.evaluate("""new Promise(resolve => { const t0 = Date.now(); (function poll() {
+            const text = document.body.innerText, svgs = document.querySelectorAll('svg.main-svg').length;
+            if ((text.includes(%s) && text.includes('Best Trial') && svgs > 0) || Date.now() - t0 > 30000)
+                resolve({text: text.slice(0, 3000), svgs});
+            else setTimeout(poll, 200); })(); })""" % json.dumps(target.study_name))
+        assert target.study_name in state["text"] and state["svgs"] > 0, state
+        assert page.exceptions() == []
+        page.screenshot(tmp_path / "dashboard.png")
+    finally:
+        server.shutdown()
+        server.server_close()
