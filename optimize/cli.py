@@ -73,12 +73,71 @@ def cli():
 @click.option("--retime-every", type=click.IntRange(0), default=10, show_default=True,
               help="Re-time the baseline every N trials (0: only at the start of a resumed run) to cancel drift.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
+@click.option("--workers", type=click.IntRange(1), default=1, show_default=True,
+              help="Worker processes on --device searching one study; --n-trials is split between them.")
+@click.option("--gpus", default=None,
+              help="One worker per GPU on one study: indices (0,1,2,3) or all. Several machines join a study "
+                   "by running the same command with one --storage postgresql://...")
+@click.option("--worker-index", type=click.IntRange(0), default=None, hidden=True)
 def run(**o):
     """Search acceleration settings; running the same command again resumes the study."""
     from .runner import run_search
 
     spec, opts = _check_run_options(o)
+    if len(opts.devices) > 1:
+        from .workers import launch
+
+        sys.exit(launch(spec, opts, lambda device, n, index: _worker_argv(o, device, n, index)))
+    if o["worker_index"] is not None:
+        from .workers import follow_launcher
+
+        follow_launcher()
     run_search(spec, opts)
+
+
+_LAUNCHER_ONLY = ("device", "n_trials", "progress", "workers", "gpus", "worker_index")
+
+
+def _worker_argv(o: dict, device: str, n_trials: int, index: int) -> list[str]:
+    """The ``optimize-sd run`` arguments of one worker: this command's, with its own device and share."""
+    argv = ["run"]
+    for param in run.params:
+        if not isinstance(param, click.Option) or param.name in _LAUNCHER_ONLY:
+            continue
+        value = o[param.name]
+        name = max(param.opts, key=len)
+        if param.is_flag and param.secondary_opts:
+            argv.append(name if value else max(param.secondary_opts, key=len))
+        elif param.is_flag:
+            if value:
+                argv.append(name)
+        elif value is not None:
+            argv += [name, str(value)]
+    return argv + ["--device", device, "--n-trials", str(n_trials), "--no-progress", "--worker-index", str(index)]
+
+
+def _devices(o: dict) -> tuple[str, ...]:
+    """The workers' devices: ``--gpus`` (cuda:N each) or ``--workers`` times ``--device``; () for one process."""
+    if o["gpus"] is None:
+        return (o["device"] or _default_device(),) * o["workers"] if o["workers"] > 1 else ()
+    if o["device"] is not None or o["workers"] != 1:
+        raise Failure("--gpus chooses the devices and the number of workers: leave out --device and --workers")
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        raise Failure(f"--gpus {o['gpus']}: no CUDA GPU is available here (use --workers N --device cpu)")
+    if o["gpus"].strip().lower() == "all":
+        indices = list(range(count))
+    else:
+        try:
+            indices = [int(x) for x in o["gpus"].split(",") if x.strip()]
+        except ValueError:
+            raise Failure(f"--gpus {o['gpus']!r}: use GPU indices such as 0,1,2,3, or all") from None
+        bad = [i for i in indices if not 0 <= i < count]
+        if not indices or bad or len(set(indices)) != len(indices):
+            raise Failure(f"--gpus {o['gpus']!r}: use distinct indices from 0 to {count - 1}, or all")
+    return tuple(f"cuda:{i}" for i in indices)
 
 
 def _check_run_options(o: dict):
@@ -97,7 +156,8 @@ def _check_run_options(o: dict):
     except ValueError as e:
         raise Failure(str(e)) from None
     methods = _methods(o["methods"])
-    device = o["device"] or _default_device()
+    devices = _devices(o)
+    device = devices[0] if devices else (o["device"] or _default_device())
     if device.startswith("cuda"):
         import torch
 
@@ -134,6 +194,7 @@ def _check_run_options(o: dict):
         repeats=o["repeats"] if o["repeats"] is not None else (3 if device.startswith("cuda") else 0),
         goal=goal, methods=methods, n_trials=o["n_trials"], storage=o["storage"], study_name=o["study_name"],
         seed=o["seed"], output=o["output"], heartbeat=o["heartbeat"], progress=o["progress"], retime_every=o["retime_every"],
+        worker_index=o["worker_index"] or 0, devices=devices,
     )
     return spec, opts
 
@@ -177,6 +238,59 @@ def best(storage, study_name, as_json):
         sys.exit(1)
 
 
+@cli.command("report")
+@click.option("--storage", default=DEFAULT_STORAGE, show_default=True)
+@click.option("--study", "study_name", default=None, help="[default: the only study, or the most recently run]")
+@click.option("-o", "--output", default="report.html", show_default=True, type=click.Path(dir_okay=False))
+@click.option("--top", type=click.IntRange(1), default=10, show_default=True, help="Trials in the table.")
+def report_command(storage, study_name, output, top):
+    """Write a self-contained HTML report of a study: Pareto plot, history, importances, top trials."""
+    from .report import ReportError, measured_trials, open_study, write_report
+
+    try:
+        study = open_study(storage, study_name)
+        write_report(study, output, storage, top)
+    except (ReportError, OSError) as e:
+        raise Failure(str(e)) from None
+    n = len(measured_trials(study))
+    click.echo(f"wrote {output} (study {study.study_name}, {n} completed trial{'s' * (n != 1)})")
+
+
+@cli.command("generate")
+@click.argument("prompts", nargs=-1, required=True)
+@click.option("-o", "--output", default="out.png", show_default=True, type=click.Path(dir_okay=False),
+              help="Image file; with several images, NAME-0.png, NAME-1.png, ...")
+@click.option("--storage", default=None, help=f"Optuna storage URL  [default: {DEFAULT_STORAGE}]")
+@click.option("--study", "study_name", default=None, help="[default: the only study, or the most recently run]")
+@click.option("--trial", "trial_number", type=click.IntRange(0), default=None,
+              help="Use this trial's params  [default: the best feasible trial]")
+@click.option("--params", "params_file", default=None, type=click.Path(dir_okay=False),
+              help="Take the settings from this search_params.json instead of a study.")
+@click.option("--key", default=None, help="Entry of --params  [default: its only entry]")
+@click.option("--seed", type=int, default=None, help="[default: the study's seed; 42 with --params]")
+@click.option("--num-images", type=click.IntRange(1), default=1, show_default=True, help="Images per prompt.")
+@click.option("--device", default=None, help="cuda, cuda:N or cpu  [default: cuda if available]")
+@click.option("--baseline", "no_accel", is_flag=True, help="Generate without the acceleration, for comparison.")
+def generate_command(prompts, output, storage, study_name, trial_number, params_file, key, seed, num_images, device,
+                     no_accel):
+    """Generate images with a study's best (or chosen) settings applied."""
+    from .generate import GenerateError, generate, plan_from_params_file, plan_from_study
+
+    try:
+        if params_file is not None:
+            if storage is not None or study_name is not None or trial_number is not None:
+                raise GenerateError("--params takes the settings from the file: leave out --storage, --study and --trial")
+            plan = plan_from_params_file(params_file, key, seed=seed, device=device)
+        else:
+            if key is not None:
+                raise GenerateError("--key selects an entry of --params")
+            plan = plan_from_study(storage or DEFAULT_STORAGE, study_name, trial_number, seed=seed, device=device)
+        for line in generate(plan, list(prompts), output, num_images=num_images, accelerated=not no_accel):
+            click.echo(line)
+    except (GenerateError, OSError) as e:
+        raise Failure(str(e)) from None
+
+
 def main(argv=None) -> None:
     """Entry point: click's errors become one line on stderr."""
     import warnings
@@ -186,7 +300,7 @@ def main(argv=None) -> None:
     warnings.filterwarnings("ignore", message=".*experimental.*")
     try:
         code = cli.main(args=argv, prog_name="optimize-sd", standalone_mode=False)
-    except click.exceptions.Abort:
+    except (click.exceptions.Abort, KeyboardInterrupt):
         click.echo("optimize-sd: interrupted", err=True)
         sys.exit(130)
     except click.ClickException as e:

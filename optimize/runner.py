@@ -1,15 +1,22 @@
 """One ``optimize-sd run``: open the study, load what it needs, reuse or measure the baseline, search.
 
 Order matters: everything that can be checked against the stored study (goal, baseline fingerprint)
-is checked before the pipeline loads.
+is checked before the pipeline loads. Several of these runs may share one study (``--workers``,
+``--gpus``, several machines: see :mod:`optimize.workers`); study, settings and baseline are then
+created once, and each run times the baseline on its own device.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import gc
+import os
 import signal
+import socket
 import sys
-from dataclasses import dataclass
+import traceback
+import zlib
+from dataclasses import asdict, dataclass
 
 import click
 import optuna
@@ -17,19 +24,27 @@ from optuna.trial import TrialState
 
 from . import pipelines
 from .accelerators import max_branch_id
+from .baseline import ATTR as BASELINE_ATTR
 from .baseline import Baseline, BaselineMismatch, check_fingerprint
 from .measure import Evaluator, GenerationSettings
 from .metrics import ClipScorer, MetricError, score_loss
 from .prompts import PromptsError, load_prompts, prompts_hash
 from .report import best_entry, format_best, trial_line
 from .search import Goal, Objective, SearchSpace, best_feasible, make_sampler
-from .storage import StorageError, open_storage, update_search_params
+from .storage import (StorageError, insert_study_user_attr_once, open_storage, redact, storage_errors,
+                      update_search_params)
 
 STUDY_ATTR = "optimize_sd"
 
 
 class RunError(click.ClickException):
     exit_code = 2
+
+
+class RunFailure(RunError):
+    """A fault during a run (lost storage, full disk): completed trials are kept; exit 1."""
+
+    exit_code = 1
 
 
 @dataclass(frozen=True)
@@ -57,6 +72,8 @@ class RunOptions:
     heartbeat: int
     progress: bool
     retime_every: int = 10
+    worker_index: int = 0  # set by the launcher (optimize.workers): seeds the sampler apart from other workers
+    devices: tuple[str, ...] = ()  # --workers / --gpus: one worker process per entry
 
 
 def study_name_for(spec: pipelines.PipeSpec, opts: RunOptions) -> str:
@@ -112,39 +129,113 @@ def _fingerprint(spec, opts: RunOptions, prompts: list[str]) -> dict:
     }
 
 
-def _open_study(storage, name: str, opts: RunOptions, fingerprint: dict):
-    """Create the study, or load it and check it was made for the same goal and settings."""
-    if name in optuna.get_all_study_names(storage):
-        existing = optuna.load_study(study_name=name, storage=storage)
-        goal = goal_of(existing)
-        if goal != opts.goal:
-            raise RunError(f"study {name!r} exists with goal {goal.as_dict()}, not {opts.goal.as_dict()}; use another --study")
-        baseline = Baseline.load(existing)
-        if baseline is not None:
-            try:
-                check_fingerprint(baseline.fingerprint, fingerprint)
-            except BaselineMismatch as e:
-                raise RunError(str(e)) from None
-        n_before = len(existing.trials)
-    else:
-        n_before = 0
-    # A fresh seed per run, or a resumed study would replay the first run's random start-up trials.
-    sampler = make_sampler(opts.seed + n_before)
-    study = optuna.create_study(storage=storage, study_name=name, direction=opts.goal.direction,
-                                sampler=sampler, load_if_exists=True)
+def sampler_seed(seed: int, n_before: int, worker_index: int = 0) -> int:
+    """The TPE seed of one worker: derived from ``--seed``, fresh for every resumed run (or it would replay
+    the first run's random start-up trials), and distinct per worker and machine (or workers started
+    together would propose the same configurations). The same command on the same study state gets the
+    same seed."""
+    return zlib.crc32(f"{seed}:{n_before}:{socket.gethostname()}:{worker_index}".encode())
+
+
+def _check_existing(study: optuna.Study, opts: RunOptions, fingerprint: dict) -> None:
+    """Refuse a study made for another goal, or whose baseline was measured with other settings."""
     if STUDY_ATTR not in study.user_attrs:
-        study.set_user_attr(STUDY_ATTR, {"goal": opts.goal.as_dict(), "constraints": opts.goal.constraint_names,
-                                         "fingerprint": fingerprint})
-        study.set_metric_names([opts.goal.objective_name])  # shown by optuna-dashboard
+        if study.get_trials(deepcopy=False):
+            raise RunError(f"study {study.study_name!r} was not created by optimize-sd; use another --study")
+        return  # created a moment ago by a worker that has not stored its settings yet
+    goal = goal_of(study)
+    if goal != opts.goal:
+        raise RunError(f"study {study.study_name!r} exists with goal {goal.as_dict()}, not {opts.goal.as_dict()}; "
+                       "use another --study")
+    baseline = Baseline.load(study)
+    if baseline is not None:
+        try:
+            check_fingerprint(baseline.fingerprint, fingerprint)
+        except BaselineMismatch as e:
+            raise RunError(str(e)) from None
+
+
+def _open_study(storage, name: str, opts: RunOptions, fingerprint: dict):
+    """Create the study, or load it and check it was made for the same goal and settings.
+
+    Race-free for workers that start together on a fresh database, on one machine or several: the
+    study's name and its settings are each inserted once (unique constraints decide) and every other
+    worker checks the winner's settings against its own.
+    """
+    if name in optuna.get_all_study_names(storage):  # refuse a mismatch before writing anything
+        _check_existing(optuna.load_study(study_name=name, storage=storage), opts, fingerprint)
+    study = optuna.create_study(storage=storage, study_name=name, direction=opts.goal.direction, load_if_exists=True)
+    meta = {"goal": opts.goal.as_dict(), "constraints": opts.goal.constraint_names, "fingerprint": fingerprint}
+    if STUDY_ATTR not in study.user_attrs:
+        _check_existing(study, opts, fingerprint)
+        if insert_study_user_attr_once(storage, study._study_id, STUDY_ATTR, meta):
+            study.set_metric_names([opts.goal.objective_name])  # shown by optuna-dashboard
+        else:
+            _check_existing(study, opts, fingerprint)  # another worker stored its settings first
+    n_before = len(study.get_trials(deepcopy=False))
+    study.sampler = make_sampler(sampler_seed(opts.seed, n_before, opts.worker_index))
     return study, n_before
 
 
+def _ensure_baseline(study: optuna.Study, storage, evaluator: Evaluator, fingerprint: dict, echo):
+    """The study's baseline and this process's reference time (None: re-time before the first trial).
+
+    A study without a baseline gets one measured here. Workers that start together on a fresh study
+    each measure it on their own device (in parallel: no worker waits for another); the first stored
+    is kept by the database's unique constraint, and the others use its CLIP scores with the time they
+    measured on their own device, which is all a same-device speedup needs.
+    """
+    baseline = Baseline.load(study)
+    if baseline is not None:
+        echo("reusing the stored baseline")
+        return baseline, None  # re-timed on this device before the first trial
+    s = evaluator.settings
+    echo(f"measuring baseline on {len(evaluator.prompts)} prompts ({s.steps} steps, {s.width}x{s.height})")
+    try:
+        measured = Baseline.measure(evaluator, fingerprint)
+        score_loss(measured.clip_score, measured.clip_score)  # a zero baseline score is an error
+    except Exception as e:  # noqa: BLE001 - nothing can be searched without a baseline: one line
+        raise RunError(f"baseline measurement failed: {type(e).__name__}: {e}") from e
+    if insert_study_user_attr_once(storage, study._study_id, BASELINE_ATTR, asdict(measured)):
+        meta = study.user_attrs[STUDY_ATTR]
+        if meta.get("fingerprint") != fingerprint:
+            study.set_user_attr(STUDY_ATTR, dict(meta, fingerprint=fingerprint))
+        return measured, measured.time_per_image
+    stored = Baseline.load(study)
+    try:
+        check_fingerprint(stored.fingerprint, fingerprint)
+    except BaselineMismatch as e:
+        raise RunError(str(e)) from None
+    echo(f"another worker stored the baseline first: using its CLIP score {stored.clip_score:.3f} "
+         f"(measured here: {measured.clip_score:.3f}) and the time measured on this device")
+    return stored, measured.time_per_image
+
+
+def _free_memory() -> None:
+    """Give a failed trial's memory back (its exception and frames are gone by now)."""
+    gc.collect()
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def worker_label(opts: RunOptions) -> str:
+    """Stored on every trial as the ``worker`` user attr: which process on which machine ran it."""
+    return f"{socket.gethostname()}:{os.getpid()} {opts.device}"
+
+
 def _interrupt(signum, frame):
+    # Once: a second signal while the first is being handled would cut the clean-up short.
+    signal.signal(signum, signal.SIG_IGN)
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def run_search(spec: pipelines.PipeSpec, opts: RunOptions) -> None:
-    echo = click.echo
+def prepare_study(spec: pipelines.PipeSpec, opts: RunOptions):
+    """Everything before the pipeline loads: prompts, storage, the study (created or checked).
+
+    Returns ``(prompts, storage, fingerprint, study, n_before)``; bad input is one :class:`RunError`.
+    """
     try:
         prompts = load_prompts(opts.prompt_spec, opts.num_samples)
         storage = open_storage(opts.storage, heartbeat_interval=opts.heartbeat)
@@ -152,9 +243,42 @@ def run_search(spec: pipelines.PipeSpec, opts: RunOptions) -> None:
         raise RunError(str(e)) from None
     fingerprint = _fingerprint(spec, opts, prompts)
     name = opts.study_name or study_name_for(spec, opts)
-    study, n_before = _open_study(storage, name, opts, fingerprint)
-    baseline = Baseline.load(study)
-    echo(f"study {name} ({opts.storage}): {n_before} trials so far, adding {opts.n_trials}")
+    try:
+        study, n_before = _open_study(storage, name, opts, fingerprint)
+    except storage_errors() as e:
+        raise RunFailure(f"storage {redact(opts.storage)} failed: {_first_line(e)}") from None
+    return prompts, storage, fingerprint, study, n_before
+
+
+def _storage_cause(e: BaseException) -> BaseException | None:
+    """The storage error behind ``e``, if any (Optuna may raise another error while handling one)."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, storage_errors()):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _first_line(e: BaseException) -> str:
+    """The database's own words for ``e`` (Optuna wraps them in a generic message), first line only."""
+    seen, cause = set(), e
+    while cause is not None and id(cause) not in seen:
+        if getattr(cause, "orig", None) is not None:
+            e = cause.orig
+            break
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def run_search(spec: pipelines.PipeSpec, opts: RunOptions) -> None:
+    echo = click.echo
+    prompts, storage, fingerprint, study, n_before = prepare_study(spec, opts)
+    name = study.study_name
+    echo(f"study {name} ({redact(opts.storage)}): {n_before} trials so far, adding {opts.n_trials}")
     if spec.kind in ("random", "tiny", "tiny-xl") or opts.clip_pretrained is None:
         echo("note: random weights (pipeline or CLIP model): speed is real, CLIP scores and losses are meaningless")
 
@@ -170,20 +294,12 @@ def run_search(spec: pipelines.PipeSpec, opts: RunOptions) -> None:
         height=opts.height or size, width=opts.width or size, batch_size=opts.batch_size, seed=opts.seed,
     )
     evaluator = Evaluator(pipe, scorer, prompts, settings, repeats=opts.repeats, progress=opts.progress)
-    reference = None  # a stored baseline's time is re-measured first: the machine may have changed since
-    if baseline is None:
-        echo(f"measuring baseline on {len(prompts)} prompts ({settings.steps} steps, {settings.width}x{settings.height})")
-        try:
-            baseline = Baseline.measure(evaluator, fingerprint)
-            score_loss(baseline.clip_score, baseline.clip_score)  # a zero baseline score is an error
-        except Exception as e:  # noqa: BLE001 - nothing can be searched without a baseline: one line
-            raise RunError(f"baseline measurement failed: {type(e).__name__}: {e}") from e
-        baseline.save(study)
-        meta = dict(study.user_attrs[STUDY_ATTR], fingerprint=fingerprint)
-        study.set_user_attr(STUDY_ATTR, meta)
-        reference = baseline.time_per_image
-    else:
-        echo("reusing the stored baseline")
+    # A stored baseline's time is re-measured on this device before the first trial: the machine may have
+    # changed since, or this may be another worker's GPU.
+    try:
+        baseline, reference = _ensure_baseline(study, storage, evaluator, fingerprint, echo)
+    except storage_errors() as e:
+        raise RunFailure(f"storage {redact(opts.storage)} failed: {_first_line(e)}") from None
     echo(f"baseline: {1000 * baseline.time_per_image:.1f} ms/image (±{100 * baseline.spread:.0f}%), "
          f"CLIP {baseline.clip_score:.3f}")
 
@@ -191,36 +307,72 @@ def run_search(spec: pipelines.PipeSpec, opts: RunOptions) -> None:
     objective = Objective(evaluator, baseline, opts.goal, space, retime_every=opts.retime_every,
                           reference=reference, retime_calls=max(3, opts.repeats))
     key = search_params_key(spec, opts)
+    worker = worker_label(opts)
+
+    def run_trial(trial: optuna.Trial) -> float:
+        trial.set_user_attr("worker", worker)
+        try:
+            value = objective(trial)
+        except BaseException as e:
+            # Drop the locals of the frames that failed (activations of an out-of-memory trial, say) now,
+            # not whenever the exception object goes.
+            traceback.clear_frames(e.__traceback__)
+            raise
+        trial.set_user_attr("worker", worker)  # a reused measurement copied another trial's attrs
+        return value
 
     from tqdm.auto import tqdm
 
     bar = tqdm(total=opts.n_trials, desc="trials", unit="trial", disable=not opts.progress, file=sys.stderr)
+    unsaved: dict = {}  # the last failure to write search_params.json, until a later write succeeds
+
+    def entry_for(trial) -> dict:
+        entry = best_entry(trial)
+        entry.update(
+            model=spec.name, pipe=spec.source, scheduler=opts.scheduler, steps=opts.steps, mode=opts.goal.mode,
+            target_speedup=opts.goal.target_speedup, max_loss=opts.goal.max_loss, guidance=settings.guidance,
+            height=settings.height, width=settings.width, batch_size=opts.batch_size, dtype=opts.dtype,
+            device=fingerprint["device"], study=study.study_name, storage=redact(opts.storage),
+            baseline_time_per_image=baseline.time_per_image, baseline_clip_score=baseline.clip_score,
+            updated=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        )
+        return entry
+
+    def save_best(best) -> None:
+        """Write ``best`` to search_params.json. Other workers write theirs too: after each write the
+        study's best is read again and written if it changed, so the last writer always leaves the
+        study's best in the file, whatever order the workers' writes came in."""
+        for _ in range(10):
+            try:
+                update_search_params(opts.output, key, entry_for(best))
+            except StorageError as e:  # the user's file is invalid: never overwritten, the study keeps the result
+                tqdm.write(f"optimize-sd: warning: {opts.output} not updated: {e}", file=sys.stderr)
+                return
+            except OSError as e:  # disk full, read-only: the old file stays as it was (atomic replace)
+                unsaved["error"] = e
+                tqdm.write(f"optimize-sd: warning: {opts.output} not updated: {e}", file=sys.stderr)
+                return
+            unsaved.clear()
+            now = best_feasible(study, opts.goal)
+            if now is None or now.number == best.number:
+                return
+            best = now
 
     def after_trial(study: optuna.Study, trial) -> None:
         bar.update(1)
         tqdm.write(trial_line(trial))
+        if trial.state != TrialState.COMPLETE:
+            _free_memory()
         best = best_feasible(study, opts.goal)
         if trial.state == TrialState.COMPLETE and best is not None and best.number == trial.number:
-            entry = best_entry(trial)
-            entry.update(
-                model=spec.name, pipe=spec.source, scheduler=opts.scheduler, steps=opts.steps, mode=opts.goal.mode,
-                target_speedup=opts.goal.target_speedup, max_loss=opts.goal.max_loss, guidance=settings.guidance,
-                height=settings.height, width=settings.width, batch_size=opts.batch_size, dtype=opts.dtype,
-                device=fingerprint["device"], study=study.study_name, storage=opts.storage,
-                baseline_time_per_image=baseline.time_per_image, baseline_clip_score=baseline.clip_score,
-                updated=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            )
-            try:
-                update_search_params(opts.output, key, entry)
-            except (StorageError, OSError) as e:  # keep searching; the study still holds the result
-                tqdm.write(f"optimize-sd: warning: {opts.output} not updated: {e}", file=sys.stderr)
+            save_best(best)
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # our trial line reports failures
     # A scheduler's pre-emption (SIGTERM) ends the run like Ctrl-C: the running trial is marked failed
     # at once instead of waiting for its heartbeat to go stale.
-    signal.signal(signal.SIGTERM, _interrupt)
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
-        study.optimize(objective, n_trials=opts.n_trials, catch=(Exception,), callbacks=[after_trial],
+        study.optimize(run_trial, n_trials=opts.n_trials, catch=(Exception,), callbacks=[after_trial],
                        gc_after_trial=True)
     except KeyboardInterrupt:
         bar.close()
@@ -228,8 +380,23 @@ def run_search(spec: pipelines.PipeSpec, opts: RunOptions) -> None:
         echo(f"interrupted: {done} completed trials kept, the running one marked failed; run the same command to resume",
              err=True)
         sys.exit(130)
+    except Exception as e:
+        cause = _storage_cause(e)
+        if cause is None:
+            raise
+        bar.close()
+        raise RunFailure(f"storage {redact(opts.storage)} failed: {_first_line(cause)}; completed trials are kept and "
+                         "a running trial is retried when the study next runs") from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     bar.close()
     best = best_feasible(study, opts.goal)
+    if unsaved and best is not None:
+        save_best(best)  # one more try at the end (space may have been freed)
     echo(format_best(study.study_name, opts.goal, best, baseline))
+    if unsaved:
+        e = unsaved["error"]
+        raise RunFailure(f"{opts.output} not updated: {e.strerror or e}; the old file is intact and the study "
+                         f"keeps every trial (optimize-sd best --study {name} shows the best)")
     if best is not None:
         echo(f"saved to {opts.output} under {key!r}")

@@ -1,7 +1,10 @@
 """Where results live: the Optuna storage of studies, and ``search_params.json``.
 
-Studies go to an RDB storage (default ``sqlite:///studies/optimize-sd.db``) with a heartbeat, so a
-trial whose process died is marked failed and re-queued when the study next runs.
+Studies go to an RDB storage (default ``sqlite:///studies/optimize-sd.db``; ``postgresql://...`` for
+workers on several machines) with a heartbeat, so a trial whose process died is marked failed and
+re-queued by the next worker that starts a trial. Many processes may open a fresh database at once:
+tables are created once, and attrs that must be set once (the study's settings, its baseline) are
+inserted, never overwritten (:func:`insert_study_user_attr_once`).
 ``search_params.json`` maps one key per (model, scheduler, steps, mode, bound) to the best feasible
 configuration; it is rewritten atomically under a lock and other keys are kept.
 
@@ -20,40 +23,179 @@ from typing import Any
 
 DEFAULT_STORAGE = "sqlite:///studies/optimize-sd.db"
 SCHEMES = ("sqlite", "postgresql", "mysql")
+SQLITE_TIMEOUT = 60  # seconds a write waits for another process's lock (``?timeout=N`` in the URL overrides)
+CONNECT_TIMEOUT = 10  # seconds to reach a PostgreSQL server (``?connect_timeout=N`` overrides)
 
 
 class StorageError(ValueError):
     pass
 
 
+def redact(url: str) -> str:
+    """``url`` with its password hidden, for messages and files."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - not a URL: nothing to hide
+        return url
+
+
 def check_storage_url(url: str) -> None:
+    """Cheap checks before anything loads: a known scheme, a well-formed URL, its driver installed."""
+    _engine_url(url)
+
+
+def _engine_url(url: str):
+    """The SQLAlchemy URL to open: ``postgresql://`` gets whichever driver is installed (psycopg, psycopg2)."""
+    import importlib.util
+
+    from sqlalchemy.engine import make_url
+
     scheme = url.split(":", 1)[0].split("+", 1)[0]
     if "://" not in url or scheme not in SCHEMES:
         raise StorageError(f"unsupported storage {url!r}: use sqlite:///PATH, postgresql://... or mysql://...")
+    try:
+        u = make_url(url)
+    except Exception as e:  # noqa: BLE001 - e.g. a port that is not a number
+        raise StorageError(f"malformed storage URL {redact(url)!r}: {e}") from None
+    if u.drivername == "postgresql":
+        for driver in ("psycopg", "psycopg2"):
+            if importlib.util.find_spec(driver) is not None:
+                return u.set(drivername=f"postgresql+{driver}")
+        raise StorageError("PostgreSQL storage needs a driver: pip install psycopg2-binary (or 'optimize-sd[postgres]')")
+    try:
+        u.get_dialect().import_dbapi()
+    except ImportError as e:
+        raise StorageError(f"{scheme} storage needs its database driver ({e})") from None
+    except Exception as e:  # noqa: BLE001 - unknown driver name after '+'
+        raise StorageError(f"unsupported storage {redact(url)!r}: {e}") from None
+    return u
 
 
 def open_storage(url: str, heartbeat_interval: int = 60, grace_period: int | None = None):
-    """An RDB storage with heartbeat and retry of trials whose worker died."""
+    """An RDB storage with heartbeat and retry of trials whose worker died.
+
+    Many processes may open one fresh database at once (workers on several machines): table creation
+    is serialised by an advisory lock on PostgreSQL and retried on SQLite, so exactly one creates it.
+    Failures become one :class:`StorageError` line (server unreachable, file locked or not a database).
+    """
+    import random
+    import time
+
     import optuna
     from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
-
-    check_storage_url(url)
-    engine_kwargs: dict[str, Any] = {}
-    if url.startswith("sqlite:///"):
-        path = url[len("sqlite:///") :]
+    u = _engine_url(url)
+    backend = u.get_backend_name()
+    connect_args: dict[str, Any] = {}
+    if backend == "sqlite":
+        path = u.database
         if path and path != ":memory:":
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        engine_kwargs = {"connect_args": {"timeout": 60}}
+            try:
+                os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            except OSError as e:
+                raise StorageError(f"cannot open storage {redact(url)}: cannot create its directory ({e})") from None
+        if "timeout" not in u.query:
+            connect_args["timeout"] = SQLITE_TIMEOUT
+    elif backend == "postgresql" and "connect_timeout" not in u.query:
+        connect_args["connect_timeout"] = CONNECT_TIMEOUT
+    engine_kwargs: dict[str, Any] = {"connect_args": connect_args}
+    if backend != "sqlite":
+        engine_kwargs["pool_pre_ping"] = True  # a server restart or dropped idle connection is survived
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    full_url = u.render_as_string(hide_password=False)
+    for attempt in range(6):
+        try:
+            with _schema_lock(u, connect_args):
+                return RDBStorage(
+                    full_url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_interval,
+                    grace_period=grace_period or 2 * heartbeat_interval,
+                    heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=2),
+                )
+        except StorageError:
+            raise
+        except Exception as e:  # noqa: BLE001 - unreachable server, locked or corrupt file: one clear line
+            if attempt < 5 and _is_creation_race(e):
+                # another process created the same table or version row a moment before this one
+                time.sleep(0.1 + random.random())
+                continue
+            raise StorageError(_explain(url, e)) from e
+    raise AssertionError("not reached")
+
+
+@contextlib.contextmanager
+def _schema_lock(u, connect_args):
+    """Hold a PostgreSQL advisory lock while Optuna creates or checks the tables (no-op elsewhere)."""
+    if u.get_backend_name() != "postgresql":
+        yield
+        return
+    import sqlalchemy
+    from sqlalchemy.pool import NullPool
+
+    engine = sqlalchemy.create_engine(u, poolclass=NullPool, connect_args=connect_args)
     try:
-        return RDBStorage(
-            url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_interval,
-            grace_period=grace_period or 2 * heartbeat_interval,
-            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=2),
-        )
-    except Exception as e:  # noqa: BLE001 - unreachable server, corrupt file: one clear line
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise StorageError(f"cannot open storage {url}: {first}") from e
+        with engine.connect() as conn:
+            conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": _LOCK_KEY})
+            try:
+                yield
+            finally:
+                conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": _LOCK_KEY})
+                conn.commit()
+    finally:
+        engine.dispose()
+
+
+_LOCK_KEY = 0x6F70_7473_6400  # any fixed 64-bit number: "optsd"
+
+
+def _is_creation_race(e: Exception) -> bool:
+    text = str(e).lower()
+    return any(s in text for s in ("already exists", "duplicate key", "unique constraint", "integrityerror"))
+
+
+def _explain(url: str, e: BaseException) -> str:
+    """One line: what failed, the database's own words, and what to do."""
+    orig = getattr(e, "orig", None)
+    text = str(orig if orig is not None else e).strip()
+    first = text.splitlines()[0].strip() if text else type(e).__name__
+    low = text.lower()
+    hint = ""
+    if "database is locked" in low:
+        hint = "another process holds a lock on the file: retry once it is released; for many workers use PostgreSQL"
+    elif "file is not a database" in low or "malformed" in low:
+        hint = "not an SQLite database; it is left untouched: move it away or pass another --storage"
+    elif "unable to open database file" in low:
+        hint = "cannot create or open the file: check the path and its permissions"
+    elif any(s in low for s in ("connection refused", "could not connect", "timeout expired", "could not translate",
+                                "no route to host", "network is unreachable")):
+        hint = "is the PostgreSQL server running and reachable from here?"
+    return f"cannot open storage {redact(url)}: {first}" + (f" ({hint})" if hint else "")
+
+
+def insert_study_user_attr_once(storage, study_id: int, key: str, value: Any) -> bool:
+    """Set a study user attr only if it is not set yet; True if this call set it.
+
+    The database's unique (study, key) constraint decides between processes racing to set it, on
+    SQLite and PostgreSQL alike: exactly one wins, the others read the winner's value.
+    """
+    from optuna.storages._rdb import models
+    from sqlalchemy.exc import IntegrityError
+
+    table = models.StudyUserAttributeModel.__table__
+    try:
+        with storage.engine.begin() as conn:
+            conn.execute(table.insert().values(study_id=study_id, key=key, value_json=json.dumps(value)))
+    except IntegrityError:
+        return False
+    return True
+
+
+def storage_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean the storage failed under a running study (lost server, locked file)."""
+    import optuna
+    from sqlalchemy.exc import SQLAlchemyError
+
+    return (optuna.exceptions.StorageInternalError, SQLAlchemyError)
 
 
 def atomic_write_json(path: str, data: Any) -> None:

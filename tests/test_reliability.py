@@ -1,0 +1,450 @@
+"""Bad input and faults: one clear line, a non-zero exit, nothing lost. One test (or more) per row of
+the table in docs/reliability.md, in the same order.
+"""
+
+from __future__ import annotations
+
+import errno
+import glob
+import json
+import os
+import sqlite3
+import subprocess
+import weakref
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+try:
+    from helpers import SMALL, load_study, run_args, run_cli, storage_url
+except ImportError:  # tests/ made a package
+    from tests.helpers import SMALL, load_study, run_args, run_cli, storage_url
+
+from optimize import pipelines, prompts, runner, storage
+
+PREFIX = "optimize-sd: error:"
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Loading a pipeline or a CLIP model is an error in these tests: they must fail before that."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(pipelines, "load_pipeline", refuse)
+    monkeypatch.setattr(pipelines, "build_tiny_pipeline", refuse)
+    monkeypatch.setattr(runner, "ClipScorer", refuse)
+
+
+def one_error_line(code, out, err, exit_code: int = 2) -> str:
+    assert code == exit_code, (code, out, err)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(PREFIX), err
+    assert "Traceback" not in err + out
+    return lines[0]
+
+
+def _run(tmp_path, monkeypatch, *extra, url=None):
+    monkeypatch.chdir(tmp_path)
+    args = run_args(tmp_path, *extra)
+    if url is not None:
+        args[args.index("--storage") + 1] = url
+    return run_cli(args)
+
+
+# --- storage ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("url", ["redis://localhost/0", "studies.db", "mongodb://x/y"])
+@pytest.mark.parametrize("workers", [1, 2])
+def test_unknown_storage_scheme(url, workers, tmp_path, monkeypatch, no_model):
+    line = one_error_line(*_run(tmp_path, monkeypatch, "--workers", workers, url=url))
+    assert f"unsupported storage {url!r}: use sqlite:///PATH, postgresql://... or mysql://..." in line
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_unreachable_postgresql(workers, tmp_path, monkeypatch, no_model):
+    """Nothing listens on port 1: refused at once, the password is not shown, no worker starts."""
+    pytest.importorskip("psycopg2")
+    url = "postgresql://optimize:s3cret@127.0.0.1:1/studies"
+    line = one_error_line(*_run(tmp_path, monkeypatch, "--workers", workers, url=url))
+    assert "cannot open storage postgresql://optimize:***@127.0.0.1:1/studies" in line
+    assert "Connection refused" in line and "is the PostgreSQL server running" in line
+    assert "s3cret" not in line
+
+
+def test_silent_postgresql_server_times_out(tmp_path, monkeypatch, no_model):
+    """A host that accepts the connection but never answers: given up after CONNECT_TIMEOUT seconds."""
+    import socket
+    import time
+
+    pytest.importorskip("psycopg2")
+    monkeypatch.setattr(storage, "CONNECT_TIMEOUT", 2)
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)  # the kernel completes handshakes; nobody ever speaks
+        port = silent.getsockname()[1]
+        start = time.monotonic()
+        line = one_error_line(*_run(tmp_path, monkeypatch, url=f"postgresql://u@127.0.0.1:{port}/db"))
+        elapsed = time.monotonic() - start
+    assert f"cannot open storage postgresql://u@127.0.0.1:{port}/db" in line and "timeout expired" in line, line
+    assert 1.5 < elapsed < 20
+
+
+def test_postgresql_without_driver(tmp_path, monkeypatch, no_model):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name in ("psycopg", "psycopg2") else real(name, *a))
+    line = one_error_line(*_run(tmp_path, monkeypatch, url="postgresql://u@127.0.0.1:1/db"))
+    assert "PostgreSQL storage needs a driver: pip install psycopg2-binary" in line
+
+
+def test_locked_sqlite_file(tmp_path, monkeypatch, no_model):
+    """Another process holds an exclusive lock: the run waits ``?timeout=`` seconds (default 60), then
+    says so; the database is intact once the lock goes."""
+    db = tmp_path / "s.db"
+    storage.open_storage(f"sqlite:///{db}")
+    con = sqlite3.connect(str(db), isolation_level=None)
+    try:
+        con.execute("BEGIN EXCLUSIVE")
+        line = one_error_line(*_run(tmp_path, monkeypatch, url=f"sqlite:///{db}?timeout=1"))
+    finally:
+        con.execute("ROLLBACK")
+        con.close()
+    assert "database is locked" in line and "another process holds a lock on the file" in line
+    storage.open_storage(f"sqlite:///{db}")  # still a good database
+
+
+def test_corrupt_sqlite_file(tmp_path, monkeypatch, no_model):
+    db = tmp_path / "s.db"
+    junk = b"these are not the tables you are looking for\n" * 100
+    db.write_bytes(junk)
+    line = one_error_line(*_run(tmp_path, monkeypatch, url=f"sqlite:///{db}"))
+    assert "file is not a database" in line and "left untouched" in line
+    assert db.read_bytes() == junk
+
+
+# --- a study of the same name made for something else --------------------------------------------------
+
+
+def _stored_study(tmp_path, name: str, extra: list[str]) -> optuna.Study:
+    """A study as ``run ... --study NAME EXTRA`` leaves it, without running a model."""
+    from dataclasses import asdict
+
+    from optimize.baseline import Baseline
+    from optimize.cli import _check_run_options, run
+
+    params = run.make_context("run", run_args(tmp_path, "--study", name, *extra)[1:]).params
+    spec, opts = _check_run_options(params)
+    fingerprint = runner._fingerprint(spec, opts, prompts.load_prompts(opts.prompt_spec, opts.num_samples))
+    study = optuna.create_study(storage=storage_url(tmp_path), study_name=name, direction=opts.goal.direction)
+    study.set_user_attr(runner.STUDY_ATTR, {"goal": opts.goal.as_dict(), "constraints": opts.goal.constraint_names,
+                                            "fingerprint": fingerprint})
+    study.set_user_attr("baseline", asdict(Baseline(0.1, 0.02, 30.0, [30.0, 30.0], fingerprint, 32, 32)))
+    return study
+
+
+@pytest.mark.parametrize("change,needles", [
+    (["--target-speedup", "1.5"], ["exists with goal", "'mode': 'max'", "'mode': 'target'", "use another --study"]),
+    (["--max-loss", "0.03"], ["exists with goal", "'max_loss': 0.05", "'max_loss': 0.03"]),
+    (["--max-loss", "0.05", "--pipe", "tiny-xl"], ["baseline was measured with other settings", "pipe='tiny'",
+                                                   "(now 'tiny-xl')", "use the same settings or another --study"]),
+    (["--max-loss", "0.05", "--scheduler", "euler"], ["scheduler='ddim' (now 'euler')"]),
+])
+@pytest.mark.parametrize("workers", [1, 2])
+def test_study_exists_with_another_mode_or_model(change, needles, workers, tmp_path, monkeypatch, no_model):
+    _stored_study(tmp_path, "shared", ["--max-loss", "0.05"])
+    before = load_study(storage_url(tmp_path), "shared").user_attrs
+    line = one_error_line(*_run(tmp_path, monkeypatch, "--study", "shared", "--workers", workers, *change))
+    for needle in needles:
+        assert needle in line, line
+    assert load_study(storage_url(tmp_path), "shared").user_attrs == before
+
+
+# --- prompts and samples ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("content,needle", [
+    (b"", "no prompts in"),
+    (b"\n  \n\t\n", "no prompts in"),
+    ("caf\xe9\n".encode("latin-1"), "cannot read prompts from"),
+])
+def test_prompts_file_empty_or_undecodable(content, needle, tmp_path, monkeypatch, no_model):
+    path = tmp_path / "prompts.txt"
+    path.write_bytes(content)
+    line = one_error_line(*_run(tmp_path, monkeypatch, "--prompts", path))
+    assert needle in line and "prompts.txt" in line
+    assert not (tmp_path / "s.db").exists() or not optuna.get_all_study_names(storage.open_storage(storage_url(tmp_path)))
+
+
+def test_prompts_file_unreadable(tmp_path, monkeypatch, no_model):
+    path = tmp_path / "prompts.txt"
+    path.write_text("a cat\na dog\n")
+    if os.geteuid() == 0:  # root reads any file: make the read itself fail as a permission problem does
+        def denied(file, *args, **kwargs):
+            raise PermissionError(errno.EACCES, "Permission denied", str(file))
+
+        monkeypatch.setattr(prompts, "open", denied, raising=False)
+        needle = "Permission denied"
+    else:
+        os.chmod(path, 0)
+        needle = "is not readable"
+    line = one_error_line(*_run(tmp_path, monkeypatch, "--prompts", path))
+    assert needle in line and "prompts.txt" in line
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_num_samples_zero(workers, tmp_path, monkeypatch, no_model):
+    line = one_error_line(*_run(tmp_path, monkeypatch, "--num-samples", "0", "--workers", workers))
+    assert "--num-samples must be at least 1" in line
+    assert not (tmp_path / "s.db").exists()
+
+
+# --- disk full while writing search_params.json -------------------------------------------------------------
+
+OLD = {"some:other:key": {"params": {}, "speedup": 1.0}}
+
+
+@pytest.fixture
+def tiny_fs(tmp_path):
+    """A 64 KiB tmpfs (needs root and mount rights; skipped elsewhere, where the simulated case runs)."""
+    mnt = tmp_path / "full"
+    mnt.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def _fill(directory) -> None:
+    """Fill the file system of ``directory`` to the last byte."""
+    with open(os.path.join(directory, "filler"), "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"\0" * 4096)
+        except OSError as e:
+            assert e.errno == errno.ENOSPC
+
+
+def _check_disk_full(tmp_path, out_path, old_bytes, result):
+    code, out, err = result
+    assert code == 1, out + err
+    lines = [line for line in err.splitlines() if line.startswith(PREFIX)]
+    assert len(lines) == 1, err
+    assert f"{out_path} not updated: No space left on device; the old file is intact" in lines[0]
+    assert "optimize-sd best --study tiny-ddim-8steps-max-loss0.5" in lines[0]
+    assert "warning: " in err and "Traceback" not in out + err
+    assert out_path.read_bytes() == old_bytes  # the old file, whole
+    assert not glob.glob(str(out_path.parent / ".search_params.*.tmp"))
+    study = load_study(storage_url(tmp_path))
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 2  # every trial kept in the study
+
+
+def test_disk_full_real(tmp_path, tiny_fs, monkeypatch):
+    """(A loss bound of 0.5 makes every trial feasible, so every trial tries to save.)"""
+    out_path = tiny_fs / "search_params.json"
+    out_path.write_text(json.dumps(OLD))
+    old_bytes = out_path.read_bytes()
+    _fill(tiny_fs)
+    monkeypatch.chdir(tmp_path)
+    args = run_args(tmp_path, "--max-loss", "0.5", "--n-trials", "2")
+    args[args.index("--output") + 1] = str(out_path)
+    _check_disk_full(tmp_path, out_path, old_bytes, run_cli(args))
+
+
+def _enospc_writes(monkeypatch, only_during_trials: bool = False):
+    """Writes of search_params.json fail half-way with ENOSPC: all of them, or only those made as a
+    trial ends (the run's last try, after the trials, then succeeds)."""
+    import inspect
+
+    calls = []
+    real_dump = storage.json.dump
+
+    def dump(data, f, **kwargs):
+        during_trial = any(frame.function == "after_trial" for frame in inspect.stack())
+        calls.append(during_trial)
+        if during_trial or not only_during_trials:
+            f.write('{"half": ')
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_dump(data, f, **kwargs)
+
+    monkeypatch.setattr(storage.json, "dump", dump)
+    return calls
+
+
+def test_disk_full_simulated(tmp_path, monkeypatch):
+    out_path = tmp_path / "search_params.json"
+    out_path.write_text(json.dumps(OLD))
+    old_bytes = out_path.read_bytes()
+    _enospc_writes(monkeypatch)
+    _check_disk_full(tmp_path, out_path, old_bytes, _run(tmp_path, monkeypatch, "--max-loss", "0.5", "--n-trials", "2"))
+
+
+def test_disk_full_then_space_again(tmp_path, monkeypatch):
+    """The writes during the run fail; the last try, at the end, succeeds: exit 0, the best is saved."""
+    from optimize.search import Goal, best_feasible
+
+    out_path = tmp_path / "search_params.json"
+    out_path.write_text(json.dumps(OLD))
+    calls = _enospc_writes(monkeypatch, only_during_trials=True)
+    code, out, err = _run(tmp_path, monkeypatch, "--max-loss", "0.5", "--n-trials", "2")
+    assert code == 0, out + err
+    assert calls[-1] is False and all(calls[:-1]) and err.count("No space left on device") == len(calls) - 1 >= 1
+    data = json.loads(out_path.read_text())
+    best = best_feasible(load_study(storage_url(tmp_path)), Goal("max", None, 0.5))
+    assert data["some:other:key"] == OLD["some:other:key"] and data["tiny:ddim:8:max:0.5"]["trial"] == best.number
+
+
+# --- a trial that runs out of GPU memory ------------------------------------------------------------------
+
+
+def test_out_of_memory_trial(tmp_path, monkeypatch):
+    """The failing trial is recorded failed with the reason, what it allocated is freed before the next
+    trial starts, and the search goes on."""
+    import torch
+
+    from optimize import measure
+
+    original = measure.Evaluator.measure
+    calls, held, freed = [], [], []
+
+    def oom_once(self, config):
+        calls.append(config.label())
+        if held:
+            freed.append(held[0]() is None)
+        if len(calls) == 3:  # call 1 is the baseline, 2 is trial #0, 3 is trial #1
+            activations = torch.ones(1 << 20)  # what the trial had allocated when memory ran out
+            held.append(weakref.ref(activations))
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return original(self, config)
+
+    real_free = runner._free_memory
+    after_failure = []
+
+    def spy():
+        real_free()
+        after_failure.append(held[0]() is None)
+
+    monkeypatch.setattr(measure.Evaluator, "measure", oom_once)
+    monkeypatch.setattr(runner, "_free_memory", spy)
+    code, out, err = _run(tmp_path, monkeypatch, "--max-loss", "0.05", "--n-trials", "3")
+    assert code == 0, out + err
+    study = load_study(storage_url(tmp_path))
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE]
+    error = study.trials[1].user_attrs["error"]
+    assert error.startswith("OutOfMemoryError: CUDA out of memory")
+    line = next(line for line in out.splitlines() if line.startswith("#1 "))
+    assert "fail: OutOfMemoryError: CUDA out of memory" in line
+    assert after_failure == [True]  # freed once, right after the failed trial
+    assert freed == [True]  # and before the next trial measured anything
+    assert len(calls) == 4
+
+
+# --- the storage fails during a run ------------------------------------------------------------------------
+
+
+def test_storage_fails_during_a_run(tmp_path, monkeypatch):
+    """The database goes away while trial #1 runs (its end cannot be written): one line, exit 1; the
+    completed trial is kept, and the next run re-runs the trial left running."""
+    import time
+
+    from optimize import measure
+
+    original = measure.Evaluator.measure
+    calls, down = [], []
+
+    def measure_then_outage(self, config):
+        calls.append(1)
+        result = original(self, config)
+        if len(calls) == 3:  # call 1 is the baseline, 2 is trial #0, 3 is trial #1
+            down.append(True)
+        return result
+
+    def fails(real):
+        def method(self, *args, **kwargs):
+            if down:
+                raise optuna.exceptions.StorageInternalError("server closed the connection unexpectedly")
+            return real(self, *args, **kwargs)
+        return method
+
+    rdb = optuna.storages.RDBStorage
+    monkeypatch.setattr(measure.Evaluator, "measure", measure_then_outage)
+    for name in ("set_trial_state_values", "get_trial"):
+        monkeypatch.setattr(rdb, name, fails(getattr(rdb, name)))
+    code, out, err = _run(tmp_path, monkeypatch, "--max-loss", "0.05", "--n-trials", "3", "--heartbeat", "1")
+    line = one_error_line(code, out, err, exit_code=1)
+    assert "storage sqlite:///" in line and "failed: server closed the connection unexpectedly" in line
+    assert "completed trials are kept and a running trial is retried when the study next runs" in line
+    monkeypatch.undo()
+
+    study = load_study(storage_url(tmp_path))
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.RUNNING]
+    time.sleep(2.5)  # the heartbeat's grace period
+    code, out, err = _run(tmp_path, monkeypatch, "--max-loss", "0.05", "--n-trials", "1", "--heartbeat", "1")
+    assert code == 0, out + err
+    trials = load_study(storage_url(tmp_path)).trials
+    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE]
+    assert trials[2].system_attrs["failed_trial"] == 1 and trials[2].params == study.trials[1].params
+
+
+def test_postgresql_goes_away_during_a_run(tmp_path, monkeypatch):
+    """A real outage: the study's database stops taking connections and its sessions are ended while
+    trial #1 runs. One line naming the database's error, exit 1; once it is back, the next run re-runs
+    the interrupted trial and trial #0 is still there."""
+    import time
+
+    import psycopg2
+    from sqlalchemy.engine import make_url
+
+    try:
+        from pgserver import fresh_database, require_server
+    except ImportError:
+        from tests.pgserver import fresh_database, require_server
+    from optimize import measure
+
+    base = require_server()
+    url = fresh_database(base)
+    db = make_url(url).database
+
+    def admin(*statements):
+        con = psycopg2.connect(base, connect_timeout=10)
+        con.autocommit = True
+        try:
+            for sql, *params in statements:
+                con.cursor().execute(sql, *params)
+        finally:
+            con.close()
+
+    original = measure.Evaluator.measure
+    calls = []
+
+    def measure_then_outage(self, config):
+        calls.append(1)
+        result = original(self, config)
+        if len(calls) == 3:  # call 1 is the baseline, 2 is trial #0, 3 is trial #1
+            admin((f"ALTER DATABASE {db} ALLOW_CONNECTIONS false",),
+                  ("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (db,)))
+        return result
+
+    monkeypatch.setattr(measure.Evaluator, "measure", measure_then_outage)
+    args = ["--max-loss", "0.05", "--heartbeat", "1"]
+    line = one_error_line(*_run(tmp_path, monkeypatch, *args, "--n-trials", "3", url=url), exit_code=1)
+    assert f'database "{db}" is not currently accepting connections' in line
+    assert "completed trials are kept and a running trial is retried when the study next runs" in line
+    monkeypatch.undo()
+
+    admin((f"ALTER DATABASE {db} ALLOW_CONNECTIONS true",))
+    time.sleep(2.5)  # the heartbeat's grace period
+    code, out, err = _run(tmp_path, monkeypatch, *args, "--n-trials", "1", url=url)
+    assert code == 0, out + err
+    study = optuna.load_study(study_name="tiny-ddim-8steps-max-loss0.05", storage=storage.open_storage(url))
+    trials = study.trials
+    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE]
+    assert trials[2].system_attrs["failed_trial"] == 1 and trials[2].params == trials[1].params

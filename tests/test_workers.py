@@ -1,0 +1,354 @@
+"""Many workers on one study: ``run --workers N`` (``--gpus`` is the same on GPUs), on SQLite and on a
+real PostgreSQL server, a fresh database opened by many processes at once, Ctrl-C on the launcher,
+and a worker killed with SIGKILL whose trial is re-run.
+
+PostgreSQL comes from tests/pgserver.py: ``OPTIMIZE_SD_TEST_POSTGRES`` (set by .ci/run) or a throwaway
+server on loopback; tests skip only where none can be started (and fail under CI).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+try:
+    from helpers import SMALL, run_cli, storage_url
+    from pgserver import fresh_database, require_server
+except ImportError:  # tests/ made a package
+    from tests.helpers import SMALL, run_cli, storage_url
+    from tests.pgserver import fresh_database, require_server
+
+import optimize
+from optimize.search import CONSTRAINTS_ATTR
+from optimize.storage import open_storage
+from optimize.workers import split_trials
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(optimize.__file__)))
+# A trial lasts a few seconds here, so a worker is surely mid-trial when it is signalled.
+SLOW = ["--pipe", "tiny", "--steps", "12", "--num-samples", "3", "--no-progress"]
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def url(request, tmp_path):
+    """A fresh, empty study database of each kind."""
+    if request.param == "sqlite":
+        return storage_url(tmp_path)
+    return fresh_database(require_server())
+
+
+@pytest.fixture
+def pg_url():
+    return fresh_database(require_server())
+
+
+@pytest.fixture
+def one_thread(monkeypatch):
+    """Workers are processes: one torch thread each, as conftest sets for this one."""
+    threads = os.environ.get("OPTIMIZE_TEST_THREADS", "1")
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        monkeypatch.setenv(var, threads)
+
+
+def _args(directory, url, *extra, small=SMALL):
+    return ["run", *small, "--storage", url, "--output", os.path.join(str(directory), "search_params.json"), *extra]
+
+
+def _env():
+    threads = os.environ.get("OPTIMIZE_TEST_THREADS", "1")
+    path = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
+    return dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, HF_HUB_OFFLINE="1", PYTHONPATH=path)
+
+
+class Watch:
+    """Reads a study while other processes write it (None until the study exists)."""
+
+    def __init__(self, url: str):
+        self.url, self.storage = url, None
+
+    def study(self) -> optuna.Study | None:
+        try:
+            if self.storage is None:
+                self.storage = open_storage(self.url)
+            names = optuna.get_all_study_names(self.storage)
+            return optuna.load_study(study_name=names[0], storage=self.storage) if names else None
+        except Exception:  # noqa: BLE001 - tables being created, file locked for a moment
+            return None
+
+    def trials(self) -> list:
+        study = self.study()
+        if study is None or "baseline" not in study.user_attrs:
+            return []
+        try:
+            return study.get_trials(deepcopy=False)
+        except Exception:  # noqa: BLE001
+            return []
+
+
+def _start(directory, argv) -> tuple[subprocess.Popen, str]:
+    log_path = os.path.join(str(directory), "launcher.log")
+    log = open(log_path, "w")
+    proc = subprocess.Popen([sys.executable, "-m", "optimize.cli", *argv], cwd=str(directory), stdout=log,
+                            stderr=subprocess.STDOUT, env=_env())
+    log.close()
+    return proc, log_path
+
+
+def _wait_running(proc, log_path, watch: Watch, n: int, timeout: float = 300) -> list:
+    """Wait until ``n`` trials run with their config chosen (after the baseline); return them."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        running = [t for t in watch.trials() if t.state == TrialState.RUNNING and "config" in t.user_attrs]
+        if len(running) >= n:
+            return running
+        time.sleep(0.1)
+    proc.kill()
+    proc.wait(timeout=60)
+    raise AssertionError(f"{n} running trials not seen (rc={proc.returncode}): {open(log_path).read()}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:  # a zombie is not alive
+        return f.read().split(")")[-1].split()[0] != "Z"
+
+
+def _worker_pid(trial) -> int:
+    return int(trial.user_attrs["worker"].split()[0].rsplit(":", 1)[1])
+
+
+# --- the launcher's arithmetic and command lines ---------------------------------------------------
+
+
+def test_split_trials():
+    assert split_trials(4, 2) == [2, 2]
+    assert split_trials(7, 3) == [3, 2, 2]
+    assert split_trials(2, 4) == [1, 1, 0, 0]
+    assert sum(split_trials(13, 5)) == 13
+
+
+def test_worker_argv_keeps_every_setting():
+    """A worker parses to the launcher's options, but for its device, share, index and progress bar."""
+    from optimize.cli import _check_run_options, _worker_argv, run
+
+    argv = ["--pipe", "sd1.5", "--steps", "8", "--num-samples", "2", "--target-speedup", "1.5", "--max-loss", "0.03",
+            "--methods", "tome,deepcache", "--seed", "7", "--study", "s", "--random-weights", "--workers", "3",
+            "--heartbeat", "5", "--clip-pretrained", "none", "--storage", "sqlite:///x.db", "--device", "cpu"]
+    launcher = run.make_context("run", list(argv)).params
+    worker = run.make_context("run", _worker_argv(launcher, "cpu", 2, 1)[1:]).params
+    for key, value in launcher.items():
+        if key not in ("n_trials", "progress", "workers", "worker_index"):
+            assert worker[key] == value, key
+    assert (worker["n_trials"], worker["progress"], worker["workers"], worker["worker_index"]) == (2, False, 1, 1)
+    _, lopts = _check_run_options(launcher)
+    _, wopts = _check_run_options(worker)
+    assert lopts.devices == ("cpu",) * 3 and wopts.devices == ()
+    assert (wopts.goal, wopts.methods, wopts.seed, wopts.steps) == (lopts.goal, lopts.methods, lopts.seed, lopts.steps)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--gpus", "0,1"], "no CUDA GPU"),
+    (["--gpus", "all", "--device", "cpu"], "--gpus"),
+    (["--gpus", "0", "--workers", "2"], "--gpus"),
+    (["--workers", "0"], "--workers"),
+])
+def test_gpus_and_workers_errors(args, needle, tmp_path):
+    import torch
+
+    if torch.cuda.is_available() and args[:2] == ["--gpus", "0,1"]:
+        pytest.skip("this machine has a GPU")
+    code, out, err = run_cli(_args(tmp_path, storage_url(tmp_path), *args))
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and needle in lines[0], err
+    assert not os.path.exists(tmp_path / "s.db")
+
+
+def test_sampler_seeds_differ_per_worker_and_run():
+    from optimize.runner import sampler_seed
+
+    seeds = {sampler_seed(42, n, i) for n in (0, 5) for i in range(4)}
+    assert len(seeds) == 8
+    assert sampler_seed(42, 3, 1) == sampler_seed(42, 3, 1)
+
+
+# --- a fresh database, many processes at once ------------------------------------------------------
+
+RACE = """
+import sys, time
+from optimize.storage import insert_study_user_attr_once, open_storage
+import optuna
+url, start = sys.argv[1], float(sys.argv[2])
+while time.time() < start:
+    time.sleep(0.005)
+storage = open_storage(url, heartbeat_interval=1)
+study = optuna.create_study(storage=storage, study_name="race", load_if_exists=True)
+won = insert_study_user_attr_once(storage, study._study_id, "owner", sys.argv[3])
+print("won" if won else "lost", study._study_id, study.user_attrs["owner"])
+"""
+
+
+def test_fresh_database_opened_by_many_processes(url, tmp_path):
+    """Six processes open one fresh database, create one study and set one attr at the same instant:
+    tables, study and attr are each created once; everyone sees the winner's value."""
+    start = time.time() + 4
+    procs = [subprocess.Popen([sys.executable, "-c", RACE, url, str(start), f"p{i}"], cwd=str(tmp_path),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=_env()) for i in range(6)]
+    outs = [p.communicate(timeout=120)[0].decode() for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    results = [o.strip().splitlines()[-1].split() for o in outs]
+    assert sorted(r[0] for r in results) == ["lost"] * 5 + ["won"]
+    winner = next(f"p{i}" for i, r in enumerate(results) if r[0] == "won")
+    assert {(r[1], r[2]) for r in results} == {(results[0][1], winner)}
+    storage = open_storage(url)
+    assert optuna.get_all_study_names(storage) == ["race"]
+
+
+# --- two workers, one study ------------------------------------------------------------------------
+
+
+def _check_workers_study(url: str, n: int, n_workers: int) -> optuna.Study:
+    storage = open_storage(url)
+    (name,) = optuna.get_all_study_names(storage)
+    study = optuna.load_study(study_name=name, storage=storage)
+    trials = study.trials
+    assert [t.number for t in trials] == list(range(n))  # no duplicated or missing numbers
+    assert all(t.state == TrialState.COMPLETE for t in trials), [(t.number, t.state, t.user_attrs) for t in trials]
+    base = study.user_attrs["baseline"]
+    by_worker: dict[str, list] = {}
+    for t in trials:
+        by_worker.setdefault(t.user_attrs["worker"], []).append(t)
+        a = t.user_attrs
+        # speedup: this worker's own baseline time; loss: the one stored baseline's CLIP score
+        assert a["speedup"] == pytest.approx(a["baseline_time"] / a["time_per_image"], rel=1e-9)
+        assert a["score_loss"] == pytest.approx((base["clip_score"] - a["clip_score"]) / base["clip_score"], rel=1e-9)
+        assert CONSTRAINTS_ATTR in t.system_attrs
+    assert len(by_worker) == n_workers, sorted(by_worker)
+    assert sorted(len(ts) for ts in by_worker.values()) == sorted(split_trials(n, n_workers))
+    for ts in by_worker.values():  # one reference time per worker (re-timing every 10 trials)
+        assert len({t.user_attrs["baseline_time"] for t in ts}) == 1
+    return study
+
+
+def test_two_workers_one_study(url, tmp_path, monkeypatch, one_thread):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_cli(_args(tmp_path, url, "--max-loss", "0.05", "--n-trials", "4", "--workers", "2"))
+    assert code == 0, out + err
+    assert "adding 4 with 2 workers on cpu, cpu" in out
+    assert out.count("[w0 cpu] #") + out.count("[w1 cpu] #") == 4
+    assert "finished its 2 trials" in err or "finished its 2 trials" in out
+    study = _check_workers_study(url, 4, 2)
+    # both found no baseline and measured one; exactly one was stored, the other worker used it
+    assert out.count("measuring baseline") <= 2
+    assert study.user_attrs["baseline"]["time_per_image"] > 0
+    firsts = {}
+    for t in study.trials:
+        firsts.setdefault(t.user_attrs["worker"], t.params)
+    assert len({repr(sorted(p.items())) for p in firsts.values()}) == 2  # seeds differ: different first configs
+    # search_params.json holds the study's best
+    import json
+
+    from optimize.search import Goal, best_feasible
+
+    best = best_feasible(study, Goal("max", None, 0.05))
+    with open(tmp_path / "search_params.json") as f:
+        entry = json.load(f)["tiny:ddim:8:max:0.05"]
+    assert entry["trial"] == best.number and entry["params"] == best.params
+
+
+def test_workers_join_a_study_with_a_baseline(pg_url, tmp_path, monkeypatch, one_thread):
+    """As on a second machine: the study and its baseline exist; new workers re-time the baseline on
+    their own device and reuse the stored scores, measuring nothing else again."""
+    monkeypatch.chdir(tmp_path)
+    args = _args(tmp_path, pg_url, "--max-loss", "0.05")
+    code, out, err = run_cli(args + ["--n-trials", "1"])
+    assert code == 0, out + err
+    storage = open_storage(pg_url)
+    (name,) = optuna.get_all_study_names(storage)
+    before = optuna.load_study(study_name=name, storage=storage).user_attrs
+
+    code, out, err = run_cli(args + ["--n-trials", "2", "--workers", "2"])
+    assert code == 0, out + err
+    assert "measuring baseline" not in out
+    assert out.count("reusing the stored baseline") == 2
+    study = optuna.load_study(study_name=name, storage=storage)
+    assert study.user_attrs == before  # baseline and settings untouched
+    assert [t.number for t in study.trials] == [0, 1, 2]
+    base = before["baseline"]
+    for t in study.trials[1:]:
+        a = t.user_attrs
+        assert t.state == TrialState.COMPLETE
+        assert a["baseline_time"] != base["time_per_image"]  # re-timed here, not the stored time
+        assert a["speedup"] == pytest.approx(a["baseline_time"] / a["time_per_image"], rel=1e-9)
+        assert a["score_loss"] == pytest.approx((base["clip_score"] - a["clip_score"]) / base["clip_score"], rel=1e-9)
+    assert len({t.user_attrs["worker"] for t in study.trials}) == 3
+
+
+# --- Ctrl-C on the launcher ------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(400)
+def test_ctrl_c_stops_all_workers(tmp_path):
+    url = storage_url(tmp_path)
+    proc, log_path = _start(tmp_path, _args(tmp_path, url, "--max-loss", "0.05", "--n-trials", "8", "--workers", "2",
+                                            small=SLOW))
+    watch = Watch(url)
+    running = _wait_running(proc, log_path, watch, 2)
+    pids = {_worker_pid(t) for t in running}
+    assert len(pids) == 2
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=120) == 130, open(log_path).read()
+    log = open(log_path).read()
+    assert "SIGINT: stopping 2 workers" in log and "interrupted" in log
+    assert "Traceback" not in log
+    assert not any(_alive(pid) for pid in pids)
+    trials = Watch(url).trials()
+    assert not [t for t in trials if t.state == TrialState.RUNNING]
+    for t in running:
+        assert trials[t.number].state == TrialState.FAIL
+    assert len(trials) < 8
+
+
+# --- a worker killed mid-trial -----------------------------------------------------------------------
+
+
+@pytest.mark.timeout(500)
+def test_killed_worker_trial_is_rerun(url, tmp_path, monkeypatch, one_thread):
+    """SIGKILL one of two workers mid-trial: the other goes on, the launcher says so and exits 1; a
+    worker started again (or the surviving one, after the grace period) re-runs the killed trial once;
+    no completed trial is lost or duplicated."""
+    argv = _args(tmp_path, url, "--max-loss", "0.05", "--heartbeat", "1", small=SLOW)
+    proc, log_path = _start(tmp_path, argv + ["--n-trials", "4", "--workers", "2"])
+    watch = Watch(url)
+    victim = _wait_running(proc, log_path, watch, 1)[0]
+    completed_before = {t.number: t.values for t in watch.trials() if t.state == TrialState.COMPLETE}
+    os.kill(_worker_pid(victim), signal.SIGKILL)
+    assert proc.wait(timeout=300) == 1, open(log_path).read()
+    log = open(log_path).read()
+    assert "was killed (SIGKILL)" in log and "Traceback" not in log
+
+    time.sleep(2.5)  # grace period = 2 * heartbeat
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_cli(argv + ["--n-trials", "2"])
+    assert code == 0, out + err
+    storage = open_storage(url)
+    (name,) = optuna.get_all_study_names(storage)
+    trials = optuna.load_study(study_name=name, storage=storage).trials
+    assert [t.number for t in trials] == list(range(len(trials)))
+    assert trials[victim.number].state == TrialState.FAIL
+    retries = [t for t in trials if t.system_attrs.get("failed_trial") == victim.number]
+    assert len(retries) == 1, [(t.number, t.state, t.system_attrs) for t in trials]
+    retry = retries[0]
+    assert retry.state == TrialState.COMPLETE and retry.params == victim.params
+    assert retry.user_attrs["config"] == victim.user_attrs["config"] and "speedup" in retry.user_attrs
+    assert all(t.state == TrialState.COMPLETE for t in trials if t.number != victim.number)
+    for number, values in completed_before.items():  # nothing completed was lost or changed
+        assert trials[number].state == TrialState.COMPLETE and trials[number].values == values
