@@ -72,6 +72,8 @@ def cli():
               help="Seconds between trial heartbeats; a trial silent for twice that is retried.")
 @click.option("--retime-every", type=click.IntRange(0), default=10, show_default=True,
               help="Re-time the baseline every N trials (0: only at the start of a resumed run) to cancel drift.")
+@click.option("--warm-start/--no-warm-start", default=True, show_default=True,
+              help="Start a new study with known-good configurations (DeepCache N=3 and N=5, branch 0).")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 @click.option("--workers", type=click.IntRange(1), default=1, show_default=True,
               help="Worker processes on --device searching one study; --n-trials is split between them.")
@@ -194,6 +196,7 @@ def _check_run_options(o: dict):
         repeats=o["repeats"] if o["repeats"] is not None else (3 if device.startswith("cuda") else 0),
         goal=goal, methods=methods, n_trials=o["n_trials"], storage=o["storage"], study_name=o["study_name"],
         seed=o["seed"], output=o["output"], heartbeat=o["heartbeat"], progress=o["progress"], retime_every=o["retime_every"],
+        warm_start=o["warm_start"],
         worker_index=o["worker_index"] or 0, devices=devices,
     )
     return spec, opts

@@ -30,7 +30,7 @@ from .measure import Evaluator, GenerationSettings
 from .metrics import ClipScorer, MetricError, score_loss
 from .prompts import PromptsError, load_prompts, prompts_hash
 from .report import best_entry, format_best, trial_line
-from .search import Goal, Objective, SearchSpace, best_feasible, make_sampler
+from .search import Goal, Objective, SearchSpace, best_feasible, make_sampler, warm_start_params
 from .storage import (StorageError, insert_study_user_attr_once, open_storage, redact, storage_errors,
                       update_search_params)
 
@@ -72,6 +72,7 @@ class RunOptions:
     heartbeat: int
     progress: bool
     retime_every: int = 10
+    warm_start: bool = True
     worker_index: int = 0  # set by the launcher (optimize.workers): seeds the sampler apart from other workers
     devices: tuple[str, ...] = ()  # --workers / --gpus: one worker process per entry
 
@@ -170,6 +171,9 @@ def _open_study(storage, name: str, opts: RunOptions, fingerprint: dict):
         _check_existing(study, opts, fingerprint)
         if insert_study_user_attr_once(storage, study._study_id, STUDY_ATTR, meta):
             study.set_metric_names([opts.goal.objective_name])  # shown by optuna-dashboard
+            if opts.warm_start:  # only the process that created the study: workers would enqueue twice
+                for params in warm_start_params(opts.methods, opts.steps):
+                    study.enqueue_trial(params, skip_if_exists=True)
         else:
             _check_existing(study, opts, fingerprint)  # another worker stored its settings first
     n_before = len(study.get_trials(deepcopy=False))

@@ -382,3 +382,39 @@ def test_killed_trial_is_retried(tmp_path, monkeypatch):
     assert "speedup" in retry.user_attrs and CONSTRAINTS_ATTR in retry.system_attrs
     assert retry.user_attrs["config"] == killed.user_attrs["config"]
     assert all(t.state == TrialState.COMPLETE for t in trials if t.number not in (running,))
+
+
+# --- warm start ----------------------------------------------------------------------------------------
+
+def test_warm_start_params_follow_the_methods():
+    from optimize.search import warm_start_params
+
+    assert warm_start_params(("tome", "tgate"), 20) == []
+    first, second = warm_start_params(("deepcache", "tome", "tgate"), 20)
+    assert first == {"deepcache": True, "deepcache.cache_interval": 3, "deepcache.cache_branch_id": 0,
+                     "tome": False, "tgate": False}
+    assert second["deepcache.cache_interval"] == 5
+    assert warm_start_params(("deepcache",), 20)[0] == {"deepcache": True, "deepcache.cache_interval": 3,
+                                                        "deepcache.cache_branch_id": 0}
+
+
+def test_new_study_starts_with_known_good_configs_once(tmp_path, monkeypatch):
+    from optimize.search import warm_start_params
+
+    monkeypatch.chdir(tmp_path)
+    argv = run_args(tmp_path, "--max-loss", "0.5", "--n-trials", "2")
+    code, out, err = run_cli(argv)
+    assert code == 0, out + err
+    study = load_study(storage_url(tmp_path))
+    assert [t.params for t in study.trials] == warm_start_params(("deepcache", "tome", "tgate"), 8)
+    code, out, err = run_cli(argv[:-1] + ["1"])  # resumed: nothing enqueued again
+    assert code == 0, out + err
+    study = load_study(storage_url(tmp_path))
+    assert len(study.trials) == 3 and "fixed_params" not in study.trials[2].system_attrs
+
+
+def test_no_warm_start(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_cli(run_args(tmp_path, "--max-loss", "0.5", "--n-trials", "1", "--no-warm-start"))
+    assert code == 0, out + err
+    assert "fixed_params" not in load_study(storage_url(tmp_path)).trials[0].system_attrs
