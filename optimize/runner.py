@@ -176,7 +176,8 @@ def _open_study(storage, name: str, opts: RunOptions, fingerprint: dict):
                     study.enqueue_trial(params, skip_if_exists=True)
         else:
             _check_existing(study, opts, fingerprint)  # another worker stored its settings first
-    n_before = len(study.get_trials(deepcopy=False))
+    # Trials run so far; enqueued ones (warm start, retries of dead workers' trials) are still to come.
+    n_before = len([t for t in study.get_trials(deepcopy=False) if t.state != TrialState.WAITING])
     study.sampler = make_sampler(sampler_seed(opts.seed, n_before, opts.worker_index))
     return study, n_before
 

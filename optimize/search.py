@@ -126,7 +126,10 @@ def warm_start_params(methods: tuple[str, ...], steps: int) -> list[dict[str, An
 
 
 def make_sampler(seed: int) -> optuna.samplers.TPESampler:
-    return optuna.samplers.TPESampler(multivariate=True, group=True, seed=seed, n_startup_trials=8)
+    # constant_liar: trials still running in other workers count as bad guesses, so parallel workers
+    # do not all propose the neighbourhood of the same good trial.
+    return optuna.samplers.TPESampler(multivariate=True, group=True, seed=seed, n_startup_trials=8,
+                                      constant_liar=True)
 
 
 def record_constraints(trial: optuna.Trial, values: list[float]) -> None:

@@ -352,7 +352,8 @@ def test_terminated_worker_marks_its_trial_failed(tmp_path):
 
 @pytest.mark.timeout(400)
 def test_killed_trial_is_retried(tmp_path, monkeypatch):
-    argv = run_args(tmp_path, "--max-loss", "0.05", "--heartbeat", "1", small=SLOW)
+    # no warm start: its second enqueued trial would wait in the queue and shift the counts below
+    argv = run_args(tmp_path, "--max-loss", "0.05", "--heartbeat", "1", "--no-warm-start", small=SLOW)
     proc, running = _start_worker_until_running(tmp_path, argv)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
