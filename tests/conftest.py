@@ -71,3 +71,16 @@ def maxrun(tmp_path_factory):
     from helpers import max_run
 
     return max_run(tmp_path_factory)
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Loading a pipeline or a CLIP model is an error in these tests: they must fail before that."""
+    from optimize import pipelines, runner
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    for name in ("load_pipeline", "build_tiny_pipeline", "build_random_pipeline"):
+        monkeypatch.setattr(pipelines, name, refuse)
+    monkeypatch.setattr(runner, "ClipScorer", refuse)

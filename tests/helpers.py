@@ -188,3 +188,15 @@ def synthetic_study(url: str, name: str, goal, trials, fingerprint: dict | None 
             state=TrialState.COMPLETE, value=goal.value(speedup, loss), params=params, distributions=distributions,
             user_attrs=attrs, system_attrs={CONSTRAINTS_ATTR: goal.constraints(speedup, loss)}))
     return study
+
+
+ERROR_PREFIX = "optimize-sd: error:"
+
+
+def one_error_line(code, out, err) -> str:
+    """The single ``optimize-sd: error:`` line of a command that failed on bad input (exit 2)."""
+    assert code == 2, (code, out, err)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(ERROR_PREFIX), err
+    assert "Traceback" not in out + err and not out.strip()
+    return lines[0]

@@ -14,34 +14,12 @@ import optuna
 import pytest
 
 try:
-    from helpers import goal_opts, load_study, run_args, run_cli, storage_url
+    from helpers import one_error_line, goal_opts, load_study, run_args, run_cli, storage_url
 except ImportError:  # tests/ made a package
-    from tests.helpers import goal_opts, load_study, run_args, run_cli, storage_url
+    from tests.helpers import one_error_line, goal_opts, load_study, run_args, run_cli, storage_url
 
 from optimize import pipelines, runner, storage
 from optimize.search import Goal, best_feasible
-
-PREFIX = "optimize-sd: error:"
-
-
-@pytest.fixture
-def no_model(monkeypatch):
-    """Loading a pipeline or a CLIP model is an error in these tests: they must fail before that."""
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("a model was loaded")
-
-    monkeypatch.setattr(pipelines, "load_pipeline", refuse)
-    monkeypatch.setattr(pipelines, "build_tiny_pipeline", refuse)
-    monkeypatch.setattr(runner, "ClipScorer", refuse)
-
-
-def _one_error_line(code, out, err):
-    assert code not in (0, None), (code, out, err)
-    lines = [l for l in err.splitlines() if l.strip()]
-    assert len(lines) == 1 and lines[0].startswith(PREFIX), err
-    assert "Traceback" not in err + out
-    return lines[0]
 
 
 # --- 7. bad input -------------------------------------------------------------------------------------
@@ -100,7 +78,7 @@ def test_bad_input_is_one_line_and_loads_nothing(case, tmp_path, monkeypatch, no
     monkeypatch.chdir(tmp_path)
     # SMALL comes first so that the case's own value of an option wins
     code, out, err = run_cli(run_args(tmp_path, *args))
-    line = _one_error_line(code, out, err)
+    line = one_error_line(code, out, err)
     assert needle in line, line
     assert not os.path.exists(tmp_path / "search_params.json")
 
@@ -111,7 +89,7 @@ def test_unreadable_prompts_file(tmp_path, monkeypatch, no_model):
     p = _prompt_file(tmp_path, "secret.txt", b"a cat\na dog\n")
     os.chmod(p, 0)
     monkeypatch.chdir(tmp_path)
-    line = _one_error_line(*run_cli(run_args(tmp_path, "--prompts", p)))
+    line = one_error_line(*run_cli(run_args(tmp_path, "--prompts", p)))
     assert "secret.txt" in line
 
 
@@ -142,7 +120,7 @@ def test_changed_settings_are_refused(change, names, target, tmp_path, monkeypat
     monkeypatch.chdir(tmp_path)
     argv = run_args(target.directory, "--target-speedup", "1.2", "--n-trials", "1", "--study", target.study_name,
                     *change)
-    line = _one_error_line(*run_cli(argv))
+    line = one_error_line(*run_cli(argv))
     for name in names:
         assert name in line, line
     assert "steps" not in line or "steps" in names  # names what differs, and only that
@@ -155,7 +133,7 @@ def test_other_goal_is_refused(target, tmp_path, monkeypatch, no_model):
     n_before = len(target.study().trials)
     monkeypatch.chdir(tmp_path)
     for goal in (["--max-loss", "0.05"], ["--target-speedup", "1.5"], ["--target-speedup", "1.2", "--max-loss", "0.03"]):
-        line = _one_error_line(*run_cli(run_args(target.directory, *goal, "--study", target.study_name)))
+        line = one_error_line(*run_cli(run_args(target.directory, *goal, "--study", target.study_name)))
         assert target.study_name in line and "goal" in line, line
     assert len(target.study().trials) == n_before
 
@@ -215,7 +193,7 @@ def test_invalid_search_params_fails_fast(tmp_path, monkeypatch, no_model):
     out_path = tmp_path / "search_params.json"
     out_path.write_text("[1, 2")
     monkeypatch.chdir(tmp_path)
-    line = _one_error_line(*run_cli(run_args(tmp_path, "--max-loss", "0.05", "--n-trials", "1")))
+    line = one_error_line(*run_cli(run_args(tmp_path, "--max-loss", "0.05", "--n-trials", "1")))
     assert "search_params.json" in line
     assert out_path.read_text() == "[1, 2"
 
@@ -330,21 +308,21 @@ def test_best_without_feasible_trial_exits_1(tmp_path, monkeypatch):
 
 
 def test_best_errors(tmp_path, target, no_model):
-    line = _one_error_line(*run_cli(["best", "--storage", storage_url(tmp_path)]))
+    line = one_error_line(*run_cli(["best", "--storage", storage_url(tmp_path)]))
     assert "no study" in line
-    line = _one_error_line(*run_cli(["best", "--storage", target.storage, "--study", "nope"]))
+    line = one_error_line(*run_cli(["best", "--storage", target.storage, "--study", "nope"]))
     assert "nope" in line and target.study_name in line
-    line = _one_error_line(*run_cli(["best", "--storage", "redis://x"]))
+    line = one_error_line(*run_cli(["best", "--storage", "redis://x"]))
     assert "redis://x" in line
     # a study optimize-sd did not create
     other = storage_url(tmp_path / "other")
     os.makedirs(tmp_path / "other")
     optuna.create_study(study_name="foreign", storage=other)
-    line = _one_error_line(*run_cli(["best", "--storage", other]))
+    line = one_error_line(*run_cli(["best", "--storage", other]))
     assert "foreign" in line and "not created by optimize-sd" in line
 
 
 def test_height_not_multiple_of_8_is_one_line(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    line = _one_error_line(*run_cli(run_args(tmp_path, "--height", "12", "--n-trials", "1")))
+    line = one_error_line(*run_cli(run_args(tmp_path, "--height", "12", "--n-trials", "1")))
     assert "12" in line

@@ -16,9 +16,9 @@ import torch
 from PIL import Image
 
 try:
-    from helpers import max_run, run_cli, synthetic_study
+    from helpers import ERROR_PREFIX, one_error_line, max_run, run_cli, synthetic_study
 except ImportError:  # tests/ made a package
-    from tests.helpers import max_run, run_cli, synthetic_study
+    from tests.helpers import ERROR_PREFIX, one_error_line, max_run, run_cli, synthetic_study
 
 import optimize
 from optimize import generate as generate_mod
@@ -26,7 +26,6 @@ from optimize import pipelines
 from optimize.accelerators import Config, DeepCache, TGate, ToMe
 from optimize.search import Goal, best_feasible
 
-PREFIX = "optimize-sd: error:"
 PROMPT = "a red fox in the snow"
 PARAMS = {"deepcache": True, "deepcache.cache_interval": 3, "deepcache.cache_branch_id": 0, "tome": False,
           "tgate": True, "tgate.gate_step": 5, "tgate.sp_interval": 2, "tgate.fi_interval": 1, "tgate.warm_up": 1}
@@ -39,26 +38,6 @@ def maxrun(tmp_path_factory):
     run = max_run(tmp_path_factory)
     assert run.code == 0, run.out + run.err
     return run
-
-
-@pytest.fixture
-def no_model(monkeypatch):
-    """Loading a pipeline is an error in these tests: they must fail before that."""
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("a model was loaded")
-
-    monkeypatch.setattr(pipelines, "load_pipeline", refuse)
-    monkeypatch.setattr(pipelines, "build_tiny_pipeline", refuse)
-    monkeypatch.setattr(pipelines, "build_random_pipeline", refuse)
-
-
-def _one_error_line(code, out, err) -> str:
-    assert code == 2, (code, out, err)
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith(PREFIX), err
-    assert "Traceback" not in out + err and not out.strip()
-    return lines[0]
 
 
 def _params_file(tmp_path, entries: dict) -> str:
@@ -117,8 +96,8 @@ def test_bad_entry_is_one_line_and_loads_nothing(case, tmp_path, no_model):
     entry = {k: v for k, v in {**ENTRY, **change}.items() if v is not None}
     path = _params_file(tmp_path, {"tiny:ddim:8:max:0.05": entry})
     out = tmp_path / "out.png"
-    line = _one_error_line(*run_cli(["generate", "--params", path, PROMPT, "-o", out]))
-    assert line.startswith(f"{PREFIX} {path} [tiny:ddim:8:max:0.05]: ") and expected in line, line
+    line = one_error_line(*run_cli(["generate", "--params", path, PROMPT, "-o", out]))
+    assert line.startswith(f"{ERROR_PREFIX} {path} [tiny:ddim:8:max:0.05]: ") and expected in line, line
     assert not out.exists()
 
 
@@ -142,11 +121,11 @@ def test_bad_command_lines_are_one_line_and_load_nothing(tmp_path, maxrun, no_mo
     if not torch.cuda.is_available():
         cases.append((["--params", two, "--key", "a", "--device", "cuda", PROMPT, "-o", out], "no CUDA GPU"))
     for argv, expected in cases:
-        line = _one_error_line(*run_cli(["generate", *argv]))
+        line = one_error_line(*run_cli(["generate", *argv]))
         assert expected in line, (argv, line)
     broken = tmp_path / "broken.json"
     broken.write_text("{not json")
-    assert "is not valid JSON" in _one_error_line(*run_cli(["generate", "--params", broken, PROMPT, "-o", out]))
+    assert "is not valid JSON" in one_error_line(*run_cli(["generate", "--params", broken, PROMPT, "-o", out]))
     assert not os.path.exists(out) and not (tmp_path / "missing.db").exists()
     code, out_text, err = run_cli(["generate", "-o", out])
     assert code == 2 and "Missing argument" in err
@@ -200,9 +179,9 @@ def test_trial_seed_baseline_and_several_images(tmp_path, tiny_pipe):
     fast = Config(deepcache=DeepCache(3, 0), tgate=TGate(5, 2, 1, 1))
     synthetic_study(url, "made", goal, [(slow, 1.2, 0.001), (fast, 1.4, 0.004), (fast, None, None)])
     out = tmp_path / "x.png"
-    line = _one_error_line(*run_cli(["generate", "--storage", url, PROMPT, "-o", out]))
+    line = one_error_line(*run_cli(["generate", "--storage", url, PROMPT, "-o", out]))
     assert "has no feasible trial yet; pick one with --trial N" in line
-    assert "trial #2 of 'made' is failed" in _one_error_line(*run_cli(
+    assert "trial #2 of 'made' is failed" in one_error_line(*run_cli(
         ["generate", "--storage", url, "--trial", "2", PROMPT, "-o", out]))
 
     code, stdout, err = run_cli(["generate", "--storage", url, "--trial", "1", "--seed", "7", PROMPT, "cat", "-o", out,

@@ -17,31 +17,17 @@ import pytest
 from optuna.trial import TrialState
 
 try:
-    from helpers import SMALL, load_study, run_args, run_cli, storage_url
+    from helpers import ERROR_PREFIX, one_error_line, SMALL, load_study, run_args, run_cli, storage_url
 except ImportError:  # tests/ made a package
-    from tests.helpers import SMALL, load_study, run_args, run_cli, storage_url
+    from tests.helpers import ERROR_PREFIX, one_error_line, SMALL, load_study, run_args, run_cli, storage_url
 
 from optimize import pipelines, prompts, runner, storage
-
-PREFIX = "optimize-sd: error:"
-
-
-@pytest.fixture
-def no_model(monkeypatch):
-    """Loading a pipeline or a CLIP model is an error in these tests: they must fail before that."""
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("a model was loaded")
-
-    monkeypatch.setattr(pipelines, "load_pipeline", refuse)
-    monkeypatch.setattr(pipelines, "build_tiny_pipeline", refuse)
-    monkeypatch.setattr(runner, "ClipScorer", refuse)
 
 
 def one_error_line(code, out, err, exit_code: int = 2) -> str:
     assert code == exit_code, (code, out, err)
     lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith(PREFIX), err
+    assert len(lines) == 1 and lines[0].startswith(ERROR_PREFIX), err
     assert "Traceback" not in err + out
     return lines[0]
 
@@ -236,7 +222,7 @@ def _fill(directory) -> None:
 def _check_disk_full(tmp_path, out_path, old_bytes, result):
     code, out, err = result
     assert code == 1, out + err
-    lines = [line for line in err.splitlines() if line.startswith(PREFIX)]
+    lines = [line for line in err.splitlines() if line.startswith(ERROR_PREFIX)]
     assert len(lines) == 1, err
     assert f"{out_path} not updated: No space left on device; the old file is intact" in lines[0]
     assert "optimize-sd best --study tiny-ddim-8steps-max-loss0.5" in lines[0]

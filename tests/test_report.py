@@ -25,15 +25,14 @@ import optuna
 import pytest
 
 try:
-    from helpers import run_cli, synthetic_study, target_run
+    from helpers import one_error_line, run_cli, synthetic_study, target_run
 except ImportError:  # tests/ made a package
-    from tests.helpers import run_cli, synthetic_study, target_run
+    from tests.helpers import one_error_line, run_cli, synthetic_study, target_run
 
 from optimize import report
 from optimize.accelerators import Config, DeepCache, TGate, ToMe
 from optimize.search import Goal, best_feasible, is_feasible
 
-PREFIX = "optimize-sd: error:"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GOAL = Goal("target", 1.5, 0.02)
 NAME = "synth<b>&"  # a name that must be escaped in HTML
@@ -218,26 +217,18 @@ def _umask() -> int:
     return mask
 
 
-def _one_error_line(code, out, err) -> str:
-    assert code == 2, (code, out, err)
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith(PREFIX), err
-    assert "Traceback" not in out + err and not out.strip()
-    return lines[0]
-
-
 def test_report_errors_are_one_line(target, tmp_path):
     missing = tmp_path / "missing.db"
-    line = _one_error_line(*run_cli(["report", "--storage", f"sqlite:///{missing}", "-o", tmp_path / "r.html"]))
+    line = one_error_line(*run_cli(["report", "--storage", f"sqlite:///{missing}", "-o", tmp_path / "r.html"]))
     assert "no study database" in line and not missing.exists()  # nothing created
-    line = _one_error_line(*run_cli(["report", "--storage", target.storage, "--study", "nope", "-o",
+    line = one_error_line(*run_cli(["report", "--storage", target.storage, "--study", "nope", "-o",
                                      tmp_path / "r.html"]))
     assert "no study 'nope'" in line and target.study_name in line
     other = f"sqlite:///{tmp_path / 'other.db'}"
     optuna.create_study(storage=other, study_name="foreign")
-    line = _one_error_line(*run_cli(["report", "--storage", other, "-o", tmp_path / "r.html"]))
+    line = one_error_line(*run_cli(["report", "--storage", other, "-o", tmp_path / "r.html"]))
     assert "not created by optimize-sd" in line
-    _one_error_line(*run_cli(["report", "--storage", target.storage, "-o", tmp_path]))  # a directory
+    one_error_line(*run_cli(["report", "--storage", target.storage, "-o", tmp_path]))  # a directory
     assert not (tmp_path / "r.html").exists()
 
 
