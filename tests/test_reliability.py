@@ -24,14 +24,6 @@ except ImportError:  # tests/ made a package
 from optimize import pipelines, prompts, runner, storage
 
 
-def one_error_line(code, out, err, exit_code: int = 2) -> str:
-    assert code == exit_code, (code, out, err)
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith(ERROR_PREFIX), err
-    assert "Traceback" not in err + out
-    return lines[0]
-
-
 def _run(tmp_path, monkeypatch, *extra, url=None):
     monkeypatch.chdir(tmp_path)
     args = run_args(tmp_path, *extra)
