@@ -32,10 +32,12 @@ class Baseline:
 
     @classmethod
     def measure(cls, evaluator, fingerprint: dict[str, Any]) -> "Baseline":
-        m = evaluator.measure(Config())
-        s = evaluator.settings
+        return cls.from_measurement(evaluator.measure(Config()), evaluator.settings, fingerprint)
+
+    @classmethod
+    def from_measurement(cls, m, settings, fingerprint: dict[str, Any]) -> "Baseline":
         return cls(m.timing.best, m.timing.spread, m.clip_score, [float(x) for x in m.scores],
-                   dict(fingerprint), s.height, s.width, m.timing.samples)
+                   dict(fingerprint), settings.height, settings.width, m.timing.samples)
 
     def save(self, study) -> None:
         study.set_user_attr(ATTR, asdict(self))

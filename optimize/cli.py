@@ -72,6 +72,10 @@ def cli():
               help="Seconds between trial heartbeats; a trial silent for twice that is retried.")
 @click.option("--retime-every", type=click.IntRange(0), default=10, show_default=True,
               help="Re-time the baseline every N trials (0: only at the start of a resumed run) to cancel drift.")
+@click.option("--images-per-trial", type=click.IntRange(0), default=4, show_default=True,
+              help="Images of each trial (and of the baseline) kept as artifacts for optuna-dashboard.")
+@click.option("--artifact-dir", default=None,
+              help="Where those images go  [default: beside the SQLite file, else studies/artifacts]")
 @click.option("--warm-start/--no-warm-start", default=True, show_default=True,
               help="Start a new study with known-good configurations (DeepCache N=3 and N=5, branch 0).")
 @click.option("--progress/--no-progress", default=True, show_default=True)
@@ -196,7 +200,7 @@ def _check_run_options(o: dict):
         repeats=o["repeats"] if o["repeats"] is not None else (3 if device.startswith("cuda") else 0),
         goal=goal, methods=methods, n_trials=o["n_trials"], storage=o["storage"], study_name=o["study_name"],
         seed=o["seed"], output=o["output"], heartbeat=o["heartbeat"], progress=o["progress"], retime_every=o["retime_every"],
-        warm_start=o["warm_start"],
+        warm_start=o["warm_start"], images_per_trial=o["images_per_trial"], artifact_dir=o["artifact_dir"],
         worker_index=o["worker_index"] or 0, devices=devices,
     )
     return spec, opts
@@ -292,6 +296,26 @@ def generate_command(prompts, output, storage, study_name, trial_number, params_
             click.echo(line)
     except (GenerateError, OSError) as e:
         raise Failure(str(e)) from None
+
+
+@cli.command("dashboard")
+@click.option("--storage", default=DEFAULT_STORAGE, show_default=True)
+@click.option("--artifact-dir", default=None, help="[default: as run chose it for this storage]")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=click.IntRange(1, 65535), default=8080, show_default=True)
+def dashboard_command(storage, artifact_dir, host, port):
+    """Start optuna-dashboard on a study storage, with the trials' images."""
+    import optuna_dashboard
+
+    from .storage import StorageError, artifact_dir_for, artifact_store, open_storage
+
+    try:
+        rdb = open_storage(storage)
+    except StorageError as e:
+        raise Failure(str(e)) from None
+    directory = artifact_dir_for(storage, artifact_dir)
+    click.echo(f"optuna-dashboard on http://{host}:{port} ({storage}, images in {directory}); Ctrl-C to stop")
+    optuna_dashboard.run_server(rdb, host=host, port=port, artifact_store=artifact_store(directory))
 
 
 def main(argv=None) -> None:

@@ -23,7 +23,7 @@ import optuna
 from optuna.trial import TrialState
 
 from . import pipelines
-from .accelerators import max_branch_id
+from .accelerators import Config, max_branch_id
 from .baseline import ATTR as BASELINE_ATTR
 from .baseline import Baseline, BaselineMismatch, check_fingerprint
 from .measure import Evaluator, GenerationSettings
@@ -31,8 +31,8 @@ from .metrics import ClipScorer, MetricError, score_loss
 from .prompts import PromptsError, load_prompts, prompts_hash
 from .report import best_entry, format_best, trial_line
 from .search import Goal, Objective, SearchSpace, best_feasible, make_sampler, warm_start_params
-from .storage import (StorageError, insert_study_user_attr_once, open_storage, redact, storage_errors,
-                      update_search_params)
+from .storage import (StorageError, artifact_dir_for, artifact_store, insert_study_user_attr_once, open_storage,
+                      redact, storage_errors, update_search_params, upload_images)
 
 STUDY_ATTR = "optimize_sd"
 
@@ -73,6 +73,8 @@ class RunOptions:
     progress: bool
     retime_every: int = 10
     warm_start: bool = True
+    images_per_trial: int = 4  # uploaded as artifacts, shown per trial by optuna-dashboard
+    artifact_dir: str | None = None
     worker_index: int = 0  # set by the launcher (optimize.workers): seeds the sampler apart from other workers
     devices: tuple[str, ...] = ()  # --workers / --gpus: one worker process per entry
 
@@ -182,7 +184,8 @@ def _open_study(storage, name: str, opts: RunOptions, fingerprint: dict):
     return study, n_before
 
 
-def _ensure_baseline(study: optuna.Study, storage, evaluator: Evaluator, fingerprint: dict, echo):
+def _ensure_baseline(study: optuna.Study, storage, evaluator: Evaluator, fingerprint: dict, echo,
+                     save_images=lambda images: None):
     """The study's baseline and this process's reference time (None: re-time before the first trial).
 
     A study without a baseline gets one measured here. Workers that start together on a fresh study
@@ -197,7 +200,8 @@ def _ensure_baseline(study: optuna.Study, storage, evaluator: Evaluator, fingerp
     s = evaluator.settings
     echo(f"measuring baseline on {len(evaluator.prompts)} prompts ({s.steps} steps, {s.width}x{s.height})")
     try:
-        measured = Baseline.measure(evaluator, fingerprint)
+        m = evaluator.measure(Config())
+        measured = Baseline.from_measurement(m, s, fingerprint)
         score_loss(measured.clip_score, measured.clip_score)  # a zero baseline score is an error
     except Exception as e:  # noqa: BLE001 - nothing can be searched without a baseline: one line
         raise RunError(f"baseline measurement failed: {type(e).__name__}: {e}") from e
@@ -205,6 +209,7 @@ def _ensure_baseline(study: optuna.Study, storage, evaluator: Evaluator, fingerp
         meta = study.user_attrs[STUDY_ATTR]
         if meta.get("fingerprint") != fingerprint:
             study.set_user_attr(STUDY_ATTR, dict(meta, fingerprint=fingerprint))
+        save_images(m.images)
         return measured, measured.time_per_image
     stored = Baseline.load(study)
     try:
@@ -301,8 +306,19 @@ def run_search(spec: pipelines.PipeSpec, opts: RunOptions) -> None:
     evaluator = Evaluator(pipe, scorer, prompts, settings, repeats=opts.repeats, progress=opts.progress)
     # A stored baseline's time is re-measured on this device before the first trial: the machine may have
     # changed since, or this may be another worker's GPU.
+    store = artifact_store(artifact_dir_for(opts.storage, opts.artifact_dir)) if opts.images_per_trial else None
+
+    def save_images(images, target, prefix: str) -> None:
+        if store is None or not images:
+            return
+        try:
+            upload_images(images[: opts.images_per_trial], target, store, prefix)
+        except Exception as e:  # noqa: BLE001 - pictures are a convenience: never fail a trial over them
+            click.echo(f"optimize-sd: warning: images not saved: {type(e).__name__}: {e}", err=True)
+
     try:
-        baseline, reference = _ensure_baseline(study, storage, evaluator, fingerprint, echo)
+        baseline, reference = _ensure_baseline(study, storage, evaluator, fingerprint, echo,
+                                               lambda images: save_images(images, study, "baseline"))
     except storage_errors() as e:
         raise RunFailure(f"storage {redact(opts.storage)} failed: {_first_line(e)}") from None
     echo(f"baseline: {1000 * baseline.time_per_image:.1f} ms/image (±{100 * baseline.spread:.0f}%), "
@@ -323,6 +339,8 @@ def run_search(spec: pipelines.PipeSpec, opts: RunOptions) -> None:
             # not whenever the exception object goes.
             traceback.clear_frames(e.__traceback__)
             raise
+        save_images(objective.last_images, trial, f"trial{trial.number}")
+        objective.last_images = None
         trial.set_user_attr("worker", worker)  # a reused measurement copied another trial's attrs
         return value
 

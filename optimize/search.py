@@ -171,6 +171,7 @@ class Objective:
         self.retime_every, self.retime_calls = retime_every, retime_calls
         self.reference = reference
         self._since_retime = 0
+        self.last_images = None
 
     def reference_time(self) -> float:
         if self.reference is None or (self.retime_every and self._since_retime >= self.retime_every):
@@ -187,6 +188,7 @@ class Objective:
     def _measure(self, config: Config) -> dict[str, Any]:
         reference = self.reference_time()
         m = self.evaluator.measure(config)
+        self.last_images = m.images
         self._since_retime += 1
         attrs = {
             "speedup": reference / m.timing.best,
@@ -203,6 +205,7 @@ class Objective:
         return attrs
 
     def __call__(self, trial: optuna.Trial) -> float:
+        self.last_images = None  # set by a measurement; a reused one has no images of its own
         config = self.space.suggest(trial)
         trial.set_user_attr("config", config.label())
         same = self._same_config(trial.study, trial.params)

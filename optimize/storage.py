@@ -238,3 +238,34 @@ def update_search_params(path: str, key: str, entry: dict[str, Any]) -> None:
         data = read_search_params(path)
         data[key] = entry
         atomic_write_json(path, data)
+
+
+def artifact_dir_for(url: str, artifact_dir: str | None = None) -> str:
+    """Where trial images are kept: ``--artifact-dir``, else beside a SQLite file
+    (``studies/optimize-sd.db`` -> ``studies/optimize-sd-artifacts``), else ``studies/artifacts``."""
+    if artifact_dir:
+        return artifact_dir
+    if url.startswith("sqlite:///") and url[len("sqlite:///"):] not in ("", ":memory:"):
+        return os.path.splitext(url[len("sqlite:///"):])[0] + "-artifacts"
+    return os.path.join("studies", "artifacts")
+
+
+def artifact_store(directory: str):
+    from optuna.artifacts import FileSystemArtifactStore
+
+    os.makedirs(directory, exist_ok=True)
+    return FileSystemArtifactStore(directory)
+
+
+def upload_images(images, study_or_trial, store, prefix: str) -> list[str]:
+    """Upload PIL images as PNG artifacts of a trial or study (optuna-dashboard shows them); their ids."""
+    from optuna.artifacts import upload_artifact
+
+    ids = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, image in enumerate(images):
+            path = os.path.join(tmp, f"{prefix}-{i}.png")  # the dashboard shows the file name
+            image.save(path)
+            ids.append(upload_artifact(artifact_store=store, file_path=path, study_or_trial=study_or_trial,
+                                       mimetype="image/png"))
+    return ids

@@ -326,3 +326,10 @@ def test_height_not_multiple_of_8_is_one_line(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     line = one_error_line(*run_cli(run_args(tmp_path, "--height", "12", "--n-trials", "1")))
     assert "12" in line
+
+
+def test_dashboard_bad_storage_is_one_line(no_model):
+    line = one_error_line(*run_cli(["dashboard", "--storage", "redis://x"]))
+    assert "redis://x" in line
+    code, out, err = run_cli(["dashboard", "--help"])
+    assert code == 0 and "--artifact-dir" in out

@@ -419,3 +419,37 @@ def test_no_warm_start(tmp_path, monkeypatch):
     code, out, err = run_cli(run_args(tmp_path, "--max-loss", "0.5", "--n-trials", "1", "--no-warm-start"))
     assert code == 0, out + err
     assert "fixed_params" not in load_study(storage_url(tmp_path)).trials[0].system_attrs
+
+
+# --- images per trial, as optuna-dashboard shows them ---------------------------------------------------
+
+def test_dashboard_shows_trial_and_baseline_images(tmp_path, monkeypatch):
+    from optimize.storage import artifact_dir_for
+
+    monkeypatch.chdir(tmp_path)
+    argv = run_args(tmp_path, "--max-loss", "0.5", "--n-trials", "2", "--images-per-trial", "1")
+    code, out, err = run_cli(argv)
+    assert code == 0, out + err
+    url = storage_url(tmp_path)
+    study = load_study(url)
+    data = _dashboard_get(url, f"/api/studies/{study._study_id}")
+    assert [a["filename"] for a in data["artifacts"]] == ["baseline-0.png"]
+    for t in data["trials"]:
+        assert [a["filename"] for a in t["artifacts"]] == [f"trial{t['number']}-0.png"]
+        assert all(a["mimetype"] == "image/png" for a in t["artifacts"])
+    # the files behind them are real PNGs of the generated size, in the directory run chose
+    directory = artifact_dir_for(url)
+    files = os.listdir(directory)
+    assert len(files) == 3
+    from PIL import Image
+
+    with Image.open(os.path.join(directory, data["trials"][0]["artifacts"][0]["artifact_id"])) as im:
+        assert im.format == "PNG" and im.size == (32, 32)
+
+
+def test_no_images_when_asked_for_none(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_cli(run_args(tmp_path, "--max-loss", "0.5", "--n-trials", "1", "--images-per-trial", "0"))
+    assert code == 0, out + err
+    study = load_study(storage_url(tmp_path))
+    assert _dashboard_get(storage_url(tmp_path), f"/api/studies/{study._study_id}")["trials"][0]["artifacts"] == []
