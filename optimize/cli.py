@@ -76,6 +76,8 @@ def cli():
               help="Images of each trial (and of the baseline) kept as artifacts for optuna-dashboard.")
 @click.option("--artifact-dir", default=None,
               help="Where those images go  [default: beside the SQLite file, else studies/artifacts]")
+@click.option("--speed-gate/--no-speed-gate", default=True, show_default=True,
+              help="Skip scoring a configuration whose timed repeats show it too slow for the goal (needs --repeats >= 1).")
 @click.option("--warm-start/--no-warm-start", default=True, show_default=True,
               help="Start a new study with known-good configurations (DeepCache N=3 and N=5, branch 0).")
 @click.option("--progress/--no-progress", default=True, show_default=True)
@@ -200,7 +202,7 @@ def _check_run_options(o: dict):
         repeats=o["repeats"] if o["repeats"] is not None else (3 if device.startswith("cuda") else 0),
         goal=goal, methods=methods, n_trials=o["n_trials"], storage=o["storage"], study_name=o["study_name"],
         seed=o["seed"], output=o["output"], heartbeat=o["heartbeat"], progress=o["progress"], retime_every=o["retime_every"],
-        warm_start=o["warm_start"], images_per_trial=o["images_per_trial"], artifact_dir=o["artifact_dir"],
+        warm_start=o["warm_start"], speed_gate=o["speed_gate"], images_per_trial=o["images_per_trial"], artifact_dir=o["artifact_dir"],
         worker_index=o["worker_index"] or 0, devices=devices,
     )
     return spec, opts

@@ -97,7 +97,9 @@ class Evaluator:
             self._call(run, batch, 0)
             return Timing.from_samples([self._call(run, batch, 0)[1] / len(batch) for _ in range(max(1, calls))])
 
-    def measure(self, config: Config) -> Measurement:
+    def measure(self, config: Config, gate=None) -> Measurement:
+        """Time and score ``config``. ``gate``, if given, sees the timing of the repeats before the
+        scoring pass and may raise to skip it (the configuration is removed either way)."""
         from tqdm.auto import tqdm
 
         config.validate(self.pipe, self.settings.steps, self.settings.guidance)
@@ -110,6 +112,8 @@ class Evaluator:
             for _ in range(self.repeats):
                 _, seconds = self._call(run, batches[0], 0)
                 samples.append(seconds / len(batches[0]))
+            if gate is not None and samples:
+                gate(Timing.from_samples(samples))
             with tqdm(total=len(self.prompts), desc=config.label(), leave=False, disable=not self.progress,
                       unit="prompt") as bar:
                 for index, batch in enumerate(batches):

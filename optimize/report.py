@@ -24,7 +24,8 @@ def trial_line(trial: FrozenTrial) -> str:
     attrs = trial.user_attrs
     head = f"#{trial.number:<3d} {attrs.get('config', '?'):<42s}"
     if trial.state != TrialState.COMPLETE:
-        return f"{head} {trial.state.name.lower()}: {attrs.get('error', trial.system_attrs.get('fail_reason', ''))}"[:200]
+        reason = attrs.get("error") or attrs.get("skipped") or trial.system_attrs.get("fail_reason", "")
+        return f"{head} {trial.state.name.lower()}: {reason}"[:200]
     reused = f"  (same as #{attrs['reused_from']})" if "reused_from" in attrs else ""
     return (f"{head} {attrs['speedup']:5.2f}x ±{100 * attrs['spread']:.0f}%  loss {attrs['score_loss']:+.4f}  "
             f"{'feasible' if is_feasible(trial) else 'infeasible'}{reused}")

@@ -73,6 +73,7 @@ class RunOptions:
     progress: bool
     retime_every: int = 10
     warm_start: bool = True
+    speed_gate: bool = True
     images_per_trial: int = 4  # uploaded as artifacts, shown per trial by optuna-dashboard
     artifact_dir: str | None = None
     worker_index: int = 0  # set by the launcher (optimize.workers): seeds the sampler apart from other workers
@@ -326,7 +327,7 @@ def run_search(spec: pipelines.PipeSpec, opts: RunOptions) -> None:
 
     space = SearchSpace(opts.methods, opts.steps, max_branch_id(pipe), xl)
     objective = Objective(evaluator, baseline, opts.goal, space, retime_every=opts.retime_every,
-                          reference=reference, retime_calls=max(3, opts.repeats))
+                          reference=reference, retime_calls=max(3, opts.repeats), speed_gate=opts.speed_gate)
     key = search_params_key(spec, opts)
     worker = worker_label(opts)
 

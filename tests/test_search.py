@@ -453,3 +453,38 @@ def test_no_images_when_asked_for_none(tmp_path, monkeypatch):
     assert code == 0, out + err
     study = load_study(storage_url(tmp_path))
     assert _dashboard_get(storage_url(tmp_path), f"/api/studies/{study._study_id}")["trials"][0]["artifacts"] == []
+
+
+# --- speed gate ----------------------------------------------------------------------------------------
+
+def test_speed_gate_skips_scoring_of_configs_too_slow_for_the_target(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    argv = run_args(tmp_path, "--target-speedup", "50", "--repeats", "1", "--n-trials", "3")
+    code, out, err = run_cli(argv)
+    assert code == 0, out + err
+    trials = load_study(storage_url(tmp_path)).trials
+    assert [t.state for t in trials] == [TrialState.PRUNED] * 3
+    for t in trials:
+        assert "clip_score" not in t.user_attrs and t.user_attrs["skipped"].startswith("speed gate")
+        speedup = t.user_attrs["speedup"]
+        assert 0 < speedup < 50 * 0.98
+        assert t.system_attrs[CONSTRAINTS_ATTR] == pytest.approx([50 - speedup, 0.0])
+    assert out.count("pruned: speed gate") == 3
+
+    code, out, err = run_cli(argv[:-2] + ["--n-trials", "1", "--no-speed-gate"])
+    assert code == 0, out + err
+    last = load_study(storage_url(tmp_path)).trials[-1]
+    assert last.state == TrialState.COMPLETE and "clip_score" in last.user_attrs
+
+
+def test_speed_gate_in_max_mode_only_skips_configs_slower_than_the_best(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_cli(run_args(tmp_path, "--max-loss", "0.5", "--repeats", "1", "--n-trials", "4"))
+    assert code == 0, out + err
+    study = load_study(storage_url(tmp_path))
+    best = best_feasible(study, Goal("max", None, 0.5))
+    assert best is not None and study.trials[0].state == TrialState.COMPLETE  # nothing to beat yet
+    for t in study.trials:
+        if t.state == TrialState.PRUNED:
+            assert t.user_attrs["speedup"] < best.user_attrs["speedup"]
+            assert CONSTRAINTS_ATTR not in t.system_attrs
