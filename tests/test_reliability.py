@@ -293,7 +293,7 @@ def test_out_of_memory_trial(tmp_path, monkeypatch):
     original = measure.Evaluator.measure
     calls, held, freed = [], [], []
 
-    def oom_once(self, config):
+    def oom_once(self, config, **kwargs):
         calls.append(config.label())
         if held:
             freed.append(held[0]() is None)
@@ -301,7 +301,7 @@ def test_out_of_memory_trial(tmp_path, monkeypatch):
             activations = torch.ones(1 << 20)  # what the trial had allocated when memory ran out
             held.append(weakref.ref(activations))
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
-        return original(self, config)
+        return original(self, config, **kwargs)
 
     real_free = runner._free_memory
     after_failure = []
@@ -338,9 +338,9 @@ def test_storage_fails_during_a_run(tmp_path, monkeypatch):
     original = measure.Evaluator.measure
     calls, down = [], []
 
-    def measure_then_outage(self, config):
+    def measure_then_outage(self, config, **kwargs):
         calls.append(1)
-        result = original(self, config)
+        result = original(self, config, **kwargs)
         if len(calls) == 3:  # call 1 is the baseline, 2 is trial #0, 3 is trial #1
             down.append(True)
         return result
@@ -403,9 +403,9 @@ def test_postgresql_goes_away_during_a_run(tmp_path, monkeypatch):
     original = measure.Evaluator.measure
     calls = []
 
-    def measure_then_outage(self, config):
+    def measure_then_outage(self, config, **kwargs):
         calls.append(1)
-        result = original(self, config)
+        result = original(self, config, **kwargs)
         if len(calls) == 3:  # call 1 is the baseline, 2 is trial #0, 3 is trial #1
             admin((f"ALTER DATABASE {db} ALLOW_CONNECTIONS false",),
                   ("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (db,)))

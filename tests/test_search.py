@@ -190,11 +190,11 @@ def test_failing_trial_is_recorded_and_search_goes_on(tmp_path, monkeypatch):
     original = measure.Evaluator.measure
     calls = []
 
-    def flaky(self, config):
+    def flaky(self, config, **kwargs):
         calls.append(config.label())
         if len(calls) == 3:  # call 1 is the baseline, 2 is trial #0, 3 is trial #1
             raise RuntimeError("boom")
-        return original(self, config)
+        return original(self, config, **kwargs)
 
     monkeypatch.setattr(measure.Evaluator, "measure", flaky)
     monkeypatch.chdir(tmp_path)
@@ -223,8 +223,8 @@ def nan_run(tmp_path_factory):
     original = measure.Evaluator.measure
     calls = []
 
-    def nan_scores(self, config):
-        m = original(self, config)
+    def nan_scores(self, config, **kwargs):
+        m = original(self, config, **kwargs)
         calls.append(1)
         if len(calls) == 2:
             m.scores = m.scores * float("nan")
