@@ -3,20 +3,19 @@ report (plotly figures of the whole study in one self-contained file)."""
 
 from __future__ import annotations
 
-import contextlib
 import html
 import json
 import math
 import os
 import re
 import shlex
-import tempfile
 import warnings
 from typing import Any
 
 from optuna.trial import FrozenTrial, TrialState
 
 from .search import CONSTRAINTS_ATTR, Goal, is_feasible
+from .storage import atomic_write, redact  # noqa: F401 - also used as report.atomic_write, report.redact
 
 
 def trial_line(trial: FrozenTrial) -> str:
@@ -72,16 +71,6 @@ _SHORT = {"dc": "deepcache", "tome": "tome", "tgate": "tgate"}
 
 class ReportError(ValueError):
     """A study or output that no report can be made from."""
-
-
-def redact_url(url: str) -> str:
-    """A storage URL with its password hidden, for pages that get shared."""
-    try:
-        from sqlalchemy.engine import make_url
-
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # noqa: BLE001 - not a URL: nothing to hide
-        return url
 
 
 def open_study(storage_url: str, name: str | None):
@@ -373,7 +362,7 @@ def build_report_html(study, storage_url: str | None = None, top: int = 10) -> s
     best = best_feasible(study, goal)
     esc = html.escape
 
-    storage_url = redact_url(storage_url) if storage_url else None
+    storage_url = redact(storage_url) if storage_url else None
     info = [("study", esc(study.study_name)), ("storage", esc(storage_url or "")), ("goal", esc(goal_text(goal)))]
     if fp:
         width = fp.get("width") or (baseline.width if baseline else "native")
@@ -429,32 +418,6 @@ def build_report_html(study, storage_url: str | None = None, top: int = 10) -> s
         f"<footer><small>optimize-sd {__version__}, {made}</small></footer>",
         "</body></html>",
     ])
-
-
-def atomic_write(path: str, data: str | bytes) -> None:
-    """Write ``data`` to ``path`` so that a crash leaves the old file or the new one, never half of
-    one (temporary file in the same directory, fsync, rename). A new file gets the usual permissions
-    (0666 less the umask); an existing one keeps its own."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    try:
-        mode = os.stat(path).st_mode & 0o7777
-    except FileNotFoundError:
-        umask = os.umask(0)
-        os.umask(umask)
-        mode = 0o666 & ~umask
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode("utf-8") if isinstance(data, str) else data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def write_report(study, path: str, storage_url: str | None = None, top: int = 10) -> str:
