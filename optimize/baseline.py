@@ -32,7 +32,7 @@ class Baseline:
 
     @classmethod
     def measure(cls, evaluator, fingerprint: dict[str, Any]) -> "Baseline":
-        return cls.from_measurement(evaluator.measure(Config()), evaluator.settings, fingerprint)
+        return cls.from_measurement(evaluator.measure(Config(), paired=False), evaluator.settings, fingerprint)
 
     @classmethod
     def from_measurement(cls, m, settings, fingerprint: dict[str, Any]) -> "Baseline":

@@ -58,7 +58,8 @@ def cli():
 @click.option("--clip-model", default=None, help="open_clip model  [default: ViT-g-14; tiny: tiny-clip]")
 @click.option("--clip-pretrained", default=None, help="open_clip weights, or none for random  [default: laion2b_s34b_b88k; tiny, random weights: none]")
 @click.option("--repeats", type=click.IntRange(0), default=None,
-              help="Extra timed calls per configuration besides the scoring pass  [default: 3 on GPU, 0 on CPU]")
+              help="Paired rounds (a baseline call, then a configured call) timed per configuration before the scoring pass; "
+                   "speedups come from them  [default: 3 on GPU, 0 on CPU]")
 @click.option("--target-speedup", type=float, default=None,
               help="Target mode: least loss among configs at least this fast. Without it: max speedup.")
 @click.option("--max-loss", type=float, default=0.02, show_default=True, help="Bound on relative CLIP score loss.")
@@ -71,7 +72,7 @@ def cli():
 @click.option("--heartbeat", type=click.IntRange(1), default=60, show_default=True,
               help="Seconds between trial heartbeats; a trial silent for twice that is retried.")
 @click.option("--retime-every", type=click.IntRange(0), default=10, show_default=True,
-              help="Re-time the baseline every N trials (0: only at the start of a resumed run) to cancel drift.")
+              help="Without --repeats: re-time the baseline every N trials (0: only at the start of a run) to cancel drift.")
 @click.option("--images-per-trial", type=click.IntRange(0), default=4, show_default=True,
               help="Images of each trial (and of the baseline) kept as artifacts for optuna-dashboard.")
 @click.option("--artifact-dir", default=None,

@@ -201,7 +201,7 @@ def _ensure_baseline(study: optuna.Study, storage, evaluator: Evaluator, fingerp
     s = evaluator.settings
     echo(f"measuring baseline on {len(evaluator.prompts)} prompts ({s.steps} steps, {s.width}x{s.height})")
     try:
-        m = evaluator.measure(Config())
+        m = evaluator.measure(Config(), paired=False)
         measured = Baseline.from_measurement(m, s, fingerprint)
         score_loss(measured.clip_score, measured.clip_score)  # a zero baseline score is an error
     except Exception as e:  # noqa: BLE001 - nothing can be searched without a baseline: one line

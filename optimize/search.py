@@ -167,10 +167,12 @@ class SpeedGate(Exception):
 class Objective:
     """Optuna objective: suggest, measure, compare with the baseline, record.
 
-    Speedups divide by a *reference* baseline time re-measured in this process every
-    ``retime_every`` measured trials (and at the start of a resumed run), so slow drift of the
-    machine cancels; the stored baseline keeps the scores. ``reference`` seeds it (a baseline just
-    measured in this process needs no re-timing).
+    With timed repeats (the GPU default) each measurement pairs its calls with baseline calls made
+    seconds apart (:mod:`optimize.measure`) and its speedup comes from those. Without them, speedups
+    divide by a *reference* baseline time re-measured in this process every ``retime_every``
+    measured trials (and at the start of a resumed run), so slow drift of the machine cancels;
+    ``reference`` seeds it (a baseline just measured in this process needs no re-timing). Either
+    way the stored baseline keeps the scores.
     """
 
     def __init__(self, evaluator, baseline: Baseline, goal: Goal, space: SearchSpace,
@@ -195,7 +197,7 @@ class Objective:
                 return t
         return None
 
-    def _gate(self, study: optuna.Study, reference: float):
+    def _gate(self, study: optuna.Study, reference):
         """The speed gate: skip scoring a configuration that is too slow to matter, judged from the
         repeats timed before the scoring pass (only with ``--repeats`` >= 1). Target mode: more than
         ``gate_margin`` below the target. Max mode: more than ``gate_margin`` below the best feasible
@@ -204,8 +206,9 @@ class Objective:
         if not self.speed_gate or not self.evaluator.repeats:
             return None  # without timed repeats there is nothing to judge before the scoring pass
 
-        def gate(timing) -> None:
-            speedup = reference / timing.best
+        def gate(timing, paired) -> None:
+            base = paired.best if paired is not None else reference()
+            speedup = base / timing.best
             if self.goal.mode == "target":
                 bar = self.goal.target_speedup * (1 - self.gate_margin)
             else:
@@ -215,30 +218,33 @@ class Objective:
                 bar = best.user_attrs["speedup"] * (1 - self.gate_margin)
             if speedup < bar:
                 attrs = {"speedup": speedup, "time_per_image": timing.best, "time_median": timing.median,
-                         "spread": timing.spread, "baseline_time": reference}
+                         "spread": timing.spread, "baseline_time": base}
                 raise SpeedGate(attrs, f"speed gate: {speedup:.2f}x < {bar:.2f}x, not scored")
 
         return gate
 
     def _measure(self, config: Config, study: optuna.Study | None = None) -> dict[str, Any]:
-        reference = self.reference_time()
-        gate = self._gate(study, reference) if study is not None else None
+        gate = self._gate(study, self.reference_time) if study is not None else None
         try:
             m = self.evaluator.measure(config, gate=gate) if gate else self.evaluator.measure(config)
         except SpeedGate:
             self._since_retime += 1
             raise
         self.last_images = m.images
+        # paired baseline calls when there were rounds; else the re-timed reference
+        base = m.reference.best if m.reference is not None else self.reference_time()
         self._since_retime += 1
         attrs = {
-            "speedup": reference / m.timing.best,
+            "speedup": base / m.timing.best,
             "score_loss": score_loss(self.baseline.clip_score, m.clip_score),
             "time_per_image": m.timing.best,
             "time_median": m.timing.median,
             "spread": m.timing.spread,
             "clip_score": m.clip_score,
-            "baseline_time": reference,
+            "baseline_time": base,
         }
+        if m.reference is not None:
+            attrs["baseline_spread"] = m.reference.spread
         bad = [k for k, v in attrs.items() if not math.isfinite(v)]
         if bad:
             raise FloatingPointError(f"non-finite {', '.join(bad)} for {config.label()}")

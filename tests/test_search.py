@@ -488,3 +488,57 @@ def test_speed_gate_in_max_mode_only_skips_configs_slower_than_the_best(tmp_path
         if t.state == TrialState.PRUNED:
             assert t.user_attrs["speedup"] < best.user_attrs["speedup"]
             assert CONSTRAINTS_ATTR not in t.system_attrs
+
+
+# --- the paired timing protocol ------------------------------------------------------------------------
+
+def test_paired_rounds_interleave_baseline_and_configured_calls(tiny_pipe, monkeypatch):
+    """With repeats, every timed configured call has a baseline call right before it, and the
+    speedup is fastest baseline call / fastest configured call of those rounds (not the scoring pass)."""
+    from optimize import measure
+    from optimize.accelerators import Config, DeepCache
+    from optimize.metrics import ClipScorer
+
+    settings = measure.GenerationSettings(steps=6, guidance=7.5, height=32, width=32)
+    ev = measure.Evaluator(tiny_pipe, ClipScorer("tiny-clip", None), ["a red fox", "a cat", "a boat"], settings,
+                           repeats=3)
+    log, fake = [], iter([0.5, 0.9, 0.8, 0.7, 0.3, 1.0, 0.4, 0.6] + [0.01] * 20)  # seconds, in call order
+    original = measure.Evaluator._call
+
+    def call(self, run, batch, index):
+        images, _ = original(self, run, batch, index)
+        accelerated = run is not self.pipe
+        log.append("C" if accelerated else "B")
+        return images, next(fake)
+
+    monkeypatch.setattr(measure.Evaluator, "_call", call)
+    m = ev.measure(Config(deepcache=DeepCache(2, 0)))
+    # warm-up configured, warm-up baseline (first paired measurement only), 3 rounds, scoring pass
+    assert "".join(log) == "CB" + "BC" * 3 + "CCC"
+    assert m.reference.samples == [0.8, 0.3, 0.4] and m.timing.samples == [0.7, 1.0, 0.6]
+    assert m.speedup == pytest.approx(0.3 / 0.6)  # the fast scoring-pass calls do not count
+    assert m.timing.median == pytest.approx(0.7)
+
+    log.clear()
+    fake = iter([0.5] * 20)
+    ev.measure(Config(deepcache=DeepCache(2, 0)))
+    assert "".join(log) == "C" + "BC" * 3 + "CCC"  # the baseline is warm now
+
+    log.clear()
+    fake = iter([0.5] * 20)
+    unpaired = ev.measure(Config(), paired=False)  # the study's baseline: no pairing
+    assert "".join(log) == "CCCCCCC" and unpaired.reference is None and unpaired.speedup is None
+
+
+def test_trial_speedup_comes_from_its_paired_baseline_calls(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_cli(run_args(tmp_path, "--max-loss", "0.5", "--repeats", "2", "--n-trials", "2",
+                                      "--no-speed-gate"))
+    assert code == 0, out + err
+    study = load_study(storage_url(tmp_path))
+    stored = study.user_attrs["baseline"]["time_per_image"]
+    for t in study.trials:
+        a = t.user_attrs
+        assert a["speedup"] == pytest.approx(a["baseline_time"] / a["time_per_image"])
+        assert a["baseline_time"] != stored  # timed beside the trial, not the stored baseline's time
+        assert a["baseline_spread"] >= 0
