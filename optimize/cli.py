@@ -60,9 +60,18 @@ def cli():
 @click.option("--repeats", type=click.IntRange(0), default=None,
               help="Paired rounds (a baseline call, then a configured call) timed per configuration before the scoring pass; "
                    "speedups come from them  [default: 3 on GPU, 0 on CPU]")
+@click.option("--mode", type=click.Choice(["target", "max", "pareto"]), default=None,
+              help="target: least loss among configs at least --target-speedup fast; max: most speedup; pareto: the "
+                   "front of speedup and loss (two objectives)  [default: target with --target-speedup, else max]")
 @click.option("--target-speedup", type=float, default=None,
               help="Target mode: least loss among configs at least this fast. Without it: max speedup.")
-@click.option("--max-loss", type=float, default=0.02, show_default=True, help="Bound on relative CLIP score loss.")
+@click.option("--loss-metric", type=click.Choice(["clip", "psnr", "ssim", "lpips"]), default="clip", show_default=True,
+              help="What the bound applies to: clip (relative CLIP score loss), psnr (minimum PSNR in dB against the "
+                   "baseline image of the same prompt and seed), ssim (1 - SSIM against it), lpips (LPIPS against it; "
+                   "needs torchvision's AlexNet weights in the torch cache).")
+@click.option("--max-loss", type=float, default=None,
+              help="The bound: at most this loss; for --loss-metric psnr, at least this PSNR in dB  "
+                   "[default: clip 0.02, psnr 25, ssim 0.15, lpips 0.15]")
 @click.option("--methods", default=",".join(METHODS), show_default=True, help="Methods that may switch on.")
 @click.option("--n-trials", type=click.IntRange(1), default=20, show_default=True, help="Trials to add in this run.")
 @click.option("--storage", default=DEFAULT_STORAGE, show_default=True, help="Optuna storage URL.")
@@ -74,7 +83,8 @@ def cli():
 @click.option("--retime-every", type=click.IntRange(0), default=10, show_default=True,
               help="Without --repeats: re-time the baseline every N trials (0: only at the start of a run) to cancel drift.")
 @click.option("--images-per-trial", type=click.IntRange(0), default=4, show_default=True,
-              help="Images of each trial (and of the baseline) kept as artifacts for optuna-dashboard.")
+              help="Images of each trial kept as artifacts for optuna-dashboard and the report (the baseline's "
+                   "images, one per prompt, are always kept: trials are compared with them).")
 @click.option("--artifact-dir", default=None,
               help="Where those images go  [default: beside the SQLite file, else studies/artifacts]")
 @click.option("--speed-gate/--no-speed-gate", default=True, show_default=True,
@@ -160,10 +170,18 @@ def _check_run_options(o: dict):
     except pipelines.PipelineError as e:
         raise Failure(str(e)) from None
     tiny = spec.kind in pipelines.TINY
+    from .metrics import DEFAULT_BOUNDS, lpips_available, lpips_weights_path
+
+    mode = o["mode"] or ("target" if o["target_speedup"] is not None else "max")
+    metric = o["loss_metric"]
     try:
-        goal = Goal("target" if o["target_speedup"] is not None else "max", o["target_speedup"], o["max_loss"])
+        goal = Goal(mode, o["target_speedup"], o["max_loss"] if o["max_loss"] is not None else DEFAULT_BOUNDS[metric],
+                    metric)
     except ValueError as e:
         raise Failure(str(e)) from None
+    if metric == "lpips" and not lpips_available():
+        raise Failure(f"--loss-metric lpips needs torchvision's AlexNet weights at {lpips_weights_path()} "
+                      "(copy alexnet-owt-7be5be79.pth there, or set TORCH_HOME); nothing is downloaded during a run")
     methods = _methods(o["methods"])
     devices = _devices(o)
     device = devices[0] if devices else (o["device"] or _default_device())
@@ -226,22 +244,29 @@ def _default_device() -> str:
 @click.option("--study", "study_name", default=None, help="[default: the only study, or the most recently run]")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def best(storage, study_name, as_json):
-    """Print the best feasible trial of a study."""
+    """Print the best feasible trial of a study; of a pareto study, its feasible Pareto front (one line
+    per trial) and the fastest of it."""
     from .baseline import Baseline
-    from .report import best_entry, format_best
+    from .report import best_entry, format_best, format_front
     from .runner import goal_of, pick_study
-    from .search import best_feasible
+    from .search import best_feasible, feasible_front
 
     study = pick_study(storage, study_name)
     goal = goal_of(study)
     trial = best_feasible(study, goal)
+    front = feasible_front(study, goal) if goal.mode == "pareto" else None
     baseline = Baseline.load(study)
     if as_json:
-        click.echo(json.dumps({
+        data = {
             "study": study.study_name, "goal": goal.as_dict(),
             "baseline": {"time_per_image": baseline.time_per_image, "clip_score": baseline.clip_score} if baseline else None,
-            "best": best_entry(trial) if trial else None,
-        }, indent=2))
+            "best": best_entry(trial, goal) if trial else None,
+        }
+        if front is not None:
+            data["front"] = [best_entry(t, goal) for t in front]
+        click.echo(json.dumps(data, indent=2))
+    elif front is not None:
+        click.echo(format_front(study.study_name, goal, front, trial))
     else:
         click.echo(format_best(study.study_name, goal, trial, baseline))
     if trial is None:
@@ -253,13 +278,15 @@ def best(storage, study_name, as_json):
 @click.option("--study", "study_name", default=None, help="[default: the only study, or the most recently run]")
 @click.option("-o", "--output", default="report.html", show_default=True, type=click.Path(dir_okay=False))
 @click.option("--top", type=click.IntRange(1), default=10, show_default=True, help="Trials in the table.")
-def report_command(storage, study_name, output, top):
-    """Write a self-contained HTML report of a study: Pareto plot, history, importances, top trials."""
+@click.option("--artifact-dir", default=None, help="Where run stored the images  [default: as run chose it for this storage]")
+def report_command(storage, study_name, output, top, artifact_dir):
+    """Write a self-contained HTML report of a study: Pareto plot, history, importances, images of the
+    baseline, the best and Pareto trials, top trials."""
     from .report import ReportError, measured_trials, open_study, write_report
 
     try:
         study = open_study(storage, study_name)
-        write_report(study, output, storage, top)
+        write_report(study, output, storage, top, artifact_dir)
     except (ReportError, OSError) as e:
         raise Failure(str(e)) from None
     n = len(measured_trials(study))
@@ -273,7 +300,7 @@ def report_command(storage, study_name, output, top):
 @click.option("--storage", default=None, help=f"Optuna storage URL  [default: {DEFAULT_STORAGE}]")
 @click.option("--study", "study_name", default=None, help="[default: the only study, or the most recently run]")
 @click.option("--trial", "trial_number", type=click.IntRange(0), default=None,
-              help="Use this trial's params  [default: the best feasible trial]")
+              help="Use this trial's params  [default: the best feasible trial; pareto study: the fastest feasible]")
 @click.option("--params", "params_file", default=None, type=click.Path(dir_okay=False),
               help="Take the settings from this search_params.json instead of a study.")
 @click.option("--key", default=None, help="Entry of --params  [default: its only entry]")

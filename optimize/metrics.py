@@ -107,3 +107,87 @@ def score_loss(base: float, score: float) -> float:
             "between any image and its prompt)"
         )
     return (base - score) / base
+
+
+# --- fidelity to the baseline image ---------------------------------------------------------------
+# Every measured trial also compares each image with the baseline image of the same prompt and seed:
+# PSNR and SSIM always (torchmetrics' functional metrics), LPIPS (AlexNet) when torchvision's AlexNet
+# weights are in the local torch cache: they cannot be downloaded during a run.
+
+LOSS_METRICS = ("clip", "psnr", "ssim", "lpips")
+# The bound each metric gets without --max-loss. psnr's is a minimum in dB; the others bound a loss.
+DEFAULT_BOUNDS = {"clip": 0.02, "psnr": 25.0, "ssim": 0.15, "lpips": 0.15}
+PSNR_CAP = 100.0  # dB: identical images (infinite PSNR) and anything closer than 8 bits can show count as this
+LPIPS_NET = "alexnet"
+_FIDELITY_BATCH = 8
+
+
+def lpips_weights_path() -> str:
+    """Where torchvision keeps (and would download) the AlexNet weights LPIPS needs."""
+    import torch
+    import torchvision
+
+    url = getattr(torchvision.models, "AlexNet_Weights").DEFAULT.url
+    return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
+
+
+def lpips_available() -> bool:
+    return os.path.isfile(lpips_weights_path())
+
+
+def _to_tensor(images):
+    """PIL images (or HxWx3 uint8 arrays) as one float tensor N x 3 x H x W in [0, 1]."""
+    import torch
+
+    arrays = [np.asarray(im.convert("RGB") if hasattr(im, "convert") else im, dtype=np.uint8) for im in images]
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float().div_(255.0)
+
+
+class FidelityScorer:
+    """PSNR, SSIM and (optionally) LPIPS of images against the baseline images of the same prompts.
+
+    PSNR is per image, in dB over 8-bit pixel values, capped at :data:`PSNR_CAP` so an identical image
+    stays finite (JSON-safe); SSIM uses an 11x11 Gaussian window (smaller on images under 11 pixels).
+    The returned values are means over the images.
+    """
+
+    def __init__(self, reference_images, device: str = "cpu", lpips: bool = False):
+        import torch
+
+        self.reference = _to_tensor(reference_images)
+        self.device = torch.device(device)
+        self.lpips = None
+        if lpips:
+            from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
+
+            if not lpips_available():
+                raise MetricError(f"LPIPS needs torchvision's AlexNet weights at {lpips_weights_path()}")
+            self.lpips = LearnedPerceptualImagePatchSimilarity(net_type="alex", reduction="none", normalize=True)
+            self.lpips.eval().to(self.device)
+
+    def score(self, images) -> dict[str, float]:
+        import torch
+        from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+
+        if len(images) != len(self.reference):
+            raise ValueError(f"{len(images)} images for {len(self.reference)} baseline images")
+        current = _to_tensor(images)
+        if current.shape != self.reference.shape:
+            raise ValueError(f"images of shape {tuple(current.shape[1:])}, baseline {tuple(self.reference.shape[1:])}")
+        side = min(current.shape[-2:])
+        kernel = min(11, side if side % 2 else side - 1)
+        psnr, ssim, lpips = [], [], []
+        with torch.no_grad():
+            for i in range(0, len(current), _FIDELITY_BATCH):
+                x = current[i : i + _FIDELITY_BATCH].to(self.device)
+                y = self.reference[i : i + _FIDELITY_BATCH].to(self.device)
+                p = peak_signal_noise_ratio(x, y, data_range=1.0, reduction="none", dim=(1, 2, 3))
+                psnr.append(torch.nan_to_num(p, posinf=PSNR_CAP).clamp(max=PSNR_CAP).cpu())
+                ssim.append(structural_similarity_index_measure(
+                    x, y, data_range=1.0, reduction="none", kernel_size=kernel).reshape(-1).cpu())
+                if self.lpips is not None:
+                    lpips.append(self.lpips(x, y).reshape(-1).cpu())
+        out = {"psnr": float(torch.cat(psnr).mean()), "ssim": float(torch.cat(ssim).mean())}
+        if lpips:
+            out["lpips"] = float(torch.cat(lpips).mean())
+        return out

@@ -14,29 +14,43 @@ from typing import Any
 
 from optuna.trial import FrozenTrial, TrialState
 
-from .search import CONSTRAINTS_ATTR, Goal, is_feasible
+from .search import CONSTRAINTS_ATTR, LOSS_TEXT, Goal, is_feasible
 from .storage import atomic_write, redact  # noqa: F401 - also used as report.atomic_write, report.redact
 
 
+def fidelity_text(attrs: dict[str, Any]) -> str:
+    """``psnr 27.1 ssim 0.952 lpips 0.081`` (what the trial has of them)."""
+    parts = [f"psnr {attrs['psnr']:.1f}" if "psnr" in attrs else "", f"ssim {attrs['ssim']:.3f}" if "ssim" in attrs else "",
+             f"lpips {attrs['lpips']:.3f}" if "lpips" in attrs else ""]
+    return " ".join(p for p in parts if p)
+
+
 def trial_line(trial: FrozenTrial) -> str:
-    """``#3  dc(3,b0)+tome(0.5,md2)  1.87x ±4%  loss +0.012  feasible``"""
+    """``#3  dc(3,b0)+tome(0.5,md2)  1.87x ±4%  loss +0.012  psnr 27.1 ssim 0.952  feasible``"""
     attrs = trial.user_attrs
     head = f"#{trial.number:<3d} {attrs.get('config', '?'):<42s}"
     if trial.state != TrialState.COMPLETE:
         reason = attrs.get("error") or attrs.get("skipped") or trial.system_attrs.get("fail_reason", "")
         return f"{head} {trial.state.name.lower()}: {reason}"[:200]
     reused = f"  (same as #{attrs['reused_from']})" if "reused_from" in attrs else ""
+    fidelity = fidelity_text(attrs)
     return (f"{head} {attrs['speedup']:5.2f}x ±{100 * attrs['spread']:.0f}%  loss {attrs['score_loss']:+.4f}  "
-            f"{'feasible' if is_feasible(trial) else 'infeasible'}{reused}")
+            f"{fidelity + '  ' if fidelity else ''}{'feasible' if is_feasible(trial) else 'infeasible'}{reused}")
 
 
-def best_entry(trial: FrozenTrial) -> dict[str, Any]:
+def best_entry(trial: FrozenTrial, goal: Goal | None = None) -> dict[str, Any]:
+    """A trial's result as search_params.json and ``best --json`` give it; with ``goal``, also the loss
+    its bound applies to."""
     a = trial.user_attrs
-    return {
+    entry = {
         "trial": trial.number, "config": a["config"], "params": dict(trial.params), "speedup": a["speedup"],
         "score_loss": a["score_loss"], "time_per_image": a["time_per_image"], "spread": a["spread"],
         "clip_score": a["clip_score"],
     }
+    entry.update({k: a[k] for k in ("psnr", "ssim", "lpips") if k in a})
+    if goal is not None:
+        entry.update(loss_metric=goal.loss_metric, loss=goal.loss(a))
+    return entry
 
 
 def summary(study, goal: Goal) -> dict[str, Any]:
@@ -50,12 +64,34 @@ def format_best(study_name: str, goal: Goal, trial: FrozenTrial | None, baseline
     if trial is None:
         return f"{study_name}: no feasible trial yet"
     e = best_entry(trial)
+    fidelity = fidelity_text(trial.user_attrs)
     return (f"{study_name}: best feasible trial #{e['trial']}: {e['config']}\n"
             f"  speedup {e['speedup']:.2f}x (±{100 * e['spread']:.0f}%), {1000 * e['time_per_image']:.1f} ms/image "
             f"vs baseline {1000 * trial.user_attrs.get('baseline_time', baseline.time_per_image):.1f} ms; "
             f"score_loss {e['score_loss']:+.4f} "
-            f"(CLIP {e['clip_score']:.2f} vs {baseline.clip_score:.2f})\n"
+            f"(CLIP {e['clip_score']:.2f} vs {baseline.clip_score:.2f}){'; ' + fidelity if fidelity else ''}\n"
             f"  params {e['params']}")
+
+
+def front_line(trial: FrozenTrial, goal: Goal) -> str:
+    """One point of a Pareto front: ``#3   dc(3,b0)   2.10x  ssim_loss 0.0312  psnr 27.1 ssim 0.969  CLIP loss +0.0040``"""
+    a = trial.user_attrs
+    loss = goal.loss(a)
+    shown = f"psnr {goal.shown(loss):.2f} dB" if goal.loss_metric == "psnr" else f"{goal.loss_name} {loss:+.4f}"
+    rest = fidelity_text(a) + (f"  score_loss {a['score_loss']:+.4f}" if goal.loss_metric != "clip" else "")
+    return f"#{trial.number:<3d} {a.get('config', '?'):<42s} {a['speedup']:5.2f}x  {shown}  {rest}".rstrip()
+
+
+def format_front(study_name: str, goal: Goal, front: list[FrozenTrial], best: FrozenTrial | None) -> str:
+    """A pareto study's feasible front, one line per trial (fastest last), and its single pick."""
+    if not front:
+        return f"{study_name}: no feasible trial yet"
+    lines = [f"{study_name}: feasible Pareto front ({len(front)} trial{'s' * (len(front) != 1)}; speedup up, "
+             f"{goal.loss_name} down, {goal.bound_text()}):"]
+    lines += ["  " + front_line(t, goal) for t in front]
+    if best is not None:
+        lines.append(f"  fastest feasible (generate's default): #{best.number} {best.user_attrs.get('config', '?')}")
+    return "\n".join(lines)
 
 
 # --- the HTML report -----------------------------------------------------------------------------
@@ -113,18 +149,12 @@ def measured_trials(study) -> list[FrozenTrial]:
             if "speedup" in t.user_attrs and "score_loss" in t.user_attrs]
 
 
-def pareto_front(trials: list[FrozenTrial]) -> list[FrozenTrial]:
-    """Trials no other trial beats on both speedup (higher) and score_loss (lower), by loss ascending.
+def pareto_front(trials: list[FrozenTrial], goal: Goal | None = None) -> list[FrozenTrial]:
+    """Trials no other trial beats on both speedup (higher) and the loss (lower), by loss ascending
+    (see :func:`optimize.search.pareto_front`)."""
+    from .search import pareto_front as front
 
-    Of several trials with the same measurement (a reused configuration) only the first is kept.
-    """
-    front: list[FrozenTrial] = []
-    best_speedup = -math.inf
-    for t in sorted(trials, key=lambda t: (t.user_attrs["score_loss"], -t.user_attrs["speedup"], t.number)):
-        if t.user_attrs["speedup"] > best_speedup:
-            front.append(t)
-            best_speedup = t.user_attrs["speedup"]
-    return front
+    return front(trials, goal)
 
 
 def _violation(trial: FrozenTrial) -> float:
@@ -135,11 +165,11 @@ def _violation(trial: FrozenTrial) -> float:
 def ranked_trials(study, goal: Goal) -> list[FrozenTrial]:
     """Measured trials, best first: feasible ones in the order of :func:`best_feasible`, then the
     infeasible ones by how far they miss their constraints."""
-    trials = measured_trials(study)
+    trials = [t for t in measured_trials(study) if goal.loss(t.user_attrs) is not None]
     if goal.mode == "target":
-        key = lambda t: (t.user_attrs["score_loss"], -t.user_attrs["speedup"], t.number)  # noqa: E731
+        key = lambda t: (goal.loss(t.user_attrs), -t.user_attrs["speedup"], t.number)  # noqa: E731
     else:
-        key = lambda t: (-t.user_attrs["speedup"], t.user_attrs["score_loss"], t.number)  # noqa: E731
+        key = lambda t: (-t.user_attrs["speedup"], goal.loss(t.user_attrs), t.number)  # noqa: E731
     feasible = sorted((t for t in trials if is_feasible(t)), key=key)
     infeasible = sorted((t for t in trials if not is_feasible(t)), key=lambda t: (_violation(t), key(t)))
     return feasible + infeasible
@@ -155,6 +185,7 @@ def top_trials(study, goal: Goal | None = None, n: int = 10) -> list[dict[str, A
             "rank": rank, "trial": t.number, "config": a.get("config", "?"), "methods": combination(methods_of(t)),
             "speedup": a["speedup"], "score_loss": a["score_loss"], "ms_per_image": 1000 * a.get("time_per_image", math.nan),
             "spread": a.get("spread", math.nan), "clip_score": a.get("clip_score", math.nan),
+            "psnr": a.get("psnr", math.nan), "ssim": a.get("ssim", math.nan), "lpips": a.get("lpips", math.nan),
             "feasible": is_feasible(t), "reused_from": a.get("reused_from"),
         })
     return rows
@@ -162,8 +193,9 @@ def top_trials(study, goal: Goal | None = None, n: int = 10) -> list[dict[str, A
 
 def _hover(t: FrozenTrial) -> str:
     a = t.user_attrs
+    fidelity = fidelity_text(a)
     return (f"#{t.number} {a.get('config', '?')}<br>speedup {a['speedup']:.3f}x<br>score_loss {a['score_loss']:+.4f}"
-            f"<br>{'feasible' if is_feasible(t) else 'infeasible'}")
+            f"{'<br>' + fidelity if fidelity else ''}<br>{'feasible' if is_feasible(t) else 'infeasible'}")
 
 
 def _placeholder(title: str, message: str):
@@ -185,44 +217,50 @@ def pareto_figure(study, goal: Goal | None = None):
     from .search import best_feasible
 
     goal = goal or study_goal(study)
-    trials = measured_trials(study)
-    title = "Speedup vs score_loss"
+    trials = [t for t in measured_trials(study) if goal.loss(t.user_attrs) is not None]
+    title = f"Speedup vs {goal.loss_name}"
     if not trials:
         return _placeholder(title, "no completed trial yet")
     feasible = [t for t in trials if is_feasible(t)]
     infeasible = [t for t in trials if not is_feasible(t)]
     fig = go.Figure()
 
+    def x(t):
+        return goal.shown(goal.loss(t.user_attrs))
+
     def scatter(ts, name, **marker):
         fig.add_trace(go.Scatter(
-            x=[t.user_attrs["score_loss"] for t in ts], y=[t.user_attrs["speedup"] for t in ts], mode="markers",
+            x=[x(t) for t in ts], y=[t.user_attrs["speedup"] for t in ts], mode="markers",
             name=f"{name} ({len(ts)})", hovertext=[_hover(t) for t in ts], hoverinfo="text", marker=marker))
 
     scatter(feasible, "feasible", color="#1f77b4", size=9)
     scatter(infeasible, "infeasible", color="#bbbbbb", size=9, symbol="x")
-    front = pareto_front(feasible)
+    front = pareto_front(feasible, goal)
     if front:
         fig.add_trace(go.Scatter(
-            x=[t.user_attrs["score_loss"] for t in front], y=[t.user_attrs["speedup"] for t in front],
+            x=[x(t) for t in front], y=[t.user_attrs["speedup"] for t in front],
             mode="lines+markers", line={"shape": "hv", "color": "#d62728"},
             marker={"color": "#d62728", "size": 11, "symbol": "circle-open", "line": {"width": 2}},
             name=f"Pareto front ({len(front)})", hovertext=[_hover(t) for t in front], hoverinfo="text"))
     best = best_feasible(study, goal)
     if best is not None:
         fig.add_trace(go.Scatter(
-            x=[best.user_attrs["score_loss"]], y=[best.user_attrs["speedup"]], mode="markers",
+            x=[x(best)], y=[best.user_attrs["speedup"]], mode="markers",
             marker={"symbol": "star", "size": 18, "color": "#ff7f0e", "line": {"width": 1, "color": "black"}},
             name=f"best feasible (#{best.number})", hovertext=[_hover(best)], hoverinfo="text"))
-    fig.add_trace(go.Scatter(x=[0.0], y=[1.0], mode="markers", name="baseline",
-                             marker={"symbol": "diamond", "size": 11, "color": "black"},
-                             hovertext=["baseline: 1x, loss 0"], hoverinfo="text"))
+    if goal.loss_metric != "psnr":  # the baseline's PSNR is infinite: no point to draw
+        fig.add_trace(go.Scatter(x=[0.0], y=[1.0], mode="markers", name="baseline",
+                                 marker={"symbol": "diamond", "size": 11, "color": "black"},
+                                 hovertext=["baseline: 1x, loss 0"], hoverinfo="text"))
+    bound = "min_psnr" if goal.loss_metric == "psnr" else "max_loss"
     fig.add_vline(x=goal.max_loss, line_dash="dash", line_color="#d62728",
-                  annotation_text=f"max_loss {goal.max_loss:g}", annotation_position="top left")
+                  annotation_text=f"{bound} {goal.max_loss:g}", annotation_position="top left")
     if goal.mode == "target":
         fig.add_hline(y=goal.target_speedup, line_dash="dash", line_color="#2ca02c",
                       annotation_text=f"target {goal.target_speedup:g}x", annotation_position="bottom right")
     fig.update_layout(title=title, template="plotly_white", height=480,
-                      xaxis_title="score_loss (relative CLIP score loss, lower is better)",
+                      xaxis_title=(f"{LOSS_TEXT[goal.loss_metric]}, "
+                                   f"{'higher' if goal.loss_metric == 'psnr' else 'lower'} is better"),
                       yaxis_title="speedup (x baseline, higher is better)", legend={"orientation": "h", "y": -0.2})
     return fig
 
@@ -234,12 +272,19 @@ def history_figure(study, goal: Goal | None = None):
     goal = goal or study_goal(study)
     if not measured_trials(study):
         return _placeholder("Optimization history", "no completed trial yet")
-    fig = plot_optimization_history(study, target_name=goal.objective_name)
+    fig = plot_optimization_history(study, **_target(goal))
     if len(study.get_trials(deepcopy=False)) <= 20:
         fig.update_xaxes(dtick=1)  # trial numbers, not 0.5 steps
-    fig.update_layout(title=f"Optimization history ({goal.objective_name}, {goal.direction})", template="plotly_white",
+    fig.update_layout(title=f"Optimization history ({goal.objective_name}, {goal.directions[0]})", template="plotly_white",
                       height=420)
     return fig
+
+
+def _target(goal: Goal) -> dict[str, Any]:
+    """Optuna's plots of one objective: a pareto study's is speedup (its first)."""
+    if goal.mode == "pareto":
+        return {"target": lambda t: t.values[0], "target_name": "speedup"}
+    return {"target_name": goal.objective_name}
 
 
 def importance_figure(study, goal: Goal | None = None, min_trials: int = MIN_TRIALS_FOR_IMPORTANCE):
@@ -255,7 +300,7 @@ def importance_figure(study, goal: Goal | None = None, min_trials: int = MIN_TRI
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            fig = plot_param_importances(study, target_name=goal.objective_name)
+            fig = plot_param_importances(study, **_target(goal))
     except (ValueError, RuntimeError, ZeroDivisionError, FloatingPointError) as e:  # degenerate studies
         return _placeholder(title, f"parameter importances could not be computed: {type(e).__name__}: {e}"[:200])
     if not fig.data:
@@ -303,9 +348,11 @@ def report_figures(study, goal: Goal | None = None) -> dict[str, Any]:
 
 def goal_text(goal: Goal) -> str:
     if goal.mode == "target":
-        return (f"least score_loss among configurations with speedup >= {goal.target_speedup:g}x "
-                f"and score_loss <= {goal.max_loss:g}")
-    return f"most speedup with score_loss <= {goal.max_loss:g}"
+        return (f"least {goal.loss_name} among configurations with speedup >= {goal.target_speedup:g}x "
+                f"and {goal.bound_text()}")
+    if goal.mode == "pareto":
+        return f"Pareto front of speedup (up) and {goal.loss_name} (down) with {goal.bound_text()}"
+    return f"most speedup with {goal.bound_text()}"
 
 
 def _fmt(value: Any, spec: str) -> str:
@@ -318,7 +365,8 @@ def _table_html(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return "<p>No completed trial yet.</p>"
     head = ("<tr><th>rank</th><th>trial</th><th>configuration</th><th>methods</th><th>speedup</th>"
-            "<th>score_loss</th><th>ms / image</th><th>spread</th><th>CLIP</th><th>feasible</th></tr>")
+            "<th>score_loss</th><th>PSNR</th><th>SSIM</th><th>LPIPS</th><th>ms / image</th><th>spread</th><th>CLIP</th>"
+            "<th>feasible</th></tr>")
     body = []
     for r in rows:
         reused = f" <small>(same as #{r['reused_from']})</small>" if r["reused_from"] is not None else ""
@@ -326,9 +374,100 @@ def _table_html(rows: list[dict[str, Any]]) -> str:
             f"<tr class=\"{'feasible' if r['feasible'] else 'infeasible'}\"><td>{r['rank']}</td><td>#{r['trial']}</td>"
             f"<td><code>{html.escape(str(r['config']))}</code>{reused}</td><td>{html.escape(r['methods'])}</td>"
             f"<td>{_fmt(r['speedup'], '.3f')}x</td><td>{_fmt(r['score_loss'], '+.4f')}</td>"
+            f"<td>{_fmt(r['psnr'], '.2f')}</td><td>{_fmt(r['ssim'], '.4f')}</td><td>{_fmt(r['lpips'], '.4f')}</td>"
             f"<td>{_fmt(r['ms_per_image'], '.1f')}</td><td>±{_fmt(100 * r['spread'], '.0f')}%</td>"
             f"<td>{_fmt(r['clip_score'], '.3f')}</td><td>{'yes' if r['feasible'] else 'no'}</td></tr>")
     return f"<table id=\"top-trials\">{head}{''.join(body)}</table>"
+
+
+# --- the image grid: baseline vs best vs a few Pareto points, from the images run stored -------------
+
+GRID_ROWS = 4  # prompts shown
+GRID_FRONT = 3  # points of the feasible front shown besides the best
+
+
+def grid_trials(study, goal: Goal | None = None, n_front: int = GRID_FRONT) -> list[FrozenTrial]:
+    """The trials of the image grid: the best feasible one, then up to ``n_front`` other points of the
+    feasible Pareto front, spread along it (least loss first)."""
+    from .search import best_feasible, feasible_front
+
+    goal = goal or study_goal(study)
+    best = best_feasible(study, goal)
+    others = [t for t in feasible_front(study, goal) if best is None or t.number != best.number]
+    if len(others) > n_front:
+        step = (len(others) - 1) / max(1, n_front - 1)
+        others = [others[round(i * step)] for i in range(n_front)] if n_front > 1 else others[:1]
+    return ([best] if best is not None else []) + others
+
+
+def image_grid(study, goal: Goal | None = None, storage_url: str | None = None, artifact_dir: str | None = None,
+               rows: int = GRID_ROWS, n_front: int = GRID_FRONT) -> list[dict[str, Any]]:
+    """The grid's columns: ``{"title", "detail", "images"}``, ``images`` PNG bytes per prompt (None where
+    not readable here); the baseline first. Empty when no image of the study can be read."""
+    from .storage import BASELINE_PREFIX, artifact_dir_for, image_ids
+
+    goal = goal or study_goal(study)
+    directory = artifact_dir_for(storage_url or "", artifact_dir)
+    if not os.path.isdir(directory):
+        return []
+    from optuna.artifacts import FileSystemArtifactStore
+
+    store = FileSystemArtifactStore(directory)
+
+    def read(ids: dict[int, str]) -> list[bytes | None]:
+        out = []
+        for i in range(rows):
+            try:
+                with store.open_reader(ids[i]) as f:
+                    out.append(f.read())
+            except Exception:  # noqa: BLE001 - not stored, or stored on another machine
+                out.append(None)
+        return out
+
+    columns = [{"title": "baseline", "detail": "no acceleration", "images": read(image_ids(study, BASELINE_PREFIX))}]
+    best = grid_trials(study, goal, 0)
+    trials = {t.number: t for t in study.get_trials(deepcopy=False)}
+    for i, t in enumerate(grid_trials(study, goal, n_front)):
+        a = t.user_attrs
+        source = trials.get(a.get("reused_from"), t)  # a reused measurement shows its source's images
+        loss = goal.loss(a)
+        shown = f"psnr {goal.shown(loss):.1f} dB" if goal.loss_metric == "psnr" else f"{goal.loss_name} {loss:+.4f}"
+        columns.append({
+            "title": f"{'best' if best and t.number == best[0].number else 'Pareto'} #{t.number}",
+            "detail": f"{a.get('config', '?')}: {a['speedup']:.2f}x, {shown}",
+            "images": read(image_ids(source, f"trial{source.number}", storage=study._storage)),
+        })
+    if not any(im is not None for c in columns for im in c["images"]):
+        return []
+    used = max(i + 1 for c in columns for i, im in enumerate(c["images"]) if im is not None)
+    for c in columns:
+        c["images"] = c["images"][:used]
+    return columns
+
+
+def image_grid_html(study, goal: Goal | None = None, storage_url: str | None = None,
+                    artifact_dir: str | None = None) -> str:
+    """The image grid as an HTML table with the PNGs embedded as data URIs (or a short note)."""
+    import base64
+
+    columns = image_grid(study, goal, storage_url, artifact_dir)
+    if not columns:
+        return ("<p class=\"note\" id=\"no-images\">No images stored for this study (or its artifact directory "
+                "is on another machine): run writes them beside the storage, or in --artifact-dir.</p>")
+    esc = html.escape
+    head = "".join(f"<th>{esc(c['title'])}<br><small>{esc(c['detail'])}</small></th>" for c in columns)
+    body = []
+    for i in range(len(columns[0]["images"])):
+        cells = []
+        for c in columns:
+            png = c["images"][i]
+            if png is None:
+                cells.append("<td><small>not stored</small></td>")
+            else:
+                src = "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+                cells.append(f"<td><img class=\"grid\" src=\"{src}\" alt=\"{esc(c['title'])}, prompt {i}\"></td>")
+        body.append(f"<tr><th>prompt {i}</th>{''.join(cells)}</tr>")
+    return f"<table id=\"image-grid\"><tr><th></th>{head}</tr>{''.join(body)}</table>"
 
 
 _STYLE = """
@@ -339,10 +478,11 @@ table { border-collapse: collapse; width: 100%; font-size: .9em; }
 th, td { border-bottom: 1px solid #ddd; padding: .3em .5em; text-align: left; }
 tr.infeasible { color: #888; } code { font-size: .95em; } .note { color: #a15c00; }
 pre { background: #f5f5f5; padding: .6em; overflow-x: auto; }
+img.grid { width: 160px; height: auto; image-rendering: pixelated; } #image-grid td, #image-grid th { vertical-align: top; }
 """
 
 
-def build_report_html(study, storage_url: str | None = None, top: int = 10) -> str:
+def build_report_html(study, storage_url: str | None = None, top: int = 10, artifact_dir: str | None = None) -> str:
     """The whole report as one HTML document with plotly.js embedded."""
     import datetime as _dt
 
@@ -362,6 +502,7 @@ def build_report_html(study, storage_url: str | None = None, top: int = 10) -> s
     best = best_feasible(study, goal)
     esc = html.escape
 
+    raw_url = storage_url
     storage_url = redact(storage_url) if storage_url else None
     info = [("study", esc(study.study_name)), ("storage", esc(storage_url or "")), ("goal", esc(goal_text(goal)))]
     if fp:
@@ -376,18 +517,25 @@ def build_report_html(study, storage_url: str | None = None, top: int = 10) -> s
                                  f"CLIP {baseline.clip_score:.3f}"))
     info.append(("trials", esc(", ".join(f"{v} {k}" for k, v in sorted(counts.items())) or "none")
                  + f"; {n_feasible} feasible"))
+    label = "fastest feasible (on the front)" if goal.mode == "pareto" else "best feasible"
     if best is not None:
         e = best_entry(best)
-        info.append(("best feasible", f"#{e['trial']} <code>{esc(e['config'])}</code>: {e['speedup']:.3f}x, "
-                                      f"score_loss {e['score_loss']:+.4f}"))
+        fidelity = fidelity_text(best.user_attrs)
+        info.append((label, f"#{e['trial']} <code>{esc(e['config'])}</code>: {e['speedup']:.3f}x, "
+                            f"score_loss {e['score_loss']:+.4f}{', ' + fidelity if fidelity else ''}"))
     else:
-        info.append(("best feasible", "none yet"))
+        info.append((label, "none yet"))
+    if goal.mode == "pareto":
+        from .search import feasible_front
+
+        front = feasible_front(study, goal)
+        info.append(("feasible Pareto front", ", ".join(f"#{t.number}" for t in front) or "none yet"))
     random_weights = str(fp.get("pipe", "")).startswith(("random:", "tiny")) or str(fp.get("clip", "")).endswith("/None")
     note = ("<p class=\"note\">Random weights (pipeline or CLIP model): speedups are real, CLIP scores and losses "
             "are meaningless.</p>") if random_weights else ""
 
     sections = []
-    titles = {"pareto": "Speedup vs score_loss", "history": "Optimization history",
+    titles = {"pareto": f"Speedup vs {goal.loss_name}", "history": "Optimization history",
               "importance": "Parameter importances", "methods": "Speedup by method combination"}
     for name, fig in report_figures(study, goal).items():
         fig.update_layout(title_text="", margin={"t": 40})  # the section heading names it
@@ -413,6 +561,8 @@ def build_report_html(study, storage_url: str | None = None, top: int = 10) -> s
         "<dl>" + "".join(f"<dt>{k}</dt><dd>{v}</dd>" for k, v in info) + "</dl>",
         note,
         *sections,
+        f"<section id=\"section-images\"><h2>Images: baseline, best and Pareto points</h2>"
+        f"{image_grid_html(study, goal, raw_url, artifact_dir)}</section>",
         f"<section id=\"section-top\"><h2>Top trials</h2>{_table_html(top_trials(study, goal, top))}</section>",
         use,
         f"<footer><small>optimize-sd {__version__}, {made}</small></footer>",
@@ -420,7 +570,8 @@ def build_report_html(study, storage_url: str | None = None, top: int = 10) -> s
     ])
 
 
-def write_report(study, path: str, storage_url: str | None = None, top: int = 10) -> str:
+def write_report(study, path: str, storage_url: str | None = None, top: int = 10,
+                 artifact_dir: str | None = None) -> str:
     """Build the report of ``study`` and write it atomically to ``path``; returns ``path``."""
-    atomic_write(path, build_report_html(study, storage_url, top))
+    atomic_write(path, build_report_html(study, storage_url, top, artifact_dir))
     return path

@@ -27,12 +27,13 @@ from .accelerators import Config, max_branch_id
 from .baseline import ATTR as BASELINE_ATTR
 from .baseline import Baseline, BaselineMismatch, check_fingerprint
 from .measure import Evaluator, GenerationSettings
-from .metrics import ClipScorer, MetricError, score_loss
+from .metrics import ClipScorer, FidelityScorer, MetricError, lpips_available, lpips_weights_path, score_loss
 from .prompts import PromptsError, load_prompts, prompts_hash
-from .report import best_entry, format_best, trial_line
-from .search import Goal, Objective, SearchSpace, best_feasible, make_sampler, warm_start_params
-from .storage import (StorageError, artifact_dir_for, artifact_store, insert_study_user_attr_once, open_storage,
-                      redact, storage_errors, update_search_params, upload_images)
+from .report import best_entry, format_best, format_front, trial_line
+from .search import Goal, Objective, SearchSpace, best_feasible, feasible_front, make_sampler, warm_start_params
+from .storage import (BASELINE_PREFIX, StorageError, artifact_dir_for, artifact_store, baseline_image_ids,
+                      insert_study_user_attr_once, load_baseline_images, open_storage, redact, storage_errors,
+                      update_search_params, upload_images)
 
 STUDY_ATTR = "optimize_sd"
 
@@ -85,10 +86,12 @@ def study_name_for(spec: pipelines.PipeSpec, opts: RunOptions) -> str:
 
 
 def search_params_key(spec: pipelines.PipeSpec, opts: RunOptions) -> str:
-    """One key per (model, scheduler, steps, mode, bound), e.g. ``sd1.5:ddim:50:target2:0.02``."""
+    """One key per (model, scheduler, steps, mode, loss metric and bound), e.g. ``sd1.5:ddim:50:target2:0.02``
+    (CLIP score loss), ``sd1.5:ddim:50:pareto:ssim0.15``, ``sdxl:ddim:50:max:psnr25``."""
     g = opts.goal
-    mode = f"target{g.target_speedup:g}" if g.mode == "target" else "max"
-    return f"{spec.name}:{opts.scheduler}:{opts.steps}:{mode}:{g.max_loss:g}"
+    mode = f"target{g.target_speedup:g}" if g.mode == "target" else g.mode
+    bound = f"{g.max_loss:g}" if g.loss_metric == "clip" else f"{g.loss_metric}{g.max_loss:g}"
+    return f"{spec.name}:{opts.scheduler}:{opts.steps}:{mode}:{bound}"
 
 
 def goal_of(study: optuna.Study) -> Goal:
@@ -96,7 +99,7 @@ def goal_of(study: optuna.Study) -> Goal:
     if not meta:
         raise RunError(f"study {study.study_name!r} was not created by optimize-sd")
     g = meta["goal"]
-    return Goal(g["mode"], g["target_speedup"], g["max_loss"])
+    return Goal(g["mode"], g["target_speedup"], g["max_loss"], g.get("loss_metric", "clip"))
 
 
 def pick_study(storage_url: str, name: str | None) -> optuna.Study:
@@ -168,12 +171,12 @@ def _open_study(storage, name: str, opts: RunOptions, fingerprint: dict):
     """
     if name in optuna.get_all_study_names(storage):  # refuse a mismatch before writing anything
         _check_existing(optuna.load_study(study_name=name, storage=storage), opts, fingerprint)
-    study = optuna.create_study(storage=storage, study_name=name, direction=opts.goal.direction, load_if_exists=True)
+    study = optuna.create_study(storage=storage, study_name=name, directions=opts.goal.directions, load_if_exists=True)
     meta = {"goal": opts.goal.as_dict(), "constraints": opts.goal.constraint_names, "fingerprint": fingerprint}
     if STUDY_ATTR not in study.user_attrs:
         _check_existing(study, opts, fingerprint)
         if insert_study_user_attr_once(storage, study._study_id, STUDY_ATTR, meta):
-            study.set_metric_names([opts.goal.objective_name])  # shown by optuna-dashboard
+            study.set_metric_names(opts.goal.metric_names)  # shown by optuna-dashboard
             if opts.warm_start:  # only the process that created the study: workers would enqueue twice
                 for params in warm_start_params(opts.methods, opts.steps):
                     study.enqueue_trial(params, skip_if_exists=True)
@@ -187,7 +190,8 @@ def _open_study(storage, name: str, opts: RunOptions, fingerprint: dict):
 
 def _ensure_baseline(study: optuna.Study, storage, evaluator: Evaluator, fingerprint: dict, echo,
                      save_images=lambda images: None):
-    """The study's baseline and this process's reference time (None: re-time before the first trial).
+    """The study's baseline, this process's reference time (None: re-time before the first trial) and
+    the baseline images this process measured (None if it measured none).
 
     A study without a baseline gets one measured here. Workers that start together on a fresh study
     each measure it on their own device (in parallel: no worker waits for another); the first stored
@@ -197,7 +201,7 @@ def _ensure_baseline(study: optuna.Study, storage, evaluator: Evaluator, fingerp
     baseline = Baseline.load(study)
     if baseline is not None:
         echo("reusing the stored baseline")
-        return baseline, None  # re-timed on this device before the first trial
+        return baseline, None, None  # re-timed on this device before the first trial
     s = evaluator.settings
     echo(f"measuring baseline on {len(evaluator.prompts)} prompts ({s.steps} steps, {s.width}x{s.height})")
     try:
@@ -211,7 +215,7 @@ def _ensure_baseline(study: optuna.Study, storage, evaluator: Evaluator, fingerp
         if meta.get("fingerprint") != fingerprint:
             study.set_user_attr(STUDY_ATTR, dict(meta, fingerprint=fingerprint))
         save_images(m.images)
-        return measured, measured.time_per_image
+        return measured, measured.time_per_image, m.images
     stored = Baseline.load(study)
     try:
         check_fingerprint(stored.fingerprint, fingerprint)
@@ -219,7 +223,31 @@ def _ensure_baseline(study: optuna.Study, storage, evaluator: Evaluator, fingerp
         raise RunError(str(e)) from None
     echo(f"another worker stored the baseline first: using its CLIP score {stored.clip_score:.3f} "
          f"(measured here: {measured.clip_score:.3f}) and the time measured on this device")
-    return stored, measured.time_per_image
+    return stored, measured.time_per_image, m.images
+
+
+def _baseline_images(study: optuna.Study, store, directory: str, evaluator: Evaluator, measured, echo,
+                     save_images) -> list:
+    """The baseline image of every prompt, to compare each trial's images with (PSNR, SSIM, LPIPS).
+
+    A process that measured the stored baseline has them already. Otherwise they are read from the
+    study's artifacts; where those are missing (a worker on another machine without the artifact
+    directory, a moved directory) they are generated again, with the same prompts and seeds.
+    """
+    n = len(evaluator.prompts)
+    stored = load_baseline_images(study, store, n)
+    if stored is not None:
+        return stored
+    if measured is not None:
+        return measured  # another worker's baseline won, but its images are not readable here: same seeds
+    echo(f"baseline images not found in {directory}: generating them again ({n} prompts, same seeds)")
+    try:
+        images = evaluator.measure(Config(), paired=False).images
+    except Exception as e:  # noqa: BLE001 - nothing can be compared without them: one line
+        raise RunError(f"baseline images could not be generated: {type(e).__name__}: {e}") from e
+    if not baseline_image_ids(study):
+        save_images(images)  # none were ever stored (a study from before they were kept)
+    return images
 
 
 def _free_memory() -> None:
@@ -307,27 +335,44 @@ def run_search(spec: pipelines.PipeSpec, opts: RunOptions) -> None:
     evaluator = Evaluator(pipe, scorer, prompts, settings, repeats=opts.repeats, progress=opts.progress)
     # A stored baseline's time is re-measured on this device before the first trial: the machine may have
     # changed since, or this may be another worker's GPU.
-    store = artifact_store(artifact_dir_for(opts.storage, opts.artifact_dir)) if opts.images_per_trial else None
+    directory = artifact_dir_for(opts.storage, opts.artifact_dir)
+    try:
+        store = artifact_store(directory)  # the baseline images always; trial images if --images-per-trial
+    except OSError as e:
+        raise RunError(f"artifact directory {directory}: {e.strerror or e}") from None
 
-    def save_images(images, target, prefix: str) -> None:
-        if store is None or not images:
+    def save_images(images, target, prefix: str, limit: int | None) -> None:
+        if not images or limit == 0:
             return
         try:
-            upload_images(images[: opts.images_per_trial], target, store, prefix)
-        except Exception as e:  # noqa: BLE001 - pictures are a convenience: never fail a trial over them
+            upload_images(images[:limit], target, store, prefix)
+        except Exception as e:  # noqa: BLE001 - a trial's pictures are a convenience: never fail it over them
             click.echo(f"optimize-sd: warning: images not saved: {type(e).__name__}: {e}", err=True)
 
+    def save_baseline_images(images) -> None:
+        save_images(images, study, BASELINE_PREFIX, None)
+
     try:
-        baseline, reference = _ensure_baseline(study, storage, evaluator, fingerprint, echo,
-                                               lambda images: save_images(images, study, "baseline"))
+        baseline, reference, measured = _ensure_baseline(study, storage, evaluator, fingerprint, echo,
+                                                         save_baseline_images)
+        baseline_images = _baseline_images(study, store, directory, evaluator, measured, echo, save_baseline_images)
     except storage_errors() as e:
         raise RunFailure(f"storage {redact(opts.storage)} failed: {_first_line(e)}") from None
     echo(f"baseline: {1000 * baseline.time_per_image:.1f} ms/image (±{100 * baseline.spread:.0f}%), "
          f"CLIP {baseline.clip_score:.3f}")
+    use_lpips = lpips_available()
+    if not use_lpips:
+        echo(f"note: LPIPS not recorded: torchvision's AlexNet weights are not at {lpips_weights_path()} "
+             "(they are not downloaded during a run); PSNR and SSIM are")
+    try:
+        fidelity = FidelityScorer(baseline_images, opts.device, lpips=use_lpips)
+    except Exception as e:  # noqa: BLE001 - unreadable weights file: one line
+        raise RunError(f"cannot load LPIPS: {type(e).__name__}: {_first_line(e)}") from None
 
     space = SearchSpace(opts.methods, opts.steps, max_branch_id(pipe), xl)
     objective = Objective(evaluator, baseline, opts.goal, space, retime_every=opts.retime_every,
-                          reference=reference, retime_calls=max(3, opts.repeats), speed_gate=opts.speed_gate)
+                          reference=reference, retime_calls=max(3, opts.repeats), speed_gate=opts.speed_gate,
+                          fidelity=fidelity)
     key = search_params_key(spec, opts)
     worker = worker_label(opts)
 
@@ -340,7 +385,7 @@ def run_search(spec: pipelines.PipeSpec, opts: RunOptions) -> None:
             # not whenever the exception object goes.
             traceback.clear_frames(e.__traceback__)
             raise
-        save_images(objective.last_images, trial, f"trial{trial.number}")
+        save_images(objective.last_images, trial, f"trial{trial.number}", opts.images_per_trial)
         objective.last_images = None
         trial.set_user_attr("worker", worker)  # a reused measurement copied another trial's attrs
         return value
@@ -350,11 +395,20 @@ def run_search(spec: pipelines.PipeSpec, opts: RunOptions) -> None:
     bar = tqdm(total=opts.n_trials, desc="trials", unit="trial", disable=not opts.progress, file=sys.stderr)
     unsaved: dict = {}  # the last failure to write search_params.json, until a later write succeeds
 
-    def entry_for(trial) -> dict:
-        entry = best_entry(trial)
+    pareto = opts.goal.mode == "pareto"
+
+    def result():
+        """The best feasible trial (pareto: the fastest of the front) and, in pareto mode, the feasible front."""
+        return best_feasible(study, opts.goal), (feasible_front(study, opts.goal) if pareto else [])
+
+    def entry_for(trial, front) -> dict:
+        entry = best_entry(trial, opts.goal)
+        if pareto:
+            entry["front"] = [best_entry(t, opts.goal) for t in front]
         entry.update(
             model=spec.name, pipe=spec.source, scheduler=opts.scheduler, steps=opts.steps, mode=opts.goal.mode,
-            target_speedup=opts.goal.target_speedup, max_loss=opts.goal.max_loss, guidance=settings.guidance,
+            target_speedup=opts.goal.target_speedup, max_loss=opts.goal.max_loss, loss_metric=opts.goal.loss_metric,
+            guidance=settings.guidance,
             height=settings.height, width=settings.width, batch_size=opts.batch_size, dtype=opts.dtype,
             device=fingerprint["device"], study=study.study_name, storage=redact(opts.storage),
             baseline_time_per_image=baseline.time_per_image, baseline_clip_score=baseline.clip_score,
@@ -362,13 +416,13 @@ def run_search(spec: pipelines.PipeSpec, opts: RunOptions) -> None:
         )
         return entry
 
-    def save_best(best) -> None:
-        """Write ``best`` to search_params.json. Other workers write theirs too: after each write the
-        study's best is read again and written if it changed, so the last writer always leaves the
-        study's best in the file, whatever order the workers' writes came in."""
+    def save_best(best, front) -> None:
+        """Write ``best`` (and the pareto front) to search_params.json. Other workers write theirs too:
+        after each write the study's result is read again and written if it changed, so the last writer
+        always leaves the study's result in the file, whatever order the workers' writes came in."""
         for _ in range(10):
             try:
-                update_search_params(opts.output, key, entry_for(best))
+                update_search_params(opts.output, key, entry_for(best, front))
             except StorageError as e:  # the user's file is invalid: never overwritten, the study keeps the result
                 tqdm.write(f"optimize-sd: warning: {opts.output} not updated: {e}", file=sys.stderr)
                 return
@@ -377,19 +431,20 @@ def run_search(spec: pipelines.PipeSpec, opts: RunOptions) -> None:
                 tqdm.write(f"optimize-sd: warning: {opts.output} not updated: {e}", file=sys.stderr)
                 return
             unsaved.clear()
-            now = best_feasible(study, opts.goal)
-            if now is None or now.number == best.number:
+            now, now_front = result()
+            if now is None or [t.number for t in (now, *now_front)] == [t.number for t in (best, *front)]:
                 return
-            best = now
+            best, front = now, now_front
 
     def after_trial(study: optuna.Study, trial) -> None:
         bar.update(1)
         tqdm.write(trial_line(trial))
         if trial.state != TrialState.COMPLETE:
             _free_memory()
-        best = best_feasible(study, opts.goal)
-        if trial.state == TrialState.COMPLETE and best is not None and best.number == trial.number:
-            save_best(best)
+        best, front = result()
+        if trial.state == TrialState.COMPLETE and best is not None and (
+                best.number == trial.number or any(t.number == trial.number for t in front)):
+            save_best(best, front)
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # our trial line reports failures
     # A scheduler's pre-emption (SIGTERM) ends the run like Ctrl-C: the running trial is marked failed
@@ -414,10 +469,13 @@ def run_search(spec: pipelines.PipeSpec, opts: RunOptions) -> None:
     finally:
         signal.signal(signal.SIGTERM, previous)
     bar.close()
-    best = best_feasible(study, opts.goal)
+    best, front = result()
     if unsaved and best is not None:
-        save_best(best)  # one more try at the end (space may have been freed)
-    echo(format_best(study.study_name, opts.goal, best, baseline))
+        save_best(best, front)  # one more try at the end (space may have been freed)
+    if pareto:
+        echo(format_front(study.study_name, opts.goal, front, best))
+    else:
+        echo(format_best(study.study_name, opts.goal, best, baseline))
     if unsaved:
         e = unsaved["error"]
         raise RunFailure(f"{opts.output} not updated: {e.strerror or e}; the old file is intact and the study "

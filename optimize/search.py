@@ -1,13 +1,17 @@
 """The search: a constrained TPE study over DeepCache / ToMe / T-GATE settings.
 
-Two goals:
+Three goals, each under a bound on a loss (``--loss-metric``: relative CLIP score loss by default;
+or PSNR, SSIM, LPIPS of each image against the baseline image of the same prompt and seed):
 
-* ``target``: minimise ``score_loss`` subject to ``speedup >= target`` and ``score_loss <= max_loss``;
-* ``max``: maximise ``speedup`` subject to ``score_loss <= max_loss``.
+* ``target``: minimise the loss subject to ``speedup >= target`` and ``loss <= max_loss``;
+* ``max``: maximise ``speedup`` subject to ``loss <= max_loss``;
+* ``pareto``: two objectives, maximise ``speedup`` and minimise the loss, subject to ``loss <= max_loss``.
 
 Each trial switches every allowed method on or off, samples that method's parameters (one Optuna
 distribution per parameter name, so TPE's grouped multivariate model sees a fixed space), measures the
-configuration against the stored baseline, and records speedup, loss, time and spread as user attrs.
+configuration against the stored baseline, and records speedup, the losses, time and spread as user
+attrs. Constraints go to the ``constraints`` system attr, which optuna-dashboard shows and Optuna 5's
+TPE reads for every trial (infeasible trials rank below feasible ones).
 
 Example:
     >>> goal = Goal("max", None, 0.02)
@@ -26,55 +30,118 @@ from optuna.trial import FrozenTrial, TrialState
 
 from .accelerators import TOME_DOWNSAMPLES, Config, DeepCache, TGate, ToMe
 from .baseline import Baseline
-from .metrics import score_loss
+from .metrics import LOSS_METRICS, PSNR_CAP, score_loss
 
 CONSTRAINTS_ATTR = "constraints"  # the list optuna-dashboard 0.21 reads to mark trials feasible
+MODES = ("target", "max", "pareto")
+
+
+# The loss each --loss-metric puts under the bound, lower is better, from a trial's user attrs.
+LOSS_NAMES = {"clip": "score_loss", "psnr": "neg_psnr", "ssim": "ssim_loss", "lpips": "lpips"}
+LOSS_TEXT = {"clip": "score_loss (relative CLIP score loss)", "psnr": "PSNR vs baseline image (dB)",
+             "ssim": "1 - SSIM vs baseline image", "lpips": "LPIPS vs baseline image"}
 
 
 @dataclass(frozen=True)
 class Goal:
-    mode: str  # "target" or "max"
+    """What a study optimises, and under which bound.
+
+    ``max_loss`` bounds the loss of ``loss_metric``: relative CLIP score loss (clip), 1 - SSIM (ssim),
+    LPIPS (lpips); for psnr it is the minimum PSNR in dB, and the loss is -PSNR (bound -max_loss).
+    """
+
+    mode: str  # "target", "max" or "pareto"
     target_speedup: float | None
     max_loss: float
+    loss_metric: str = "clip"
 
     def __post_init__(self):
-        if self.mode not in ("target", "max"):
+        if self.mode not in MODES:
             raise ValueError(f"unknown mode {self.mode!r}")
-        if self.mode == "target" and not (self.target_speedup and self.target_speedup > 1):
+        if self.loss_metric not in LOSS_METRICS:
+            raise ValueError(f"unknown loss metric {self.loss_metric!r} (known: {', '.join(LOSS_METRICS)})")
+        if self.mode == "target" and self.target_speedup is None:
+            raise ValueError("--mode target needs --target-speedup")
+        if self.mode != "target" and self.target_speedup is not None:
+            raise ValueError(f"--target-speedup implies --mode target, not {self.mode}")
+        if self.mode == "target" and not self.target_speedup > 1:
             raise ValueError("--target-speedup must be greater than 1")
         if self.mode == "target" and not math.isfinite(self.target_speedup):
             raise ValueError("--target-speedup must be a finite number")
-        if not 0 < self.max_loss < 1:
+        if self.loss_metric == "psnr":
+            if not 0 < self.max_loss <= PSNR_CAP:
+                raise ValueError(f"--max-loss with --loss-metric psnr is the minimum PSNR in dB: must be in (0, {PSNR_CAP:g}]")
+        elif not 0 < self.max_loss < 1:
             raise ValueError("--max-loss must be in (0, 1)")
 
     @property
+    def directions(self) -> list[str]:
+        return {"target": ["minimize"], "max": ["maximize"], "pareto": ["maximize", "minimize"]}[self.mode]
+
+    @property
     def direction(self) -> str:
-        return "minimize" if self.mode == "target" else "maximize"
+        """The single direction of a target or max study (a pareto study has two: :attr:`directions`)."""
+        return self.directions[0]
+
+    @property
+    def loss_name(self) -> str:
+        return LOSS_NAMES[self.loss_metric]
 
     @property
     def objective_name(self) -> str:
-        return "score_loss" if self.mode == "target" else "speedup"
+        """The objective's name (pareto: the first one, speedup)."""
+        return self.loss_name if self.mode == "target" else "speedup"
+
+    @property
+    def metric_names(self) -> list[str]:
+        return ["speedup", self.loss_name] if self.mode == "pareto" else [self.objective_name]
+
+    @property
+    def bound(self) -> float:
+        """The bound on :meth:`loss` (for psnr: minus the minimum PSNR)."""
+        return -self.max_loss if self.loss_metric == "psnr" else self.max_loss
 
     @property
     def constraint_names(self) -> list[str]:
-        names = ["score_loss <= max_loss"]
-        return (["speedup >= target"] + names) if self.mode == "target" else names
+        names = {"clip": "score_loss <= max_loss", "psnr": "psnr >= min_psnr", "ssim": "1 - ssim <= max_loss",
+                 "lpips": "lpips <= max_loss"}
+        return (["speedup >= target"] if self.mode == "target" else []) + [names[self.loss_metric]]
+
+    def loss(self, attrs: dict[str, Any]) -> float | None:
+        """The loss under the bound, from a trial's user attrs (None if the trial lacks it)."""
+        m = self.loss_metric
+        key = {"clip": "score_loss", "psnr": "psnr", "ssim": "ssim", "lpips": "lpips"}[m]
+        if key not in attrs:
+            return None
+        v = attrs[key]
+        return {"clip": v, "psnr": -v, "ssim": 1 - v, "lpips": v}[m]
+
+    def shown(self, loss: float) -> float:
+        """A loss as people read it: the PSNR itself for psnr, the loss otherwise."""
+        return -loss if self.loss_metric == "psnr" else loss
+
+    def bound_text(self) -> str:
+        if self.loss_metric == "psnr":
+            return f"psnr >= {self.max_loss:g} dB"
+        return f"{self.loss_name} <= {self.max_loss:g}"
 
     def constraints(self, speedup: float, loss: float) -> list[float]:
         """Values <= 0 mean satisfied (Optuna's convention)."""
-        values = [loss - self.max_loss]
+        values = [loss - self.bound]
         return ([self.target_speedup - speedup] + values) if self.mode == "target" else values
 
-    def value(self, speedup: float, loss: float) -> float:
-        return loss if self.mode == "target" else speedup
+    def value(self, speedup: float, loss: float):
+        return {"target": loss, "max": speedup, "pareto": [speedup, loss]}[self.mode]
 
     @property
     def slug(self) -> str:
-        head = f"target{self.target_speedup:g}" if self.mode == "target" else "max"
-        return f"{head}-loss{self.max_loss:g}"
+        head = f"target{self.target_speedup:g}" if self.mode == "target" else self.mode
+        metric = "loss" if self.loss_metric == "clip" else self.loss_metric  # clip keeps the names it always had
+        return f"{head}-{metric}{self.max_loss:g}"
 
     def as_dict(self) -> dict[str, Any]:
-        return {"mode": self.mode, "target_speedup": self.target_speedup, "max_loss": self.max_loss}
+        return {"mode": self.mode, "target_speedup": self.target_speedup, "max_loss": self.max_loss,
+                "loss_metric": self.loss_metric}
 
 
 @dataclass(frozen=True)
@@ -146,14 +213,40 @@ def is_feasible(trial: FrozenTrial) -> bool:
     return trial.state == TrialState.COMPLETE and cons is not None and all(c <= 0 for c in cons)
 
 
+def _measured(trials, goal: Goal) -> list[FrozenTrial]:
+    return [t for t in trials if "speedup" in t.user_attrs and goal.loss(t.user_attrs) is not None]
+
+
 def best_feasible(study: optuna.Study, goal: Goal) -> FrozenTrial | None:
-    """Best feasible trial: least loss (ties: more speedup) for target, most speedup (ties: less loss) for max."""
-    trials = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if is_feasible(t)]
+    """Best feasible trial: least loss (ties: more speedup) for target; most speedup (ties: less loss)
+    for max and for pareto (its single pick: the fastest point of the feasible front)."""
+    trials = _measured((t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if is_feasible(t)),
+                       goal)
     if not trials:
         return None
     if goal.mode == "target":
-        return min(trials, key=lambda t: (t.user_attrs["score_loss"], -t.user_attrs["speedup"], t.number))
-    return min(trials, key=lambda t: (-t.user_attrs["speedup"], t.user_attrs["score_loss"], t.number))
+        return min(trials, key=lambda t: (goal.loss(t.user_attrs), -t.user_attrs["speedup"], t.number))
+    return min(trials, key=lambda t: (-t.user_attrs["speedup"], goal.loss(t.user_attrs), t.number))
+
+
+def pareto_front(trials, goal: Goal | None = None) -> list[FrozenTrial]:
+    """Trials no other trial beats on both speedup (higher) and the goal's loss (lower; default: CLIP
+    score loss), by loss ascending. Of several trials with the same measurement (a reused configuration)
+    only the first is kept."""
+    goal = goal or Goal("max", None, 0.02)
+    front: list[FrozenTrial] = []
+    best_speedup = -math.inf
+    for t in sorted(_measured(trials, goal), key=lambda t: (goal.loss(t.user_attrs), -t.user_attrs["speedup"], t.number)):
+        if t.user_attrs["speedup"] > best_speedup:
+            front.append(t)
+            best_speedup = t.user_attrs["speedup"]
+    return front
+
+
+def feasible_front(study: optuna.Study, goal: Goal) -> list[FrozenTrial]:
+    """The Pareto front (speedup up, loss down) of the study's feasible trials."""
+    return pareto_front([t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if is_feasible(t)],
+                        goal)
 
 
 class SpeedGate(Exception):
@@ -177,8 +270,9 @@ class Objective:
 
     def __init__(self, evaluator, baseline: Baseline, goal: Goal, space: SearchSpace,
                  retime_every: int = 10, reference: float | None = None, retime_calls: int = 3,
-                 speed_gate: bool = True, gate_margin: float = 0.02):
+                 speed_gate: bool = True, gate_margin: float = 0.02, fidelity=None):
         self.evaluator, self.baseline, self.goal, self.space = evaluator, baseline, goal, space
+        self.fidelity = fidelity  # a metrics.FidelityScorer holding the baseline images, or None
         self.retime_every, self.retime_calls = retime_every, retime_calls
         self.reference = reference
         self._since_retime = 0
@@ -202,8 +296,9 @@ class Objective:
         repeats timed before the scoring pass (only with ``--repeats`` >= 1). Target mode: more than
         ``gate_margin`` below the target. Max mode: more than ``gate_margin`` below the best feasible
         speedup so far (it cannot become the best, whatever its loss). On the search-efficiency
-        simulation this cut GPU time by 55-68% for the same trials."""
-        if not self.speed_gate or not self.evaluator.repeats:
+        simulation this cut GPU time by 55-68% for the same trials. Pareto mode has no gate: a slow
+        configuration may still be on the front with a smaller loss."""
+        if not self.speed_gate or not self.evaluator.repeats or self.goal.mode == "pareto":
             return None  # without timed repeats there is nothing to judge before the scoring pass
 
         def gate(timing, paired) -> None:
@@ -245,6 +340,8 @@ class Objective:
         }
         if m.reference is not None:
             attrs["baseline_spread"] = m.reference.spread
+        if self.fidelity is not None:
+            attrs.update(self.fidelity.score(m.images))  # psnr, ssim (and lpips) against the baseline images
         bad = [k for k, v in attrs.items() if not math.isfinite(v)]
         if bad:
             raise FloatingPointError(f"non-finite {', '.join(bad)} for {config.label()}")
@@ -274,5 +371,8 @@ class Objective:
                 raise
         for key, value in attrs.items():
             trial.set_user_attr(key, value)
-        record_constraints(trial, self.goal.constraints(attrs["speedup"], attrs["score_loss"]))
-        return self.goal.value(attrs["speedup"], attrs["score_loss"])
+        loss = self.goal.loss(attrs)
+        if loss is None:
+            raise RuntimeError(f"no {self.goal.loss_metric} measurement for {config.label()}")
+        record_constraints(trial, self.goal.constraints(attrs["speedup"], loss))
+        return self.goal.value(attrs["speedup"], loss)

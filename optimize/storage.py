@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import io
 import json
 import os
 import tempfile
@@ -291,3 +292,49 @@ def upload_images(images, study_or_trial, store, prefix: str) -> list[str]:
             ids.append(upload_artifact(artifact_store=store, file_path=path, study_or_trial=study_or_trial,
                                        mimetype="image/png"))
     return ids
+
+
+BASELINE_PREFIX = "baseline"  # the study's artifacts baseline-0.png, baseline-1.png, ...: one per prompt
+
+
+def image_ids(study_or_trial, prefix: str, storage=None) -> dict[int, str]:
+    """Artifact ids of ``PREFIX-<i>.png`` images of a study or trial by ``i`` (the first upload of each)."""
+    import re
+    import warnings
+
+    from optuna.artifacts import get_all_artifact_meta
+
+    pattern = re.compile(rf"{re.escape(prefix)}-(\d+)\.png")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # experimental in Optuna
+        metas = get_all_artifact_meta(study_or_trial, storage=storage)
+    ids: dict[int, str] = {}
+    for meta in metas:
+        m = pattern.fullmatch(meta.filename)
+        if m:
+            ids.setdefault(int(m.group(1)), meta.artifact_id)
+    return dict(sorted(ids.items()))
+
+
+def baseline_image_ids(study) -> dict[int, str]:
+    return image_ids(study, BASELINE_PREFIX)
+
+
+def read_image(store, artifact_id: str):
+    """One stored image as an RGB PIL image (raises OSError, or the store's not-found error)."""
+    from PIL import Image
+
+    with store.open_reader(artifact_id) as f:
+        image = Image.open(io.BytesIO(f.read()))
+        return image.convert("RGB")
+
+
+def load_baseline_images(study, store, n: int) -> list | None:
+    """The study's ``n`` baseline images in prompt order, or None if any is not recorded or not readable here."""
+    ids = baseline_image_ids(study)
+    if any(i not in ids for i in range(n)):
+        return None
+    try:
+        return [read_image(store, ids[i]) for i in range(n)]
+    except Exception:  # noqa: BLE001 - missing or unreadable file (another machine's artifact directory)
+        return None

@@ -168,13 +168,13 @@ def synthetic_study(url: str, name: str, goal, trials, fingerprint: dict | None 
 
     dists = _distributions()
     fingerprint = dict(TINY_FINGERPRINT if fingerprint is None else fingerprint)
-    study = optuna.create_study(storage=url, study_name=name, direction=goal.direction)
+    study = optuna.create_study(storage=url, study_name=name, directions=goal.directions)
     study.set_user_attr("optimize_sd", {"goal": goal.as_dict(), "constraints": goal.constraint_names,
                                         "fingerprint": fingerprint})
     Baseline(0.1, 0.02, 30.0, [30.0, 30.0], fingerprint, baseline_size, baseline_size).save(study)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # experimental in Optuna
-        study.set_metric_names([goal.objective_name])
+        study.set_metric_names(goal.metric_names)
     for config, speedup, loss, *extra in trials:
         params = config.to_params()
         distributions = {k: dists[k] for k in params}
@@ -184,9 +184,11 @@ def synthetic_study(url: str, name: str, goal, trials, fingerprint: dict | None 
             continue
         attrs = {"config": config.label(), "speedup": speedup, "score_loss": loss, "time_per_image": 0.1 / speedup,
                  "time_median": 0.1 / speedup, "spread": 0.02, "clip_score": 30.0 * (1 - loss), "baseline_time": 0.1, **(extra[0] if extra else {})}
+        value = goal.value(speedup, goal.loss(attrs))
         study.add_trial(create_trial(
-            state=TrialState.COMPLETE, value=goal.value(speedup, loss), params=params, distributions=distributions,
-            user_attrs=attrs, system_attrs={CONSTRAINTS_ATTR: goal.constraints(speedup, loss)}))
+            state=TrialState.COMPLETE, values=value if isinstance(value, list) else [value], params=params,
+            distributions=distributions, user_attrs=attrs,
+            system_attrs={CONSTRAINTS_ATTR: goal.constraints(speedup, goal.loss(attrs))}))
     return study
 
 

@@ -268,7 +268,7 @@ def test_best_text_and_json(maxrun, no_model):
     assert code == 0, err
     data = json.loads(out)
     assert data["study"] == maxrun.study_name
-    assert data["goal"] == {"mode": "max", "target_speedup": None, "max_loss": 0.05}
+    assert data["goal"] == {"mode": "max", "target_speedup": None, "max_loss": 0.05, "loss_metric": "clip"}
     assert data["best"]["trial"] == best.number
     assert data["best"]["params"] == best.params
     assert data["best"]["speedup"] == best.user_attrs["speedup"]

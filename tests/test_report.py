@@ -491,7 +491,13 @@ def test_report_renders_in_chromium(browser, synthetic, target, tmp_path):
             assert figures["fig-importance"]["bars"] >= 1  # 8 trials: real importances
             assert "Pareto front (3)" in pareto["text"] and "infeasible (3)" in pareto["text"]
         assert page.errors() == []
-        assert page.requests() == [path.as_uri()]  # self-contained: nothing else was fetched
+        # self-contained: nothing else was fetched (the grid's images are data: URIs in the file)
+        assert [r for r in page.requests() if not r.startswith("data:image/png;base64,")] == [path.as_uri()]
+        sizes = page.evaluate("[...document.querySelectorAll('#image-grid img')].map(i => i.naturalWidth)")
+        if label == "synthetic":  # made without a model: no images, a note instead
+            assert sizes == [] and page.evaluate("!!document.getElementById('no-images')")
+        else:  # baseline, best and front columns of the search's 2 prompts, all decoded by the browser
+            assert len(sizes) >= 4 and all(w == 32 for w in sizes), sizes
         shot = tmp_path / f"report-{label}.png"
         width, height = page.screenshot(shot)
         assert height > 1500, height  # four figures and the table, not an error page

@@ -433,14 +433,15 @@ def test_dashboard_shows_trial_and_baseline_images(tmp_path, monkeypatch):
     url = storage_url(tmp_path)
     study = load_study(url)
     data = _dashboard_get(url, f"/api/studies/{study._study_id}")
-    assert [a["filename"] for a in data["artifacts"]] == ["baseline-0.png"]
+    # every baseline image is kept (trials are compared with them), however few per trial are
+    assert sorted(a["filename"] for a in data["artifacts"]) == ["baseline-0.png", "baseline-1.png"]
     for t in data["trials"]:
         assert [a["filename"] for a in t["artifacts"]] == [f"trial{t['number']}-0.png"]
         assert all(a["mimetype"] == "image/png" for a in t["artifacts"])
     # the files behind them are real PNGs of the generated size, in the directory run chose
     directory = artifact_dir_for(url)
     files = os.listdir(directory)
-    assert len(files) == 3
+    assert len(files) == 4
     from PIL import Image
 
     with Image.open(os.path.join(directory, data["trials"][0]["artifacts"][0]["artifact_id"])) as im:
@@ -452,7 +453,11 @@ def test_no_images_when_asked_for_none(tmp_path, monkeypatch):
     code, out, err = run_cli(run_args(tmp_path, "--max-loss", "0.5", "--n-trials", "1", "--images-per-trial", "0"))
     assert code == 0, out + err
     study = load_study(storage_url(tmp_path))
-    assert _dashboard_get(storage_url(tmp_path), f"/api/studies/{study._study_id}")["trials"][0]["artifacts"] == []
+    data = _dashboard_get(storage_url(tmp_path), f"/api/studies/{study._study_id}")
+    assert data["trials"][0]["artifacts"] == []
+    # the baseline images are kept all the same: the trials' PSNR and SSIM compare with them
+    assert sorted(a["filename"] for a in data["artifacts"]) == ["baseline-0.png", "baseline-1.png"]
+    assert {"psnr", "ssim"} <= set(study.trials[0].user_attrs)
 
 
 # --- speed gate ----------------------------------------------------------------------------------------
