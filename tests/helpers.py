@@ -49,12 +49,13 @@ def run_args(directory, *extra, small=SMALL) -> list[str]:
             "--output", os.path.join(str(directory), "search_params.json"), *extra]
 
 
-def goal_opts(steps: int = 8, target: float | None = None, max_loss: float = 0.02, scheduler: str = "ddim"):
+def goal_opts(steps: int = 8, target: float | None = None, max_loss: float = 0.02, scheduler: str = "ddim",
+              mode: str | None = None, loss_metric: str = "clip"):
     """The (spec, opts) pair that runner.study_name_for / search_params_key read."""
     from optimize.pipelines import resolve_pipe
     from optimize.search import Goal
 
-    goal = Goal("target" if target is not None else "max", target, max_loss)
+    goal = Goal(mode or ("target" if target is not None else "max"), target, max_loss, loss_metric)
     return resolve_pipe("tiny"), SimpleNamespace(scheduler=scheduler, steps=steps, goal=goal)
 
 
@@ -85,7 +86,7 @@ _RUNS: dict[str, Run] = {}
 
 
 def shared_run(tmp_path_factory, key: str, extra: list[str], *, target: float | None, max_loss: float,
-               prewrite: dict | None = None) -> Run:
+               prewrite: dict | None = None, mode: str | None = None, loss_metric: str = "clip") -> Run:
     """Run ``optimize-sd run SMALL EXTRA`` once per session in its own directory (cwd there)."""
     if key in _RUNS:
         return _RUNS[key]
@@ -101,7 +102,7 @@ def shared_run(tmp_path_factory, key: str, extra: list[str], *, target: float | 
             json.dump(prewrite, f)
     from optimize.runner import study_name_for
 
-    name = study_name_for(*goal_opts(target=target, max_loss=max_loss))
+    name = study_name_for(*goal_opts(target=target, max_loss=max_loss, mode=mode, loss_metric=loss_metric))
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(directory)
         code, out, err = run_cli(argv)
@@ -121,6 +122,15 @@ def max_run(tmp_path_factory) -> Run:
     unrelated key already in search_params.json."""
     return shared_run(tmp_path_factory, "max", ["--max-loss", "0.05", "--n-trials", "4"],
                       target=None, max_loss=0.05, prewrite={"some:other:key": {"keep": [1, 2, 3]}})
+
+
+def pareto_run(tmp_path_factory) -> Run:
+    """Pareto mode on 1 - SSIM with a bound between the two warm-start trials' losses (DeepCache N=3
+    about 0.004, N=5 about 0.006 on the tiny pipeline), so the study has feasible and infeasible trials;
+    6 trials, 2 images each."""
+    return shared_run(tmp_path_factory, "pareto", ["--mode", "pareto", "--loss-metric", "ssim", "--max-loss", "0.005",
+                                                   "--n-trials", "6", "--images-per-trial", "2"],
+                      target=None, max_loss=0.005, mode="pareto", loss_metric="ssim")
 
 
 def sqlite_rows(db_path: str, query: str, params=()) -> list[tuple]:

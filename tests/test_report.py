@@ -25,9 +25,9 @@ import optuna
 import pytest
 
 try:
-    from helpers import one_error_line, run_cli, synthetic_study, target_run
+    from helpers import one_error_line, pareto_run, run_cli, synthetic_study, target_run
 except ImportError:  # tests/ made a package
-    from tests.helpers import one_error_line, run_cli, synthetic_study, target_run
+    from tests.helpers import one_error_line, pareto_run, run_cli, synthetic_study, target_run
 
 from optimize import report
 from optimize.accelerators import Config, DeepCache, TGate, ToMe
@@ -186,6 +186,8 @@ def test_report_html_is_self_contained_and_escaped(synthetic):
     assert "(same as #0)" in table
     assert "least score_loss among configurations with speedup &gt;= 1.5x and score_loss &lt;= 0.02" in page
     assert "Random weights" in page  # a tiny pipeline's losses are meaningless, and the page says so
+    # a study made without images: a short note where the image grid would be
+    assert 'id="no-images"' in page and '<img class="grid"' not in page
     shared = report.build_report_html(study, "postgresql://user:secret@db.example/studies")
     assert "secret" not in shared and "postgresql://user:***@db.example/studies" in shared
     best = best_feasible(study, GOAL)
@@ -253,11 +255,20 @@ def test_atomic_write_keeps_the_old_file_on_failure(tmp_path, monkeypatch):
 # --- the notebook ------------------------------------------------------------------------------------
 
 
+@pytest.fixture(scope="module")
+def pareto(tmp_path_factory):
+    run = pareto_run(tmp_path_factory)
+    assert run.code == 0, run.out + run.err
+    return run
+
+
 @pytest.mark.timeout(300)
-def test_notebook_runs_on_a_study(target, monkeypatch):
+@pytest.mark.parametrize("which", ["target", "pareto"])
+def test_notebook_runs_on_a_study(which, request, monkeypatch):
     import nbclient
     import nbformat
 
+    target = request.getfixturevalue(which)
     path = os.path.join(ROOT, "notebooks", "analyze_study.ipynb")
     nb = nbformat.read(path, as_version=4)
     assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), "commit the notebook without outputs"
@@ -288,9 +299,14 @@ def test_notebook_runs_on_a_study(target, monkeypatch):
     assert shown == {t.number for t in study.trials}
     for t in study.trials:
         assert t.user_attrs["config"] in text
+    # the image grid: the baseline's and the shown trials' images of both prompts, embedded
+    columns = report.image_grid(study, report.study_goal(study), target.storage)
+    assert 'id="image-grid"' in text and text.count('<img class="grid" src="data:image/png;base64,') == 2 * len(columns)
     best = best_feasible(study, report.study_goal(study))
     if best is None:
         assert "no feasible trial yet" in text
+    elif which == "pareto":
+        assert "feasible Pareto front" in text and f"generate's default): #{best.number}" in text
     else:
         assert f"best feasible trial #{best.number}" in text and f"--study {target.study_name}" in text
 
