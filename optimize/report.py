@@ -96,8 +96,8 @@ def format_front(study_name: str, goal: Goal, front: list[FrozenTrial], best: Fr
 
 # --- the HTML report -----------------------------------------------------------------------------
 # ``optimize-sd report`` writes one self-contained HTML file (plotly.js embedded, so it opens offline):
-# the speedup / score_loss plane with the Pareto front, the optimisation history, parameter
-# importances, speedup by method combination and the top trials. The figure functions are shared with
+# the speedup / loss plane with the Pareto front, the optimisation history, parameter importances,
+# speedup by method combination, an image grid (baseline, best, Pareto points) and the top trials. The figure functions are shared with
 # notebooks/analyze_study.ipynb.
 
 MIN_TRIALS_FOR_IMPORTANCE = 5  # PED-ANOVA compares the best 10% of trials with the rest: fewer is noise
@@ -210,8 +210,9 @@ def _placeholder(title: str, message: str):
 
 
 def pareto_figure(study, goal: Goal | None = None):
-    """Speedup against score_loss: feasible and infeasible trials, the Pareto front of the feasible
-    ones, the bounds, the baseline and the best feasible trial."""
+    """Speedup against the study's loss (``--loss-metric``; PSNR itself for psnr): feasible and
+    infeasible trials, the Pareto front of the feasible ones, the bounds, the baseline and the best
+    feasible trial."""
     import plotly.graph_objects as go
 
     from .search import best_feasible

@@ -21,10 +21,11 @@ import pytest
 from optuna.trial import TrialState
 
 try:
-    from helpers import goal_opts, load_study, max_run, run_args, run_cli, sqlite_rows, storage_url, target_run
+    from helpers import (goal_opts, load_study, max_run, pareto_run, run_args, run_cli, sqlite_rows, storage_url,
+                         target_run)
 except ImportError:  # tests/ made a package
-    from tests.helpers import (goal_opts, load_study, max_run, run_args, run_cli, sqlite_rows, storage_url,
-                               target_run)
+    from tests.helpers import (goal_opts, load_study, max_run, pareto_run, run_args, run_cli, sqlite_rows,
+                               storage_url, target_run)
 
 from optimize import runner
 from optimize.search import CONSTRAINTS_ATTR, Goal, best_feasible, is_feasible
@@ -278,17 +279,18 @@ def _dashboard_get(url: str, path: str) -> dict:
     return json.loads(body)
 
 
-@pytest.mark.parametrize("which", ["target", "max"])
+@pytest.mark.parametrize("which", ["target", "max", "pareto"])
 def test_dashboard_sees_constraints(which, tmp_path_factory):
-    run = target_run(tmp_path_factory) if which == "target" else max_run(tmp_path_factory)
+    run = {"target": target_run, "max": max_run, "pareto": pareto_run}[which](tmp_path_factory)
     assert run.code == 0, run.out + run.err
     study = run.study()
     data = _dashboard_get(run.storage, f"/api/studies/{study._study_id}")
     assert data["name"] == run.study_name
-    assert data["objective_names"] == (["score_loss"] if which == "target" else ["speedup"])
+    assert data["objective_names"] == {"target": ["score_loss"], "max": ["speedup"],
+                                       "pareto": ["speedup", "ssim_loss"]}[which]
     by_number = {t.number: t for t in study.trials}
     completed = [t for t in data["trials"] if t["state"] == "Complete"]
-    assert len(completed) == len(by_number) == 4
+    assert len(completed) == len(by_number) == (6 if which == "pareto" else 4)
     for t in completed:
         stored = by_number[t["number"]].system_attrs[CONSTRAINTS_ATTR]
         assert t["constraints"], t  # an empty list would show every trial as feasible
