@@ -235,7 +235,7 @@ def _baseline_images(study: optuna.Study, store, directory: str, evaluator: Eval
     directory, a moved directory) they are generated again, with the same prompts and seeds.
     """
     n = len(evaluator.prompts)
-    stored = load_baseline_images(study, store, n)
+    stored = load_baseline_images(study, store, n) if store is not None else None
     if stored is not None:
         return stored
     if measured is not None:
@@ -338,11 +338,13 @@ def run_search(spec: pipelines.PipeSpec, opts: RunOptions) -> None:
     directory = artifact_dir_for(opts.storage, opts.artifact_dir)
     try:
         store = artifact_store(directory)  # the baseline images always; trial images if --images-per-trial
-    except OSError as e:
-        raise RunError(f"artifact directory {directory}: {e.strerror or e}") from None
+    except OSError as e:  # pictures are not worth stopping a search for: the baseline's are regenerated
+        store = None
+        click.echo(f"optimize-sd: warning: images not saved: artifact directory {directory}: {e.strerror or e}",
+                   err=True)
 
     def save_images(images, target, prefix: str, limit: int | None) -> None:
-        if not images or limit == 0:
+        if store is None or not images or limit == 0:
             return
         try:
             upload_images(images[:limit], target, store, prefix)
