@@ -365,9 +365,12 @@ def _fmt(value: Any, spec: str) -> str:
 def _table_html(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return "<p>No completed trial yet.</p>"
-    head = ("<tr><th>rank</th><th>trial</th><th>configuration</th><th>methods</th><th>speedup</th>"
-            "<th>score_loss</th><th>PSNR</th><th>SSIM</th><th>LPIPS</th><th>ms / image</th><th>spread</th><th>CLIP</th>"
-            "<th>feasible</th></tr>")
+    # fidelity columns only where some trial has the value (studies from before, LPIPS without its weights)
+    fidelity = [(k, spec) for k, spec in (("psnr", ".2f"), ("ssim", ".4f"), ("lpips", ".4f"))
+                if any(math.isfinite(r[k]) for r in rows)]
+    head = ("<tr><th>rank</th><th>trial</th><th>configuration</th><th>methods</th><th>speedup</th><th>score_loss</th>"
+            + "".join(f"<th>{k.upper()}</th>" for k, _ in fidelity)
+            + "<th>ms / image</th><th>spread</th><th>CLIP</th><th>feasible</th></tr>")
     body = []
     for r in rows:
         reused = f" <small>(same as #{r['reused_from']})</small>" if r["reused_from"] is not None else ""
@@ -375,7 +378,7 @@ def _table_html(rows: list[dict[str, Any]]) -> str:
             f"<tr class=\"{'feasible' if r['feasible'] else 'infeasible'}\"><td>{r['rank']}</td><td>#{r['trial']}</td>"
             f"<td><code>{html.escape(str(r['config']))}</code>{reused}</td><td>{html.escape(r['methods'])}</td>"
             f"<td>{_fmt(r['speedup'], '.3f')}x</td><td>{_fmt(r['score_loss'], '+.4f')}</td>"
-            f"<td>{_fmt(r['psnr'], '.2f')}</td><td>{_fmt(r['ssim'], '.4f')}</td><td>{_fmt(r['lpips'], '.4f')}</td>"
+            + "".join(f"<td>{_fmt(r[k], spec)}</td>" for k, spec in fidelity) +
             f"<td>{_fmt(r['ms_per_image'], '.1f')}</td><td>±{_fmt(100 * r['spread'], '.0f')}%</td>"
             f"<td>{_fmt(r['clip_score'], '.3f')}</td><td>{'yes' if r['feasible'] else 'no'}</td></tr>")
     return f"<table id=\"top-trials\">{head}{''.join(body)}</table>"
@@ -480,6 +483,7 @@ th, td { border-bottom: 1px solid #ddd; padding: .3em .5em; text-align: left; }
 tr.infeasible { color: #888; } code { font-size: .95em; } .note { color: #a15c00; }
 pre { background: #f5f5f5; padding: .6em; overflow-x: auto; }
 img.grid { width: 160px; height: auto; image-rendering: pixelated; } #image-grid td, #image-grid th { vertical-align: top; }
+#section-top, #section-images { overflow-x: auto; }
 """
 
 

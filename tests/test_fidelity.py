@@ -335,3 +335,4 @@ def test_report_of_a_pareto_study_shows_the_image_grid(pareto, tmp_path):
     assert page.count('<img class="grid" src="data:image/png;base64,') == 2 * len(columns)
     assert 'id="no-images"' not in page
     assert "feasible Pareto front" in page
+    assert "<th>PSNR</th><th>SSIM</th>" in page  # the top trials show their fidelity

@@ -188,6 +188,7 @@ def test_report_html_is_self_contained_and_escaped(synthetic):
     assert "Random weights" in page  # a tiny pipeline's losses are meaningless, and the page says so
     # a study made without images: a short note where the image grid would be
     assert 'id="no-images"' in page and '<img class="grid"' not in page
+    assert "<th>PSNR</th>" not in table  # no trial of it has fidelity values: no empty columns
     shared = report.build_report_html(study, "postgresql://user:secret@db.example/studies")
     assert "secret" not in shared and "postgresql://user:***@db.example/studies" in shared
     best = best_feasible(study, GOAL)
