@@ -250,6 +250,26 @@ def _baseline_images(study: optuna.Study, store, directory: str, evaluator: Eval
     return images
 
 
+def _fidelity_scorer(baseline_images, opts: RunOptions, echo) -> FidelityScorer:
+    """PSNR and SSIM always; LPIPS where its weights are cached. Without them (or with an unreadable
+    file) a run bounded on another metric says so once and goes on; ``--loss-metric lpips`` stops."""
+    if lpips_available():
+        try:
+            return FidelityScorer(baseline_images, opts.device, lpips=True)
+        except Exception as e:  # noqa: BLE001 - a damaged weights file
+            if opts.goal.loss_metric == "lpips":
+                raise RunError(f"cannot load LPIPS from {lpips_weights_path()}: {type(e).__name__}: "
+                               f"{_first_line(e)}") from None
+            echo(f"note: LPIPS not recorded: cannot load {lpips_weights_path()} ({type(e).__name__}: "
+                 f"{_first_line(e)}); PSNR and SSIM are")
+    elif opts.goal.loss_metric == "lpips":  # checked before anything loaded; the file went away since
+        raise RunError(f"--loss-metric lpips needs torchvision's AlexNet weights at {lpips_weights_path()}")
+    else:
+        echo(f"note: LPIPS not recorded: torchvision's AlexNet weights are not at {lpips_weights_path()} "
+             "(they are not downloaded during a run); PSNR and SSIM are")
+    return FidelityScorer(baseline_images, opts.device)
+
+
 def _free_memory() -> None:
     """Give a failed trial's memory back (its exception and frames are gone by now)."""
     gc.collect()
@@ -362,14 +382,7 @@ def run_search(spec: pipelines.PipeSpec, opts: RunOptions) -> None:
         raise RunFailure(f"storage {redact(opts.storage)} failed: {_first_line(e)}") from None
     echo(f"baseline: {1000 * baseline.time_per_image:.1f} ms/image (±{100 * baseline.spread:.0f}%), "
          f"CLIP {baseline.clip_score:.3f}")
-    use_lpips = lpips_available()
-    if not use_lpips:
-        echo(f"note: LPIPS not recorded: torchvision's AlexNet weights are not at {lpips_weights_path()} "
-             "(they are not downloaded during a run); PSNR and SSIM are")
-    try:
-        fidelity = FidelityScorer(baseline_images, opts.device, lpips=use_lpips)
-    except Exception as e:  # noqa: BLE001 - unreadable weights file: one line
-        raise RunError(f"cannot load LPIPS: {type(e).__name__}: {_first_line(e)}") from None
+    fidelity = _fidelity_scorer(baseline_images, opts, echo)
 
     space = SearchSpace(opts.methods, opts.steps, max_branch_id(pipe), xl)
     objective = Objective(evaluator, baseline, opts.goal, space, retime_every=opts.retime_every,

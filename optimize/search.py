@@ -194,7 +194,8 @@ def warm_start_params(methods: tuple[str, ...], steps: int) -> list[dict[str, An
 
 def make_sampler(seed: int) -> optuna.samplers.TPESampler:
     # constant_liar: trials still running in other workers count as bad guesses, so parallel workers
-    # do not all propose the neighbourhood of the same good trial.
+    # do not all propose the neighbourhood of the same good trial. No constraints_func (deprecated in
+    # Optuna 5): TPE reads every trial's constraints from the attr record_constraints writes, in all modes.
     return optuna.samplers.TPESampler(multivariate=True, group=True, seed=seed, n_startup_trials=8,
                                       constant_liar=True)
 

@@ -213,6 +213,21 @@ def test_lpips_metric_bounds_lpips(tmp_path, monkeypatch, fake_lpips):
         assert t.system_attrs[CONSTRAINTS_ATTR] == pytest.approx([a["lpips"] - 0.5])
 
 
+def test_damaged_lpips_weights_are_a_note_not_a_failure(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+    path = lpips_weights_path()
+    os.makedirs(os.path.dirname(path))
+    with open(path, "wb") as f:
+        f.write(b"not a checkpoint")
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_cli(run_args(tmp_path, "--max-loss", "0.5", "--n-trials", "1", "--images-per-trial", "0"))
+    assert code == 0, out + err
+    (note,) = [line for line in out.splitlines() if "LPIPS" in line]
+    assert note.startswith(f"note: LPIPS not recorded: cannot load {path} (")
+    a = load_study(storage_url(tmp_path)).trials[0].user_attrs
+    assert {"psnr", "ssim"} <= set(a) and "lpips" not in a
+
+
 def test_psnr_bound_is_a_minimum_in_db():
     goal = Goal("max", None, 30.0, "psnr")
     attrs = {"psnr": 27.5, "score_loss": 0.0}
