@@ -166,14 +166,19 @@ def run_optimizer_precision(pipe, args, xl: bool) -> dict:
         runs[run] = {}
         for k, c in configs.items():
             m = ev.measure(c)
+            ratios = [b / c for b, c in zip(m.reference.samples, m.timing.samples)]
             runs[run][k] = {"speedup": m.speedup, "time": m.timing.best, "baseline_time": m.reference.best,
-                            "spread": m.timing.spread, "baseline_spread": m.reference.spread}
+                            "spread": m.timing.spread, "baseline_spread": m.reference.spread,
+                            "median_ratio": statistics.median(ratios), "samples": m.timing.samples,
+                            "baseline_samples": m.reference.samples}
             print(f"  {run} {k:16s} {m.speedup:.4f}x  {1000 * m.timing.best:.1f} ms  base {1000 * m.reference.best:.1f} ms",
                   flush=True)
     table = {}
     for k in configs:
         sa, sb = runs["A"][k]["speedup"], runs["B"][k]["speedup"]
-        table[k] = {"A": sa, "B": sb, "rel_diff": abs(sa - sb) / ((sa + sb) / 2)}
+        ra, rb = runs["A"][k]["median_ratio"], runs["B"][k]["median_ratio"]
+        table[k] = {"A": sa, "B": sb, "rel_diff": abs(sa - sb) / ((sa + sb) / 2),
+                    "median_ratio_rel_diff": abs(ra - rb) / ((ra + rb) / 2)}
     return {"runs": runs, "speedups": table, "prompts": args.p1_prompts, "rounds": args.calls}
 
 
@@ -366,7 +371,8 @@ def main() -> None:
             print(f"  {r['config']} steps {r['steps']} bs {r['batch']}: {r['error']}")
     if "p1opt" in result:
         for name, row in result["p1opt"]["speedups"].items():
-            print(f"P1 (optimizer protocol, paired) {name:16s} A {row['A']:.4f} B {row['B']:.4f} diff {100 * row['rel_diff']:.2f}%")
+            print(f"P1 (optimizer protocol, paired) {name:16s} A {row['A']:.4f} B {row['B']:.4f} diff {100 * row['rel_diff']:.2f}%"
+                  f" | median of round ratios: diff {100 * row['median_ratio_rel_diff']:.2f}%")
     if "leaks" in result:
         lk = result["leaks"]
         print(f"leaks over {lk['cycles']} cycles: allocated {lk['allocated_growth']:+d} B, objects {lk['object_growth']:+d}")
