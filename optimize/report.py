@@ -74,10 +74,14 @@ def format_best(study_name: str, goal: Goal, trial: FrozenTrial | None, baseline
 
 
 def front_line(trial: FrozenTrial, goal: Goal) -> str:
-    """One point of a Pareto front: ``#3   dc(3,b0)   2.10x  ssim_loss 0.0312  psnr 27.1 ssim 0.969  CLIP loss +0.0040``"""
+    """One point of a Pareto front: ``#3   dc(3,b0)   2.10x  ssim_loss +0.0312  psnr 27.1 ssim 0.969  score_loss +0.0040``"""
     a = trial.user_attrs
     loss = goal.loss(a)
-    shown = f"psnr {goal.shown(loss):.2f} dB" if goal.loss_metric == "psnr" else f"{goal.loss_name} {loss:+.4f}"
+    if goal.loss_metric == "psnr":
+        shown = f"psnr {goal.shown(loss):.2f} dB"
+        a = {k: v for k, v in a.items() if k != "psnr"}  # shown already
+    else:
+        shown = f"{goal.loss_name} {loss:+.4f}"
     rest = fidelity_text(a) + (f"  score_loss {a['score_loss']:+.4f}" if goal.loss_metric != "clip" else "")
     return f"#{trial.number:<3d} {a.get('config', '?'):<42s} {a['speedup']:5.2f}x  {shown}  {rest}".rstrip()
 
@@ -86,12 +90,23 @@ def format_front(study_name: str, goal: Goal, front: list[FrozenTrial], best: Fr
     """A pareto study's feasible front, one line per trial (fastest last), and its single pick."""
     if not front:
         return f"{study_name}: no feasible trial yet"
+    direction = "psnr up" if goal.loss_metric == "psnr" else f"{goal.loss_name} down"
     lines = [f"{study_name}: feasible Pareto front ({len(front)} trial{'s' * (len(front) != 1)}; speedup up, "
-             f"{goal.loss_name} down, {goal.bound_text()}):"]
+             f"{direction}, {goal.bound_text()}):"]
     lines += ["  " + front_line(t, goal) for t in front]
     if best is not None:
         lines.append(f"  fastest feasible (generate's default): #{best.number} {best.user_attrs.get('config', '?')}")
     return "\n".join(lines)
+
+
+def format_result(study, goal: Goal, baseline) -> str:
+    """What a finished run prints: the best feasible trial, or a pareto study's feasible front."""
+    from .search import best_feasible, feasible_front
+
+    best = best_feasible(study, goal)
+    if goal.mode == "pareto":
+        return format_front(study.study_name, goal, feasible_front(study, goal), best)
+    return format_best(study.study_name, goal, best, baseline)
 
 
 # --- the HTML report -----------------------------------------------------------------------------

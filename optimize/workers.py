@@ -196,8 +196,7 @@ def _summary(study, opts: RunOptions, n_before: int, workers: list[_Worker], int
     from optuna.trial import TrialState
 
     from .baseline import Baseline
-    from .report import format_best
-    from .search import best_feasible
+    from .report import format_result
 
     echo = click.echo
     trials = study.get_trials(deepcopy=False)
@@ -206,8 +205,7 @@ def _summary(study, opts: RunOptions, n_before: int, workers: list[_Worker], int
          + ", ".join(f"{n} {state}" for state, n in sorted(added.items())) + ")")
     baseline = Baseline.load(study)
     if baseline is not None:
-        best = best_feasible(study, opts.goal)
-        echo(format_best(study.study_name, opts.goal, best, baseline))
+        echo(format_result(study, opts.goal, baseline))
     codes = [w.proc.returncode for w in workers]
     if interrupted:
         done = sum(1 for t in trials if t.state == TrialState.COMPLETE)
