@@ -36,7 +36,8 @@ def _methods(value: str) -> tuple[str, ...]:
 @click.version_option(package_name="optimize-sd")
 def cli():
     """Find the fastest training-free acceleration settings (DeepCache, ToMe, T-GATE) for a Stable
-    Diffusion pipeline that keep CLIP score within a bound."""
+    Diffusion pipeline that keep image quality (CLIP score, or PSNR, SSIM, LPIPS against the baseline
+    images) within a bound."""
 
 
 @cli.command()
