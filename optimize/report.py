@@ -26,7 +26,10 @@ def fidelity_text(attrs: dict[str, Any]) -> str:
 
 
 def trial_line(trial: FrozenTrial) -> str:
-    """``#3  dc(3,b0)+tome(0.5,md2)  1.87x ±4%  loss +0.012  psnr 27.1 ssim 0.952  feasible``"""
+    """``#3  dc(3,b0)+tome(0.5,md2)  1.87x ±4%  score_loss +0.012  psnr 27.1 ssim 0.952  feasible``
+
+    The CLIP loss and the fidelity metrics are all shown: feasibility is judged on the study's
+    ``--loss-metric``, which may be any of them."""
     attrs = trial.user_attrs
     head = f"#{trial.number:<3d} {attrs.get('config', '?'):<42s}"
     if trial.state != TrialState.COMPLETE:
@@ -34,7 +37,7 @@ def trial_line(trial: FrozenTrial) -> str:
         return f"{head} {trial.state.name.lower()}: {reason}"[:200]
     reused = f"  (same as #{attrs['reused_from']})" if "reused_from" in attrs else ""
     fidelity = fidelity_text(attrs)
-    return (f"{head} {attrs['speedup']:5.2f}x ±{100 * attrs['spread']:.0f}%  loss {attrs['score_loss']:+.4f}  "
+    return (f"{head} {attrs['speedup']:5.2f}x ±{100 * attrs['spread']:.0f}%  score_loss {attrs['score_loss']:+.4f}  "
             f"{fidelity + '  ' if fidelity else ''}{'feasible' if is_feasible(trial) else 'infeasible'}{reused}")
 
 
