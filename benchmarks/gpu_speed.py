@@ -58,6 +58,11 @@ def time_config(pipe, cfg: Config, calls: int, steps: int, batch: int, guidance:
         return [one_call(fast, pipe, steps, batch, guidance) / batch for _ in range(calls)]
 
 
+def rel_diff(a: float, b: float) -> float:
+    """How far two measurements of one thing are apart, relative to their mean (the P1 figure)."""
+    return abs(a - b) / ((a + b) / 2)
+
+
 def summarize(times: list[float]) -> dict:
     q1, med, q3 = np.percentile(times, [25, 50, 75])
     return {"median": float(med), "min": float(min(times)), "iqr_rel": float((q3 - q1) / med), "n": len(times)}
@@ -177,8 +182,7 @@ def run_optimizer_precision(pipe, args, xl: bool) -> dict:
     for k in configs:
         sa, sb = runs["A"][k]["speedup"], runs["B"][k]["speedup"]
         ra, rb = runs["A"][k]["median_ratio"], runs["B"][k]["median_ratio"]
-        table[k] = {"A": sa, "B": sb, "rel_diff": abs(sa - sb) / ((sa + sb) / 2),
-                    "median_ratio_rel_diff": abs(ra - rb) / ((ra + rb) / 2)}
+        table[k] = {"A": sa, "B": sb, "rel_diff": rel_diff(sa, sb), "median_ratio_rel_diff": rel_diff(ra, rb)}
     return {"runs": runs, "speedups": table, "prompts": args.p1_prompts, "rounds": args.calls}
 
 
@@ -202,7 +206,7 @@ def run_precision(pipe, args, xl: bool) -> dict:
         for stat in ("median", "min"):
             sa = out["A"]["baseline"][stat] / out["A"][name][stat]
             sb = out["B"]["baseline"][stat] / out["B"][name][stat]
-            row[stat] = {"A": sa, "B": sb, "rel_diff": abs(sa - sb) / ((sa + sb) / 2)}
+            row[stat] = {"A": sa, "B": sb, "rel_diff": rel_diff(sa, sb)}
         # for the baseline itself: how far its two runs' times are apart
         row["time_rel_diff"] = abs(out["A"][name]["median"] - out["B"][name]["median"]) / out["A"][name]["median"]
         row["time_rel_diff_min"] = abs(out["A"][name]["min"] - out["B"][name]["min"]) / out["A"][name]["min"]

@@ -248,14 +248,13 @@ def best(storage, study_name, as_json):
     """Print the best feasible trial of a study; of a pareto study, its feasible Pareto front (one line
     per trial) and the fastest of it."""
     from .baseline import Baseline
-    from .report import best_entry, format_best, format_front
+    from .report import best_entry, format_result
     from .runner import goal_of, pick_study
-    from .search import best_feasible, feasible_front
+    from .search import study_result
 
     study = pick_study(storage, study_name)
     goal = goal_of(study)
-    trial = best_feasible(study, goal)
-    front = feasible_front(study, goal) if goal.mode == "pareto" else None
+    trial, front = study_result(study, goal)
     baseline = Baseline.load(study)
     if as_json:
         data = {
@@ -263,13 +262,11 @@ def best(storage, study_name, as_json):
             "baseline": {"time_per_image": baseline.time_per_image, "clip_score": baseline.clip_score} if baseline else None,
             "best": best_entry(trial, goal) if trial else None,
         }
-        if front is not None:
+        if goal.mode == "pareto":
             data["front"] = [best_entry(t, goal) for t in front]
         click.echo(json.dumps(data, indent=2))
-    elif front is not None:
-        click.echo(format_front(study.study_name, goal, front, trial))
     else:
-        click.echo(format_best(study.study_name, goal, trial, baseline))
+        click.echo(format_result(study.study_name, goal, trial, front, baseline))
     if trial is None:
         sys.exit(1)
 

@@ -14,7 +14,8 @@ from typing import Any
 
 from optuna.trial import FrozenTrial, TrialState
 
-from .search import CONSTRAINTS_ATTR, LOSS_TEXT, Goal, is_feasible
+from .search import (CONSTRAINTS_ATTR, LOSS_TEXT, Goal, best_feasible, feasible_front, is_feasible,  # noqa: F401
+                     pareto_front, rank_key, study_result)  # pareto_front: also used as report.pareto_front
 from .storage import atomic_write, redact  # noqa: F401 - also used as report.atomic_write, report.redact
 
 
@@ -76,15 +77,18 @@ def format_best(study_name: str, goal: Goal, trial: FrozenTrial | None, baseline
             f"  params {e['params']}")
 
 
+def loss_text(goal: Goal, attrs: dict[str, Any]) -> str:
+    """The loss a study is bounded on, as people read it: ``ssim_loss +0.0312``, ``psnr 27.10 dB``."""
+    loss = goal.loss(attrs)
+    return f"psnr {goal.shown(loss):.2f} dB" if goal.loss_metric == "psnr" else f"{goal.loss_name} {loss:+.4f}"
+
+
 def front_line(trial: FrozenTrial, goal: Goal) -> str:
     """One point of a Pareto front: ``#3   dc(3,b0)   2.10x  ssim_loss +0.0312  psnr 27.1 ssim 0.969  score_loss +0.0040``"""
     a = trial.user_attrs
-    loss = goal.loss(a)
+    shown = loss_text(goal, a)
     if goal.loss_metric == "psnr":
-        shown = f"psnr {goal.shown(loss):.2f} dB"
         a = {k: v for k, v in a.items() if k != "psnr"}  # shown already
-    else:
-        shown = f"{goal.loss_name} {loss:+.4f}"
     rest = fidelity_text(a) + (f"  score_loss {a['score_loss']:+.4f}" if goal.loss_metric != "clip" else "")
     return f"#{trial.number:<3d} {a.get('config', '?'):<42s} {a['speedup']:5.2f}x  {shown}  {rest}".rstrip()
 
@@ -102,14 +106,12 @@ def format_front(study_name: str, goal: Goal, front: list[FrozenTrial], best: Fr
     return "\n".join(lines)
 
 
-def format_result(study, goal: Goal, baseline) -> str:
-    """What a finished run prints: the best feasible trial, or a pareto study's feasible front."""
-    from .search import best_feasible, feasible_front
-
-    best = best_feasible(study, goal)
+def format_result(study_name: str, goal: Goal, best: FrozenTrial | None, front: list[FrozenTrial], baseline) -> str:
+    """What a finished run and ``best`` print (:func:`optimize.search.study_result` gives ``best`` and
+    ``front``): the best feasible trial, or a pareto study's feasible front."""
     if goal.mode == "pareto":
-        return format_front(study.study_name, goal, feasible_front(study, goal), best)
-    return format_best(study.study_name, goal, best, baseline)
+        return format_front(study_name, goal, front, best)
+    return format_best(study_name, goal, best, baseline)
 
 
 # --- the HTML report -----------------------------------------------------------------------------
@@ -167,14 +169,6 @@ def measured_trials(study) -> list[FrozenTrial]:
             if "speedup" in t.user_attrs and "score_loss" in t.user_attrs]
 
 
-def pareto_front(trials: list[FrozenTrial], goal: Goal | None = None) -> list[FrozenTrial]:
-    """Trials no other trial beats on both speedup (higher) and the loss (lower), by loss ascending
-    (see :func:`optimize.search.pareto_front`)."""
-    from .search import pareto_front as front
-
-    return front(trials, goal)
-
-
 def _violation(trial: FrozenTrial) -> float:
     cons = trial.system_attrs.get(CONSTRAINTS_ATTR) or [math.inf]
     return sum(max(0.0, c) for c in cons)
@@ -184,10 +178,7 @@ def ranked_trials(study, goal: Goal) -> list[FrozenTrial]:
     """Measured trials, best first: feasible ones in the order of :func:`best_feasible`, then the
     infeasible ones by how far they miss their constraints."""
     trials = [t for t in measured_trials(study) if goal.loss(t.user_attrs) is not None]
-    if goal.mode == "target":
-        key = lambda t: (goal.loss(t.user_attrs), -t.user_attrs["speedup"], t.number)  # noqa: E731
-    else:
-        key = lambda t: (-t.user_attrs["speedup"], goal.loss(t.user_attrs), t.number)  # noqa: E731
+    key = rank_key(goal)
     feasible = sorted((t for t in trials if is_feasible(t)), key=key)
     infeasible = sorted((t for t in trials if not is_feasible(t)), key=lambda t: (_violation(t), key(t)))
     return feasible + infeasible
@@ -232,8 +223,6 @@ def pareto_figure(study, goal: Goal | None = None):
     infeasible trials, the Pareto front of the feasible ones, the bounds, the baseline and the best
     feasible trial."""
     import plotly.graph_objects as go
-
-    from .search import best_feasible
 
     goal = goal or study_goal(study)
     trials = [t for t in measured_trials(study) if goal.loss(t.user_attrs) is not None]
@@ -411,8 +400,6 @@ GRID_FRONT = 3  # points of the feasible front shown besides the best
 def grid_trials(study, goal: Goal | None = None, n_front: int = GRID_FRONT) -> list[FrozenTrial]:
     """The trials of the image grid: the best feasible one, then up to ``n_front`` other points of the
     feasible Pareto front, spread along it (least loss first)."""
-    from .search import best_feasible, feasible_front
-
     goal = goal or study_goal(study)
     best = best_feasible(study, goal)
     others = [t for t in feasible_front(study, goal) if best is None or t.number != best.number]
@@ -426,7 +413,7 @@ def image_grid(study, goal: Goal | None = None, storage_url: str | None = None, 
                rows: int = GRID_ROWS, n_front: int = GRID_FRONT) -> list[dict[str, Any]]:
     """The grid's columns: ``{"title", "detail", "images"}``, ``images`` PNG bytes per prompt (None where
     not readable here); the baseline first. Empty when no image of the study can be read."""
-    from .storage import BASELINE_PREFIX, artifact_dir_for, image_ids
+    from .storage import artifact_dir_for, baseline_image_ids, image_ids
 
     goal = goal or study_goal(study)
     directory = artifact_dir_for(storage_url or "", artifact_dir)
@@ -446,17 +433,14 @@ def image_grid(study, goal: Goal | None = None, storage_url: str | None = None, 
                 out.append(None)
         return out
 
-    columns = [{"title": "baseline", "detail": "no acceleration", "images": read(image_ids(study, BASELINE_PREFIX))}]
-    best = grid_trials(study, goal, 0)
+    columns = [{"title": "baseline", "detail": "no acceleration", "images": read(baseline_image_ids(study))}]
     trials = {t.number: t for t in study.get_trials(deepcopy=False)}
-    for i, t in enumerate(grid_trials(study, goal, n_front)):
+    for i, t in enumerate(grid_trials(study, goal, n_front)):  # the best feasible first, where there is one
         a = t.user_attrs
         source = trials.get(a.get("reused_from"), t)  # a reused measurement shows its source's images
-        loss = goal.loss(a)
-        shown = f"psnr {goal.shown(loss):.1f} dB" if goal.loss_metric == "psnr" else f"{goal.loss_name} {loss:+.4f}"
         columns.append({
-            "title": f"{'best' if best and t.number == best[0].number else 'Pareto'} #{t.number}",
-            "detail": f"{a.get('config', '?')}: {a['speedup']:.2f}x, {shown}",
+            "title": f"{'best' if i == 0 else 'Pareto'} #{t.number}",
+            "detail": f"{a.get('config', '?')}: {a['speedup']:.2f}x, {loss_text(goal, a)}",
             "images": read(image_ids(source, f"trial{source.number}", storage=study._storage)),
         })
     if not any(im is not None for c in columns for im in c["images"]):
@@ -514,7 +498,6 @@ def build_report_html(study, storage_url: str | None = None, top: int = 10, arti
 
     from . import __version__
     from .baseline import Baseline
-    from .search import best_feasible
 
     goal = study_goal(study)
     meta = study.user_attrs.get("optimize_sd", {})
@@ -522,7 +505,7 @@ def build_report_html(study, storage_url: str | None = None, top: int = 10, arti
     baseline = Baseline.load(study)
     counts = summary(study, goal)["trials"]
     n_feasible = sum(is_feasible(t) for t in measured_trials(study))
-    best = best_feasible(study, goal)
+    best, front = study_result(study, goal)
     esc = html.escape
 
     raw_url = storage_url
@@ -549,9 +532,6 @@ def build_report_html(study, storage_url: str | None = None, top: int = 10, arti
     else:
         info.append((label, "none yet"))
     if goal.mode == "pareto":
-        from .search import feasible_front
-
-        front = feasible_front(study, goal)
         info.append(("feasible Pareto front", ", ".join(f"#{t.number}" for t in front) or "none yet"))
     random_weights = str(fp.get("pipe", "")).startswith(("random:", "tiny")) or str(fp.get("clip", "")).endswith("/None")
     note = ("<p class=\"note\">Random weights (pipeline or CLIP model): speedups are real, CLIP scores and losses "

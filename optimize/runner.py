@@ -29,8 +29,8 @@ from .baseline import Baseline, BaselineMismatch, check_fingerprint
 from .measure import Evaluator, GenerationSettings
 from .metrics import ClipScorer, FidelityScorer, MetricError, lpips_available, lpips_weights_path, score_loss
 from .prompts import PromptsError, load_prompts, prompts_hash
-from .report import best_entry, format_best, format_front, trial_line
-from .search import Goal, Objective, SearchSpace, best_feasible, feasible_front, make_sampler, warm_start_params
+from .report import best_entry, format_result, trial_line
+from .search import Goal, Objective, SearchSpace, make_sampler, study_result, warm_start_params
 from .storage import (BASELINE_PREFIX, StorageError, artifact_dir_for, artifact_store, baseline_image_ids,
                       insert_study_user_attr_once, load_baseline_images, open_storage, redact, storage_errors,
                       update_search_params, upload_images)
@@ -234,12 +234,12 @@ def _baseline_images(study: optuna.Study, store, directory: str, evaluator: Eval
     study's artifacts; where those are missing (a worker on another machine without the artifact
     directory, a moved directory) they are generated again, with the same prompts and seeds.
     """
+    if measured is not None:
+        return measured  # also when another worker's baseline won: same prompts and seeds
     n = len(evaluator.prompts)
     stored = load_baseline_images(study, store, n) if store is not None else None
     if stored is not None:
         return stored
-    if measured is not None:
-        return measured  # another worker's baseline won, but its images are not readable here: same seeds
     echo(f"baseline images not found in {directory}: generating them again ({n} prompts, same seeds)")
     try:
         images = evaluator.measure(Config(), paired=False).images
@@ -410,15 +410,12 @@ def run_search(spec: pipelines.PipeSpec, opts: RunOptions) -> None:
     bar = tqdm(total=opts.n_trials, desc="trials", unit="trial", disable=not opts.progress, file=sys.stderr)
     unsaved: dict = {}  # the last failure to write search_params.json, until a later write succeeds
 
-    pareto = opts.goal.mode == "pareto"
-
     def result():
-        """The best feasible trial (pareto: the fastest of the front) and, in pareto mode, the feasible front."""
-        return best_feasible(study, opts.goal), (feasible_front(study, opts.goal) if pareto else [])
+        return study_result(study, opts.goal)
 
     def entry_for(trial, front) -> dict:
         entry = best_entry(trial, opts.goal)
-        if pareto:
+        if opts.goal.mode == "pareto":
             entry["front"] = [best_entry(t, opts.goal) for t in front]
         entry.update(
             model=spec.name, pipe=spec.source, scheduler=opts.scheduler, steps=opts.steps, mode=opts.goal.mode,
@@ -487,10 +484,7 @@ def run_search(spec: pipelines.PipeSpec, opts: RunOptions) -> None:
     best, front = result()
     if unsaved and best is not None:
         save_best(best, front)  # one more try at the end (space may have been freed)
-    if pareto:
-        echo(format_front(study.study_name, opts.goal, front, best))
-    else:
-        echo(format_best(study.study_name, opts.goal, best, baseline))
+    echo(format_result(study.study_name, opts.goal, best, front, baseline))
     if unsaved:
         e = unsaved["error"]
         raise RunFailure(f"{opts.output} not updated: {e.strerror or e}; the old file is intact and the study "

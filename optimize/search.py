@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
@@ -36,10 +36,23 @@ CONSTRAINTS_ATTR = "constraints"  # the list optuna-dashboard 0.21 reads to mark
 MODES = ("target", "max", "pareto")
 
 
-# The loss each --loss-metric puts under the bound, lower is better, from a trial's user attrs.
-LOSS_NAMES = {"clip": "score_loss", "psnr": "neg_psnr", "ssim": "ssim_loss", "lpips": "lpips"}
-LOSS_TEXT = {"clip": "score_loss (relative CLIP score loss)", "psnr": "PSNR vs baseline image (dB)",
-             "ssim": "1 - SSIM vs baseline image", "lpips": "LPIPS vs baseline image"}
+class _Loss(NamedTuple):
+    name: str  # the loss's name (objective and metric names)
+    attr: str  # the trial user attr it is computed from
+    sign: float  # loss = offset + sign * attr: lower is better for every metric
+    offset: float
+    constraint: str  # the constraint's name, as optuna-dashboard lists it
+    text: str  # axis title
+
+
+# The loss each --loss-metric puts under the bound, from a trial's user attrs.
+_LOSSES = {
+    "clip": _Loss("score_loss", "score_loss", 1, 0, "score_loss <= max_loss", "score_loss (relative CLIP score loss)"),
+    "psnr": _Loss("neg_psnr", "psnr", -1, 0, "psnr >= min_psnr", "PSNR vs baseline image (dB)"),
+    "ssim": _Loss("ssim_loss", "ssim", -1, 1, "1 - ssim <= max_loss", "1 - SSIM vs baseline image"),
+    "lpips": _Loss("lpips", "lpips", 1, 0, "lpips <= max_loss", "LPIPS vs baseline image"),
+}
+LOSS_TEXT = {m: loss.text for m, loss in _LOSSES.items()}
 
 
 @dataclass(frozen=True)
@@ -85,7 +98,7 @@ class Goal:
 
     @property
     def loss_name(self) -> str:
-        return LOSS_NAMES[self.loss_metric]
+        return _LOSSES[self.loss_metric].name
 
     @property
     def objective_name(self) -> str:
@@ -103,18 +116,12 @@ class Goal:
 
     @property
     def constraint_names(self) -> list[str]:
-        names = {"clip": "score_loss <= max_loss", "psnr": "psnr >= min_psnr", "ssim": "1 - ssim <= max_loss",
-                 "lpips": "lpips <= max_loss"}
-        return (["speedup >= target"] if self.mode == "target" else []) + [names[self.loss_metric]]
+        return (["speedup >= target"] if self.mode == "target" else []) + [_LOSSES[self.loss_metric].constraint]
 
     def loss(self, attrs: dict[str, Any]) -> float | None:
         """The loss under the bound, from a trial's user attrs (None if the trial lacks it)."""
-        m = self.loss_metric
-        key = {"clip": "score_loss", "psnr": "psnr", "ssim": "ssim", "lpips": "lpips"}[m]
-        if key not in attrs:
-            return None
-        v = attrs[key]
-        return {"clip": v, "psnr": -v, "ssim": 1 - v, "lpips": v}[m]
+        loss = _LOSSES[self.loss_metric]
+        return loss.offset + loss.sign * attrs[loss.attr] if loss.attr in attrs else None
 
     def shown(self, loss: float) -> float:
         """A loss as people read it: the PSNR itself for psnr, the loss otherwise."""
@@ -223,11 +230,15 @@ def best_feasible(study: optuna.Study, goal: Goal) -> FrozenTrial | None:
     for max and for pareto (its single pick: the fastest point of the feasible front)."""
     trials = _measured((t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if is_feasible(t)),
                        goal)
-    if not trials:
-        return None
+    return min(trials, key=rank_key(goal), default=None)
+
+
+def rank_key(goal: Goal):
+    """Sort key of measured trials, best first: least loss (ties: more speedup) for target, most
+    speedup (ties: less loss) otherwise; then the earlier trial."""
     if goal.mode == "target":
-        return min(trials, key=lambda t: (goal.loss(t.user_attrs), -t.user_attrs["speedup"], t.number))
-    return min(trials, key=lambda t: (-t.user_attrs["speedup"], goal.loss(t.user_attrs), t.number))
+        return lambda t: (goal.loss(t.user_attrs), -t.user_attrs["speedup"], t.number)
+    return lambda t: (-t.user_attrs["speedup"], goal.loss(t.user_attrs), t.number)
 
 
 def pareto_front(trials, goal: Goal | None = None) -> list[FrozenTrial]:
@@ -242,6 +253,15 @@ def pareto_front(trials, goal: Goal | None = None) -> list[FrozenTrial]:
             front.append(t)
             best_speedup = t.user_attrs["speedup"]
     return front
+
+
+def study_result(study: optuna.Study, goal: Goal) -> tuple[FrozenTrial | None, list[FrozenTrial]]:
+    """The best feasible trial and, for a pareto study, its feasible front (else []). A pareto study's
+    best is the fastest point of its front, the front's last."""
+    if goal.mode == "pareto":
+        front = feasible_front(study, goal)
+        return (front[-1] if front else None), front
+    return best_feasible(study, goal), []
 
 
 def feasible_front(study: optuna.Study, goal: Goal) -> list[FrozenTrial]:

@@ -197,6 +197,7 @@ def _summary(study, opts: RunOptions, n_before: int, workers: list[_Worker], int
 
     from .baseline import Baseline
     from .report import format_result
+    from .search import study_result
 
     echo = click.echo
     trials = study.get_trials(deepcopy=False)
@@ -205,7 +206,7 @@ def _summary(study, opts: RunOptions, n_before: int, workers: list[_Worker], int
          + ", ".join(f"{n} {state}" for state, n in sorted(added.items())) + ")")
     baseline = Baseline.load(study)
     if baseline is not None:
-        echo(format_result(study, opts.goal, baseline))
+        echo(format_result(study.study_name, opts.goal, *study_result(study, opts.goal), baseline))
     codes = [w.proc.returncode for w in workers]
     if interrupted:
         done = sum(1 for t in trials if t.state == TrialState.COMPLETE)
