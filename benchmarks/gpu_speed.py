@@ -1,17 +1,18 @@
 """Speed on a GPU with full-size random-weight pipelines: latency landscape, timing precision (P1),
-harness overhead (P2) and leaks, in one run.
+harness overhead (P2), leaks and crash checks, in one run.
 
-    python benchmarks/gpu_speed.py --pipe sd1.5 --out benchmarks/results          # GPU, ~7 min
+    python benchmarks/gpu_speed.py --pipe sd1.5 --out benchmarks/results          # GPU
     python benchmarks/gpu_speed.py --pipe tiny --steps 12 --quick --out /tmp/r     # CPU smoke test
 
-Protocol for every timed configuration: apply, one untimed warm-up call, ``--calls`` timed calls
-(device synchronized around each; CUDA events give the same numbers), remove. The landscape
-re-measures the baseline every ``--baseline-every`` configurations and divides each configuration's
-median by the mean of the two baseline medians around it, to cancel drift.
+The landscape and P1 (``p1opt``) time through the optimizer's own protocol (``optimize.measure``):
+per configuration apply, one untimed warm-up call, then ``--calls`` paired rounds of one baseline call
+and one configured call; speedup = baseline floor / configured floor (the floor: per step, the fastest
+time seen across the rounds, summed; CUDA events cut every call at each UNet call). Rows also give
+the speedup from the fastest whole calls and the calls' spread.
 
-P1 (precision): two independent measurement runs, each of ``--rounds`` interleaved rounds of
-(baseline, DC3, DC5+ToMe+T-GATE); speedup per run from the medians (and from the minima) of all
-calls; the table shows how far the two runs' speedups are apart.
+P1: baseline, DeepCache N=3 and DC5+ToMe+T-GATE, each measured twice (A, B) in one process; the table
+shows how far the two measurements' speedups are apart. ``precision`` is the older protocol (apply,
+warm-up, timed calls, remove, in interleaved rounds) kept for comparison.
 """
 
 from __future__ import annotations
@@ -70,18 +71,22 @@ def summarize(times: list[float]) -> dict:
 
 def landscape_configs(steps: int, xl: bool, quick: bool) -> list[Config]:
     md = (2, 4) if xl else (1, 2)
-    gates = [g for g in (5, 10, 20) if g < steps]
+    gates = [g for g in (5, 10, 20) if g < steps] or [max(2, steps // 2)]  # short CPU runs: one gate
+
+    def tgate(g: int) -> TGate:
+        return TGate(g, 5, 1, min(2, g - 1))  # sp 5, fi 1, warm-up 2 (less where the gate comes sooner)
+
     configs = [Config(deepcache=DeepCache(n, b)) for n in range(1, 11) for b in range(4)]
     configs += [Config(tome=ToMe(r, m)) for r in (0.3, 0.5, 0.7) for m in md]
-    configs += [Config(tgate=TGate(g, 5, 1, 2)) for g in gates]
+    configs += [Config(tgate=tgate(g)) for g in gates]
     g = gates[min(1, len(gates) - 1)]
     configs += [
         Config(deepcache=DeepCache(3, 0), tome=ToMe(0.5, md[0])),
-        Config(deepcache=DeepCache(3, 0), tgate=TGate(g, 5, 1, 2)),
-        Config(tome=ToMe(0.5, md[0]), tgate=TGate(g, 5, 1, 2)),
-        Config(deepcache=DeepCache(3, 0), tome=ToMe(0.5, md[0]), tgate=TGate(g, 5, 1, 2)),
-        Config(deepcache=DeepCache(5, 0), tome=ToMe(0.5, md[0]), tgate=TGate(g, 5, 1, 2)),
-        Config(deepcache=DeepCache(5, 0), tgate=TGate(g, 5, 1, 2)),
+        Config(deepcache=DeepCache(3, 0), tgate=tgate(g)),
+        Config(tome=ToMe(0.5, md[0]), tgate=tgate(g)),
+        Config(deepcache=DeepCache(3, 0), tome=ToMe(0.5, md[0]), tgate=tgate(g)),
+        Config(deepcache=DeepCache(5, 0), tome=ToMe(0.5, md[0]), tgate=tgate(g)),
+        Config(deepcache=DeepCache(5, 0), tgate=tgate(g)),
     ]
     if quick:
         configs = [c for c in configs if not c.deepcache or (c.deepcache.cache_interval in (2, 3, 5, 10)
@@ -90,40 +95,59 @@ def landscape_configs(steps: int, xl: bool, quick: bool) -> list[Config]:
     return configs
 
 
-def run_landscape(pipe, args, xl: bool) -> list[dict]:
-    configs = landscape_configs(args.steps, xl, args.quick)
-    rows, pending = [], []
-    base_prev = summarize(time_config(pipe, Config(), args.calls, args.steps, args.batch, args.guidance))
-    baselines = [base_prev]
+def evaluator(pipe, args, prompts: int = 1):
+    from optimize.measure import Evaluator, GenerationSettings
+    from optimize.metrics import ClipScorer
+    from optimize.prompts import load_prompts
 
-    def flush(base_next):
-        for row in pending:
-            ref = (base_prev["median"] + base_next["median"]) / 2
-            row["baseline_median"] = ref
-            row["speedup"] = ref / row["median"]
-            rows.append(row)
-        pending.clear()
+    size = int(pipe.unet.config.sample_size * pipe.vae_scale_factor)
+    settings = GenerationSettings(args.steps, args.guidance, size, size, args.batch, 42)
+    scorer = ClipScorer("tiny-clip", None, device=str(pipe.device))  # scoring is not what is measured here
+    return Evaluator(pipe, scorer, load_prompts("builtin", max(prompts, args.batch)), settings, repeats=args.calls)
 
-    for i, cfg in enumerate(configs):
-        try:
-            row = summarize(time_config(pipe, cfg, args.calls, args.steps, args.batch, args.guidance))
-            row["error"] = ""
-        except Exception as e:  # noqa: BLE001 - a crashing combination is a result, not the end of the run
-            row = {"median": float("nan"), "min": float("nan"), "iqr_rel": float("nan"), "n": 0,
-                   "error": f"{type(e).__name__}: {e}"[:200]}
-        row.update(config=cfg.label(), params=json.dumps(cfg.to_params()))
-        pending.append(row)
-        print(f"  {cfg.label():45s} {1000 * row['median']:8.1f} ms  {row['error']}", flush=True)
-        if (i + 1) % args.baseline_every == 0 or i == len(configs) - 1:
-            base_next = summarize(time_config(pipe, Config(), args.calls, args.steps, args.batch, args.guidance))
-            baselines.append(base_next)
-            flush(base_next)
-            base_prev = base_next
-    spread = [b["median"] for b in baselines]
-    rows.insert(0, {"config": "baseline", "params": "{}", "median": statistics.median(spread), "min": min(spread),
-                    "iqr_rel": (max(spread) - min(spread)) / statistics.median(spread), "n": len(spread),
-                    "error": "", "baseline_median": statistics.median(spread), "speedup": 1.0})
+
+def timing_row(timed, base) -> dict:
+    ratios = [b / c for b, c in zip(base.samples, timed.samples)]
+    return {"speedup": base.best / timed.best, "time": timed.best, "baseline_time": base.best,
+            "speedup_fastest_call": base.fastest / timed.fastest, "median_ratio": statistics.median(ratios),
+            "median": timed.median, "iqr_rel": timed.spread, "baseline_iqr_rel": base.spread, "n": len(timed.samples)}
+
+
+LANDSCAPE_FIELDS = ["config", "speedup", "time", "baseline_time", "speedup_fastest_call", "median_ratio", "median",
+                    "iqr_rel", "baseline_iqr_rel", "n", "params", "error"]
+
+
+def run_landscape(pipe, args, xl: bool, csv_path: str) -> list[dict]:
+    """Every configuration of the grid through ``Evaluator.time`` (paired rounds, floors); the CSV is
+    rewritten after each one, so a run cut short keeps what it measured."""
+    ev = evaluator(pipe, args)
+    rows = []
+    for cfg in landscape_configs(args.steps, xl, args.quick):
+        row = {"config": cfg.label(), "params": json.dumps(cfg.to_params()), "error": ""}
+        if time.perf_counter() > args.deadline:
+            row["error"] = "not measured: --deadline-s reached"
+        else:
+            try:
+                row.update(timing_row(*ev.time(cfg)))
+            except Exception as e:  # noqa: BLE001 - a crashing combination is a result, not the end of the run
+                row["error"] = f"{type(e).__name__}: {e}"[:200]
+        rows.append(row)
+        if "speedup" in row:
+            print(f"  {row['config']:45s} {1000 * row['time']:8.1f} ms  {row['speedup']:5.2f}x  "
+                  f"(fastest calls {row['speedup_fastest_call']:5.2f}x, iqr {100 * row['iqr_rel']:.0f}%)", flush=True)
+        else:
+            print(f"  {row['config']:45s} {row['error']}", flush=True)
+        _write_csv(csv_path, rows)
     return rows
+
+
+def _write_csv(path: str, rows: list[dict]) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=LANDSCAPE_FIELDS, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    os.replace(tmp, path)
 
 
 def run_crashes(pipe, args, xl: bool) -> list[dict]:
@@ -151,19 +175,12 @@ def run_crashes(pipe, args, xl: bool) -> list[dict]:
     return rows
 
 
-def run_optimizer_precision(pipe, args, xl: bool) -> dict:
-    """P1 through the optimizer's own protocol (optimize.measure): baseline, DC3 and a three-method
-    combination, each measured twice in one run, as a study's trials are: paired rounds of baseline and
-    configured calls, speedup = fastest baseline call / fastest configured call."""
-    from optimize.measure import Evaluator, GenerationSettings
-    from optimize.metrics import ClipScorer
-    from optimize.prompts import load_prompts
-
+def run_optimizer_precision(pipe, args, xl: bool, rounds: int) -> dict:
+    """P1 through the optimizer's own protocol (``Evaluator.measure``, as a study's trials are timed):
+    baseline, DC3 and a three-method combination, each measured twice in one run."""
     md = 2 if xl else 1
-    size = int(pipe.unet.config.sample_size * pipe.vae_scale_factor)
-    settings = GenerationSettings(args.steps, args.guidance, size, size, args.batch, 42)
-    scorer = ClipScorer("tiny-clip", None, device=str(pipe.device))  # scoring is not what is measured here
-    ev = Evaluator(pipe, scorer, load_prompts("builtin", args.p1_prompts), settings, repeats=args.calls)
+    ev = evaluator(pipe, args, args.p1_prompts)
+    ev.repeats = rounds
     configs = {"baseline": Config(), "dc3": Config(deepcache=DeepCache(3, 0)),
                "dc5+tome+tgate": Config(deepcache=DeepCache(5, 0), tome=ToMe(0.5, md), tgate=TGate(min(10, args.steps - 1), 5, 1, 2))}
     runs = {}
@@ -171,19 +188,33 @@ def run_optimizer_precision(pipe, args, xl: bool) -> dict:
         runs[run] = {}
         for k, c in configs.items():
             m = ev.measure(c)
-            ratios = [b / c for b, c in zip(m.reference.samples, m.timing.samples)]
-            runs[run][k] = {"speedup": m.speedup, "time": m.timing.best, "baseline_time": m.reference.best,
-                            "spread": m.timing.spread, "baseline_spread": m.reference.spread,
-                            "median_ratio": statistics.median(ratios), "samples": m.timing.samples,
-                            "baseline_samples": m.reference.samples}
-            print(f"  {run} {k:16s} {m.speedup:.4f}x  {1000 * m.timing.best:.1f} ms  base {1000 * m.reference.best:.1f} ms",
-                  flush=True)
+            row = timing_row(m.timing, m.reference)
+            row.update(samples=m.timing.samples, baseline_samples=m.reference.samples,
+                       segments=_ms(m.timing.segments), baseline_segments=_ms(m.reference.segments))
+            runs[run][k] = row
+            print(f"  {run} {k:16s} {row['speedup']:.4f}x  {1000 * row['time']:.1f} ms  base {1000 * row['baseline_time']:.1f} ms"
+                  f"  (fastest calls {row['speedup_fastest_call']:.4f}x)", flush=True)
     table = {}
     for k in configs:
-        sa, sb = runs["A"][k]["speedup"], runs["B"][k]["speedup"]
-        ra, rb = runs["A"][k]["median_ratio"], runs["B"][k]["median_ratio"]
-        table[k] = {"A": sa, "B": sb, "rel_diff": rel_diff(sa, sb), "median_ratio_rel_diff": rel_diff(ra, rb)}
-    return {"runs": runs, "speedups": table, "prompts": args.p1_prompts, "rounds": args.calls}
+        a, b = runs["A"][k], runs["B"][k]
+        table[k] = {"A": a["speedup"], "B": b["speedup"], "rel_diff": rel_diff(a["speedup"], b["speedup"]),
+                    "fastest_call_rel_diff": rel_diff(a["speedup_fastest_call"], b["speedup_fastest_call"]),
+                    "median_ratio_rel_diff": rel_diff(a["median_ratio"], b["median_ratio"])}
+    return {"runs": runs, "speedups": table, "prompts": args.p1_prompts, "rounds": rounds}
+
+
+def run_p1(pipe, args, xl: bool, result: dict, stem: str) -> list[dict]:
+    """P1 at each of ``--p1-rounds``, saved after each (a run cut short keeps the finished ones)."""
+    done = result.setdefault("p1opt", [])
+    for rounds in args.p1_rounds:
+        print(f"p1opt, {rounds} rounds", flush=True)
+        done.append(run_optimizer_precision(pipe, args, xl, rounds))
+        _save(stem, result)
+    return done
+
+
+def _ms(segments):
+    return [[round(1000 * x, 3) for x in call] for call in segments] if segments else None
 
 
 def run_precision(pipe, args, xl: bool) -> dict:
@@ -232,10 +263,11 @@ def run_leaks(pipe, args, xl: bool) -> dict:
 
 def run_overhead(pipe, args, xl: bool) -> dict:
     """Harness cost of one trial at ``--overhead-prompts`` prompts: apply + remove + CLIP scoring +
-    storage, against the generation time of the same trial."""
+    PSNR/SSIM against the baseline images + storage, against the generation time of the trial's
+    scoring pass alone (its paired timing rounds would only make the fraction smaller)."""
     import optuna
 
-    from optimize.metrics import ClipScorer
+    from optimize.metrics import ClipScorer, FidelityScorer
     from optimize.search import record_constraints
 
     cfg = Config(deepcache=DeepCache(3, 0), tome=ToMe(0.5, 2 if xl else 1), tgate=TGate(min(10, args.steps - 1), 5, 1, 2))
@@ -265,26 +297,39 @@ def run_overhead(pipe, args, xl: bool) -> dict:
     scorer.score(images[:n], [PROMPT] * n)
     sync(pipe)
     score_s = time.perf_counter() - t
+    # fidelity costs the same whatever the pixels: the baseline images here are the same images rolled by one
+    fidelity = FidelityScorer(images[1:n] + images[:1], device=str(pipe.device))
+    fidelity.score(images[:n])  # warm-up: the first call pays for kernels and the allocator
+    sync(pipe)
+    t = time.perf_counter()
+    fid = fidelity.score(images[:n])
+    sync(pipe)
+    fidelity_s = time.perf_counter() - t
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     db = os.path.join(args.tmp, "overhead.db")
     study = optuna.create_study(storage=f"sqlite:///{db}", direction="maximize")
     t = time.perf_counter()
     trial = study.ask()
     trial.suggest_categorical("deepcache", [False, True])
-    for k, v in {"speedup": 2.0, "score_loss": 0.01, "time_per_image": 0.5, "spread": 0.01, "clip_score": 30.0}.items():
+    for k, v in {"speedup": 2.0, "score_loss": 0.01, "time_per_image": 0.5, "spread": 0.01, "clip_score": 30.0,
+                 "baseline_time": 1.0, "baseline_spread": 0.01, "time_median": 0.5, **fid}.items():
         trial.set_user_attr(k, v)
     record_constraints(trial, [-0.01])
     study.tell(trial, 2.0)
     store_s = time.perf_counter() - t
-    harness = apply_s + remove_s + score_s + store_s
+    harness = apply_s + remove_s + score_s + fidelity_s + store_s
     return {"prompts": n, "generate_s": gen_s, "apply_s": apply_s, "remove_s": remove_s, "score_s": score_s,
-            "storage_s": store_s, "scorer_load_s_once_per_study": load_s,
+            "fidelity_s": fidelity_s, "storage_s": store_s, "scorer_load_s_once_per_study": load_s,
             "harness_fraction": harness / (harness + gen_s)}
 
 
+PARTS = ("landscape", "p1opt", "leaks", "overhead", "crashes", "precision")
+
+
 def _save(stem: str, result: dict) -> None:
-    with open(stem + ".json", "w") as f:
+    with open(stem + ".json.tmp", "w") as f:
         json.dump(result, f, indent=1)
+    os.replace(stem + ".json.tmp", stem + ".json")
 
 
 def main() -> None:
@@ -299,15 +344,25 @@ def main() -> None:
     ap.add_argument("--cycles", type=int, default=100, help="apply/remove cycles for the leak check")
     ap.add_argument("--overhead-prompts", type=int, default=32)
     ap.add_argument("--clip-model", default="ViT-g-14")
-    ap.add_argument("--parts", default="landscape,precision,leaks,overhead",
-                    help="comma list of landscape, precision, leaks, overhead, crashes, p1opt")
+    ap.add_argument("--parts", default="landscape,p1opt,leaks,overhead",
+                    help="comma list, run in this order: landscape, p1opt, leaks, overhead, crashes, precision")
     ap.add_argument("--quick", action="store_true", help="a smaller landscape grid (DeepCache N 2,3,5,10 x branch 0,1)")
     ap.add_argument("--crash-steps", default="25,20,50", help="step counts for the crash check (first: all combinations)")
     ap.add_argument("--p1-prompts", type=int, default=8)
+    ap.add_argument("--p1-rounds", default=None, help="comma list of paired rounds for p1opt (default: --calls)")
     ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--tag", default="", help="added to the output files' names")
+    ap.add_argument("--deadline-s", type=float, default=None,
+                    help="stop measuring landscape configurations after this many seconds (the rest are listed as not measured)")
     ap.add_argument("--tmp", default="/tmp")
     args = ap.parse_args()
     args.crash_steps = [int(x) for x in args.crash_steps.split(",")]
+    args.p1_rounds = [int(x) for x in (args.p1_rounds or str(args.calls)).split(",")]
+    parts = args.parts.split(",")
+    unknown = [p for p in parts if p not in PARTS]
+    if unknown:  # before anything loads
+        sys.exit(f"unknown part(s): {', '.join(unknown)} (known: {', '.join(PARTS)})")
+    args.deadline = time.perf_counter() + args.deadline_s if args.deadline_s is not None else float("inf")
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tiny = args.pipe.startswith("tiny")
@@ -326,43 +381,30 @@ def main() -> None:
         "size": int(pipe.unet.config.sample_size * pipe.vae_scale_factor),
     }
     os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"{args.pipe}-{args.steps}steps-bs{args.batch}")
+    stem = os.path.join(args.out, f"{args.pipe}-{args.steps}steps-bs{args.batch}" + (f"-{args.tag}" if args.tag else ""))
     result = {"meta": meta}
-    parts = args.parts.split(",")
-    if "landscape" in parts:
-        print("landscape", flush=True)
-        rows = run_landscape(pipe, args, xl)
-        result["landscape"] = rows
-        with open(stem + "-landscape.csv", "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=["config", "speedup", "median", "min", "iqr_rel", "n", "baseline_median", "params", "error"])
-            w.writeheader()
-            w.writerows(rows)
-    if "crashes" in parts:
-        print("crashes", flush=True)
-        result["crashes"] = run_crashes(pipe, args, xl)
+    runners = {
+        "landscape": lambda: run_landscape(pipe, args, xl, stem + "-landscape.csv"),
+        "crashes": lambda: run_crashes(pipe, args, xl),
+        "p1opt": lambda: run_p1(pipe, args, xl, result, stem),
+        "precision": lambda: run_precision(pipe, args, xl),
+        "leaks": lambda: run_leaks(pipe, args, xl),
+        "overhead": lambda: run_overhead(pipe, args, xl),
+    }
+    for part in parts:  # in the order given; results are saved after each
+        print(part, flush=True)
+        result[part] = runners[part]()
         _save(stem, result)
-    if "p1opt" in parts:
-        print("p1 through the optimizer's protocol", flush=True)
-        result["p1opt"] = run_optimizer_precision(pipe, args, xl)
-        _save(stem, result)
-    if "precision" in parts:
-        print("precision", flush=True)
-        result["precision"] = run_precision(pipe, args, xl)
-    if "leaks" in parts:
-        print("leaks", flush=True)
-        result["leaks"] = run_leaks(pipe, args, xl)
-    if "overhead" in parts:
-        print("overhead", flush=True)
-        result["overhead"] = run_overhead(pipe, args, xl)
-    _save(stem, result)
 
     print(f"\n{meta['pipe']} on {meta['device']}, {args.steps} steps, batch {args.batch}, {meta['date']}")
     if "landscape" in result:
-        best = sorted((r for r in result["landscape"] if r["median"] == r["median"]), key=lambda r: -r["speedup"])[:8]
-        print(f"baseline {1000 * result['landscape'][0]['median']:.1f} ms/image; fastest:")
-        for r in best:
+        done = [r for r in result["landscape"] if "speedup" in r]
+        base = statistics.median(r["baseline_time"] for r in done) if done else float("nan")
+        print(f"landscape: {len(done)} of {len(result['landscape'])} configurations measured; "
+              f"baseline floor {1000 * base:.1f} ms/image (median over rows); fastest:")
+        for r in sorted(done, key=lambda r: -r["speedup"])[:8]:
             print(f"  {r['config']:45s} {r['speedup']:5.2f}x  iqr {100 * r['iqr_rel']:.1f}%")
-        errors = [r for r in result["landscape"] if r["error"]]
+        errors = [r for r in result["landscape"] if r["error"] and "deadline" not in r["error"]]
         print(f"  configurations that raised: {len(errors)}")
     if "precision" in result:
         for name, row in result["precision"]["speedups"].items():
@@ -373,9 +415,10 @@ def main() -> None:
         print(f"crash check: {len(result['crashes'])} runs of two calls, {len(bad)} raised")
         for r in bad:
             print(f"  {r['config']} steps {r['steps']} bs {r['batch']}: {r['error']}")
-    if "p1opt" in result:
-        for name, row in result["p1opt"]["speedups"].items():
-            print(f"P1 (optimizer protocol, paired) {name:16s} A {row['A']:.4f} B {row['B']:.4f} diff {100 * row['rel_diff']:.2f}%"
+    for p1 in result.get("p1opt", []):
+        for name, row in p1["speedups"].items():
+            print(f"P1 {p1['rounds']:2d} rounds {name:16s} A {row['A']:.4f} B {row['B']:.4f} diff {100 * row['rel_diff']:.2f}%"
+                  f" | fastest calls: diff {100 * row['fastest_call_rel_diff']:.2f}%"
                   f" | median of round ratios: diff {100 * row['median_ratio_rel_diff']:.2f}%")
     if "leaks" in result:
         lk = result["leaks"]
@@ -383,7 +426,7 @@ def main() -> None:
     if "overhead" in result:
         o = result["overhead"]
         print(f"P2 overhead at {o['prompts']} prompts: {100 * o['harness_fraction']:.2f}% (apply {o['apply_s']:.3f}s, remove {o['remove_s']:.3f}s, "
-              f"score {o['score_s']:.3f}s, storage {o['storage_s']:.3f}s, generate {o['generate_s']:.1f}s)")
+              f"score {o['score_s']:.3f}s, psnr/ssim {o['fidelity_s']:.3f}s, storage {o['storage_s']:.3f}s, generate {o['generate_s']:.1f}s)")
 
 
 if __name__ == "__main__":

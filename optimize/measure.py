@@ -2,16 +2,23 @@
 
 Protocol: apply the configuration and make one untimed warm-up call. Then ``repeats`` *paired rounds*
 on the first batch: one timed call of the untouched pipeline, one timed call with the configuration
-applied. Then one pass over all prompts with the configuration applied, whose images are scored.
-Every call is bracketed by a device synchronize; the configuration is removed afterwards, whatever
-happens.
+applied. A speed gate may stop there; a configuration that goes on to be scored gets more rounds, up
+to ``scored_repeats`` in all, since its speedup is the one that can become the result. Then one pass
+over all prompts with the configuration applied, whose images are scored.
+Every call is bracketed by a device synchronize, the garbage collector is paused during it (as
+``timeit`` does), and the configuration is removed afterwards, whatever happens.
 
-Speedup = fastest baseline call / fastest configured call of the same rounds. The pairing is what
-makes a speedup repeatable: a GPU drifts by 2-5% between minutes, so a configuration timed in one
-window against a baseline timed in another inherits that drift (2.2-3.0% apart when measured twice on
-an H200), while calls seconds apart share it. The minimum, because at batch 1 the pipeline is
-launch-bound and host hiccups only ever add time. ``spread`` = interquartile range / median of the
-configured calls shows how disturbed they were (docs/benchmarks.md, P1).
+Every timed call is also cut into *segments* at each UNet call: what comes before the first step,
+each denoising step, and the last step with the decode. On a GPU the cuts are CUDA events, so a
+segment is the time on the device's timeline, idle gaps included. A configuration's time is its
+*floor*: the sum over segments of the fastest time seen for that segment across the calls. At batch
+1 the pipeline is launch-bound, so any stall of the host shows up as device time; stalls only ever
+add time and hit a few steps of a call, not all of them. The floor gets to the undisturbed time from
+calls that were each disturbed somewhere, where the fastest whole call needs one call disturbed
+nowhere. Speedup = baseline floor / configured floor of the same rounds: the pairing cancels drift
+between minutes (calls seconds apart share it), equal counts on both sides keep the two floors
+equally biased. ``spread`` = interquartile range / median of the whole configured calls shows how
+disturbed they were (docs/benchmarks.md, P1).
 
 Without repeats (the CPU default) there are no rounds: the scoring pass's calls are the timing, and
 the caller supplies the baseline time.
@@ -19,7 +26,9 @@ the caller supplies the baseline time.
 
 from __future__ import annotations
 
+import gc
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -29,16 +38,94 @@ from .accelerators import Config, accelerate
 
 @dataclass
 class Timing:
-    best: float  # seconds per image of the fastest call: the statistic speedups are computed from
+    best: float  # seconds per image: the floor (module docstring), the statistic speedups use
     median: float
     spread: float
-    samples: list[float] = field(repr=False)
+    samples: list[float] = field(repr=False)  # seconds per image of each whole call
+    segments: list[list[float]] | None = field(default=None, repr=False)  # per call, per segment
+
+    @property
+    def fastest(self) -> float:
+        """The fastest whole call, per image."""
+        return min(self.samples)
 
     @classmethod
-    def from_samples(cls, samples: list[float]) -> "Timing":
+    def from_samples(cls, samples: list[float], segments: list[list[float]] | None = None) -> "Timing":
         q1, med, q3 = np.percentile(samples, [25, 50, 75])
         spread = float((q3 - q1) / med) if med > 0 else 0.0
-        return cls(float(min(samples)), float(med), spread, [float(s) for s in samples])
+        best = floor(segments) if segments else None
+        return cls(min(samples) if best is None else best, float(med), spread, [float(s) for s in samples],
+                   segments)
+
+
+def floor(segments: list[list[float]]) -> float | None:
+    """Sum over segment positions of the fastest time at that position; None when the calls were
+    not cut alike (then only whole calls compare)."""
+    if not segments or len({len(s) for s in segments}) != 1 or not segments[0]:
+        return None
+    return float(np.asarray(segments, dtype=float).min(axis=0).sum())
+
+
+class _StepClock:
+    """Cuts one pipeline call at every UNet call: a forward pre-hook on the UNet, CUDA events on a GPU
+    (the device's timeline, so the cuts cost no synchronize), ``perf_counter`` elsewhere. Every
+    method here calls the UNet once per step through ``unet(...)``, so hooks see each step."""
+
+    def __init__(self, pipe):
+        import torch
+
+        self.unet = pipe.unet
+        self.cuda = pipe.device.type == "cuda"
+        self._event = (lambda: torch.cuda.Event(enable_timing=True)) if self.cuda else None
+        self.marks: list = []
+
+    def mark(self, *_) -> None:
+        if self.cuda:
+            event = self._event()
+            event.record()
+            self.marks.append(event)
+        else:
+            self.marks.append(time.perf_counter())
+
+    @contextmanager
+    def running(self):
+        self.marks = []
+        handle = self.unet.register_forward_pre_hook(self.mark)
+        try:
+            self.mark()
+            yield self
+            self.mark()
+        finally:
+            handle.remove()
+
+    def segments(self) -> list[float]:
+        """Seconds per segment; call after the device is synchronized."""
+        m = self.marks
+        if self.cuda:
+            return [a.elapsed_time(b) / 1000.0 for a, b in zip(m, m[1:])]
+        return [b - a for a, b in zip(m, m[1:])]
+
+
+class _Series:
+    """Timed calls of one configuration, per image."""
+
+    def __init__(self):
+        self.samples: list[float] = []
+        self.segments: list[list[float] | None] = []
+
+    def add(self, seconds: float, segments: list[float] | None, images: int) -> None:
+        self.samples.append(seconds / images)
+        self.segments.append([x / images for x in segments] if segments else None)
+
+    def extend(self, other: "_Series") -> None:
+        self.samples += other.samples
+        self.segments += other.segments
+
+    def timing(self) -> Timing | None:
+        if not self.samples:
+            return None
+        cut = None if any(s is None for s in self.segments) else self.segments
+        return Timing.from_samples(self.samples, cut)
 
 
 @dataclass
@@ -51,7 +138,7 @@ class Measurement:
 
     @property
     def speedup(self) -> float | None:
-        """Paired speedup (fastest baseline call / fastest configured call), None without rounds."""
+        """Paired speedup (baseline floor / configured floor), None without rounds."""
         return self.reference.best / self.timing.best if self.reference else None
 
     @property
@@ -73,11 +160,13 @@ class Evaluator:
     """Measures configurations on one loaded pipeline with one scorer and one prompt list."""
 
     def __init__(self, pipe, scorer, prompts: list[str], settings: GenerationSettings, repeats: int = 1,
-                 progress: bool = False):
+                 progress: bool = False, scored_repeats: int = 0):
         self.pipe, self.scorer, self.prompts, self.settings = pipe, scorer, prompts, settings
         self.repeats = repeats
+        self.scored_repeats = scored_repeats
         self.progress = progress
         self._baseline_warm = False
+        self._clock: _StepClock | None = None
 
     def _batches(self):
         bs = self.settings.batch_size
@@ -90,26 +179,76 @@ class Evaluator:
             torch.cuda.synchronize(self.pipe.device)
 
     def _call(self, run, batch: list[str], index: int):
+        """One timed call: (images, seconds, seconds per segment)."""
         import torch
 
         s = self.settings
-        self._sync()
-        start = time.perf_counter()
-        images = run(
-            prompt=batch, num_inference_steps=s.steps, guidance_scale=s.guidance, height=s.height,
-            width=s.width, output_type="np",
-            # a CPU generator gives the same initial noise on every device
-            generator=torch.Generator("cpu").manual_seed(s.seed + index),
-        ).images
-        self._sync()
-        return images, time.perf_counter() - start
+        if self._clock is None:
+            self._clock = _StepClock(self.pipe)
+        collect = gc.isenabled()
+        gc.disable()  # a collection mid-call would stall the launch-bound loop: time the pipeline, not gc
+        try:
+            self._sync()
+            start = time.perf_counter()
+            with self._clock.running():
+                images = run(
+                    prompt=batch, num_inference_steps=s.steps, guidance_scale=s.guidance, height=s.height,
+                    width=s.width, output_type="np",
+                    # a CPU generator gives the same initial noise on every device
+                    generator=torch.Generator("cpu").manual_seed(s.seed + index),
+                ).images
+            self._sync()
+            seconds = time.perf_counter() - start
+        finally:
+            if collect:
+                gc.enable()
+        return images, seconds, self._clock.segments()
+
+    def _configured(self, config: Config):
+        return accelerate(self.pipe, config, seed=self.settings.seed)
 
     def time_only(self, config: Config, calls: int) -> Timing:
         """Time ``config`` without scoring: warm-up, then ``calls`` timed calls on the first batch."""
         batch = self._batches()[0]
-        with accelerate(self.pipe, config, seed=self.settings.seed) as run:
+        series = _Series()
+        with self._configured(config) as run:
             self._call(run, batch, 0)
-            return Timing.from_samples([self._call(run, batch, 0)[1] / len(batch) for _ in range(max(1, calls))])
+            for _ in range(max(1, calls)):
+                series.add(*self._call(run, batch, 0)[1:], len(batch))
+        return series.timing()
+
+    def _rounds(self, config: Config, paired: bool) -> tuple["_Series", "_Series"]:
+        first = self._batches()[0]
+        timed, base = _Series(), _Series()
+        with self._configured(config) as run:
+            self._call(run, first, 0)  # warm-up: first-call costs (allocator, kernels) not timed
+            if not paired:
+                for _ in range(self.repeats):
+                    timed.add(*self._call(run, first, 0)[1:], len(first))
+        if paired:
+            if not self._baseline_warm:
+                self._call(self.pipe, first, 0)
+                self._baseline_warm = True
+            self._paired(config, self.repeats, timed, base)
+        return timed, base
+
+    def _paired(self, config: Config, rounds: int, timed: "_Series", base: "_Series") -> None:
+        first = self._batches()[0]
+        for _ in range(rounds):
+            # apply + remove cost ~10 ms, outside the timed calls; a re-applied configuration
+            # needs no second warm-up (its kernels and allocator blocks are already there)
+            base.add(*self._call(self.pipe, first, 0)[1:], len(first))
+            with self._configured(config) as run:
+                timed.add(*self._call(run, first, 0)[1:], len(first))
+
+    def time(self, config: Config) -> tuple[Timing, Timing]:
+        """The warm-up and the paired rounds of :meth:`measure`, without the scoring pass:
+        (configured timing, baseline timing); speedup = ``baseline.best / configured.best``."""
+        config.validate(self.pipe, self.settings.steps, self.settings.guidance)
+        timed, base = self._rounds(config, paired=True)
+        if not base.samples:
+            raise ValueError("paired timing needs repeats >= 1")
+        return timed.timing(), base.timing()
 
     def measure(self, config: Config, gate=None, paired: bool = True) -> Measurement:
         """Time and score ``config`` (module docstring: the protocol).
@@ -122,49 +261,31 @@ class Evaluator:
 
         config.validate(self.pipe, self.settings.steps, self.settings.guidance)
         batches = self._batches()
-        first = batches[0]
         full = self.settings.batch_size
-        samples: list[float] = []
-        base: list[float] = []
         images: list[np.ndarray] = []
-        paired = paired and self.repeats > 0
-
-        def configured():
-            return accelerate(self.pipe, config, seed=self.settings.seed)
-
-        with configured() as run:
-            self._call(run, first, 0)  # warm-up: first-call costs (allocator, kernels) not timed
-            if not paired:
-                samples += [self._call(run, first, 0)[1] / len(first) for _ in range(self.repeats)]
-        if paired:
-            if not self._baseline_warm:
-                self._call(self.pipe, first, 0)
-                self._baseline_warm = True
-            for _ in range(self.repeats):
-                # apply + remove cost ~10 ms, outside the timed calls; a re-applied configuration
-                # needs no second warm-up (its kernels and allocator blocks are already there)
-                base.append(self._call(self.pipe, first, 0)[1] / len(first))
-                with configured() as run:
-                    samples.append(self._call(run, first, 0)[1] / len(first))
-        reference = Timing.from_samples(base) if base else None
-        if gate is not None and samples:
-            gate(Timing.from_samples(samples), reference)
-        pass_samples: list[float] = []
-        with configured() as run, tqdm(total=len(self.prompts), desc=config.label(), leave=False,
-                                       disable=not self.progress, unit="prompt") as bar:
+        timed, base = self._rounds(config, paired and self.repeats > 0)
+        reference = base.timing()
+        if gate is not None and timed.samples:
+            gate(timed.timing(), reference)
+        if reference is not None and self.scored_repeats > self.repeats:
+            self._paired(config, self.scored_repeats - self.repeats, timed, base)
+            reference = base.timing()
+        scoring = _Series()
+        with self._configured(config) as run, tqdm(total=len(self.prompts), desc=config.label(), leave=False,
+                                                   disable=not self.progress, unit="prompt") as bar:
             for index, batch in enumerate(batches):
-                out, seconds = self._call(run, batch, index)
+                out, seconds, segments = self._call(run, batch, index)
                 if len(batch) == full:  # a short last batch has another per-image cost
-                    pass_samples.append(seconds / len(batch))
+                    scoring.add(seconds, segments, len(batch))
                 images.extend(out)
                 bar.update(len(batch))
-        if not paired:  # the paired rounds alone give the speedup: equal counts on both sides, no bias
-            samples += pass_samples
-        if not samples:
-            samples = [seconds / len(batches[-1])]
+        if reference is None:  # the paired rounds alone give the speedup: equal counts on both sides, no bias
+            timed.extend(scoring)
+        if not timed.samples:
+            timed.add(seconds, segments, len(batches[-1]))
         stacked = np.stack(images)
         if not np.isfinite(stacked).all():
             raise FloatingPointError(f"{config.label()}: generated images contain NaN or Inf")
         pil = self.pipe.numpy_to_pil(stacked)
         scores = self.scorer.score(pil, self.prompts)
-        return Measurement(config, Timing.from_samples(samples), scores, pil, reference)
+        return Measurement(config, timed.timing(), scores, pil, reference)

@@ -63,6 +63,7 @@ class RunOptions:
     clip_model: str
     clip_pretrained: str | None
     repeats: int
+    scored_repeats: int
     goal: Goal
     methods: tuple[str, ...]
     n_trials: int
@@ -352,7 +353,8 @@ def run_search(spec: pipelines.PipeSpec, opts: RunOptions) -> None:
         steps=opts.steps, guidance=opts.guidance if opts.guidance is not None else (5.0 if xl else 7.5),
         height=opts.height or size, width=opts.width or size, batch_size=opts.batch_size, seed=opts.seed,
     )
-    evaluator = Evaluator(pipe, scorer, prompts, settings, repeats=opts.repeats, progress=opts.progress)
+    evaluator = Evaluator(pipe, scorer, prompts, settings, repeats=opts.repeats, progress=opts.progress,
+                          scored_repeats=opts.scored_repeats)
     # A stored baseline's time is re-measured on this device before the first trial: the machine may have
     # changed since, or this may be another worker's GPU.
     directory = artifact_dir_for(opts.storage, opts.artifact_dir)

@@ -334,7 +334,7 @@ class Objective:
                 bar = best.user_attrs["speedup"] * (1 - self.gate_margin)
             if speedup < bar:
                 attrs = {"speedup": speedup, "time_per_image": timing.best, "time_median": timing.median,
-                         "spread": timing.spread, "baseline_time": base}
+                         "spread": timing.spread, "baseline_time": base, "rounds": len(timing.samples)}
                 raise SpeedGate(attrs, f"speed gate: {speedup:.2f}x < {bar:.2f}x, not scored")
 
         return gate
@@ -361,6 +361,7 @@ class Objective:
         }
         if m.reference is not None:
             attrs["baseline_spread"] = m.reference.spread
+            attrs["rounds"] = len(m.reference.samples)
         if self.fidelity is not None:
             attrs.update(self.fidelity.score(m.images))  # psnr, ssim (and lpips) against the baseline images
         bad = [k for k, v in attrs.items() if not math.isfinite(v)]
