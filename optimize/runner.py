@@ -387,8 +387,11 @@ def run_search(spec: pipelines.PipeSpec, opts: RunOptions) -> None:
     fidelity = _fidelity_scorer(baseline_images, opts, echo)
 
     space = SearchSpace(opts.methods, opts.steps, max_branch_id(pipe), xl)
+    # without rounds a trial's time is the floor of its scoring pass: re-time the baseline with as
+    # many calls, since a floor over more calls is lower
+    retime_calls = max(3, opts.repeats) if opts.repeats else max(1, len(prompts) // opts.batch_size)
     objective = Objective(evaluator, baseline, opts.goal, space, retime_every=opts.retime_every,
-                          reference=reference, retime_calls=max(3, opts.repeats), speed_gate=opts.speed_gate,
+                          reference=reference, retime_calls=retime_calls, speed_gate=opts.speed_gate,
                           fidelity=fidelity)
     key = search_params_key(spec, opts)
     worker = worker_label(opts)

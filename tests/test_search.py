@@ -632,3 +632,23 @@ def test_a_scored_configuration_gets_more_paired_rounds_than_a_gated_one(tiny_pi
         ev.measure(Config(deepcache=DeepCache(3, 0)), gate=stop)
     assert "".join(log) == "C" + "BC" * 2  # gated: no top-up, no scoring pass
     assert not tiny_pipe.unet._forward_pre_hooks
+
+
+def test_without_rounds_the_baseline_is_retimed_with_as_many_calls_as_a_scoring_pass(tmp_path, monkeypatch):
+    """On CPU (no rounds) a trial's time is the floor over its scoring pass; the re-timed baseline
+    must be a floor over as many calls, or the lower floor of more calls would favour one side."""
+    from optimize import measure
+
+    calls = []
+    original = measure.Evaluator.time_only
+
+    def time_only(self, config, n):
+        calls.append(n)
+        return original(self, config, n)
+
+    monkeypatch.setattr(measure.Evaluator, "time_only", time_only)
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_cli(run_args(tmp_path, "--max-loss", "0.5", "--n-trials", "2", "--retime-every", "1",
+                                      "--num-samples", "5", "--no-warm-start"))
+    assert code == 0, out + err
+    assert calls and set(calls) == {5}
