@@ -28,13 +28,14 @@ import statistics
 import sys
 import time
 
-import numpy as np
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from optimize.accelerators import Config, DeepCache, TGate, ToMe, accelerate  # noqa: E402
-from optimize.pipelines import load_pipeline, resolve_pipe  # noqa: E402
+from optimize.measure import Timing  # noqa: E402
+from optimize.pipelines import default_guidance, is_xl, load_pipeline, resolve_pipe  # noqa: E402
+from optimize.storage import atomic_write  # noqa: E402
 
 PROMPT = "a photograph of an astronaut riding a horse"
 
@@ -65,8 +66,18 @@ def rel_diff(a: float, b: float) -> float:
 
 
 def summarize(times: list[float]) -> dict:
-    q1, med, q3 = np.percentile(times, [25, 50, 75])
-    return {"median": float(med), "min": float(min(times)), "iqr_rel": float((q3 - q1) / med), "n": len(times)}
+    t = Timing.from_samples(times)
+    return {"median": t.median, "min": t.fastest, "iqr_rel": t.spread, "n": len(times)}
+
+
+def p1_configs(args, xl: bool) -> dict[str, Config]:
+    """The P1 configurations: baseline, DeepCache N=3 and a three-method combination."""
+    return {"baseline": Config(), "dc3": Config(deepcache=DeepCache(3, 0)), "dc5+tome+tgate": three_methods(args, xl, 5)}
+
+
+def three_methods(args, xl: bool, interval: int) -> Config:
+    return Config(deepcache=DeepCache(interval, 0), tome=ToMe(0.5, 2 if xl else 1),
+                  tgate=TGate(min(10, args.steps - 1), 5, 1, 2))
 
 
 def landscape_configs(steps: int, xl: bool, quick: bool) -> list[Config]:
@@ -95,7 +106,7 @@ def landscape_configs(steps: int, xl: bool, quick: bool) -> list[Config]:
     return configs
 
 
-def evaluator(pipe, args, prompts: int = 1):
+def evaluator(pipe, args, prompts: int = 1, rounds: int | None = None):
     from optimize.measure import Evaluator, GenerationSettings
     from optimize.metrics import ClipScorer
     from optimize.prompts import load_prompts
@@ -103,7 +114,8 @@ def evaluator(pipe, args, prompts: int = 1):
     size = int(pipe.unet.config.sample_size * pipe.vae_scale_factor)
     settings = GenerationSettings(args.steps, args.guidance, size, size, args.batch, 42)
     scorer = ClipScorer("tiny-clip", None, device=str(pipe.device))  # scoring is not what is measured here
-    return Evaluator(pipe, scorer, load_prompts("builtin", max(prompts, args.batch)), settings, repeats=args.calls)
+    return Evaluator(pipe, scorer, load_prompts("builtin", max(prompts, args.batch)), settings,
+                     repeats=args.calls if rounds is None else rounds)
 
 
 def timing_row(timed, base) -> dict:
@@ -113,6 +125,7 @@ def timing_row(timed, base) -> dict:
             "median": timed.median, "iqr_rel": timed.spread, "baseline_iqr_rel": base.spread, "n": len(timed.samples)}
 
 
+NOT_MEASURED = "not measured: --deadline-s reached"
 LANDSCAPE_FIELDS = ["config", "speedup", "time", "baseline_time", "speedup_fastest_call", "median_ratio", "median",
                     "iqr_rel", "baseline_iqr_rel", "n", "params", "error"]
 
@@ -125,7 +138,7 @@ def run_landscape(pipe, args, xl: bool, csv_path: str) -> list[dict]:
     for cfg in landscape_configs(args.steps, xl, args.quick):
         row = {"config": cfg.label(), "params": json.dumps(cfg.to_params()), "error": ""}
         if time.perf_counter() > args.deadline:
-            row["error"] = "not measured: --deadline-s reached"
+            row["error"] = NOT_MEASURED
         else:
             try:
                 row.update(timing_row(*ev.time(cfg)))
@@ -142,12 +155,12 @@ def run_landscape(pipe, args, xl: bool, csv_path: str) -> list[dict]:
 
 
 def _write_csv(path: str, rows: list[dict]) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", newline="") as f:
+    def write(f) -> None:
         w = csv.DictWriter(f, fieldnames=LANDSCAPE_FIELDS, extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
-    os.replace(tmp, path)
+
+    atomic_write(path, write)
 
 
 def run_crashes(pipe, args, xl: bool) -> list[dict]:
@@ -178,11 +191,8 @@ def run_crashes(pipe, args, xl: bool) -> list[dict]:
 def run_optimizer_precision(pipe, args, xl: bool, rounds: int) -> dict:
     """P1 through the optimizer's own protocol (``Evaluator.measure``, as a study's trials are timed):
     baseline, DC3 and a three-method combination, each measured twice in one run."""
-    md = 2 if xl else 1
-    ev = evaluator(pipe, args, args.p1_prompts)
-    ev.repeats = rounds
-    configs = {"baseline": Config(), "dc3": Config(deepcache=DeepCache(3, 0)),
-               "dc5+tome+tgate": Config(deepcache=DeepCache(5, 0), tome=ToMe(0.5, md), tgate=TGate(min(10, args.steps - 1), 5, 1, 2))}
+    ev = evaluator(pipe, args, args.p1_prompts, rounds)
+    configs = p1_configs(args, xl)
     runs = {}
     for run in ("A", "B"):
         runs[run] = {}
@@ -218,12 +228,7 @@ def _ms(segments):
 
 
 def run_precision(pipe, args, xl: bool) -> dict:
-    md = 2 if xl else 1
-    configs = {
-        "baseline": Config(),
-        "dc3": Config(deepcache=DeepCache(3, 0)),
-        "dc5+tome+tgate": Config(deepcache=DeepCache(5, 0), tome=ToMe(0.5, md), tgate=TGate(min(10, args.steps - 1), 5, 1, 2)),
-    }
+    configs = p1_configs(args, xl)
     out = {}
     for run in ("A", "B"):
         times = {k: [] for k in configs}
@@ -270,7 +275,7 @@ def run_overhead(pipe, args, xl: bool) -> dict:
     from optimize.metrics import ClipScorer, FidelityScorer
     from optimize.search import record_constraints
 
-    cfg = Config(deepcache=DeepCache(3, 0), tome=ToMe(0.5, 2 if xl else 1), tgate=TGate(min(10, args.steps - 1), 5, 1, 2))
+    cfg = three_methods(args, xl, 3)
     n = args.overhead_prompts
     dtype = "fp16" if pipe.device.type == "cuda" else "fp32"
     t = time.perf_counter()
@@ -327,9 +332,7 @@ PARTS = ("landscape", "p1opt", "leaks", "overhead", "crashes", "precision")
 
 
 def _save(stem: str, result: dict) -> None:
-    with open(stem + ".json.tmp", "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(stem + ".json.tmp", stem + ".json")
+    atomic_write(stem + ".json", lambda f: json.dump(result, f, indent=1))
 
 
 def main() -> None:
@@ -338,9 +341,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--guidance", type=float, default=None)
-    ap.add_argument("--calls", type=int, default=3, help="timed calls per configuration")
-    ap.add_argument("--baseline-every", type=int, default=8)
-    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds per P1 run")
+    ap.add_argument("--calls", type=int, default=3,
+                    help="paired rounds per landscape configuration (and timed calls per configuration for crashes/precision)")
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds per run of the older precision protocol")
     ap.add_argument("--cycles", type=int, default=100, help="apply/remove cycles for the leak check")
     ap.add_argument("--overhead-prompts", type=int, default=32)
     ap.add_argument("--clip-model", default="ViT-g-14")
@@ -370,8 +373,8 @@ def main() -> None:
     t = time.perf_counter()
     pipe = load_pipeline(spec, "ddim", device, "fp16" if device == "cuda" else "fp32")
     build_s = time.perf_counter() - t
-    xl = hasattr(pipe, "text_encoder_2")
-    args.guidance = args.guidance or (5.0 if xl else 7.5)
+    xl = is_xl(pipe)
+    args.guidance = args.guidance or default_guidance(xl)
     if tiny:
         args.clip_model = "tiny-clip"
     meta = {
@@ -404,7 +407,7 @@ def main() -> None:
               f"baseline floor {1000 * base:.1f} ms/image (median over rows); fastest:")
         for r in sorted(done, key=lambda r: -r["speedup"])[:8]:
             print(f"  {r['config']:45s} {r['speedup']:5.2f}x  iqr {100 * r['iqr_rel']:.1f}%")
-        errors = [r for r in result["landscape"] if r["error"] and "deadline" not in r["error"]]
+        errors = [r for r in result["landscape"] if r["error"] and r["error"] != NOT_MEASURED]
         print(f"  configurations that raised: {len(errors)}")
     if "precision" in result:
         for name, row in result["precision"]["speedups"].items():

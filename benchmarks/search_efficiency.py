@@ -110,7 +110,7 @@ import optuna  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
 
 from optimize.accelerators import METHODS, TOME_DOWNSAMPLES, Config, DeepCache, TGate, ToMe  # noqa: E402
-from optimize.search import Goal, SearchSpace, make_sampler, record_constraints  # noqa: E402
+from optimize.search import Goal, SearchSpace, make_sampler, record_constraints, warm_start_params  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 LANDSCAPE = os.path.join(HERE, "results", "sd1.5-50steps-bs1-landscape.csv")
@@ -136,15 +136,11 @@ GRID_COMBOS = [("deepcache",), ("tome",), ("tgate",), ("deepcache", "tome"), ("d
                ("tome", "tgate"), ("deepcache", "tome", "tgate")]
 
 # Known-good configurations from the methods' own documentation, not from this landscape: DeepCache's
-# diffusers example (N=3, branch 0), the paper's N=5 branch 0 (Table 13), and both with T-GATE at the
-# settings of T-GATE's README example (gate 10, sp 5, fi 1, warm-up 2).
-_DC = lambda n, b: {"deepcache": True, "deepcache.cache_interval": n, "deepcache.cache_branch_id": b}  # noqa: E731
+# diffusers example (N=3, branch 0) and the paper's N=5 branch 0 (Table 13), the optimizer's own warm
+# start; and both with T-GATE at the settings of T-GATE's README example (gate 10, sp 5, fi 1, warm-up 2).
+_DC = warm_start_params(METHODS, STEPS)
 _TG10 = {"tgate": True, "tgate.gate_step": 10, "tgate.sp_interval": 5, "tgate.fi_interval": 1, "tgate.warm_up": 2}
-WARM_STARTS = {
-    "dc": [dict(_DC(3, 0), tome=False, tgate=False), dict(_DC(5, 0), tome=False, tgate=False)],
-    "dc+tgate": [dict(_DC(3, 0), tome=False, tgate=False), dict(_DC(5, 0), tome=False, tgate=False),
-                 dict(_DC(3, 0), tome=False, **_TG10), dict(_DC(5, 0), tome=False, **_TG10)],
-}
+WARM_STARTS = {"dc": _DC, "dc+tgate": _DC + [dict(p, **_TG10) for p in _DC]}
 
 
 # --------------------------------------------------------------------------------------------------

@@ -25,6 +25,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping
 
+from .pipelines import default_guidance, is_xl
+
 METHODS = ("deepcache", "tome", "tgate")
 TOME_DOWNSAMPLES = (1, 2, 4, 8)
 # Module attributes the three libraries add; anything in this list that a module did not have before
@@ -272,7 +274,7 @@ class Accelerated:
         if self.config.tgate:
             g = self.config.tgate
             steps = kwargs.get("num_inference_steps", 50)
-            guidance = kwargs.get("guidance_scale", 5.0 if hasattr(self.pipe, "text_encoder_2") else 7.5)
+            guidance = kwargs.get("guidance_scale", default_guidance(is_xl(self.pipe)))
             self.config.validate(num_inference_steps=steps, guidance_scale=guidance)
             kwargs.update(gate_step=g.gate_step, sp_interval=g.sp_interval, fi_interval=g.fi_interval, warm_up=g.warm_up)
             return self.pipe.tgate(*args, **kwargs)

@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .accelerators import Config
 
 ATTR = "baseline"
 
@@ -29,10 +28,6 @@ class Baseline:
     height: int
     width: int
     samples: list[float] = field(default_factory=list)
-
-    @classmethod
-    def measure(cls, evaluator, fingerprint: dict[str, Any]) -> "Baseline":
-        return cls.from_measurement(evaluator.measure(Config(), paired=False), evaluator.settings, fingerprint)
 
     @classmethod
     def from_measurement(cls, m, settings, fingerprint: dict[str, Any]) -> "Baseline":

@@ -142,7 +142,7 @@ def _worker_argv(o: dict, device: str, n_trials: int, index: int) -> list[str]:
 def _devices(o: dict) -> tuple[str, ...]:
     """The workers' devices: ``--gpus`` (cuda:N each) or ``--workers`` times ``--device``; () for one process."""
     if o["gpus"] is None:
-        return (o["device"] or _default_device(),) * o["workers"] if o["workers"] > 1 else ()
+        return (o["device"] or pipelines.resolve_device(None),) * o["workers"] if o["workers"] > 1 else ()
     if o["device"] is not None or o["workers"] != 1:
         raise Failure("--gpus chooses the devices and the number of workers: leave out --device and --workers")
     import torch
@@ -188,14 +188,10 @@ def _check_run_options(o: dict):
                       "(copy alexnet-owt-7be5be79.pth there, or set TORCH_HOME); nothing is downloaded during a run")
     methods = _methods(o["methods"])
     devices = _devices(o)
-    device = devices[0] if devices else (o["device"] or _default_device())
-    if device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise Failure(f"--device {device}: no CUDA GPU is available here (use --device cpu)")
-    elif device != "cpu":
-        raise Failure(f"--device {device!r}: use cpu, cuda or cuda:N")
+    try:
+        device = pipelines.resolve_device(devices[0] if devices else o["device"])
+    except pipelines.PipelineError as e:
+        raise Failure(str(e)) from None
     dtype = o["dtype"] or ("fp16" if device.startswith("cuda") else "fp32")
     if dtype == "fp16" and device == "cpu":
         raise Failure("--dtype fp16 is not supported on CPU (use fp32 or bf16)")
@@ -236,12 +232,6 @@ def _pretrained(value: str | None, default: str | None) -> str | None:
     if value is None:
         return default
     return None if value.lower() in ("none", "random", "") else value
-
-
-def _default_device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @cli.command()

@@ -58,21 +58,6 @@ def spec_from_source(source: str) -> pipelines.PipeSpec:
         raise GenerateError(str(e)) from None
 
 
-def _device(device: str | None) -> str:
-    import torch
-
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise GenerateError(f"--device {device}: no CUDA GPU is available here (use --device cpu)")
-    if not (device == "cpu" or device.startswith("cuda")):
-        raise GenerateError(f"--device {device!r}: use cpu, cuda or cuda:N")
-    return device
-
-
-def _default_guidance(is_xl: bool | None) -> float | None:
-    return None if is_xl is None else (5.0 if is_xl else 7.5)
-
-
 def _check_output(output: str) -> str:
     """The PIL format ``output``'s extension names; refused now rather than after the images are made."""
     from PIL import Image
@@ -107,11 +92,16 @@ def _plan(origin: str, source: str, scheduler: str, steps: Any, guidance: Any, h
         raise GenerateError(f"{origin}: {e}") from None
     try:
         config = Config.from_params(params)
-        config.validate(num_inference_steps=steps,
-                        guidance_scale=guidance if guidance is not None else _default_guidance(spec.is_xl))
+        check = guidance  # the default is unknown for a directory not loaded yet
+        if check is None and spec.is_xl is not None:
+            check = pipelines.default_guidance(spec.is_xl)
+        config.validate(num_inference_steps=steps, guidance_scale=check)
     except (InvalidConfig, TypeError) as e:
         raise GenerateError(f"{origin}: {e}") from None
-    device = _device(device)
+    try:
+        device = pipelines.resolve_device(device)
+    except pipelines.PipelineError as e:
+        raise GenerateError(str(e)) from None
     notes = []
     if dtype == "fp16" and device == "cpu":
         notes.append("note: fp16 does not run on the CPU: generating in fp32")
@@ -233,7 +223,7 @@ def generate(plan: Plan, prompts: list[str], output: str, num_images: int = 1,
     except pipelines.PipelineError as e:
         raise GenerateError(str(e)) from None
     xl = pipelines.is_xl(pipe)
-    guidance = plan.guidance if plan.guidance is not None else (5.0 if xl else 7.5)
+    guidance = plan.guidance if plan.guidance is not None else pipelines.default_guidance(xl)
     size = pipelines.native_size(pipe)
     height, width = plan.height or size, plan.width or size
     try:

@@ -207,27 +207,26 @@ class Evaluator:
     def _configured(self, config: Config):
         return accelerate(self.pipe, config, seed=self.settings.seed)
 
-    def time_only(self, config: Config, calls: int) -> Timing:
-        """Time ``config`` without scoring: warm-up, then ``calls`` timed calls on the first batch."""
-        batch = self._batches()[0]
+    def _solo(self, config: Config, calls: int) -> "_Series":
+        """Apply ``config``, one untimed warm-up call (first-call costs: allocator, kernels), then
+        ``calls`` timed calls on the first batch."""
+        first = self._batches()[0]
         series = _Series()
         with self._configured(config) as run:
-            self._call(run, batch, 0)
-            for _ in range(max(1, calls)):
-                series.add(*self._call(run, batch, 0)[1:], len(batch))
-        return series.timing()
+            self._call(run, first, 0)
+            for _ in range(calls):
+                series.add(*self._call(run, first, 0)[1:], len(first))
+        return series
+
+    def time_only(self, config: Config, calls: int) -> Timing:
+        """Time ``config`` without scoring: warm-up, then ``calls`` timed calls on the first batch."""
+        return self._solo(config, max(1, calls)).timing()
 
     def _rounds(self, config: Config, paired: bool) -> tuple["_Series", "_Series"]:
-        first = self._batches()[0]
-        timed, base = _Series(), _Series()
-        with self._configured(config) as run:
-            self._call(run, first, 0)  # warm-up: first-call costs (allocator, kernels) not timed
-            if not paired:
-                for _ in range(self.repeats):
-                    timed.add(*self._call(run, first, 0)[1:], len(first))
+        timed, base = self._solo(config, 0 if paired else self.repeats), _Series()
         if paired:
             if not self._baseline_warm:
-                self._call(self.pipe, first, 0)
+                self._call(self.pipe, self._batches()[0], 0)
                 self._baseline_warm = True
             self._paired(config, self.repeats, timed, base)
         return timed, base

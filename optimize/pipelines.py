@@ -158,6 +158,25 @@ def native_size(pipe) -> int:
     return int(pipe.unet.config.sample_size * pipe.vae_scale_factor)
 
 
+def default_guidance(xl: bool) -> float:
+    """The guidance scale when none is given: 5.0 for SDXL, 7.5 for SD."""
+    return 5.0 if xl else 7.5
+
+
+def resolve_device(device: str | None) -> str:
+    """``device`` checked (``cpu``, ``cuda`` or ``cuda:N`` with a GPU there), or the default: cuda
+    where there is one, else cpu."""
+    import torch
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise PipelineError(f"--device {device}: no CUDA GPU is available here (use --device cpu)")
+    elif device != "cpu":
+        raise PipelineError(f"--device {device!r}: use cpu, cuda or cuda:N")
+    return device
+
+
 # --- offline builders --------------------------------------------------------------------------
 
 

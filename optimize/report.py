@@ -169,6 +169,11 @@ def measured_trials(study) -> list[FrozenTrial]:
             if "speedup" in t.user_attrs and "score_loss" in t.user_attrs]
 
 
+def scored_trials(study, goal: Goal) -> list[FrozenTrial]:
+    """Measured trials that have the goal's loss, in trial order."""
+    return [t for t in measured_trials(study) if goal.loss(t.user_attrs) is not None]
+
+
 def _violation(trial: FrozenTrial) -> float:
     cons = trial.system_attrs.get(CONSTRAINTS_ATTR) or [math.inf]
     return sum(max(0.0, c) for c in cons)
@@ -177,7 +182,7 @@ def _violation(trial: FrozenTrial) -> float:
 def ranked_trials(study, goal: Goal) -> list[FrozenTrial]:
     """Measured trials, best first: feasible ones in the order of :func:`best_feasible`, then the
     infeasible ones by how far they miss their constraints."""
-    trials = [t for t in measured_trials(study) if goal.loss(t.user_attrs) is not None]
+    trials = scored_trials(study, goal)
     key = rank_key(goal)
     feasible = sorted((t for t in trials if is_feasible(t)), key=key)
     infeasible = sorted((t for t in trials if not is_feasible(t)), key=lambda t: (_violation(t), key(t)))
@@ -225,7 +230,7 @@ def pareto_figure(study, goal: Goal | None = None):
     import plotly.graph_objects as go
 
     goal = goal or study_goal(study)
-    trials = [t for t in measured_trials(study) if goal.loss(t.user_attrs) is not None]
+    trials = scored_trials(study, goal)
     title = f"Speedup vs {goal.loss_name}"
     if not trials:
         return _placeholder(title, "no completed trial yet")
@@ -250,7 +255,7 @@ def pareto_figure(study, goal: Goal | None = None):
             mode="lines+markers", line={"shape": "hv", "color": "#d62728"},
             marker={"color": "#d62728", "size": 11, "symbol": "circle-open", "line": {"width": 2}},
             name=f"Pareto front ({len(front)})", hovertext=[_hover(t) for t in front], hoverinfo="text"))
-    best = best_feasible(study, goal)
+    best = min(feasible, key=rank_key(goal), default=None)  # best_feasible, from the trials in hand
     if best is not None:
         fig.add_trace(go.Scatter(
             x=[x(best)], y=[best.user_attrs["speedup"]], mode="markers",
@@ -401,8 +406,9 @@ def grid_trials(study, goal: Goal | None = None, n_front: int = GRID_FRONT) -> l
     """The trials of the image grid: the best feasible one, then up to ``n_front`` other points of the
     feasible Pareto front, spread along it (least loss first)."""
     goal = goal or study_goal(study)
-    best = best_feasible(study, goal)
-    others = [t for t in feasible_front(study, goal) if best is None or t.number != best.number]
+    front = feasible_front(study, goal)
+    best = min(front, key=rank_key(goal), default=None)  # best_feasible: the best trial is on the front
+    others = [t for t in front if best is None or t.number != best.number]
     if len(others) > n_front:
         step = (len(others) - 1) / max(1, n_front - 1)
         others = [others[round(i * step)] for i in range(n_front)] if n_front > 1 else others[:1]

@@ -350,7 +350,7 @@ def run_search(spec: pipelines.PipeSpec, opts: RunOptions) -> None:
     xl = pipelines.is_xl(pipe)
     size = pipelines.native_size(pipe)
     settings = GenerationSettings(
-        steps=opts.steps, guidance=opts.guidance if opts.guidance is not None else (5.0 if xl else 7.5),
+        steps=opts.steps, guidance=opts.guidance if opts.guidance is not None else pipelines.default_guidance(xl),
         height=opts.height or size, width=opts.width or size, batch_size=opts.batch_size, seed=opts.seed,
     )
     evaluator = Evaluator(pipe, scorer, prompts, settings, repeats=opts.repeats, progress=opts.progress,
@@ -387,9 +387,9 @@ def run_search(spec: pipelines.PipeSpec, opts: RunOptions) -> None:
     fidelity = _fidelity_scorer(baseline_images, opts, echo)
 
     space = SearchSpace(opts.methods, opts.steps, max_branch_id(pipe), xl)
-    # without rounds a trial's time is the floor of its scoring pass: re-time the baseline with as
-    # many calls, since a floor over more calls is lower
-    retime_calls = max(3, opts.repeats) if opts.repeats else max(1, len(prompts) // opts.batch_size)
+    # the re-timed baseline serves only runs without rounds, where a trial's time is the floor of its
+    # scoring pass: as many calls, since a floor over more calls is lower
+    retime_calls = max(1, len(prompts) // opts.batch_size)
     objective = Objective(evaluator, baseline, opts.goal, space, retime_every=opts.retime_every,
                           reference=reference, retime_calls=retime_calls, speed_gate=opts.speed_gate,
                           fidelity=fidelity)
@@ -407,7 +407,6 @@ def run_search(spec: pipelines.PipeSpec, opts: RunOptions) -> None:
             raise
         save_images(objective.last_images, trial, f"trial{trial.number}", opts.images_per_trial)
         objective.last_images = None
-        trial.set_user_attr("worker", worker)  # a reused measurement copied another trial's attrs
         return value
 
     from tqdm.auto import tqdm
@@ -456,7 +455,7 @@ def run_search(spec: pipelines.PipeSpec, opts: RunOptions) -> None:
     def after_trial(study: optuna.Study, trial) -> None:
         bar.update(1)
         tqdm.write(trial_line(trial))
-        if trial.state != TrialState.COMPLETE:
+        if trial.state == TrialState.FAIL:
             _free_memory()
         best, front = result()
         if trial.state == TrialState.COMPLETE and best is not None and (

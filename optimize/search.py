@@ -278,6 +278,16 @@ class SpeedGate(Exception):
         self.attrs = attrs
 
 
+def _timing_attrs(timing, base: float, paired=None) -> dict[str, Any]:
+    """A trial's timing attrs from its configured timing and the baseline time it is divided by
+    (``paired``: the baseline calls of its rounds, if any)."""
+    attrs = {"speedup": base / timing.best, "time_per_image": timing.best, "time_median": timing.median,
+             "spread": timing.spread, "baseline_time": base}
+    if paired is not None:
+        attrs["rounds"] = len(paired.samples)
+    return attrs
+
+
 class Objective:
     """Optuna objective: suggest, measure, compare with the baseline, record.
 
@@ -312,19 +322,18 @@ class Objective:
                 return t
         return None
 
-    def _gate(self, study: optuna.Study, reference):
+    def _gate(self, study: optuna.Study):
         """The speed gate: skip scoring a configuration that is too slow to matter, judged from the
-        repeats timed before the scoring pass (only with ``--repeats`` >= 1). Target mode: more than
-        ``gate_margin`` below the target. Max mode: more than ``gate_margin`` below the best feasible
-        speedup so far (it cannot become the best, whatever its loss). On the search-efficiency
+        paired rounds timed before the scoring pass (only with ``--repeats`` >= 1). Target mode: more
+        than ``gate_margin`` below the target. Max mode: more than ``gate_margin`` below the best
+        feasible speedup so far (it cannot become the best, whatever its loss). On the search-efficiency
         simulation this cut GPU time by 55-68% for the same trials. Pareto mode has no gate: a slow
         configuration may still be on the front with a smaller loss."""
         if not self.speed_gate or not self.evaluator.repeats or self.goal.mode == "pareto":
             return None  # without timed repeats there is nothing to judge before the scoring pass
 
         def gate(timing, paired) -> None:
-            base = paired.best if paired is not None else reference()
-            speedup = base / timing.best
+            attrs = _timing_attrs(timing, paired.best, paired)
             if self.goal.mode == "target":
                 bar = self.goal.target_speedup * (1 - self.gate_margin)
             else:
@@ -332,36 +341,22 @@ class Objective:
                 if best is None:
                     return
                 bar = best.user_attrs["speedup"] * (1 - self.gate_margin)
-            if speedup < bar:
-                attrs = {"speedup": speedup, "time_per_image": timing.best, "time_median": timing.median,
-                         "spread": timing.spread, "baseline_time": base, "rounds": len(timing.samples)}
-                raise SpeedGate(attrs, f"speed gate: {speedup:.2f}x < {bar:.2f}x, not scored")
+            if attrs["speedup"] < bar:
+                raise SpeedGate(attrs, f"speed gate: {attrs['speedup']:.2f}x < {bar:.2f}x, not scored")
 
         return gate
 
-    def _measure(self, config: Config, study: optuna.Study | None = None) -> dict[str, Any]:
-        gate = self._gate(study, self.reference_time) if study is not None else None
-        try:
-            m = self.evaluator.measure(config, gate=gate) if gate else self.evaluator.measure(config)
-        except SpeedGate:
-            self._since_retime += 1
-            raise
+    def _measure(self, config: Config, study: optuna.Study) -> dict[str, Any]:
+        m = self.evaluator.measure(config, gate=self._gate(study))
         self.last_images = m.images
         # paired baseline calls when there were rounds; else the re-timed reference
         base = m.reference.best if m.reference is not None else self.reference_time()
         self._since_retime += 1
-        attrs = {
-            "speedup": base / m.timing.best,
-            "score_loss": score_loss(self.baseline.clip_score, m.clip_score),
-            "time_per_image": m.timing.best,
-            "time_median": m.timing.median,
-            "spread": m.timing.spread,
-            "clip_score": m.clip_score,
-            "baseline_time": base,
-        }
+        attrs = _timing_attrs(m.timing, base, m.reference)
+        attrs["score_loss"] = score_loss(self.baseline.clip_score, m.clip_score)
+        attrs["clip_score"] = m.clip_score
         if m.reference is not None:
             attrs["baseline_spread"] = m.reference.spread
-            attrs["rounds"] = len(m.reference.samples)
         if self.fidelity is not None:
             attrs.update(self.fidelity.score(m.images))  # psnr, ssim (and lpips) against the baseline images
         bad = [k for k, v in attrs.items() if not math.isfinite(v)]
@@ -376,7 +371,7 @@ class Objective:
         same = self._same_config(trial.study, trial.params)
         if same is not None:
             # TPE proposes a configuration it has already seen: reuse the measurement, spend no GPU time.
-            attrs = {k: v for k, v in same.user_attrs.items() if k not in ("config", "error", "reused_from")}
+            attrs = {k: v for k, v in same.user_attrs.items() if k not in ("config", "error", "reused_from", "worker")}
             attrs["reused_from"] = same.number
         else:
             try:

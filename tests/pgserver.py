@@ -1,11 +1,11 @@
 """A PostgreSQL server for the tests.
 
-``OPTIMIZE_SD_TEST_POSTGRES`` (set by ``.ci/run``) names a running server, e.g.
+``OPTIMIZE_SD_TEST_POSTGRES``, if set, names a running server, e.g.
 ``postgresql://postgres@127.0.0.1:54329/postgres``; its role must be allowed to create databases.
 Without it, a throwaway server is started on loopback from the Debian package's binaries
 (``/usr/lib/postgresql/*/bin``, as the ``postgres`` user when running as root) and stopped at exit.
 
-Tests skip only where neither works; under CI (``CI`` set) they fail instead, since CI must start one.
+Tests skip only where neither works; under CI (``CI`` set, as ``.ci/run`` does) they fail instead.
 Every test gets a database of its own (:func:`fresh_database`).
 """
 
@@ -114,7 +114,7 @@ def require_server() -> str:
         return server_url()
     except RuntimeError as e:
         if os.environ.get("CI") or os.environ.get(ENV):
-            pytest.fail(f"{e} (CI must start one: see .ci/run)")
+            pytest.fail(f"{e} (CI must have one: see .ci/run)")
         pytest.skip(str(e))
 
 

@@ -7,6 +7,7 @@ a trial on a CPU. The two 4-trial runs (target and max mode) are shared with tes
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -499,6 +500,21 @@ def test_speed_gate_in_max_mode_only_skips_configs_slower_than_the_best(tmp_path
 
 # --- the paired timing protocol ------------------------------------------------------------------------
 
+def _log_calls(monkeypatch, log: list, seconds=None) -> None:
+    """Log every timed call of an Evaluator as B (untouched pipeline) or C (configured); with
+    ``seconds``, report its value as the call's time, without segments."""
+    from optimize import measure
+
+    original = measure.Evaluator._call
+
+    def call(self, run, batch, index):
+        images, took, segments = original(self, run, batch, index)
+        log.append("C" if run is not self.pipe else "B")
+        return (images, took, segments) if seconds is None else (images, seconds(), None)
+
+    monkeypatch.setattr(measure.Evaluator, "_call", call)
+
+
 def test_paired_rounds_interleave_baseline_and_configured_calls(tiny_pipe, monkeypatch):
     """With repeats, every timed configured call has a baseline call right before it, and the
     speedup is fastest baseline call / fastest configured call of those rounds (not the scoring pass)."""
@@ -510,15 +526,8 @@ def test_paired_rounds_interleave_baseline_and_configured_calls(tiny_pipe, monke
     ev = measure.Evaluator(tiny_pipe, ClipScorer("tiny-clip", None), ["a red fox", "a cat", "a boat"], settings,
                            repeats=3)
     log, fake = [], iter([0.5, 0.9, 0.8, 0.7, 0.3, 1.0, 0.4, 0.6] + [0.01] * 20)  # seconds, in call order
-    original = measure.Evaluator._call
-
-    def call(self, run, batch, index):
-        images, _, _ = original(self, run, batch, index)
-        accelerated = run is not self.pipe
-        log.append("C" if accelerated else "B")
-        return images, next(fake), None  # no segments: the whole calls are the statistic
-
-    monkeypatch.setattr(measure.Evaluator, "_call", call)
+    # fake seconds and no segments: the whole calls are the statistic
+    _log_calls(monkeypatch, log, seconds=lambda: next(fake))
     m = ev.measure(Config(deepcache=DeepCache(2, 0)))
     # warm-up configured, warm-up baseline (first paired measurement only), 3 rounds, scoring pass
     assert "".join(log) == "CB" + "BC" * 3 + "CCC"
@@ -587,13 +596,7 @@ def test_every_call_is_cut_at_each_step_and_the_cuts_add_up(tiny_pipe, methods):
             assert sum(cut) == pytest.approx(total, rel=0.05, abs=2e-3)
         assert t.best <= t.fastest + 1e-9
     assert not tiny_pipe.unet._forward_pre_hooks
-    assert gc_enabled()
-
-
-def gc_enabled() -> bool:
-    import gc
-
-    return gc.isenabled()
+    assert gc.isenabled()
 
 
 def test_a_scored_configuration_gets_more_paired_rounds_than_a_gated_one(tiny_pipe, monkeypatch):
@@ -607,14 +610,7 @@ def test_a_scored_configuration_gets_more_paired_rounds_than_a_gated_one(tiny_pi
     ev = measure.Evaluator(tiny_pipe, ClipScorer("tiny-clip", None), ["a red fox", "a cat"], settings,
                            repeats=2, scored_repeats=4)
     log = []
-    original = measure.Evaluator._call
-
-    def call(self, run, batch, index):
-        out = original(self, run, batch, index)
-        log.append("C" if run is not self.pipe else "B")
-        return out
-
-    monkeypatch.setattr(measure.Evaluator, "_call", call)
+    _log_calls(monkeypatch, log)
     seen = []
     m = ev.measure(Config(deepcache=DeepCache(2, 0)), gate=lambda t, ref: seen.append(len(t.samples)))
     assert seen == [2]  # the gate judged the first two rounds

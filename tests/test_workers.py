@@ -2,7 +2,7 @@
 real PostgreSQL server, a fresh database opened by many processes at once, Ctrl-C on the launcher,
 and a worker killed with SIGKILL whose trial is re-run.
 
-PostgreSQL comes from tests/pgserver.py: ``OPTIMIZE_SD_TEST_POSTGRES`` (set by .ci/run) or a throwaway
+PostgreSQL comes from tests/pgserver.py: ``OPTIMIZE_SD_TEST_POSTGRES`` or a throwaway
 server on loopback; tests skip only where none can be started (and fail under CI).
 """
 
