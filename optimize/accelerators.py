@@ -25,6 +25,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping
 
+from .graphs import EXEC_MODES, GraphUnsupported, StepGraphs, attr_slot, dict_slot
 from .pipelines import default_guidance, is_xl
 
 METHODS = ("deepcache", "tome", "tgate")
@@ -169,12 +170,18 @@ class Accelerated:
     from the first call.
     """
 
-    def __init__(self, pipe, config: Config, seed: int = 0):
+    def __init__(self, pipe, config: Config, seed: int = 0, exec: str = "eager", graph_backend=None):
+        if exec not in EXEC_MODES:
+            raise InvalidConfig(f"exec must be one of {', '.join(EXEC_MODES)}, got {exec!r}")
         self.pipe = pipe
         self.config = config
         self.seed = seed
+        self.exec = exec
+        self.graph_backend = graph_backend
         self._snapshot: dict[int, tuple[Any, dict[str, Any]]] | None = None
         self._deepcache = None
+        self.graphs: StepGraphs | None = None
+        self._attention_modules: list | None = None
 
     # -- life cycle ------------------------------------------------------------------------------
     def apply(self) -> "Accelerated":
@@ -189,6 +196,14 @@ class Accelerated:
         }
         pipe._optimize_sd_applied = True
         try:
+            if self.exec != "eager":
+                if pipe.device.type != "cuda" and self.graph_backend is None:
+                    raise GraphUnsupported(f"exec {self.exec!r} needs the pipeline on a CUDA device")
+                # installed first, so the methods wrap the graphs: DeepCache keeps them as the UNet's
+                # forward (also across T-GATE's disable/enable at the gate) and the blocks' Python
+                # runs at capture only
+                self.graphs = StepGraphs(pipe.unet, kind=self._step_kind, slots=self._slots,
+                                         generators=self._generators, backend=self.graph_backend).install()
             if cfg.tome:
                 import tomesd
 
@@ -240,8 +255,12 @@ class Accelerated:
                         module.__dict__[name] = value
             for name in ("tgate", "deepcache", "_optimize_sd_applied"):
                 pipe.__dict__.pop(name, None)
+            if self.graphs is not None:
+                self.graphs.close()
             self._snapshot = None
             self._deepcache = None
+            self.graphs = None
+            self._attention_modules = None
 
     def __enter__(self) -> "Accelerated":
         return self.apply() if self._snapshot is None else self
@@ -265,7 +284,45 @@ class Accelerated:
             self._deepcache.start_timestep = None
         if self.config.tome:
             # tomesd forks the global RNG once and keeps advancing it: reseed so calls are reproducible.
-            unet._tome_info["args"]["generator"] = torch.Generator(device=unet.device).manual_seed(self.seed)
+            # In place: the graphs of a graph mode hold this very generator.
+            args = unet._tome_info["args"]
+            if args["generator"] is None or args["generator"].device != unet.device:
+                args["generator"] = torch.Generator(device=unet.device)
+            args["generator"].manual_seed(self.seed)
+
+    # -- graph modes: what the methods decide per step, and what they hand between steps ---------
+    def _step_kind(self) -> tuple:
+        """The coming step's kind, read from the methods' own state (see optimize.graphs)."""
+        kind = []
+        if self._deepcache is not None:
+            # the helper's own schedule; like its block wrappers it fixes start_timestep on a call's
+            # first step, which a replay (no Python inside) would otherwise never do
+            kind.append(("deepcache", "partial" if self._deepcache.is_skip_step(0, 0, "mid") else "full"))
+        if self.config.tgate:
+            # T-GATE re-registers every Attention's forward per step with its flags as defaults
+            flags = {getattr(m.__dict__.get("forward"), "__defaults__", None) for m in self._attentions()}
+            kind.append(("tgate", tuple(sorted(flags, key=repr))))
+        return tuple(kind)
+
+    def _attentions(self) -> list:
+        if self._attention_modules is None:  # asked once per step: walk the UNet once
+            self._attention_modules = [m for m in self.pipe.unet.modules() if type(m).__name__ == "Attention"]
+        return self._attention_modules
+
+    def _slots(self) -> list:
+        slots = []
+        if self._deepcache is not None:
+            helper = self._deepcache
+            slots.append(dict_slot(lambda: helper.cached_output, lambda v: setattr(helper, "cached_output", v)))
+        if self.config.tgate:
+            slots += [attr_slot(m, "cache") for m in self._attentions()]
+        return slots
+
+    def _generators(self) -> list:
+        if not self.config.tome:
+            return []
+        generator = self.pipe.unet._tome_info["args"]["generator"]
+        return [] if generator is None else [generator]
 
     def __call__(self, *args, **kwargs):
         if self._snapshot is None:
@@ -281,7 +338,7 @@ class Accelerated:
         return self.pipe(*args, **kwargs)
 
 
-def accelerate(pipe, params: Config | Mapping[str, Any], seed: int = 0) -> Accelerated:
+def accelerate(pipe, params: Config | Mapping[str, Any], seed: int = 0, exec: str = "eager") -> Accelerated:
     """Apply a found configuration to your own pipeline.
 
     ``params`` is a :class:`Config` or the flat dict stored in a study / ``search_params.json``.
@@ -290,7 +347,8 @@ def accelerate(pipe, params: Config | Mapping[str, Any], seed: int = 0) -> Accel
         with optimize.accelerate(pipe, best["params"]) as fast:
             images = fast(prompts, num_inference_steps=50).images
 
-    Leaving the block restores the pipeline exactly.
+    Leaving the block restores the pipeline exactly. ``exec="graphs"`` replays every UNet step from
+    CUDA graphs (one per step kind, :mod:`optimize.graphs`), as a study with ``--exec graphs`` timed it.
     """
     config = params if isinstance(params, Config) else Config.from_params(params)
-    return Accelerated(pipe, config, seed=seed)
+    return Accelerated(pipe, config, seed=seed, exec=exec)

@@ -22,18 +22,25 @@ disturbed they were (docs/benchmarks.md, P1).
 
 Without repeats (the CPU default) there are no rounds: the scoring pass's calls are the timing, and
 the caller supplies the baseline time.
+
+In a graph mode (``exec="graphs"`` or ``"compile"``, :mod:`optimize.graphs`) both sides replay CUDA
+graphs. A configuration is applied once per measurement, so its graphs are captured once (in the
+warm-up call); the paired baseline calls route the UNet to the untouched pipeline's own graphs, which
+were captured before anything was applied: a replay runs none of the configuration's Python, so the
+baseline calls compute exactly what the untouched pipeline computes.
 """
 
 from __future__ import annotations
 
 import gc
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from .accelerators import Config, accelerate
+from .accelerators import Accelerated, Config
+from .graphs import StepGraphs
 
 
 @dataclass
@@ -160,13 +167,22 @@ class Evaluator:
     """Measures configurations on one loaded pipeline with one scorer and one prompt list."""
 
     def __init__(self, pipe, scorer, prompts: list[str], settings: GenerationSettings, repeats: int = 1,
-                 progress: bool = False, scored_repeats: int = 0):
+                 progress: bool = False, scored_repeats: int = 0, exec: str = "eager", graph_backend=None):
         self.pipe, self.scorer, self.prompts, self.settings = pipe, scorer, prompts, settings
         self.repeats = repeats
         self.scored_repeats = scored_repeats
         self.progress = progress
+        self.exec = exec
+        self.graph_backend = graph_backend
         self._baseline_warm = False
         self._clock: _StepClock | None = None
+        self._held = None  # graph modes: the configuration applied for the whole measurement
+        self.captures = 0  # graph modes: graphs captured and seconds spent capturing, all configurations
+        self.capture_seconds = 0.0
+        self.baseline_graphs = None if exec == "eager" else StepGraphs(
+            pipe.unet, backend=graph_backend,
+            capture_allowed=lambda: ("the baseline's graphs are captured on the untouched pipeline only"
+                                     if getattr(pipe, "_optimize_sd_applied", False) else None))
 
     def _batches(self):
         bs = self.settings.batch_size
@@ -205,7 +221,63 @@ class Evaluator:
         return images, seconds, self._clock.segments()
 
     def _configured(self, config: Config):
-        return accelerate(self.pipe, config, seed=self.settings.seed)
+        if self._held is not None:
+            return nullcontext(self._held)
+        if self.baseline_graphs is not None and not config.methods:
+            return self._untouched()
+        return Accelerated(self.pipe, config, seed=self.settings.seed, exec=self.exec,
+                           graph_backend=self.graph_backend)
+
+    @contextmanager
+    def _untouched(self):
+        """The untouched pipeline; in a graph mode with the baseline's graphs routed in (module
+        docstring), also while a configuration is held."""
+        graphs = self.baseline_graphs
+        if graphs is None or graphs.is_installed:
+            yield self.pipe
+            return
+        with graphs.installed():
+            yield self.pipe
+
+    @contextmanager
+    def _holding(self, config: Config):
+        """Graph modes keep ``config`` applied for the whole measurement; eager applies it per call
+        (the baseline calls need the untouched pipeline there)."""
+        if self.exec == "eager" or self._held is not None:
+            yield
+            return
+        self._warm_baseline()  # before anything is applied: the baseline's graphs are captured untouched
+        with self._configured(config) as run:
+            self._held = run
+            try:
+                yield
+            finally:
+                self._held = None
+                stats = getattr(getattr(run, "graphs", None), "stats", None)
+                if stats is not None:
+                    self.captures += stats.captures
+                    self.capture_seconds += stats.capture_seconds
+
+    def _warm_baseline(self) -> None:
+        if not self._baseline_warm:
+            with self._untouched() as pipe:
+                self._call(pipe, self._batches()[0], 0)
+            self._baseline_warm = True
+
+    def time_eager(self, calls: int) -> Timing:
+        """Time the untouched pipeline eagerly, whatever this evaluator's mode: a graph-mode study's
+        "vs eager" reference."""
+        mode, graphs = self.exec, self.baseline_graphs
+        self.exec, self.baseline_graphs = "eager", None
+        try:
+            return self._solo(Config(), max(1, calls)).timing()
+        finally:
+            self.exec, self.baseline_graphs = mode, graphs
+
+    def close(self) -> None:
+        """Free the baseline's graphs."""
+        if self.baseline_graphs is not None:
+            self.baseline_graphs.close()
 
     def _solo(self, config: Config, calls: int) -> "_Series":
         """Apply ``config``, one untimed warm-up call (first-call costs: allocator, kernels), then
@@ -220,23 +292,23 @@ class Evaluator:
 
     def time_only(self, config: Config, calls: int) -> Timing:
         """Time ``config`` without scoring: warm-up, then ``calls`` timed calls on the first batch."""
-        return self._solo(config, max(1, calls)).timing()
+        with self._holding(config):
+            return self._solo(config, max(1, calls)).timing()
 
     def _rounds(self, config: Config, paired: bool) -> tuple["_Series", "_Series"]:
         timed, base = self._solo(config, 0 if paired else self.repeats), _Series()
         if paired:
-            if not self._baseline_warm:
-                self._call(self.pipe, self._batches()[0], 0)
-                self._baseline_warm = True
+            self._warm_baseline()
             self._paired(config, self.repeats, timed, base)
         return timed, base
 
     def _paired(self, config: Config, rounds: int, timed: "_Series", base: "_Series") -> None:
         first = self._batches()[0]
         for _ in range(rounds):
-            # apply + remove cost ~10 ms, outside the timed calls; a re-applied configuration
+            # eager: apply + remove cost ~10 ms, outside the timed calls; a re-applied configuration
             # needs no second warm-up (its kernels and allocator blocks are already there)
-            base.add(*self._call(self.pipe, first, 0)[1:], len(first))
+            with self._untouched() as pipe:
+                base.add(*self._call(pipe, first, 0)[1:], len(first))
             with self._configured(config) as run:
                 timed.add(*self._call(run, first, 0)[1:], len(first))
 
@@ -244,7 +316,8 @@ class Evaluator:
         """The warm-up and the paired rounds of :meth:`measure`, without the scoring pass:
         (configured timing, baseline timing); speedup = ``baseline.best / configured.best``."""
         config.validate(self.pipe, self.settings.steps, self.settings.guidance)
-        timed, base = self._rounds(config, paired=True)
+        with self._holding(config):
+            timed, base = self._rounds(config, paired=True)
         if not base.samples:
             raise ValueError("paired timing needs repeats >= 1")
         return timed.timing(), base.timing()
@@ -256,9 +329,13 @@ class Evaluator:
         given, is called with the configured and the baseline timings of the rounds before the
         scoring pass and may raise to skip it (the configuration is removed either way).
         """
+        config.validate(self.pipe, self.settings.steps, self.settings.guidance)
+        with self._holding(config):
+            return self._measure(config, gate, paired)
+
+    def _measure(self, config: Config, gate, paired: bool) -> Measurement:
         from tqdm.auto import tqdm
 
-        config.validate(self.pipe, self.settings.steps, self.settings.guidance)
         batches = self._batches()
         full = self.settings.batch_size
         images: list[np.ndarray] = []

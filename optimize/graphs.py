@@ -1,0 +1,257 @@
+"""Execution modes: run the UNet eagerly, replayed from CUDA graphs, or compiled and replayed.
+
+At batch 1 an SD UNet step on a large GPU is mostly kernel launches: replaying the step from a CUDA
+graph removes them (REFERENCE.md section 7: SD1.5 baseline 2.4x, DeepCache N=5 7.4x the eager
+baseline). A CUDA graph bakes in every decision Python took while it was captured, and the three
+accelerations decide per step in Python (DeepCache: full or partial step; T-GATE: which attention
+caches or reuses, whether the CFG half is dropped). So :class:`StepGraphs` keeps **one graph per step
+kind**: before each UNet call it asks the methods which kind of step comes (``kind``), and replays that
+kind's graph, capturing it the first time. Three rules make replay compute what eager computes:
+
+* **Static inputs.** Every tensor argument is copied into the graph's own input buffer before a
+  replay; the output is cloned out, since the next replay overwrites it.
+* **State hand-over.** Caches the methods keep between steps (DeepCache's block outputs, T-GATE's
+  attention outputs) are written by one kind's graph and read by another's. At capture they are
+  tensors of the writing graph's memory, which every replay refreshes in place. ``slots`` name that
+  state: after a replay the state is set back to what the kind's capture left there, exactly as the
+  eager step would have left it (this is also what lets a later capture read the right tensors).
+* **Nothing Python does inside a step is repeated by a replay.** Warm-up runs before capture change
+  the same state and draw random numbers, so the state (``slots``) and the random generators
+  (``generators``, registered with every graph) are restored before the capture.
+
+A kind is captured per input shape too: T-GATE halves the batch at its gate, a short last batch has
+fewer images. The graphs live as long as the configuration: :meth:`StepGraphs.close` frees them.
+
+Example:
+    >>> graphs = StepGraphs(pipe.unet)                           # doctest: +SKIP
+    >>> with graphs.installed():                                 # doctest: +SKIP
+    ...     image = pipe("a red fox", num_inference_steps=50).images[0]   # replays one graph per step
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Callable, Hashable, Sequence
+
+EXEC_MODES = ("eager", "graphs", "compile")
+_MISSING = object()
+
+
+class GraphUnsupported(RuntimeError):
+    """A configuration or pipeline that cannot run in a graph mode (the trial fails with this reason)."""
+
+
+def check_exec(mode: str, device: str) -> None:
+    """Raise ``ValueError`` for a mode this device cannot run; call before anything loads."""
+    if mode not in EXEC_MODES:
+        raise ValueError(f"--exec must be one of {', '.join(EXEC_MODES)}, got {mode!r}")
+    if mode != "eager" and not str(device).startswith("cuda"):
+        raise ValueError(f"--exec {mode} needs a CUDA device (got --device {device}); use --exec eager")
+
+
+@dataclass(frozen=True)
+class Slot:
+    """State a method keeps between UNet calls: how to read it and how to set it back."""
+
+    get: Callable[[], Any]
+    set: Callable[[Any], None]
+
+
+def attr_slot(obj, name: str) -> Slot:
+    """A :class:`Slot` over ``obj.name`` (absent attributes stay absent)."""
+
+    def set_(value):
+        if value is _MISSING:
+            obj.__dict__.pop(name, None)
+        else:
+            obj.__dict__[name] = value
+
+    return Slot(lambda: obj.__dict__.get(name, _MISSING), set_)
+
+
+def dict_slot(get_dict: Callable[[], dict], set_dict: Callable[[dict], None]) -> Slot:
+    """A :class:`Slot` over a dict attribute, copied so a later change does not alias the snapshot."""
+    return Slot(lambda: dict(get_dict()), lambda value: set_dict(dict(value)))
+
+
+class CudaBackend:
+    """Warm-up on a side stream, capture and replay with ``torch.cuda.CUDAGraph``."""
+
+    def warmup(self, run: Callable[[], Any]) -> None:
+        import torch
+
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            run()
+        torch.cuda.current_stream().wait_stream(stream)
+
+    def capture(self, run: Callable[[], Any], generators: Sequence, slots: Sequence[Slot]):
+        import torch
+
+        graph = torch.cuda.CUDAGraph()
+        for generator in generators:
+            graph.register_generator_state(generator)
+        with torch.cuda.graph(graph):
+            output = run()
+        return graph, output
+
+
+@dataclass
+class _Graph:
+    handle: Any  # has .replay()
+    inputs: list  # static input buffers, in the order of the tensor leaves
+    output: Any  # static output (a pytree of tensors)
+    after: list  # slot values the capture left behind
+    replays: int = 0
+
+
+@dataclass
+class GraphStats:
+    captures: int = 0
+    replays: int = 0
+    capture_seconds: float = 0.0
+    kinds: list = field(default_factory=list)  # the key of every call, in order (tests read it)
+
+
+class StepGraphs:
+    """One CUDA graph per step kind and input shape, replacing ``unet.forward`` while installed.
+
+    ``kind`` returns a hashable label of the coming step from the methods' own state (called once per
+    UNet call, before the step); ``slots`` is the state handed between kinds (module docstring);
+    ``generators`` the random generators a step draws from; ``capture_allowed`` may refuse a capture
+    (the untouched pipeline's graphs must be captured untouched). ``backend`` defaults to CUDA.
+    """
+
+    def __init__(self, unet, kind: Callable[[], Hashable] = lambda: (), slots: Callable[[], Sequence[Slot]] = list,
+                 generators: Callable[[], Sequence] = list, backend=None,
+                 capture_allowed: Callable[[], str | None] = lambda: None, record_kinds: bool = False):
+        self.unet = unet
+        self.kind, self.slots, self.generators = kind, slots, generators
+        self.capture_allowed = capture_allowed
+        self.backend = backend if backend is not None else CudaBackend()
+        self.graphs: dict[Hashable, _Graph] = {}
+        self.stats = GraphStats()
+        self.record_kinds = record_kinds
+        self._forward = None  # the forward the graphs capture (the UNet's own when installed)
+        self._previous = _MISSING
+
+    # -- installing ----------------------------------------------------------------------------
+    @property
+    def is_installed(self) -> bool:
+        return self._forward is not None
+
+    def install(self) -> "StepGraphs":
+        if self._forward is not None:
+            raise RuntimeError("graphs already installed")
+        self._previous = self.unet.__dict__.get("forward", _MISSING)
+        self._forward = self.unet.forward  # whatever forward the UNet has now (its own, normally)
+        self.unet.__dict__["forward"] = self
+        return self
+
+    def uninstall(self) -> None:
+        if self._forward is None:
+            return
+        if self.unet.__dict__.get("forward") is self:
+            if self._previous is _MISSING:
+                del self.unet.__dict__["forward"]
+            else:
+                self.unet.__dict__["forward"] = self._previous
+        self._forward, self._previous = None, _MISSING
+
+    @contextmanager
+    def installed(self):
+        """Route UNet calls to the graphs for the block, whatever forward the UNet has now."""
+        self.install()
+        try:
+            yield self
+        finally:
+            self.uninstall()
+
+    def close(self) -> None:
+        """Uninstall and free every graph (their memory returns to the allocator)."""
+        self.uninstall()
+        self.graphs.clear()
+
+    # -- calls ---------------------------------------------------------------------------------
+    def __call__(self, *args, **kwargs):
+        import torch
+        from torch.utils._pytree import tree_flatten, tree_map
+
+        leaves, spec = tree_flatten((args, kwargs))
+        tensors = [x for x in leaves if isinstance(x, torch.Tensor)]
+        meta = tuple((tuple(x.shape), x.dtype, x.device) if isinstance(x, torch.Tensor) else _hashable(x)
+                     for x in leaves)
+        key = (self.kind(), str(spec), meta)
+        if self.record_kinds:
+            self.stats.kinds.append(key[0])
+        graph = self.graphs.get(key)
+        if graph is None:
+            graph = self.graphs[key] = self._capture(leaves, spec)
+        for buffer, x in zip(graph.inputs, tensors):
+            buffer.copy_(x)
+        graph.handle.replay()
+        graph.replays += 1
+        self.stats.replays += 1
+        for slot, value in zip(self.slots(), graph.after):
+            slot.set(value)
+        return tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, graph.output)
+
+    def _capture(self, leaves: list, spec) -> _Graph:
+        import time
+
+        import torch
+        from torch.utils._pytree import tree_unflatten
+
+        refused = self.capture_allowed()
+        if refused:
+            raise GraphUnsupported(refused)
+        start = time.perf_counter()
+        static = [x.clone() if isinstance(x, torch.Tensor) else x for x in leaves]
+        args, kwargs = tree_unflatten(static, spec)
+        forward = self._forward
+
+        def run():
+            return forward(*args, **kwargs)
+
+        slots, generators = list(self.slots()), list(self.generators())
+        before = [slot.get() for slot in slots]
+        rng = [g.get_state() for g in generators]
+        try:
+            self.backend.warmup(run)
+        finally:  # the warm-up's side effects are not the step's: the capture redoes them
+            for slot, value in zip(slots, before):
+                slot.set(value)
+            for g, state in zip(generators, rng):
+                g.set_state(state)
+        handle, output = self.backend.capture(run, generators, slots)
+        inputs = [x for x in static if isinstance(x, torch.Tensor)]
+        graph = _Graph(handle, inputs, output, [slot.get() for slot in slots])
+        self.stats.captures += 1
+        self.stats.capture_seconds += time.perf_counter() - start
+        return graph
+
+
+def _hashable(x):
+    try:
+        hash(x)
+        return x
+    except TypeError:
+        return repr(x)
+
+
+def compile_blocks(unet) -> int:
+    """Regional compile: ``torch.compile`` each repeated block of the UNet once (the study's
+    compile, reused by every trial); graphs are captured on top. Returns the number of blocks."""
+    import torch
+
+    names = set(getattr(unet, "_repeated_blocks", ()) or ("BasicTransformerBlock",)) | {"ResnetBlock2D"}
+    count = 0
+    for module in unet.modules():
+        if type(module).__name__ in names:
+            module.compile(fullgraph=False, dynamic=False)
+            count += 1
+    # per-step kinds (T-GATE's attention flags, ToMe's block class) are recompiles: allow them
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    return count

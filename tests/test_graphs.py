@@ -1,0 +1,259 @@
+"""optimize.graphs on CPU: which graph each UNet call replays, the state handed between step kinds,
+re-capture on new shapes, one application per measurement, and graphed output == eager output.
+
+A CUDA graph replays kernels and runs no Python. The fake backend below emulates that as closely as a
+CPU allows: a capture runs the step once (the methods' Python runs, as at a real capture); a replay
+recomputes the step and writes every result into the tensors the capture produced, in place (a real
+replay writes into the same addresses), so a later step reads a cache through the tensor objects that
+the capture handed over, never through what the replay's Python stored.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from conftest import generate
+
+from optimize import Config, DeepCache, TGate, ToMe
+from optimize.accelerators import Accelerated
+from optimize.graphs import GraphUnsupported, StepGraphs, check_exec
+from optimize.measure import Evaluator, GenerationSettings
+
+STEPS = 8
+PROMPT = ["a red fox in the snow"]
+TGATE = TGate(gate_step=4, sp_interval=2, fi_interval=1, warm_up=1)
+
+
+def _copy_into(old, new):
+    if isinstance(old, torch.Tensor):
+        old.copy_(new)
+    elif isinstance(old, dict):
+        for k, v in old.items():
+            _copy_into(v, new[k])
+    elif isinstance(old, (tuple, list)):
+        for a, b in zip(old, new):
+            _copy_into(a, b)
+
+
+class FakeGraph:
+    def __init__(self, run, output, slots, backend):
+        self.run, self.output, self.slots, self.backend = run, output, slots, backend
+        self.captured = [s.get() for s in slots]
+
+    def replay(self):
+        self.backend.replays += 1
+        with torch.no_grad():
+            fresh = self.run()
+            _copy_into(self.output, fresh)
+            for slot, old in zip(self.slots, self.captured):
+                _copy_into(old, slot.get())
+
+
+class FakeBackend:
+    """Capture = run once (random draws undone); replay = recompute into the captured tensors."""
+
+    def __init__(self):
+        self.warmups = self.captures = self.replays = 0
+
+    def warmup(self, run):
+        self.warmups += 1
+        run()
+
+    def capture(self, run, generators, slots):
+        self.captures += 1
+        # a real capture executes nothing: a registered generator advances at the replay only
+        states = [g.get_state() for g in generators]
+        output = run()
+        for g, state in zip(generators, states):
+            g.set_state(state)
+        return FakeGraph(run, output, list(slots), self), output
+
+
+def _graphed(pipe, config, backend, record=True):
+    acc = Accelerated(pipe, config, exec="graphs", graph_backend=backend)
+    acc.apply()
+    acc.graphs.record_kinds = record
+    return acc
+
+
+# --- graphed == eager, every combination ---------------------------------------------------------
+@pytest.mark.parametrize("deepcache,tome,tgate", [
+    pytest.param(*on, id="+".join(m for m, o in zip(("dc", "tome", "tgate"), on) if o) or "none")
+    for on in itertools.product([False, True], repeat=3)
+])
+def test_graphed_output_equals_eager(tiny_pipe, deepcache, tome, tgate):
+    config = Config(DeepCache(3, 0) if deepcache else None, ToMe(0.5, 1) if tome else None,
+                    TGATE if tgate else None)
+    baseline = generate(tiny_pipe, PROMPT, STEPS)
+    with Accelerated(tiny_pipe, config) as eager:
+        want = generate(eager, PROMPT, STEPS)
+    backend = FakeBackend()
+    acc = _graphed(tiny_pipe, config, backend)
+    try:
+        first = generate(acc, PROMPT, STEPS)
+        captures = backend.captures
+        second = generate(acc, PROMPT, STEPS)
+    finally:
+        acc.remove()
+    np.testing.assert_array_equal(first, want)
+    np.testing.assert_array_equal(second, want)  # replayed calls, state reset between them
+    assert backend.captures == captures, "the second call captured again"
+    assert backend.replays == 2 * STEPS
+    if config.methods:
+        assert not np.array_equal(want, baseline)
+    np.testing.assert_array_equal(generate(tiny_pipe, PROMPT, STEPS), baseline)  # removed exactly
+    assert "forward" not in vars(tiny_pipe.unet)
+
+
+# --- which graph each call replays ---------------------------------------------------------------
+def test_deepcache_full_and_partial_steps(tiny_pipe):
+    backend = FakeBackend()
+    acc = _graphed(tiny_pipe, Config(deepcache=DeepCache(3, 0)), backend)
+    try:
+        generate(acc, PROMPT, STEPS)
+        generate(acc, PROMPT, STEPS)
+        kinds = [k[0][1] for k in acc.graphs.stats.kinds]
+    finally:
+        acc.remove()
+    one_call = ["full", "partial", "partial"] * 2 + ["full", "partial"]
+    assert kinds == one_call * 2  # every call starts a fresh DeepCache schedule
+    assert backend.captures == 2
+
+
+def test_tgate_kinds_follow_its_schedule(tiny_pipe):
+    backend = FakeBackend()
+    acc = _graphed(tiny_pipe, Config(tgate=TGATE), backend)
+    try:
+        generate(acc, PROMPT, STEPS)
+        stats = acc.graphs.stats
+        kinds = list(stats.kinds)
+        keys = list(acc.graphs.graphs)
+        shapes = {key[2][0][0] for key in keys}  # the sample's shape in each graph's key
+    finally:
+        acc.remove()
+    assert len(kinds) == STEPS
+    # before the gate the CFG batch is 2, after it 1: both shapes were captured
+    assert shapes == {(2, 4, 16, 16), (1, 4, 16, 16)}
+    assert kinds[0] != kinds[-1]  # T-GATE's flags differ before and after the gate
+    assert backend.captures == len(keys) == len(set(kinds))  # one capture per kind, none repeated
+
+
+def test_new_shape_recaptures_and_keeps_the_old_graphs(tiny_pipe):
+    backend = FakeBackend()
+    config = Config(deepcache=DeepCache(3, 0))
+    with Accelerated(tiny_pipe, config) as eager:
+        want_two = generate(eager, PROMPT * 2, STEPS)
+        want_one = generate(eager, PROMPT, STEPS)
+    acc = _graphed(tiny_pipe, config, backend)
+    try:
+        generate(acc, PROMPT, STEPS)
+        assert backend.captures == 2
+        got_two = generate(acc, PROMPT * 2, STEPS)  # new batch: its full step captured, then partial
+        assert backend.captures == 4
+        got_one = generate(acc, PROMPT, STEPS)  # the first shape's graphs again, cache handed back
+        assert backend.captures == 4
+    finally:
+        acc.remove()
+    np.testing.assert_array_equal(got_two, want_two)
+    np.testing.assert_array_equal(got_one, want_one)
+
+
+def test_replay_runs_no_capture_time_python_twice(tiny_pipe):
+    """Warm-up side effects are undone before the capture: a random generator drawn from in the
+    warm-up is put back, so the captured step draws what the eager step draws."""
+    gen = torch.Generator().manual_seed(0)
+    calls = []
+
+    class Unet(torch.nn.Module):
+        def forward(self, x):
+            calls.append(1)
+            return x + torch.rand(x.shape, generator=gen)
+
+    unet = Unet()
+    graphs = StepGraphs(unet, generators=lambda: [gen], backend=FakeBackend())
+    x = torch.zeros(3)
+    with graphs.installed():
+        out = unet(x)
+    assert torch.equal(out, torch.rand(3, generator=torch.Generator().manual_seed(0)))
+    assert len(calls) == 3  # warm-up, capture, replay
+    assert "forward" not in vars(unet)
+
+
+def test_close_frees_graphs_and_restores_forward(tiny_pipe):
+    acc = _graphed(tiny_pipe, Config(deepcache=DeepCache(2, 1)), FakeBackend())
+    graphs = acc.graphs
+    generate(acc, PROMPT, 4)
+    assert graphs.graphs
+    acc.remove()
+    assert not graphs.graphs and not graphs.is_installed
+    assert "forward" not in vars(tiny_pipe.unet)
+
+
+# --- the evaluator in a graph mode ---------------------------------------------------------------
+class _Scorer:
+    def score(self, images, prompts):
+        return np.ones(len(images))
+
+
+def test_evaluator_applies_once_and_captures_the_baseline_untouched(tiny_pipe, monkeypatch):
+    applies = []
+    original = Accelerated.apply
+    monkeypatch.setattr(Accelerated, "apply", lambda self: applies.append(self.config) or original(self))
+    settings = GenerationSettings(steps=4, guidance=7.5, height=64, width=64, batch_size=1)
+    backend = FakeBackend()
+    ev = Evaluator(tiny_pipe, _Scorer(), PROMPT * 3, settings, repeats=2, scored_repeats=3, exec="graphs",
+                   graph_backend=backend)
+    config = Config(deepcache=DeepCache(2, 0))
+    try:
+        m = ev.measure(config)
+        base_graphs = dict(ev.baseline_graphs.graphs)
+        ev.measure(Config(tome=ToMe(0.5, 1)))
+    finally:
+        ev.close()
+    assert applies == [config, Config(tome=ToMe(0.5, 1))]  # one application per measurement
+    assert len(m.reference.samples) == 3 and len(m.timing.samples) == 3
+    assert len(base_graphs) == 1  # the baseline's one kind, captured before anything was applied
+    assert ev.baseline_graphs.graphs == {}
+    # paired eager and graphed baselines compute the same images
+    eager = Evaluator(tiny_pipe, _Scorer(), PROMPT, settings, repeats=0)
+    graphed = Evaluator(tiny_pipe, _Scorer(), PROMPT, settings, repeats=0, exec="graphs", graph_backend=FakeBackend())
+    a = np.asarray(eager.measure(Config(), paired=False).images[0])
+    b = np.asarray(graphed.measure(Config(), paired=False).images[0])
+    graphed.close()
+    np.testing.assert_array_equal(a, b)
+
+
+def test_baseline_graphs_refuse_a_capture_on_a_touched_pipeline(tiny_pipe):
+    settings = GenerationSettings(steps=4, guidance=7.5, height=64, width=64)
+    ev = Evaluator(tiny_pipe, _Scorer(), PROMPT, settings, repeats=1, exec="graphs", graph_backend=FakeBackend())
+    with Accelerated(tiny_pipe, Config(deepcache=DeepCache(2, 0))):
+        with pytest.raises(GraphUnsupported, match="untouched"):
+            with ev._untouched() as pipe:
+                generate(pipe, PROMPT, 4)
+    ev.close()
+    assert "forward" not in vars(tiny_pipe.unet)
+
+
+def test_time_eager_bypasses_the_graphs(tiny_pipe):
+    settings = GenerationSettings(steps=3, guidance=7.5, height=64, width=64)
+    backend = FakeBackend()
+    ev = Evaluator(tiny_pipe, _Scorer(), PROMPT, settings, repeats=1, exec="graphs", graph_backend=backend)
+    timing = ev.time_eager(2)
+    assert len(timing.samples) == 2 and backend.captures == 0
+    ev.close()
+
+
+# --- bad input -----------------------------------------------------------------------------------
+def test_graph_modes_need_cuda(tiny_pipe):
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        check_exec("graphs", "cpu")
+    with pytest.raises(ValueError, match="must be one of"):
+        check_exec("fast", "cuda")
+    check_exec("eager", "cpu")
+    check_exec("compile", "cuda:1")
+    with pytest.raises(GraphUnsupported, match="CUDA"):
+        Accelerated(tiny_pipe, Config(deepcache=DeepCache(2, 0)), exec="graphs").apply()
+    assert "forward" not in vars(tiny_pipe.unet) and "_optimize_sd_applied" not in vars(tiny_pipe)
