@@ -13,8 +13,11 @@ kind's graph, capturing it the first time. Three rules make replay compute what 
 * **State hand-over.** Caches the methods keep between steps (DeepCache's block outputs, T-GATE's
   attention outputs) are written by one kind's graph and read by another's. At capture they are
   tensors of the writing graph's memory, which every replay refreshes in place. ``slots`` name that
-  state: after a replay the state is set back to what the kind's capture left there, exactly as the
-  eager step would have left it (this is also what lets a later capture read the right tensors).
+  state: after a replay, what the kind's capture *changed* there (a slot, or a dict's entries) is set
+  back to what the capture left, exactly as the eager step would have; what it left alone stays as
+  the last writer left it (a DeepCache partial step does not run the deep attentions, so it must not
+  hand back their T-GATE caches as of its own capture). This also lets a later capture read the
+  right tensors.
 * **Nothing Python does inside a step is repeated by a replay.** Warm-up runs before capture change
   the same state and draw random numbers, so the state (``slots``) and the random generators
   (``generators``, registered with every graph) are restored before the capture.
@@ -103,7 +106,7 @@ class _Graph:
     handle: Any  # has .replay()
     inputs: list  # static input buffers, in the order of the tensor leaves
     output: Any  # static output (a pytree of tensors)
-    after: list  # slot values the capture left behind
+    changes: list  # per slot: None (untouched), ("set", value) or ("update", {key: value}) of a dict
     replays: int = 0
 
 
@@ -194,7 +197,12 @@ class StepGraphs:
         graph.handle.replay()
         graph.replays += 1
         self.stats.replays += 1
-        for slot, value in zip(self.slots(), graph.after):
+        for slot, change in zip(self.slots(), graph.changes):
+            if change is None:
+                continue
+            how, value = change
+            if how == "update":
+                value = {**slot.get(), **value}
             slot.set(value)
         return tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, graph.output)
 
@@ -227,10 +235,19 @@ class StepGraphs:
                 g.set_state(state)
         handle, output = self.backend.capture(run, generators, slots)
         inputs = [x for x in static if isinstance(x, torch.Tensor)]
-        graph = _Graph(handle, inputs, output, [slot.get() for slot in slots])
+        graph = _Graph(handle, inputs, output, [_change(b, slot.get()) for slot, b in zip(slots, before)])
         self.stats.captures += 1
         self.stats.capture_seconds += time.perf_counter() - start
         return graph
+
+
+def _change(before, after):
+    """What a capture did to one slot: nothing, a new value, or new entries of a dict (by identity:
+    a graph's tensors are new objects)."""
+    if isinstance(before, dict) and isinstance(after, dict):
+        delta = {k: v for k, v in after.items() if before.get(k, _MISSING) is not v}
+        return ("update", delta) if delta else None
+    return None if after is before else ("set", after)
 
 
 def _hashable(x):

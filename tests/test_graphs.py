@@ -38,18 +38,28 @@ def _copy_into(old, new):
             _copy_into(a, b)
 
 
+def _written(before, after):
+    """The tensors a capture wrote into a slot: new objects (a dict's new entries)."""
+    if isinstance(before, dict) and isinstance(after, dict):
+        return {k: v for k, v in after.items() if before.get(k) is not v}
+    return None if after is before else after
+
+
 class FakeGraph:
-    def __init__(self, run, output, slots, backend):
+    def __init__(self, run, output, slots, before, backend):
         self.run, self.output, self.slots, self.backend = run, output, slots, backend
-        self.captured = [s.get() for s in slots]
+        # a real graph writes only the memory it wrote at capture
+        self.written = [_written(b, s.get()) for s, b in zip(slots, before)]
 
     def replay(self):
         self.backend.replays += 1
         with torch.no_grad():
             fresh = self.run()
             _copy_into(self.output, fresh)
-            for slot, old in zip(self.slots, self.captured):
-                _copy_into(old, slot.get())
+            for slot, old in zip(self.slots, self.written):
+                if old is not None:
+                    new = slot.get()
+                    _copy_into(old, {k: new[k] for k in old} if isinstance(old, dict) else new)
 
 
 class FakeBackend:
@@ -66,10 +76,11 @@ class FakeBackend:
         self.captures += 1
         # a real capture executes nothing: a registered generator advances at the replay only
         states = [g.get_state() for g in generators]
+        before = [s.get() for s in slots]
         output = run()
         for g, state in zip(generators, states):
             g.set_state(state)
-        return FakeGraph(run, output, list(slots), self), output
+        return FakeGraph(run, output, list(slots), before, self), output
 
 
 def _graphed(pipe, config, backend, record=True):
@@ -257,3 +268,18 @@ def test_graph_modes_need_cuda(tiny_pipe):
     with pytest.raises(GraphUnsupported, match="CUDA"):
         Accelerated(tiny_pipe, Config(deepcache=DeepCache(2, 0)), exec="graphs").apply()
     assert "forward" not in vars(tiny_pipe.unet) and "_optimize_sd_applied" not in vars(tiny_pipe)
+
+
+def test_partial_steps_leave_the_deep_attention_caches_alone(tiny_pipe):
+    """DeepCache's partial step does not run the deep attentions: replaying it must not hand back
+    their T-GATE caches as they were when it was captured (a later full step has refreshed them)."""
+    config = Config(deepcache=DeepCache(3, 1), tgate=TGate(10, 3, 2, 2))
+    with Accelerated(tiny_pipe, config) as eager:
+        want = generate(eager, PROMPT, 20)
+    acc = _graphed(tiny_pipe, config, FakeBackend())
+    try:
+        got = [generate(acc, PROMPT, 20) for _ in range(2)]
+    finally:
+        acc.remove()
+    np.testing.assert_array_equal(got[0], want)
+    np.testing.assert_array_equal(got[1], want)
