@@ -159,9 +159,8 @@ def plan_from_params_file(path: str, key: str | None = None, seed: int | None = 
         key, entry = read_entry(path, key)
     except StorageError as e:
         raise GenerateError(str(e)) from None
-    return _plan(f"{path} [{key}]", str(entry["pipe"]), entry["scheduler"], entry["steps"], entry.get("guidance"),
-                 entry.get("height"), entry.get("width"), entry["dtype"], entry["params"],
-                 DEFAULT_SEED if seed is None else seed, device)
+    return _plan(f"{path} [{key}]", str(entry.pipe), entry.scheduler, entry.steps, entry.guidance, entry.height,
+                 entry.width, entry.dtype, entry.params, DEFAULT_SEED if seed is None else seed, device)
 
 
 def output_paths(output: str, count: int) -> list[str]:

@@ -17,6 +17,7 @@ import datetime as _dt
 import fcntl
 import json
 import os
+from dataclasses import dataclass, fields
 from typing import Any
 
 from .files import atomic_write_json
@@ -24,6 +25,21 @@ from .storage import StorageError, redact
 from .study import CLIP_SCORE, CONFIG, FIDELITY, SCORE_LOSS, SPEEDUP, SPREAD, TIME_PER_IMAGE, Goal
 
 REQUIRED = ("pipe", "scheduler", "steps", "dtype")  # what generate needs of an entry
+
+
+@dataclass(frozen=True)
+class Entry:
+    """What ``generate`` takes from an entry: the settings it was found with and its params, as stored
+    (checked by :mod:`optimize.generate`, which says what is wrong with them)."""
+
+    pipe: Any
+    scheduler: Any
+    steps: Any
+    dtype: Any
+    params: Any
+    guidance: Any = None  # None: the pipeline's default
+    height: Any = None  # None: the model's native size
+    width: Any = None
 
 
 class ParamsFileError(StorageError):
@@ -105,9 +121,8 @@ def update_search_params(path: str, key: str, entry: dict[str, Any]) -> None:
         atomic_write_json(path, data)
 
 
-def read_entry(path: str, key: str | None = None) -> tuple[str, dict[str, Any]]:
-    """Entry ``key`` of the file at ``path`` (its only entry if ``key`` is None): ``(key, entry)``,
-    the entry with every field of :data:`REQUIRED`."""
+def read_entry(path: str, key: str | None = None) -> tuple[str, Entry]:
+    """Entry ``key`` of the file at ``path`` (its only entry if ``key`` is None): ``(key, entry)``."""
     if not os.path.isfile(path):
         raise ParamsFileError(f"--params {path}: no such file")
     entries = {k: v for k, v in read_search_params(path).items() if isinstance(v, dict) and "params" in v}
@@ -121,4 +136,4 @@ def read_entry(path: str, key: str | None = None) -> tuple[str, dict[str, Any]]:
     missing = [f for f in REQUIRED if f not in entries[key]]
     if missing:
         raise ParamsFileError(f"{path} [{key}]: missing {', '.join(missing)}")
-    return key, entries[key]
+    return key, Entry(**{f.name: entries[key].get(f.name) for f in fields(Entry)})
