@@ -35,7 +35,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from optimize.accelerators import Config, DeepCache, TGate, ToMe, accelerate  # noqa: E402
 from optimize.measure import Timing  # noqa: E402
 from optimize.pipelines import default_guidance, is_xl, load_pipeline, resolve_pipe  # noqa: E402
-from optimize.storage import atomic_write  # noqa: E402
+from optimize.files import atomic_write  # noqa: E402
 
 PROMPT = "a photograph of an astronaut riding a horse"
 

@@ -50,7 +50,7 @@ every method here) on *measured* values.
 
 Metric
 ------
-A search "has it" at the first trial after which its best feasible result (``optimize.search.
+A search "has it" at the first trial after which its best feasible result (``optimize.study.
 best_feasible``'s order on measured values) is truly good, judged on the model's noise-free values:
 
 * max mode (most speedup, loss <= bound): true loss <= bound and true speedup >= (1 - tol) x S*,
@@ -110,7 +110,8 @@ import optuna  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
 
 from optimize.accelerators import METHODS, TOME_DOWNSAMPLES, Config, DeepCache, TGate, ToMe  # noqa: E402
-from optimize.search import Goal, SearchSpace, make_sampler, record_constraints, warm_start_params  # noqa: E402
+from optimize.search import SearchSpace, make_sampler, warm_start_params  # noqa: E402
+from optimize.study import Goal, record_constraints  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 LANDSCAPE = os.path.join(HERE, "results", "sd1.5-50steps-bs1-landscape.csv")

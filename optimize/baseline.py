@@ -10,8 +10,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from .storage import insert_study_user_attr_once
 
-ATTR = "baseline"
+ATTR = "baseline"  # the study user attr holding asdict(Baseline)
 
 
 class BaselineMismatch(ValueError):
@@ -36,6 +37,10 @@ class Baseline:
 
     def save(self, study) -> None:
         study.set_user_attr(ATTR, asdict(self))
+
+    def insert_once(self, storage, study) -> bool:
+        """Store this baseline unless the study has one; True if this call stored it."""
+        return insert_study_user_attr_once(storage, study._study_id, ATTR, asdict(self))
 
     @classmethod
     def load(cls, study) -> "Baseline | None":

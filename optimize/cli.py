@@ -13,11 +13,22 @@ import click
 
 from . import pipelines, prompts as prompts_mod
 from .accelerators import METHODS
+from .artifacts import artifact_dir_for, artifact_store
+from .baseline import Baseline
+from .console import format_result
+from .generate import GenerateError, generate, plan_from_params_file, plan_from_study
+from .metrics import DEFAULT_BOUNDS, lpips_available, lpips_weights_path
+from .params_file import best_json, read_search_params
 from .pipelines import DTYPES, SCHEDULERS
-from .storage import DEFAULT_STORAGE
+from .report import measured_trials, write_report
+from .runner import Interrupted, RunError, RunFailure, RunOptions, run_search
+from .storage import DEFAULT_STORAGE, StorageError, check_storage_url, open_storage
+from .study import Goal, StudyError, goal_of, open_study, pick_study, study_result
+from .workers import follow_launcher, launch
 
-EXIT_USAGE = 2
-STUDY_ATTR = "optimize_sd"
+EXIT_USAGE = 2  # bad input, or a study that cannot be used: nothing was run
+EXIT_FAILURE = 1  # a fault during a run (RunFailure), or ``best`` without a feasible trial
+EXIT_INTERRUPTED = 130
 
 
 class Failure(click.ClickException):
@@ -104,24 +115,18 @@ def cli():
 @click.option("--worker-index", type=click.IntRange(0), default=None, hidden=True)
 def run(**o):
     """Search acceleration settings; running the same command again resumes the study."""
-    from .runner import run_search
-
-    spec, opts = _check_run_options(o)
+    spec, opts = check_run_options(o)
     if len(opts.devices) > 1:
-        from .workers import launch
-
-        sys.exit(launch(spec, opts, lambda device, n, index: _worker_argv(o, device, n, index)))
+        sys.exit(launch(spec, opts, lambda device, n, index: worker_argv(o, device, n, index), echo=click.echo))
     if o["worker_index"] is not None:
-        from .workers import follow_launcher
-
         follow_launcher()
-    run_search(spec, opts)
+    run_search(spec, opts, echo=click.echo)
 
 
 _LAUNCHER_ONLY = ("device", "n_trials", "progress", "workers", "gpus", "worker_index")
 
 
-def _worker_argv(o: dict, device: str, n_trials: int, index: int) -> list[str]:
+def worker_argv(o: dict, device: str, n_trials: int, index: int) -> list[str]:
     """The ``optimize-sd run`` arguments of one worker: this command's, with its own device and share."""
     argv = ["run"]
     for param in run.params:
@@ -163,19 +168,7 @@ def _devices(o: dict) -> tuple[str, ...]:
     return tuple(f"cuda:{i}" for i in indices)
 
 
-def _check_run_options(o: dict):
-    """All checks that need no model; returns the resolved pipe and a :class:`RunOptions`."""
-    from .runner import RunOptions
-    from .search import Goal
-    from .storage import StorageError, check_storage_url, read_search_params
-
-    try:
-        spec = pipelines.resolve_pipe(o["pipe"], random_weights=o["random_weights"])
-    except pipelines.PipelineError as e:
-        raise Failure(str(e)) from None
-    tiny = spec.kind in pipelines.TINY
-    from .metrics import DEFAULT_BOUNDS, lpips_available, lpips_weights_path
-
+def _goal(o: dict) -> Goal:
     mode = o["mode"] or ("target" if o["target_speedup"] is not None else "max")
     metric = o["loss_metric"]
     try:
@@ -186,17 +179,11 @@ def _check_run_options(o: dict):
     if metric == "lpips" and not lpips_available():
         raise Failure(f"--loss-metric lpips needs torchvision's AlexNet weights at {lpips_weights_path()} "
                       "(copy alexnet-owt-7be5be79.pth there, or set TORCH_HOME); nothing is downloaded during a run")
-    methods = _methods(o["methods"])
-    devices = _devices(o)
-    try:
-        device = pipelines.resolve_device(devices[0] if devices else o["device"])
-    except pipelines.PipelineError as e:
-        raise Failure(str(e)) from None
-    dtype = o["dtype"] or ("fp16" if device.startswith("cuda") else "fp32")
-    if dtype == "fp16" and device == "cpu":
-        raise Failure("--dtype fp16 is not supported on CPU (use fp32 or bf16)")
-    prompt_spec = o["prompt_spec"] or ("builtin" if tiny else "coco")
-    num_samples = o["num_samples"] if o["num_samples"] is not None else (8 if tiny else 32)
+    return goal
+
+
+def _check_inputs(o: dict, prompt_spec: str, num_samples: int, methods: tuple[str, ...]) -> None:
+    """The prompts, the sizes, the storage URL and the output file, before anything loads."""
     if num_samples < 1:
         raise Failure("--num-samples must be at least 1")
     for side in ("height", "width"):
@@ -210,16 +197,42 @@ def _check_run_options(o: dict):
         raise Failure(str(e)) from None
     if o["guidance"] is not None and o["guidance"] <= 1 and "tgate" in methods:
         raise Failure("T-GATE needs --guidance > 1 (or leave tgate out of --methods)")
+
+
+def check_run_options(o: dict) -> tuple[pipelines.PipeSpec, RunOptions]:
+    """All checks of ``run``'s options that need no model; the resolved pipe and a :class:`RunOptions`.
+
+    ``o`` is ``run``'s parameters by name (``run.make_context("run", argv).params``); bad input is one
+    :class:`Failure` line.
+    """
+    try:
+        spec = pipelines.resolve_pipe(o["pipe"], random_weights=o["random_weights"])
+    except pipelines.PipelineError as e:
+        raise Failure(str(e)) from None
+    tiny = spec.kind in pipelines.TINY
+    goal = _goal(o)
+    methods = _methods(o["methods"])
+    devices = _devices(o)
+    try:
+        device = pipelines.resolve_device(devices[0] if devices else o["device"])
+    except pipelines.PipelineError as e:
+        raise Failure(str(e)) from None
+    dtype = o["dtype"] or ("fp16" if device.startswith("cuda") else "fp32")
+    if dtype == "fp16" and device == "cpu":
+        raise Failure("--dtype fp16 is not supported on CPU (use fp32 or bf16)")
+    prompt_spec = o["prompt_spec"] or ("builtin" if tiny else "coco")
+    num_samples = o["num_samples"] if o["num_samples"] is not None else (8 if tiny else 32)
+    _check_inputs(o, prompt_spec, num_samples, methods)
     # Random-weight pipelines get a random-weight scorer of the real size: its cost is real, its scores not.
     default_clip = ("tiny-clip", None) if tiny else ("ViT-g-14", None if spec.kind == "random" else "laion2b_s34b_b88k")
-    steps = o["steps"] or (20 if tiny else 50)
+    gpu = device.startswith("cuda")
     opts = RunOptions(
-        scheduler=o["scheduler"], device=device, dtype=dtype, steps=steps, guidance=o["guidance"],
-        height=o["height"], width=o["width"], batch_size=o["batch_size"], prompt_spec=prompt_spec,
-        num_samples=num_samples, clip_model=o["clip_model"] or default_clip[0],
+        scheduler=o["scheduler"], device=device, dtype=dtype, steps=o["steps"] or (20 if tiny else 50),
+        guidance=o["guidance"], height=o["height"], width=o["width"], batch_size=o["batch_size"],
+        prompt_spec=prompt_spec, num_samples=num_samples, clip_model=o["clip_model"] or default_clip[0],
         clip_pretrained=_pretrained(o["clip_pretrained"], default_clip[1] if o["clip_model"] is None else None),
-        repeats=o["repeats"] if o["repeats"] is not None else (3 if device.startswith("cuda") else 0),
-        scored_repeats=o["scored_repeats"] if o["scored_repeats"] is not None else (10 if device.startswith("cuda") else 0),
+        repeats=o["repeats"] if o["repeats"] is not None else (3 if gpu else 0),
+        scored_repeats=o["scored_repeats"] if o["scored_repeats"] is not None else (10 if gpu else 0),
         goal=goal, methods=methods, n_trials=o["n_trials"], storage=o["storage"], study_name=o["study_name"],
         seed=o["seed"], output=o["output"], heartbeat=o["heartbeat"], progress=o["progress"], retime_every=o["retime_every"],
         warm_start=o["warm_start"], speed_gate=o["speed_gate"], images_per_trial=o["images_per_trial"], artifact_dir=o["artifact_dir"],
@@ -241,28 +254,16 @@ def _pretrained(value: str | None, default: str | None) -> str | None:
 def best(storage, study_name, as_json):
     """Print the best feasible trial of a study; of a pareto study, its feasible Pareto front (one line
     per trial) and the fastest of it."""
-    from .baseline import Baseline
-    from .report import best_entry, format_result
-    from .runner import goal_of, pick_study
-    from .search import study_result
-
     study = pick_study(storage, study_name)
     goal = goal_of(study)
     trial, front = study_result(study, goal)
     baseline = Baseline.load(study)
     if as_json:
-        data = {
-            "study": study.study_name, "goal": goal.as_dict(),
-            "baseline": {"time_per_image": baseline.time_per_image, "clip_score": baseline.clip_score} if baseline else None,
-            "best": best_entry(trial, goal) if trial else None,
-        }
-        if goal.mode == "pareto":
-            data["front"] = [best_entry(t, goal) for t in front]
-        click.echo(json.dumps(data, indent=2))
+        click.echo(json.dumps(best_json(study.study_name, goal, trial, front, baseline), indent=2))
     else:
         click.echo(format_result(study.study_name, goal, trial, front, baseline))
     if trial is None:
-        sys.exit(1)
+        sys.exit(EXIT_FAILURE)
 
 
 @cli.command("report")
@@ -274,12 +275,10 @@ def best(storage, study_name, as_json):
 def report_command(storage, study_name, output, top, artifact_dir):
     """Write a self-contained HTML report of a study: Pareto plot, history, importances, images of the
     baseline, the best and Pareto trials, top trials."""
-    from .report import ReportError, measured_trials, open_study, write_report
-
     try:
         study = open_study(storage, study_name)
         write_report(study, output, storage, top, artifact_dir)
-    except (ReportError, OSError) as e:
+    except (StudyError, OSError) as e:
         raise Failure(str(e)) from None
     n = len(measured_trials(study))
     click.echo(f"wrote {output} (study {study.study_name}, {n} completed trial{'s' * (n != 1)})")
@@ -303,8 +302,6 @@ def report_command(storage, study_name, output, top, artifact_dir):
 def generate_command(prompts, output, storage, study_name, trial_number, params_file, key, seed, num_images, device,
                      no_accel):
     """Generate images with a study's best (or chosen) settings applied."""
-    from .generate import GenerateError, generate, plan_from_params_file, plan_from_study
-
     try:
         if params_file is not None:
             if storage is not None or study_name is not None or trial_number is not None:
@@ -329,8 +326,6 @@ def dashboard_command(storage, artifact_dir, host, port):
     """Start optuna-dashboard on a study storage, with the trials' images."""
     import optuna_dashboard
 
-    from .storage import StorageError, artifact_dir_for, artifact_store, open_storage
-
     try:
         rdb = open_storage(storage)
     except StorageError as e:
@@ -341,7 +336,7 @@ def dashboard_command(storage, artifact_dir, host, port):
 
 
 def main(argv=None) -> None:
-    """Entry point: click's errors become one line on stderr."""
+    """Entry point: click's errors and the library's become one line on stderr and an exit code."""
     import warnings
 
     # Optuna flags the features this tool relies on (heartbeat, grouped TPE) as experimental on every use.
@@ -351,11 +346,22 @@ def main(argv=None) -> None:
         code = cli.main(args=argv, prog_name="optimize-sd", standalone_mode=False)
     except (click.exceptions.Abort, KeyboardInterrupt):
         click.echo("optimize-sd: interrupted", err=True)
-        sys.exit(130)
+        sys.exit(EXIT_INTERRUPTED)
+    except Interrupted as e:  # the run said what it kept
+        click.echo(str(e), err=True)
+        sys.exit(EXIT_INTERRUPTED)
     except click.ClickException as e:
-        click.echo(f"optimize-sd: error: {e.format_message()}", err=True)
-        sys.exit(e.exit_code)
+        _fail(e.format_message(), e.exit_code)
+    except RunFailure as e:
+        _fail(str(e), EXIT_FAILURE)
+    except (RunError, StudyError) as e:
+        _fail(str(e), EXIT_USAGE)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def _fail(message: str, code: int) -> None:
+    click.echo(f"optimize-sd: error: {message}", err=True)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -19,8 +19,15 @@ import time
 from dataclasses import dataclass
 from typing import Any, Iterator
 
+from optuna.trial import TrialState
+
 from . import pipelines
 from .accelerators import Config, InvalidConfig, accelerate
+from .baseline import Baseline
+from .files import atomic_write
+from .params_file import read_entry
+from .storage import StorageError
+from .study import StudyError, StudyRecord, best_feasible, goal_of, is_feasible, open_study
 
 DEFAULT_SEED = 42  # optimize-sd run's default; search_params.json entries do not store the seed
 
@@ -113,22 +120,17 @@ def _plan(origin: str, source: str, scheduler: str, steps: Any, guidance: Any, h
 def plan_from_study(storage_url: str, study_name: str | None = None, trial_number: int | None = None,
                     seed: int | None = None, device: str | None = None) -> Plan:
     """Settings of a study and params of its best feasible trial (or of trial ``trial_number``)."""
-    from optuna.trial import TrialState
-
-    from .baseline import Baseline
-    from .report import ReportError, open_study, study_goal
-    from .search import best_feasible, is_feasible
-
     try:
         study = open_study(storage_url, study_name)
-    except ReportError as e:
+    except StudyError as e:
         raise GenerateError(str(e)) from None
-    fp = study.user_attrs.get("optimize_sd", {}).get("fingerprint")
+    record = StudyRecord.load(study)
+    fp = record.fingerprint
     if not fp:
         raise GenerateError(f"study {study.study_name!r} stores no pipeline settings (no baseline was measured)")
     notes = []
     if trial_number is None:
-        trial = best_feasible(study, study_goal(study))
+        trial = best_feasible(study, goal_of(study))
         if trial is None:
             raise GenerateError(f"study {study.study_name!r} has no feasible trial yet; pick one with --trial N")
     else:
@@ -143,40 +145,22 @@ def plan_from_study(storage_url: str, study_name: str | None = None, trial_numbe
             notes.append(f"note: trial #{trial_number} is infeasible (outside the study's bounds)")
     baseline = Baseline.load(study)
     origin = f"study {study.study_name} trial #{trial.number}"
-    plan = _plan(origin, str(fp.get("pipe")), fp.get("scheduler"), fp.get("steps"), fp.get("guidance"),
-                 fp.get("height") or (baseline.height if baseline else None),
-                 fp.get("width") or (baseline.width if baseline else None), fp.get("dtype"), dict(trial.params),
-                 fp.get("seed", DEFAULT_SEED) if seed is None else seed, device)
+    plan = _plan(origin, str(fp.pipe), fp.scheduler, fp.steps, fp.guidance,
+                 fp.height or (baseline.height if baseline else None),
+                 fp.width or (baseline.width if baseline else None), fp.dtype, dict(trial.params),
+                 (DEFAULT_SEED if fp.seed is None else fp.seed) if seed is None else seed, device)
     return Plan(**{**plan.__dict__, "notes": tuple(notes) + plan.notes})
 
 
 def plan_from_params_file(path: str, key: str | None = None, seed: int | None = None,
                           device: str | None = None) -> Plan:
     """Settings and params of entry ``key`` of a ``search_params.json`` (its only entry if ``key`` is None)."""
-    from .storage import StorageError, read_search_params
-
-    if not os.path.isfile(path):
-        raise GenerateError(f"--params {path}: no such file")
     try:
-        data = read_search_params(path)
+        key, entry = read_entry(path, key)
     except StorageError as e:
         raise GenerateError(str(e)) from None
-    entries = {k: v for k, v in data.items() if isinstance(v, dict) and "params" in v}
-    if key is None:
-        if len(entries) != 1:
-            raise GenerateError(f"{path} has {len(entries)} entries: choose one with --key "
-                                f"({', '.join(sorted(entries)) or 'none'})")
-        (key,) = entries
-    elif key not in entries:
-        raise GenerateError(f"{path} has no entry {key!r} (have: {', '.join(sorted(entries)) or 'none'})")
-    entry = entries[key]
-    origin = f"{path} [{key}]"
-    missing = [f for f in ("pipe", "scheduler", "steps", "dtype") if f not in entry]
-    if missing:
-        raise GenerateError(f"{origin}: missing {', '.join(missing)}")
-    return _plan(origin, str(entry["pipe"]), entry["scheduler"], entry["steps"], entry.get("guidance"),
-                 entry.get("height"), entry.get("width"), entry["dtype"], entry["params"],
-                 DEFAULT_SEED if seed is None else seed, device)
+    return _plan(f"{path} [{key}]", str(entry.pipe), entry.scheduler, entry.steps, entry.guidance, entry.height,
+                 entry.width, entry.dtype, entry.params, DEFAULT_SEED if seed is None else seed, device)
 
 
 def output_paths(output: str, count: int) -> list[str]:
@@ -208,8 +192,6 @@ def generate(plan: Plan, prompts: list[str], output: str, num_images: int = 1,
     Yields one line per step for the user.
     """
     import torch
-
-    from .report import atomic_write
 
     if not prompts or any(not p.strip() for p in prompts):
         raise GenerateError("give at least one non-empty prompt")

@@ -1,8 +1,17 @@
-"""Human-readable views of a study: one line per trial, the best trial, a trial table, and the HTML
-report (plotly figures of the whole study in one self-contained file)."""
+"""``optimize-sd report``: one self-contained HTML file of a study (plotly.js embedded, so it opens
+offline): the speedup / loss plane with the Pareto front, the optimisation history, parameter
+importances, speedup by method combination, an image grid (baseline, best, Pareto points) and the top
+trials. The figure functions are shared with notebooks/analyze_study.ipynb.
+
+Example:
+    >>> write_report(open_study("sqlite:///studies/optimize-sd.db", None), "report.html")  # doctest: +SKIP
+    'report.html'
+"""
 
 from __future__ import annotations
 
+import base64
+import datetime as _dt
 import html
 import json
 import math
@@ -10,152 +19,33 @@ import os
 import re
 import shlex
 import warnings
+from collections import Counter
 from typing import Any
 
 from optuna.trial import FrozenTrial, TrialState
 
-from .search import (CONSTRAINTS_ATTR, LOSS_TEXT, Goal, best_feasible, feasible_front, is_feasible,  # noqa: F401
-                     pareto_front, rank_key, study_result)  # pareto_front: also used as report.pareto_front
-from .storage import atomic_write, redact  # noqa: F401 - also used as report.atomic_write, report.redact
-
-
-def fidelity_text(attrs: dict[str, Any]) -> str:
-    """``psnr 27.1 ssim 0.952 lpips 0.081`` (what the trial has of them)."""
-    parts = [f"psnr {attrs['psnr']:.1f}" if "psnr" in attrs else "", f"ssim {attrs['ssim']:.3f}" if "ssim" in attrs else "",
-             f"lpips {attrs['lpips']:.3f}" if "lpips" in attrs else ""]
-    return " ".join(p for p in parts if p)
-
-
-def trial_line(trial: FrozenTrial) -> str:
-    """``#3  dc(3,b0)+tome(0.5,md2)  1.87x ±4%  score_loss +0.012  psnr 27.1 ssim 0.952  feasible``
-
-    The CLIP loss and the fidelity metrics are all shown: feasibility is judged on the study's
-    ``--loss-metric``, which may be any of them."""
-    attrs = trial.user_attrs
-    head = f"#{trial.number:<3d} {attrs.get('config', '?'):<42s}"
-    if trial.state != TrialState.COMPLETE:
-        reason = attrs.get("error") or attrs.get("skipped") or trial.system_attrs.get("fail_reason", "")
-        return f"{head} {trial.state.name.lower()}: {reason}"[:200]
-    reused = f"  (same as #{attrs['reused_from']})" if "reused_from" in attrs else ""
-    fidelity = fidelity_text(attrs)
-    return (f"{head} {attrs['speedup']:5.2f}x ±{100 * attrs['spread']:.0f}%  score_loss {attrs['score_loss']:+.4f}  "
-            f"{fidelity + '  ' if fidelity else ''}{'feasible' if is_feasible(trial) else 'infeasible'}{reused}")
-
-
-def best_entry(trial: FrozenTrial, goal: Goal | None = None) -> dict[str, Any]:
-    """A trial's result as search_params.json and ``best --json`` give it; with ``goal``, also the loss
-    its bound applies to."""
-    a = trial.user_attrs
-    entry = {
-        "trial": trial.number, "config": a["config"], "params": dict(trial.params), "speedup": a["speedup"],
-        "score_loss": a["score_loss"], "time_per_image": a["time_per_image"], "spread": a["spread"],
-        "clip_score": a["clip_score"],
-    }
-    entry.update({k: a[k] for k in ("psnr", "ssim", "lpips") if k in a})
-    if goal is not None:
-        entry.update(loss_metric=goal.loss_metric, loss=goal.loss(a))
-    return entry
-
-
-def summary(study, goal: Goal) -> dict[str, Any]:
-    counts: dict[str, int] = {}
-    for t in study.get_trials(deepcopy=False):
-        counts[t.state.name.lower()] = counts.get(t.state.name.lower(), 0) + 1
-    return {"study": study.study_name, "goal": goal.as_dict(), "trials": counts}
-
-
-def format_best(study_name: str, goal: Goal, trial: FrozenTrial | None, baseline) -> str:
-    if trial is None:
-        return f"{study_name}: no feasible trial yet"
-    e = best_entry(trial)
-    fidelity = fidelity_text(trial.user_attrs)
-    return (f"{study_name}: best feasible trial #{e['trial']}: {e['config']}\n"
-            f"  speedup {e['speedup']:.2f}x (±{100 * e['spread']:.0f}%), {1000 * e['time_per_image']:.1f} ms/image "
-            f"vs baseline {1000 * trial.user_attrs.get('baseline_time', baseline.time_per_image):.1f} ms; "
-            f"score_loss {e['score_loss']:+.4f} "
-            f"(CLIP {e['clip_score']:.2f} vs {baseline.clip_score:.2f}){'; ' + fidelity if fidelity else ''}\n"
-            f"  params {e['params']}")
-
-
-def loss_text(goal: Goal, attrs: dict[str, Any]) -> str:
-    """The loss a study is bounded on, as people read it: ``ssim_loss +0.0312``, ``psnr 27.10 dB``."""
-    loss = goal.loss(attrs)
-    return f"psnr {goal.shown(loss):.2f} dB" if goal.loss_metric == "psnr" else f"{goal.loss_name} {loss:+.4f}"
-
-
-def front_line(trial: FrozenTrial, goal: Goal) -> str:
-    """One point of a Pareto front: ``#3   dc(3,b0)   2.10x  ssim_loss +0.0312  psnr 27.1 ssim 0.969  score_loss +0.0040``"""
-    a = trial.user_attrs
-    shown = loss_text(goal, a)
-    if goal.loss_metric == "psnr":
-        a = {k: v for k, v in a.items() if k != "psnr"}  # shown already
-    rest = fidelity_text(a) + (f"  score_loss {a['score_loss']:+.4f}" if goal.loss_metric != "clip" else "")
-    return f"#{trial.number:<3d} {a.get('config', '?'):<42s} {a['speedup']:5.2f}x  {shown}  {rest}".rstrip()
-
-
-def format_front(study_name: str, goal: Goal, front: list[FrozenTrial], best: FrozenTrial | None) -> str:
-    """A pareto study's feasible front, one line per trial (fastest last), and its single pick."""
-    if not front:
-        return f"{study_name}: no feasible trial yet"
-    direction = "psnr up" if goal.loss_metric == "psnr" else f"{goal.loss_name} down"
-    lines = [f"{study_name}: feasible Pareto front ({len(front)} trial{'s' * (len(front) != 1)}; speedup up, "
-             f"{direction}, {goal.bound_text()}):"]
-    lines += ["  " + front_line(t, goal) for t in front]
-    if best is not None:
-        lines.append(f"  fastest feasible (generate's default): #{best.number} {best.user_attrs.get('config', '?')}")
-    return "\n".join(lines)
-
-
-def format_result(study_name: str, goal: Goal, best: FrozenTrial | None, front: list[FrozenTrial], baseline) -> str:
-    """What a finished run and ``best`` print (:func:`optimize.search.study_result` gives ``best`` and
-    ``front``): the best feasible trial, or a pareto study's feasible front."""
-    if goal.mode == "pareto":
-        return format_front(study_name, goal, front, best)
-    return format_best(study_name, goal, best, baseline)
-
-
-# --- the HTML report -----------------------------------------------------------------------------
-# ``optimize-sd report`` writes one self-contained HTML file (plotly.js embedded, so it opens offline):
-# the speedup / loss plane with the Pareto front, the optimisation history, parameter importances,
-# speedup by method combination, an image grid (baseline, best, Pareto points) and the top trials. The figure functions are shared with
-# notebooks/analyze_study.ipynb.
+from . import __version__
+from .accelerators import Config, InvalidConfig
+from .artifacts import artifact_dir_for, artifact_store, baseline_image_ids, image_ids, read_png, trial_prefix
+from .baseline import Baseline
+from .console import fidelity_text, loss_text
+from .files import atomic_write
+from .storage import redact
+from .study import (CLIP_SCORE, CONFIG, CONSTRAINTS_ATTR, LOSS_TEXT, LPIPS, PSNR, REUSED_FROM, SCORE_LOSS, SPEEDUP,
+                    SPREAD, SSIM, TIME_PER_IMAGE, Goal, StudyRecord, feasible_front, goal_of, is_feasible,
+                    pareto_front, rank_key, study_result)
 
 MIN_TRIALS_FOR_IMPORTANCE = 5  # PED-ANOVA compares the best 10% of trials with the rest: fewer is noise
 FIGURES = ("pareto", "history", "importance", "methods")
 _SHORT = {"dc": "deepcache", "tome": "tome", "tgate": "tgate"}
 
 
-class ReportError(ValueError):
-    """A study or output that no report can be made from."""
-
-
-def open_study(storage_url: str, name: str | None):
-    """Load a study for reading: the named one, or the most recently run; never creates a database."""
-    from .runner import goal_of, pick_study
-
-    if storage_url.startswith("sqlite:///"):
-        path = storage_url[len("sqlite:///"):]
-        if path and path != ":memory:" and not os.path.isfile(path):
-            raise ReportError(f"no study database at {path} (run a search first, or pass --storage)")
-    study = pick_study(storage_url, name)
-    goal_of(study)  # refuses a study optimize-sd did not make
-    return study
-
-
-def study_goal(study) -> Goal:
-    from .runner import goal_of
-
-    return goal_of(study)
-
-
 def methods_of(trial: FrozenTrial) -> tuple[str, ...]:
     """The methods a trial switched on, from its params (or its ``config`` label)."""
-    from .accelerators import Config, InvalidConfig
-
     try:
         return Config.from_params(trial.params).methods
     except (InvalidConfig, TypeError):
-        label = trial.user_attrs.get("config", "baseline")
+        label = trial.user_attrs.get(CONFIG, "baseline")
         return tuple(_SHORT.get(p.split("(", 1)[0], p.split("(", 1)[0]) for p in label.split("+") if p != "baseline")
 
 
@@ -166,7 +56,7 @@ def combination(methods: tuple[str, ...]) -> str:
 def measured_trials(study) -> list[FrozenTrial]:
     """Completed trials that carry a measurement, in trial order."""
     return [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-            if "speedup" in t.user_attrs and "score_loss" in t.user_attrs]
+            if SPEEDUP in t.user_attrs and SCORE_LOSS in t.user_attrs]
 
 
 def scored_trials(study, goal: Goal) -> list[FrozenTrial]:
@@ -191,16 +81,17 @@ def ranked_trials(study, goal: Goal) -> list[FrozenTrial]:
 
 def top_trials(study, goal: Goal | None = None, n: int = 10) -> list[dict[str, Any]]:
     """The ``n`` best measured trials as rows (rank, trial, config, methods, speedup, ...)."""
-    goal = goal or study_goal(study)
+    goal = goal or goal_of(study)
     rows = []
     for rank, t in enumerate(ranked_trials(study, goal)[:n], 1):
         a = t.user_attrs
         rows.append({
-            "rank": rank, "trial": t.number, "config": a.get("config", "?"), "methods": combination(methods_of(t)),
-            "speedup": a["speedup"], "score_loss": a["score_loss"], "ms_per_image": 1000 * a.get("time_per_image", math.nan),
-            "spread": a.get("spread", math.nan), "clip_score": a.get("clip_score", math.nan),
-            "psnr": a.get("psnr", math.nan), "ssim": a.get("ssim", math.nan), "lpips": a.get("lpips", math.nan),
-            "feasible": is_feasible(t), "reused_from": a.get("reused_from"),
+            # the columns named as the trial attrs they show
+            "rank": rank, "trial": t.number, CONFIG: a.get(CONFIG, "?"), "methods": combination(methods_of(t)),
+            SPEEDUP: a[SPEEDUP], SCORE_LOSS: a[SCORE_LOSS], "ms_per_image": 1000 * a.get(TIME_PER_IMAGE, math.nan),
+            SPREAD: a.get(SPREAD, math.nan), CLIP_SCORE: a.get(CLIP_SCORE, math.nan),
+            PSNR: a.get(PSNR, math.nan), SSIM: a.get(SSIM, math.nan), LPIPS: a.get(LPIPS, math.nan),
+            "feasible": is_feasible(t), REUSED_FROM: a.get(REUSED_FROM),
         })
     return rows
 
@@ -208,7 +99,7 @@ def top_trials(study, goal: Goal | None = None, n: int = 10) -> list[dict[str, A
 def _hover(t: FrozenTrial) -> str:
     a = t.user_attrs
     fidelity = fidelity_text(a)
-    return (f"#{t.number} {a.get('config', '?')}<br>speedup {a['speedup']:.3f}x<br>score_loss {a['score_loss']:+.4f}"
+    return (f"#{t.number} {a.get(CONFIG, '?')}<br>speedup {a[SPEEDUP]:.3f}x<br>score_loss {a[SCORE_LOSS]:+.4f}"
             f"{'<br>' + fidelity if fidelity else ''}<br>{'feasible' if is_feasible(t) else 'infeasible'}")
 
 
@@ -229,7 +120,7 @@ def pareto_figure(study, goal: Goal | None = None):
     feasible trial."""
     import plotly.graph_objects as go
 
-    goal = goal or study_goal(study)
+    goal = goal or goal_of(study)
     trials = scored_trials(study, goal)
     title = f"Speedup vs {goal.loss_name}"
     if not trials:
@@ -243,7 +134,7 @@ def pareto_figure(study, goal: Goal | None = None):
 
     def scatter(ts, name, **marker):
         fig.add_trace(go.Scatter(
-            x=[x(t) for t in ts], y=[t.user_attrs["speedup"] for t in ts], mode="markers",
+            x=[x(t) for t in ts], y=[t.user_attrs[SPEEDUP] for t in ts], mode="markers",
             name=f"{name} ({len(ts)})", hovertext=[_hover(t) for t in ts], hoverinfo="text", marker=marker))
 
     scatter(feasible, "feasible", color="#1f77b4", size=9)
@@ -251,14 +142,14 @@ def pareto_figure(study, goal: Goal | None = None):
     front = pareto_front(feasible, goal)
     if front:
         fig.add_trace(go.Scatter(
-            x=[x(t) for t in front], y=[t.user_attrs["speedup"] for t in front],
+            x=[x(t) for t in front], y=[t.user_attrs[SPEEDUP] for t in front],
             mode="lines+markers", line={"shape": "hv", "color": "#d62728"},
             marker={"color": "#d62728", "size": 11, "symbol": "circle-open", "line": {"width": 2}},
             name=f"Pareto front ({len(front)})", hovertext=[_hover(t) for t in front], hoverinfo="text"))
     best = min(feasible, key=rank_key(goal), default=None)  # best_feasible, from the trials in hand
     if best is not None:
         fig.add_trace(go.Scatter(
-            x=[x(best)], y=[best.user_attrs["speedup"]], mode="markers",
+            x=[x(best)], y=[best.user_attrs[SPEEDUP]], mode="markers",
             marker={"symbol": "star", "size": 18, "color": "#ff7f0e", "line": {"width": 1, "color": "black"}},
             name=f"best feasible (#{best.number})", hovertext=[_hover(best)], hoverinfo="text"))
     if goal.loss_metric != "psnr":  # the baseline's PSNR is infinite: no point to draw
@@ -282,7 +173,7 @@ def history_figure(study, goal: Goal | None = None):
     """Optuna's optimisation history of the objective (infeasible trials marked by Optuna)."""
     from optuna.visualization import plot_optimization_history
 
-    goal = goal or study_goal(study)
+    goal = goal or goal_of(study)
     if not measured_trials(study):
         return _placeholder("Optimization history", "no completed trial yet")
     fig = plot_optimization_history(study, **_target(goal))
@@ -296,7 +187,7 @@ def history_figure(study, goal: Goal | None = None):
 def _target(goal: Goal) -> dict[str, Any]:
     """Optuna's plots of one objective: a pareto study's is speedup (its first)."""
     if goal.mode == "pareto":
-        return {"target": lambda t: t.values[0], "target_name": "speedup"}
+        return {"target": lambda t: t.values[0], "target_name": SPEEDUP}
     return {"target_name": goal.objective_name}
 
 
@@ -305,7 +196,7 @@ def importance_figure(study, goal: Goal | None = None, min_trials: int = MIN_TRI
     instead while there are fewer than ``min_trials`` completed trials or nothing to compare."""
     from optuna.visualization import plot_param_importances
 
-    goal = goal or study_goal(study)
+    goal = goal or goal_of(study)
     title = f"Parameter importances for {goal.objective_name}"
     n = len(measured_trials(study))
     if n < min_trials:
@@ -337,12 +228,12 @@ def methods_figure(study, goal: Goal | None = None):
     groups: dict[str, list[FrozenTrial]] = {}
     for t in trials:
         groups.setdefault(combination(methods_of(t)), []).append(t)
-    order = sorted(groups, key=lambda k: -sorted(t.user_attrs["speedup"] for t in groups[k])[len(groups[k]) // 2])
+    order = sorted(groups, key=lambda k: -sorted(t.user_attrs[SPEEDUP] for t in groups[k])[len(groups[k]) // 2])
     fig = go.Figure()
     for name in order:
         ts = groups[name]
         fig.add_trace(go.Box(
-            x=[f"{name} ({len(ts)})"] * len(ts), y=[t.user_attrs["speedup"] for t in ts], name=name,
+            x=[f"{name} ({len(ts)})"] * len(ts), y=[t.user_attrs[SPEEDUP] for t in ts], name=name,
             boxpoints="all", jitter=0.4, pointpos=0, hovertext=[_hover(t) for t in ts], hoverinfo="text"))
     fig.add_hline(y=1.0, line_dash="dot", line_color="black", annotation_text="baseline", annotation_position="bottom right")
     fig.update_layout(title=title, template="plotly_white", height=440, showlegend=False,
@@ -352,7 +243,7 @@ def methods_figure(study, goal: Goal | None = None):
 
 def report_figures(study, goal: Goal | None = None) -> dict[str, Any]:
     """The report's plotly figures by name (see :data:`FIGURES`), in display order."""
-    goal = goal or study_goal(study)
+    goal = goal or goal_of(study)
     return {
         "pareto": pareto_figure(study, goal), "history": history_figure(study, goal),
         "importance": importance_figure(study, goal), "methods": methods_figure(study, goal),
@@ -378,21 +269,21 @@ def _table_html(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return "<p>No completed trial yet.</p>"
     # fidelity columns only where some trial has the value (studies from before, LPIPS without its weights)
-    fidelity = [(k, spec) for k, spec in (("psnr", ".2f"), ("ssim", ".4f"), ("lpips", ".4f"))
+    fidelity = [(k, spec) for k, spec in ((PSNR, ".2f"), (SSIM, ".4f"), (LPIPS, ".4f"))
                 if any(math.isfinite(r[k]) for r in rows)]
     head = ("<tr><th>rank</th><th>trial</th><th>configuration</th><th>methods</th><th>speedup</th><th>score_loss</th>"
             + "".join(f"<th>{k.upper()}</th>" for k, _ in fidelity)
             + "<th>ms / image</th><th>spread</th><th>CLIP</th><th>feasible</th></tr>")
     body = []
     for r in rows:
-        reused = f" <small>(same as #{r['reused_from']})</small>" if r["reused_from"] is not None else ""
+        reused = f" <small>(same as #{r[REUSED_FROM]})</small>" if r[REUSED_FROM] is not None else ""
         body.append(
             f"<tr class=\"{'feasible' if r['feasible'] else 'infeasible'}\"><td>{r['rank']}</td><td>#{r['trial']}</td>"
-            f"<td><code>{html.escape(str(r['config']))}</code>{reused}</td><td>{html.escape(r['methods'])}</td>"
-            f"<td>{_fmt(r['speedup'], '.3f')}x</td><td>{_fmt(r['score_loss'], '+.4f')}</td>"
+            f"<td><code>{html.escape(str(r[CONFIG]))}</code>{reused}</td><td>{html.escape(r['methods'])}</td>"
+            f"<td>{_fmt(r[SPEEDUP], '.3f')}x</td><td>{_fmt(r[SCORE_LOSS], '+.4f')}</td>"
             + "".join(f"<td>{_fmt(r[k], spec)}</td>" for k, spec in fidelity) +
-            f"<td>{_fmt(r['ms_per_image'], '.1f')}</td><td>±{_fmt(100 * r['spread'], '.0f')}%</td>"
-            f"<td>{_fmt(r['clip_score'], '.3f')}</td><td>{'yes' if r['feasible'] else 'no'}</td></tr>")
+            f"<td>{_fmt(r['ms_per_image'], '.1f')}</td><td>±{_fmt(100 * r[SPREAD], '.0f')}%</td>"
+            f"<td>{_fmt(r[CLIP_SCORE], '.3f')}</td><td>{'yes' if r['feasible'] else 'no'}</td></tr>")
     return f"<table id=\"top-trials\">{head}{''.join(body)}</table>"
 
 
@@ -405,7 +296,7 @@ GRID_FRONT = 3  # points of the feasible front shown besides the best
 def grid_trials(study, goal: Goal | None = None, n_front: int = GRID_FRONT) -> list[FrozenTrial]:
     """The trials of the image grid: the best feasible one, then up to ``n_front`` other points of the
     feasible Pareto front, spread along it (least loss first)."""
-    goal = goal or study_goal(study)
+    goal = goal or goal_of(study)
     front = feasible_front(study, goal)
     best = min(front, key=rank_key(goal), default=None)  # best_feasible: the best trial is on the front
     others = [t for t in front if best is None or t.number != best.number]
@@ -419,22 +310,17 @@ def image_grid(study, goal: Goal | None = None, storage_url: str | None = None, 
                rows: int = GRID_ROWS, n_front: int = GRID_FRONT) -> list[dict[str, Any]]:
     """The grid's columns: ``{"title", "detail", "images"}``, ``images`` PNG bytes per prompt (None where
     not readable here); the baseline first. Empty when no image of the study can be read."""
-    from .storage import artifact_dir_for, baseline_image_ids, image_ids
-
-    goal = goal or study_goal(study)
+    goal = goal or goal_of(study)
     directory = artifact_dir_for(storage_url or "", artifact_dir)
     if not os.path.isdir(directory):
         return []
-    from optuna.artifacts import FileSystemArtifactStore
-
-    store = FileSystemArtifactStore(directory)
+    store = artifact_store(directory)
 
     def read(ids: dict[int, str]) -> list[bytes | None]:
         out = []
         for i in range(rows):
             try:
-                with store.open_reader(ids[i]) as f:
-                    out.append(f.read())
+                out.append(read_png(store, ids[i]))
             except Exception:  # noqa: BLE001 - not stored, or stored on another machine
                 out.append(None)
         return out
@@ -443,11 +329,11 @@ def image_grid(study, goal: Goal | None = None, storage_url: str | None = None, 
     trials = {t.number: t for t in study.get_trials(deepcopy=False)}
     for i, t in enumerate(grid_trials(study, goal, n_front)):  # the best feasible first, where there is one
         a = t.user_attrs
-        source = trials.get(a.get("reused_from"), t)  # a reused measurement shows its source's images
+        source = trials.get(a.get(REUSED_FROM), t)  # a reused measurement shows its source's images
         columns.append({
             "title": f"{'best' if i == 0 else 'Pareto'} #{t.number}",
-            "detail": f"{a.get('config', '?')}: {a['speedup']:.2f}x, {loss_text(goal, a)}",
-            "images": read(image_ids(source, f"trial{source.number}", storage=study._storage)),
+            "detail": f"{a.get(CONFIG, '?')}: {a[SPEEDUP]:.2f}x, {loss_text(goal, a)}",
+            "images": read(image_ids(source, trial_prefix(source.number), storage=study._storage)),
         })
     if not any(im is not None for c in columns for im in c["images"]):
         return []
@@ -460,8 +346,6 @@ def image_grid(study, goal: Goal | None = None, storage_url: str | None = None, 
 def image_grid_html(study, goal: Goal | None = None, storage_url: str | None = None,
                     artifact_dir: str | None = None) -> str:
     """The image grid as an HTML table with the PNGs embedded as data URIs (or a short note)."""
-    import base64
-
     columns = image_grid(study, goal, storage_url, artifact_dir)
     if not columns:
         return ("<p class=\"note\" id=\"no-images\">No images stored for this study (or its artifact directory "
@@ -495,53 +379,49 @@ img.grid { width: 160px; height: auto; image-rendering: pixelated; } #image-grid
 """
 
 
-def build_report_html(study, storage_url: str | None = None, top: int = 10, artifact_dir: str | None = None) -> str:
-    """The whole report as one HTML document with plotly.js embedded."""
-    import datetime as _dt
-
-    import plotly.io as pio
-    from plotly.offline import get_plotlyjs
-
-    from . import __version__
-    from .baseline import Baseline
-
-    goal = study_goal(study)
-    meta = study.user_attrs.get("optimize_sd", {})
-    fp = meta.get("fingerprint", {})
-    baseline = Baseline.load(study)
-    counts = summary(study, goal)["trials"]
-    n_feasible = sum(is_feasible(t) for t in measured_trials(study))
-    best, front = study_result(study, goal)
+def _info(study, goal: Goal, storage_url: str | None, best, front) -> list[tuple[str, str]]:
+    """The report's head: what the study is, its settings, baseline, trials and best (HTML, escaped)."""
     esc = html.escape
-
-    raw_url = storage_url
-    storage_url = redact(storage_url) if storage_url else None
+    record = StudyRecord.load(study)
+    fp = record.fingerprint if record else None
+    baseline = Baseline.load(study)
     info = [("study", esc(study.study_name)), ("storage", esc(storage_url or "")), ("goal", esc(goal_text(goal)))]
     if fp:
-        width = fp.get("width") or (baseline.width if baseline else "native")
-        size = f"{width}x{fp.get('height') or (baseline.height if baseline else 'native')}"
-        info.append(("pipeline", esc(f"{fp.get('pipe')}, {fp.get('scheduler')}, {fp.get('steps')} steps, guidance "
-                                     f"{fp.get('guidance') if fp.get('guidance') is not None else 'default'}, {size}, "
-                                     f"{fp.get('dtype')} on {fp.get('device')}, batch {fp.get('batch_size')}")))
-        info.append(("scoring", esc(f"CLIP {fp.get('clip')} on {fp.get('num_samples')} prompts, seed {fp.get('seed')}")))
+        width = fp.width or (baseline.width if baseline else "native")
+        size = f"{width}x{fp.height or (baseline.height if baseline else 'native')}"
+        info.append(("pipeline", esc(f"{fp.pipe}, {fp.scheduler}, {fp.steps} steps, guidance "
+                                     f"{fp.guidance if fp.guidance is not None else 'default'}, {size}, "
+                                     f"{fp.dtype} on {fp.device}, batch {fp.batch_size}")))
+        info.append(("scoring", esc(f"CLIP {fp.clip} on {fp.num_samples} prompts, seed {fp.seed}")))
     if baseline:
         info.append(("baseline", f"{1000 * baseline.time_per_image:.1f} ms/image (±{100 * baseline.spread:.0f}%), "
                                  f"CLIP {baseline.clip_score:.3f}"))
+    counts = Counter(t.state.name.lower() for t in study.get_trials(deepcopy=False))
+    n_feasible = sum(is_feasible(t) for t in measured_trials(study))
     info.append(("trials", esc(", ".join(f"{v} {k}" for k, v in sorted(counts.items())) or "none")
                  + f"; {n_feasible} feasible"))
     label = "fastest feasible (on the front)" if goal.mode == "pareto" else "best feasible"
     if best is not None:
-        e = best_entry(best)
-        fidelity = fidelity_text(best.user_attrs)
-        info.append((label, f"#{e['trial']} <code>{esc(e['config'])}</code>: {e['speedup']:.3f}x, "
-                            f"score_loss {e['score_loss']:+.4f}{', ' + fidelity if fidelity else ''}"))
+        a = best.user_attrs
+        fidelity = fidelity_text(a)
+        info.append((label, f"#{best.number} <code>{esc(a[CONFIG])}</code>: {a[SPEEDUP]:.3f}x, "
+                            f"score_loss {a[SCORE_LOSS]:+.4f}{', ' + fidelity if fidelity else ''}"))
     else:
         info.append((label, "none yet"))
     if goal.mode == "pareto":
         info.append(("feasible Pareto front", ", ".join(f"#{t.number}" for t in front) or "none yet"))
-    random_weights = str(fp.get("pipe", "")).startswith(("random:", "tiny")) or str(fp.get("clip", "")).endswith("/None")
-    note = ("<p class=\"note\">Random weights (pipeline or CLIP model): speedups are real, CLIP scores and losses "
-            "are meaningless.</p>") if random_weights else ""
+    return info
+
+
+def _random_weights(study) -> bool:
+    """Whether the study's pipeline or CLIP model had random weights (its scores mean nothing)."""
+    record = StudyRecord.load(study)
+    fp = record.fingerprint if record else None
+    return fp is not None and (str(fp.pipe or "").startswith(("random:", "tiny")) or str(fp.clip or "").endswith("/None"))
+
+
+def _figure_sections(study, goal: Goal) -> list[str]:
+    import plotly.io as pio
 
     sections = []
     titles = {"pareto": f"Speedup vs {goal.loss_name}", "history": "Optimization history",
@@ -551,13 +431,30 @@ def build_report_html(study, storage_url: str | None = None, top: int = 10, arti
         div = pio.to_html(fig, include_plotlyjs=False, full_html=False, div_id=f"fig-{name}",
                           config={"displaylogo": False, "responsive": True})
         sections.append(f"<section class=\"figure\" id=\"section-{name}\"><h2>{titles[name]}</h2>{div}</section>")
+    return sections
 
-    use = ""
-    if best is not None:
-        command = ["optimize-sd", "generate", *(["--storage", storage_url] if storage_url else []),
-                   "--study", study.study_name, "a red fox in the snow", "-o", "fox.png"]
-        use = (f"<h2>Use it</h2><pre>{esc(shlex.join(command))}</pre>"
-               f"<pre>{esc(json.dumps(dict(best.params), indent=2))}</pre>")
+
+def _use_it(study, storage_url: str | None, best) -> str:
+    """How to generate with the best trial: the command and its params."""
+    if best is None:
+        return ""
+    esc = html.escape
+    command = ["optimize-sd", "generate", *(["--storage", storage_url] if storage_url else []),
+               "--study", study.study_name, "a red fox in the snow", "-o", "fox.png"]
+    return (f"<h2>Use it</h2><pre>{esc(shlex.join(command))}</pre>"
+            f"<pre>{esc(json.dumps(dict(best.params), indent=2))}</pre>")
+
+
+def build_report_html(study, storage_url: str | None = None, top: int = 10, artifact_dir: str | None = None) -> str:
+    """The whole report as one HTML document with plotly.js embedded."""
+    from plotly.offline import get_plotlyjs
+
+    goal = goal_of(study)
+    best, front = study_result(study, goal)
+    esc = html.escape
+    shown_url = redact(storage_url) if storage_url else None
+    note = ("<p class=\"note\">Random weights (pipeline or CLIP model): speedups are real, CLIP scores and losses "
+            "are meaningless.</p>") if _random_weights(study) else ""
     made = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     return "\n".join([
         "<!DOCTYPE html>",
@@ -567,13 +464,13 @@ def build_report_html(study, storage_url: str | None = None, top: int = 10, arti
         f"<script type=\"text/javascript\">{get_plotlyjs()}</script>",
         "</head><body>",
         f"<h1>optimize-sd report: {esc(study.study_name)}</h1>",
-        "<dl>" + "".join(f"<dt>{k}</dt><dd>{v}</dd>" for k, v in info) + "</dl>",
+        "<dl>" + "".join(f"<dt>{k}</dt><dd>{v}</dd>" for k, v in _info(study, goal, shown_url, best, front)) + "</dl>",
         note,
-        *sections,
+        *_figure_sections(study, goal),
         f"<section id=\"section-images\"><h2>Images: baseline, best and Pareto points</h2>"
-        f"{image_grid_html(study, goal, raw_url, artifact_dir)}</section>",
+        f"{image_grid_html(study, goal, storage_url, artifact_dir)}</section>",
         f"<section id=\"section-top\"><h2>Top trials</h2>{_table_html(top_trials(study, goal, top))}</section>",
-        use,
+        _use_it(study, shown_url, best),
         f"<footer><small>optimize-sd {__version__}, {made}</small></footer>",
         "</body></html>",
     ])

@@ -1,25 +1,22 @@
-"""Where results live: the Optuna storage of studies, and ``search_params.json``.
+"""The database of studies: an Optuna RDB storage, opened race-free, with a heartbeat.
 
 Studies go to an RDB storage (default ``sqlite:///studies/optimize-sd.db``; ``postgresql://...`` for
 workers on several machines) with a heartbeat, so a trial whose process died is marked failed and
 re-queued by the next worker that starts a trial. Many processes may open a fresh database at once:
 tables are created once, and attrs that must be set once (the study's settings, its baseline) are
-inserted, never overwritten (:func:`insert_study_user_attr_once`).
-``search_params.json`` maps one key per (model, scheduler, steps, mode, bound) to the best feasible
-configuration; it is rewritten atomically under a lock and other keys are kept.
+inserted, never overwritten (:func:`insert_study_user_attr_once`). ``search_params.json`` is
+:mod:`optimize.params_file`, the images :mod:`optimize.artifacts`.
 
 Example:
-    >>> update_search_params("search_params.json", "tiny:ddim:20:max:0.02", {"params": {}})  # doctest: +SKIP
+    >>> redact("postgresql://me:secret@db/studies")
+    'postgresql://me:***@db/studies'
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import io
 import json
 import os
-import tempfile
 from typing import Any
 
 DEFAULT_STORAGE = "sqlite:///studies/optimize-sd.db"
@@ -199,142 +196,25 @@ def storage_errors() -> tuple[type[BaseException], ...]:
     return (optuna.exceptions.StorageInternalError, SQLAlchemyError)
 
 
-def atomic_write(path: str, data) -> None:
-    """Write to ``path`` so that a crash leaves the old file or the new one, never half of one
-    (temporary file in the same directory, fsync, rename). ``data`` is text, bytes, or a function
-    that writes to the open text file. A new file gets the usual permissions (0666 less the umask);
-    an existing one keeps its own."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    try:
-        mode = os.stat(path).st_mode & 0o7777
-    except FileNotFoundError:
-        umask = os.umask(0)
-        os.umask(umask)
-        mode = 0o666 & ~umask
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") if callable(data) else os.fdopen(fd, "wb") as f:
-            if callable(data):
-                data(f)
-            else:
-                f.write(data.encode("utf-8") if isinstance(data, str) else data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+def storage_cause(e: BaseException) -> BaseException | None:
+    """The storage error behind ``e``, if any (Optuna may raise another error while handling one)."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, storage_errors()):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
 
 
-def atomic_write_json(path: str, data: Any) -> None:
-    """Write ``data`` as JSON to ``path`` with :func:`atomic_write`."""
-
-    def write(f) -> None:
-        json.dump(data, f, indent=2, sort_keys=True)
-        f.write("\n")
-
-    atomic_write(path, write)
-
-
-def read_search_params(path: str) -> dict[str, Any]:
-    if not os.path.exists(path):
-        return {}
-    try:
-        with open(path) as f:
-            data = json.load(f)
-    except (OSError, ValueError) as e:
-        raise StorageError(f"{path} is not valid JSON ({e}); fix or move it, it is not overwritten") from None
-    if not isinstance(data, dict):
-        raise StorageError(f"{path} does not hold a JSON object; fix or move it, it is not overwritten")
-    return data
-
-
-def update_search_params(path: str, key: str, entry: dict[str, Any]) -> None:
-    """Set ``key`` in the JSON file at ``path``, keeping every other key (locked, atomic)."""
-    lock_path = os.path.join(os.path.dirname(os.path.abspath(path)), "." + os.path.basename(path) + ".lock")
-    os.makedirs(os.path.dirname(lock_path), exist_ok=True)
-    with open(lock_path, "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        data = read_search_params(path)
-        data[key] = entry
-        atomic_write_json(path, data)
-
-
-def artifact_dir_for(url: str, artifact_dir: str | None = None) -> str:
-    """Where trial images are kept: ``--artifact-dir``, else beside a SQLite file
-    (``studies/optimize-sd.db`` -> ``studies/optimize-sd-artifacts``), else ``studies/artifacts``."""
-    if artifact_dir:
-        return artifact_dir
-    if url.startswith("sqlite:///") and url[len("sqlite:///"):] not in ("", ":memory:"):
-        return os.path.splitext(url[len("sqlite:///"):])[0] + "-artifacts"
-    return os.path.join("studies", "artifacts")
-
-
-def artifact_store(directory: str):
-    from optuna.artifacts import FileSystemArtifactStore
-
-    os.makedirs(directory, exist_ok=True)
-    return FileSystemArtifactStore(directory)
-
-
-def upload_images(images, study_or_trial, store, prefix: str) -> list[str]:
-    """Upload PIL images as PNG artifacts of a trial or study (optuna-dashboard shows them); their ids."""
-    from optuna.artifacts import upload_artifact
-
-    ids = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for i, image in enumerate(images):
-            path = os.path.join(tmp, f"{prefix}-{i}.png")  # the dashboard shows the file name
-            image.save(path)
-            ids.append(upload_artifact(artifact_store=store, file_path=path, study_or_trial=study_or_trial,
-                                       mimetype="image/png"))
-    return ids
-
-
-BASELINE_PREFIX = "baseline"  # the study's artifacts baseline-0.png, baseline-1.png, ...: one per prompt
-
-
-def image_ids(study_or_trial, prefix: str, storage=None) -> dict[int, str]:
-    """Artifact ids of ``PREFIX-<i>.png`` images of a study or trial by ``i`` (the first upload of each)."""
-    import re
-    import warnings
-
-    from optuna.artifacts import get_all_artifact_meta
-
-    pattern = re.compile(rf"{re.escape(prefix)}-(\d+)\.png")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # experimental in Optuna
-        metas = get_all_artifact_meta(study_or_trial, storage=storage)
-    ids: dict[int, str] = {}
-    for meta in metas:
-        m = pattern.fullmatch(meta.filename)
-        if m:
-            ids.setdefault(int(m.group(1)), meta.artifact_id)
-    return dict(sorted(ids.items()))
-
-
-def baseline_image_ids(study) -> dict[int, str]:
-    return image_ids(study, BASELINE_PREFIX)
-
-
-def read_image(store, artifact_id: str):
-    """One stored image as an RGB PIL image (raises OSError, or the store's not-found error)."""
-    from PIL import Image
-
-    with store.open_reader(artifact_id) as f:
-        image = Image.open(io.BytesIO(f.read()))
-        return image.convert("RGB")
-
-
-def load_baseline_images(study, store, n: int) -> list | None:
-    """The study's ``n`` baseline images in prompt order, or None if any is not recorded or not readable here."""
-    ids = baseline_image_ids(study)
-    if any(i not in ids for i in range(n)):
-        return None
-    try:
-        return [read_image(store, ids[i]) for i in range(n)]
-    except Exception:  # noqa: BLE001 - missing or unreadable file (another machine's artifact directory)
-        return None
+def first_line(e: BaseException) -> str:
+    """The database's own words for ``e`` (Optuna wraps them in a generic message), first line only."""
+    seen, cause = set(), e
+    while cause is not None and id(cause) not in seen:
+        if getattr(cause, "orig", None) is not None:
+            e = cause.orig
+            break
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

@@ -10,7 +10,7 @@ per device and waits for them:
 * each worker's sampler seed is derived from ``--seed``, the worker's index and the host name, so no
   two workers propose the same start-up configurations (TPE's constant liar keeps them apart later);
 * the baseline is measured by whichever workers find none stored; the first one stored is kept (see
-  :func:`optimize.runner._ensure_baseline`), and every worker times the baseline on its own device;
+  :func:`optimize.runner.ensure_baseline`), and every worker times the baseline on its own device;
 * worker output comes back line by line, prefixed ``[w<i> <device>]``;
 * Ctrl-C or SIGTERM is forwarded to every worker (each marks its running trial failed and exits);
   a second one kills them (their trials are retried, via the heartbeat, when the study next runs).
@@ -29,12 +29,16 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from typing import Callable
 
-import click
+from optuna.trial import TrialState
 
+from . import console
+from .baseline import Baseline
 from .runner import RunOptions, prepare_study
 from .storage import redact
+from .study import study_result
 
 LAUNCHER_ENV = "OPTIMIZE_SD_LAUNCHER_PID"
 
@@ -68,8 +72,8 @@ def _package_root() -> str:
 
 
 class _Worker:
-    def __init__(self, index: int, device: str, n_trials: int, argv: list[str]):
-        self.index, self.device, self.n_trials = index, device, n_trials
+    def __init__(self, index: int, device: str, n_trials: int, argv: list[str], echo: console.Echo):
+        self.index, self.device, self.n_trials, self.echo = index, device, n_trials, echo
         self.label = f"w{index} {device}"
         env = dict(os.environ, PYTHONUNBUFFERED="1", **{LAUNCHER_ENV: str(os.getpid())})
         # the workers run this very package, whatever is installed
@@ -86,7 +90,7 @@ class _Worker:
             for raw in iter(stream.readline, b""):
                 line = raw.decode("utf-8", errors="replace").rstrip("\r\n")
                 with _ECHO_LOCK:
-                    click.echo(f"[{self.label}] {line}", err=err)
+                    self.echo(f"[{self.label}] {line}", err=err)
             stream.close()
 
         thread = threading.Thread(target=pump, daemon=True)
@@ -116,12 +120,13 @@ class _Worker:
 _ECHO_LOCK = threading.Lock()
 
 
-def launch(spec, opts: RunOptions, worker_argv: Callable[[str, int, int], list[str]]) -> int:
+def launch(spec, opts: RunOptions, worker_argv: Callable[[str, int, int], list[str]],
+           echo: console.Echo = console.echo) -> int:
     """Run ``opts.n_trials`` trials with one worker process per ``opts.devices``; return the exit code.
 
-    ``worker_argv(device, n_trials, index)`` gives a worker's ``optimize-sd`` arguments.
+    ``worker_argv(device, n_trials, index)`` gives a worker's ``optimize-sd`` arguments; every line for
+    the user, the workers' included, goes to ``echo(line, err=False)``.
     """
-    echo = click.echo
     _, _, _, study, n_before = prepare_study(spec, opts)  # created once here, before any worker starts
     devices = list(opts.devices)
     shares = [n for n in split_trials(opts.n_trials, len(devices)) if n > 0]
@@ -131,7 +136,13 @@ def launch(spec, opts: RunOptions, worker_argv: Callable[[str, int, int], list[s
     if len(shares) < len(opts.devices):
         echo(f"note: --n-trials {opts.n_trials} is fewer than the {len(opts.devices)} devices: "
              f"{len(devices)} workers started")
+    workers, interrupted = _run_workers(devices, shares, worker_argv, echo)
+    return _summary(study, opts, n_before, workers, interrupted, echo)
 
+
+def _run_workers(devices: list[str], shares: list[int], worker_argv, echo) -> tuple[list[_Worker], bool]:
+    """Start the workers, relay their output and the signals this process gets, wait for them all;
+    ``(workers, interrupted)``."""
     workers: list[_Worker] = []
     received: list[int] = []  # signals, in order; the loop below forwards them
 
@@ -158,55 +169,53 @@ def launch(spec, opts: RunOptions, worker_argv: Callable[[str, int, int], list[s
         for index, (device, n) in enumerate(zip(devices, shares)):
             if received:
                 break
-            workers.append(_Worker(index, device, n, worker_argv(device, n, index)))
+            workers.append(_Worker(index, device, n, worker_argv(device, n, index), echo))
         while True:
             forwarded = forward(forwarded)
-            running = False
-            for w in workers:
-                if w.proc.poll() is None:
-                    running = True
-                elif not w.reported:
-                    w.reported = True
-                    for t in w.readers:
-                        t.join(timeout=10)
-                    with _ECHO_LOCK:
-                        echo(w.describe_exit(), err=w.proc.returncode != 0)
-            if not running:
+            if not any([_report_exit(w, echo) for w in workers]):  # a list: every exited worker is reported
                 break
             time.sleep(0.2)
     finally:
-        for w in workers:  # only reached with live workers if the launcher itself failed
-            if w.proc.poll() is None:
-                w.signal(signal.SIGTERM)
-        for w in workers:
-            try:
-                w.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                w.signal(signal.SIGKILL)
-                w.proc.wait()
+        _stop(workers)
         for s, handler in previous.items():
             signal.signal(s, handler)
+    return workers, bool(received)
 
-    return _summary(study, opts, n_before, workers, interrupted=bool(received))
+
+def _report_exit(w: _Worker, echo) -> bool:
+    """Whether ``w`` still runs; once it has exited, its last lines and how it ended are echoed once."""
+    if w.proc.poll() is None:
+        return True
+    if not w.reported:
+        w.reported = True
+        for t in w.readers:
+            t.join(timeout=10)
+        with _ECHO_LOCK:
+            echo(w.describe_exit(), err=w.proc.returncode != 0)
+    return False
 
 
-def _summary(study, opts: RunOptions, n_before: int, workers: list[_Worker], interrupted: bool) -> int:
-    from collections import Counter
+def _stop(workers: list[_Worker]) -> None:
+    """Only has live workers to stop if the launcher itself failed."""
+    for w in workers:
+        if w.proc.poll() is None:
+            w.signal(signal.SIGTERM)
+    for w in workers:
+        try:
+            w.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            w.signal(signal.SIGKILL)
+            w.proc.wait()
 
-    from optuna.trial import TrialState
 
-    from .baseline import Baseline
-    from .report import format_result
-    from .search import study_result
-
-    echo = click.echo
+def _summary(study, opts: RunOptions, n_before: int, workers: list[_Worker], interrupted: bool, echo) -> int:
     trials = study.get_trials(deepcopy=False)
     added = Counter(t.state.name.lower() for t in trials[n_before:])
     echo(f"study {study.study_name}: {len(trials)} trials ({len(trials) - n_before} added: "
          + ", ".join(f"{n} {state}" for state, n in sorted(added.items())) + ")")
     baseline = Baseline.load(study)
     if baseline is not None:
-        echo(format_result(study.study_name, opts.goal, *study_result(study, opts.goal), baseline))
+        echo(console.format_result(study.study_name, opts.goal, *study_result(study, opts.goal), baseline))
     codes = [w.proc.returncode for w in workers]
     if interrupted:
         done = sum(1 for t in trials if t.state == TrialState.COMPLETE)

@@ -51,9 +51,9 @@ def run_args(directory, *extra, small=SMALL) -> list[str]:
 
 def goal_opts(steps: int = 8, target: float | None = None, max_loss: float = 0.02, scheduler: str = "ddim",
               mode: str | None = None, loss_metric: str = "clip"):
-    """The (spec, opts) pair that runner.study_name_for / search_params_key read."""
+    """The (spec, opts) pair that runner.study_name_for / params_file.search_params_key read."""
     from optimize.pipelines import resolve_pipe
-    from optimize.search import Goal
+    from optimize.study import Goal
 
     goal = Goal(mode or ("target" if target is not None else "max"), target, max_loss, loss_metric)
     return resolve_pipe("tiny"), SimpleNamespace(scheduler=scheduler, steps=steps, goal=goal)
@@ -173,13 +173,13 @@ def synthetic_study(url: str, name: str, goal, trials, fingerprint: dict | None 
     ``optimize.Config``); ``speedup=None`` makes a failed trial. Constraints are stored as the search stores them.
     """
     from optimize.baseline import Baseline
-    from optimize.search import CONSTRAINTS_ATTR
+    from optimize.study import CONSTRAINTS_ATTR, STUDY_ATTR
     from optuna.trial import TrialState, create_trial
 
     dists = _distributions()
     fingerprint = dict(TINY_FINGERPRINT if fingerprint is None else fingerprint)
     study = optuna.create_study(storage=url, study_name=name, directions=goal.directions)
-    study.set_user_attr("optimize_sd", {"goal": goal.as_dict(), "constraints": goal.constraint_names,
+    study.set_user_attr(STUDY_ATTR, {"goal": goal.as_dict(), "constraints": goal.constraint_names,
                                         "fingerprint": fingerprint})
     Baseline(0.1, 0.02, 30.0, [30.0, 30.0], fingerprint, baseline_size, baseline_size).save(study)
     with warnings.catch_warnings():

@@ -18,8 +18,8 @@ try:
 except ImportError:  # tests/ made a package
     from tests.helpers import one_error_line, goal_opts, load_study, run_args, run_cli, storage_url
 
-from optimize import pipelines, runner, storage
-from optimize.search import Goal, best_feasible
+from optimize import params_file, pipelines, runner
+from optimize.study import Goal, best_feasible
 
 
 # --- 7. bad input -------------------------------------------------------------------------------------
@@ -143,7 +143,7 @@ def test_other_goal_is_refused(target, tmp_path, monkeypatch, no_model):
 
 def test_search_params_written(maxrun):
     assert maxrun.code == 0, maxrun.out + maxrun.err
-    key = runner.search_params_key(*goal_opts(max_loss=0.05))
+    key = params_file.search_params_key(*goal_opts(max_loss=0.05))
     assert key == "tiny:ddim:8:max:0.05"
     with open(maxrun.output) as f:
         data = json.load(f)
@@ -196,58 +196,6 @@ def test_invalid_search_params_fails_fast(tmp_path, monkeypatch, no_model):
     line = one_error_line(*run_cli(run_args(tmp_path, "--max-loss", "0.05", "--n-trials", "1")))
     assert "search_params.json" in line
     assert out_path.read_text() == "[1, 2"
-
-
-def test_update_search_params_keeps_other_keys(tmp_path):
-    path = str(tmp_path / "sub" / "sp.json")
-    storage.update_search_params(path, "a", {"x": 1})
-    storage.update_search_params(path, "b", {"y": [1, 2]})
-    storage.update_search_params(path, "a", {"x": 2})
-    with open(path) as f:
-        assert json.load(f) == {"a": {"x": 2}, "b": {"y": [1, 2]}}
-    assert not glob.glob(str(tmp_path / "sub" / ".search_params.*.tmp"))
-
-
-@pytest.mark.parametrize("content", [b"{oops", b"[1, 2, 3]", b'"a string"', b"\xff\xfe"])
-def test_update_search_params_refuses_bad_file(tmp_path, content):
-    path = tmp_path / "sp.json"
-    path.write_bytes(content)
-    with pytest.raises(storage.StorageError, match="not overwritten"):
-        storage.update_search_params(str(path), "a", {"x": 1})
-    assert path.read_bytes() == content
-
-
-def test_atomic_write_json_failure_keeps_old_file(tmp_path, monkeypatch):
-    path = tmp_path / "search_params.json"
-    storage.atomic_write_json(str(path), {"old": 1})
-    old = path.read_bytes()
-    assert json.loads(old) == {"old": 1}
-
-    def half_then_fail(data, f, **kwargs):
-        f.write('{"new": ')  # a crash mid-write
-        raise RuntimeError("disk full")
-
-    monkeypatch.setattr(storage.json, "dump", half_then_fail)
-    with pytest.raises(RuntimeError, match="disk full"):
-        storage.atomic_write_json(str(path), {"new": 2})
-    assert path.read_bytes() == old
-    assert sorted(os.listdir(tmp_path)) == ["search_params.json"]  # no temp file left behind
-    with pytest.raises(RuntimeError, match="disk full"):
-        storage.update_search_params(str(path), "k", {"new": 2})
-    assert path.read_bytes() == old
-    assert not glob.glob(str(tmp_path / ".search_params.*.tmp"))
-    monkeypatch.undo()
-    storage.atomic_write_json(str(path), {"new": 2})
-    assert json.loads(path.read_text()) == {"new": 2}
-
-
-def test_atomic_write_json_not_serialisable(tmp_path):
-    path = tmp_path / "sp.json"
-    path.write_text('{"old": 1}')
-    with pytest.raises(TypeError):
-        storage.atomic_write_json(str(path), {"bad": object()})
-    assert path.read_text() == '{"old": 1}'
-    assert sorted(os.listdir(tmp_path)) == ["sp.json"]
 
 
 # --- 6. best -------------------------------------------------------------------------------------------

@@ -22,11 +22,11 @@ try:
 except ImportError:  # tests/ made a package
     from tests.helpers import (goal_opts, load_study, one_error_line, pareto_run, run_args, run_cli, storage_url)
 
-from optimize import runner
+from optimize import params_file, runner
 from optimize.accelerators import Config, DeepCache
 from optimize.metrics import PSNR_CAP, FidelityScorer, lpips_weights_path
-from optimize.search import CONSTRAINTS_ATTR, Goal, best_feasible, is_feasible
-from optimize.storage import artifact_dir_for, baseline_image_ids
+from optimize.artifacts import artifact_dir_for, baseline_image_ids
+from optimize.study import CONSTRAINTS_ATTR, Goal, best_feasible, goal_of, is_feasible, pareto_front
 
 
 @pytest.fixture
@@ -126,7 +126,7 @@ def test_ssim_bound_is_on_one_minus_ssim(ssim_run):
         assert f"psnr {a['psnr']:.1f} ssim {a['ssim']:.3f}" in out
     # the one-time LPIPS note
     assert out.count("note: LPIPS not recorded") == 1 and lpips_weights_path() not in err
-    key = runner.search_params_key(*goal_opts(max_loss=0.005, loss_metric="ssim"))
+    key = params_file.search_params_key(*goal_opts(max_loss=0.005, loss_metric="ssim"))
     assert key == "tiny:ddim:8:max:ssim0.005"
     best = best_feasible(study, goal)
     if best is not None:
@@ -314,7 +314,7 @@ def test_best_prints_the_feasible_non_dominated_trials(pareto, no_model):
     code, out, err = run_cli(["best", "--storage", pareto.storage, "--json"])
     data = json.loads(out)
     assert {e["trial"] for e in data["front"]} == expected and data["best"]["trial"] == fastest.number
-    key = runner.search_params_key(*goal_opts(max_loss=0.005, mode="pareto", loss_metric="ssim"))
+    key = params_file.search_params_key(*goal_opts(max_loss=0.005, mode="pareto", loss_metric="ssim"))
     assert key == "tiny:ddim:8:pareto:ssim0.005"
     entry = json.loads(open(pareto.output).read())[key]
     assert entry["trial"] == fastest.number and [e["trial"] for e in entry["front"]] == [e["trial"] for e in data["front"]]
@@ -334,7 +334,7 @@ def test_report_of_a_pareto_study_shows_the_image_grid(pareto, tmp_path):
     from optimize import report
 
     study = pareto.study()
-    goal = report.study_goal(study)
+    goal = goal_of(study)
     out = tmp_path / "r.html"
     code, stdout, err = run_cli(["report", "--storage", pareto.storage, "-o", out])
     assert code == 0, err
@@ -344,7 +344,7 @@ def test_report_of_a_pareto_study_shows_the_image_grid(pareto, tmp_path):
     assert [c["title"] for c in columns] == ["baseline"] + [
         f"{'best' if i == 0 else 'Pareto'} #{t.number}" for i, t in enumerate(grid)]
     assert grid[0].number == best_feasible(study, goal).number
-    front = {t.number for t in report.pareto_front([t for t in study.trials if is_feasible(t)], goal)}
+    front = {t.number for t in pareto_front([t for t in study.trials if is_feasible(t)], goal)}
     assert {t.number for t in grid} <= front
     # every cell an embedded PNG: baseline and trials, 2 prompts each
     assert page.count('<img class="grid" src="data:image/png;base64,') == 2 * len(columns)

@@ -24,7 +24,7 @@ import optimize
 from optimize import generate as generate_mod
 from optimize import pipelines
 from optimize.accelerators import Config, DeepCache, TGate, ToMe
-from optimize.search import Goal, best_feasible
+from optimize.study import Goal, best_feasible
 
 PROMPT = "a red fox in the snow"
 PARAMS = {"deepcache": True, "deepcache.cache_interval": 3, "deepcache.cache_branch_id": 0, "tome": False,

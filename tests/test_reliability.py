@@ -22,6 +22,7 @@ except ImportError:  # tests/ made a package
     from tests.helpers import ERROR_PREFIX, one_error_line, SMALL, load_study, run_args, run_cli, storage_url
 
 from optimize import pipelines, prompts, runner, storage
+from optimize.study import STUDY_ATTR
 
 
 def _run(tmp_path, monkeypatch, *extra, url=None):
@@ -114,13 +115,13 @@ def _stored_study(tmp_path, name: str, extra: list[str]) -> optuna.Study:
     from dataclasses import asdict
 
     from optimize.baseline import Baseline
-    from optimize.cli import _check_run_options, run
+    from optimize.cli import check_run_options, run
 
     params = run.make_context("run", run_args(tmp_path, "--study", name, *extra)[1:]).params
-    spec, opts = _check_run_options(params)
-    fingerprint = runner._fingerprint(spec, opts, prompts.load_prompts(opts.prompt_spec, opts.num_samples))
+    spec, opts = check_run_options(params)
+    fingerprint = runner.fingerprint_for(spec, opts, prompts.load_prompts(opts.prompt_spec, opts.num_samples)).as_dict()
     study = optuna.create_study(storage=storage_url(tmp_path), study_name=name, direction=opts.goal.direction)
-    study.set_user_attr(runner.STUDY_ATTR, {"goal": opts.goal.as_dict(), "constraints": opts.goal.constraint_names,
+    study.set_user_attr(STUDY_ATTR, {"goal": opts.goal.as_dict(), "constraints": opts.goal.constraint_names,
                                             "fingerprint": fingerprint})
     study.set_user_attr("baseline", asdict(Baseline(0.1, 0.02, 30.0, [30.0, 30.0], fingerprint, 32, 32)))
     return study
@@ -267,7 +268,7 @@ def test_disk_full_simulated(tmp_path, monkeypatch):
 
 def test_disk_full_then_space_again(tmp_path, monkeypatch):
     """The writes during the run fail; the last try, at the end, succeeds: exit 0, the best is saved."""
-    from optimize.search import Goal, best_feasible
+    from optimize.study import Goal, best_feasible
 
     out_path = tmp_path / "search_params.json"
     out_path.write_text(json.dumps(OLD))
@@ -303,7 +304,7 @@ def test_out_of_memory_trial(tmp_path, monkeypatch):
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
         return original(self, config, **kwargs)
 
-    real_free = runner._free_memory
+    real_free = runner.free_memory
     after_failure = []
 
     def spy():
@@ -311,7 +312,7 @@ def test_out_of_memory_trial(tmp_path, monkeypatch):
         after_failure.append(held[0]() is None)
 
     monkeypatch.setattr(measure.Evaluator, "measure", oom_once)
-    monkeypatch.setattr(runner, "_free_memory", spy)
+    monkeypatch.setattr(runner, "free_memory", spy)
     code, out, err = _run(tmp_path, monkeypatch, "--max-loss", "0.05", "--n-trials", "3")
     assert code == 0, out + err
     study = load_study(storage_url(tmp_path))

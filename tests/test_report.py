@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import fcntl
+import html
 import json
 import os
 import re
@@ -31,7 +32,7 @@ except ImportError:  # tests/ made a package
 
 from optimize import report
 from optimize.accelerators import Config, DeepCache, TGate, ToMe
-from optimize.search import Goal, best_feasible, is_feasible
+from optimize.study import Goal, best_feasible, goal_of, is_feasible, pareto_front
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GOAL = Goal("target", 1.5, 0.02)
@@ -90,7 +91,7 @@ def test_pareto_front_and_ranking(synthetic):
     assert [t.number for t in report.measured_trials(study)] == [0, 1, 2, 3, 4, 6, 7, 8]  # the failed #5 left out
     feasible = [t for t in report.measured_trials(study) if is_feasible(t)]
     assert [t.number for t in feasible] == FEASIBLE
-    assert [t.number for t in report.pareto_front(feasible)] == FRONT
+    assert [t.number for t in pareto_front(feasible)] == FRONT
     rows = report.top_trials(study, GOAL, n=20)
     assert [r["trial"] for r in rows] == RANKED
     assert [r["rank"] for r in rows] == list(range(1, 9))
@@ -192,8 +193,8 @@ def test_report_html_is_self_contained_and_escaped(synthetic):
     shared = report.build_report_html(study, "postgresql://user:secret@db.example/studies")
     assert "secret" not in shared and "postgresql://user:***@db.example/studies" in shared
     best = best_feasible(study, GOAL)
-    assert f"--study '{NAME}' 'a red fox in the snow'" in report.html.unescape(page)  # quoted for the shell
-    assert json.dumps(dict(best.params), indent=2) in report.html.unescape(page)
+    assert f"--study '{NAME}' 'a red fox in the snow'" in html.unescape(page)  # quoted for the shell
+    assert json.dumps(dict(best.params), indent=2) in html.unescape(page)
 
 
 def test_report_command_on_a_search(target, tmp_path):
@@ -233,24 +234,6 @@ def test_report_errors_are_one_line(target, tmp_path):
     assert "not created by optimize-sd" in line
     one_error_line(*run_cli(["report", "--storage", target.storage, "-o", tmp_path]))  # a directory
     assert not (tmp_path / "r.html").exists()
-
-
-def test_atomic_write_keeps_the_old_file_on_failure(tmp_path, monkeypatch):
-    path = tmp_path / "r.html"
-    report.atomic_write(str(path), "old")
-    path.chmod(0o600)
-
-    def fail(src, dst):
-        raise OSError("disk full")
-
-    monkeypatch.setattr(os, "replace", fail)
-    with pytest.raises(OSError, match="disk full"):
-        report.atomic_write(str(path), "new")
-    assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["r.html"]
-    monkeypatch.undo()
-    report.atomic_write(str(path), b"new \xc3\xa9")
-    assert path.read_text(encoding="utf-8") == "new é"
-    assert path.stat().st_mode & 0o777 == 0o600  # an existing file keeps its permissions
 
 
 # --- the notebook ------------------------------------------------------------------------------------
@@ -301,9 +284,9 @@ def test_notebook_runs_on_a_study(which, request, monkeypatch):
     for t in study.trials:
         assert t.user_attrs["config"] in text
     # the image grid: the baseline's and the shown trials' images of both prompts, embedded
-    columns = report.image_grid(study, report.study_goal(study), target.storage)
+    columns = report.image_grid(study, goal_of(study), target.storage)
     assert 'id="image-grid"' in text and text.count('<img class="grid" src="data:image/png;base64,') == 2 * len(columns)
-    best = best_feasible(study, report.study_goal(study))
+    best = best_feasible(study, goal_of(study))
     if best is None:
         assert "no feasible trial yet" in text
     elif which == "pareto":

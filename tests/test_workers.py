@@ -26,7 +26,7 @@ except ImportError:  # tests/ made a package
     from tests.pgserver import fresh_database, require_server
 
 import optimize
-from optimize.search import CONSTRAINTS_ATTR
+from optimize.study import CONSTRAINTS_ATTR
 from optimize.storage import open_storage
 from optimize.workers import split_trials
 
@@ -138,19 +138,19 @@ def test_split_trials():
 
 def test_worker_argv_keeps_every_setting():
     """A worker parses to the launcher's options, but for its device, share, index and progress bar."""
-    from optimize.cli import _check_run_options, _worker_argv, run
+    from optimize.cli import check_run_options, run, worker_argv
 
     argv = ["--pipe", "sd1.5", "--steps", "8", "--num-samples", "2", "--target-speedup", "1.5", "--max-loss", "0.03",
             "--methods", "tome,deepcache", "--seed", "7", "--study", "s", "--random-weights", "--workers", "3",
             "--heartbeat", "5", "--clip-pretrained", "none", "--storage", "sqlite:///x.db", "--device", "cpu"]
     launcher = run.make_context("run", list(argv)).params
-    worker = run.make_context("run", _worker_argv(launcher, "cpu", 2, 1)[1:]).params
+    worker = run.make_context("run", worker_argv(launcher, "cpu", 2, 1)[1:]).params
     for key, value in launcher.items():
         if key not in ("n_trials", "progress", "workers", "worker_index"):
             assert worker[key] == value, key
     assert (worker["n_trials"], worker["progress"], worker["workers"], worker["worker_index"]) == (2, False, 1, 1)
-    _, lopts = _check_run_options(launcher)
-    _, wopts = _check_run_options(worker)
+    _, lopts = check_run_options(launcher)
+    _, wopts = check_run_options(worker)
     assert lopts.devices == ("cpu",) * 3 and wopts.devices == ()
     assert (wopts.goal, wopts.methods, wopts.seed, wopts.steps) == (lopts.goal, lopts.methods, lopts.seed, lopts.steps)
 
@@ -256,7 +256,7 @@ def test_two_workers_one_study(url, tmp_path, monkeypatch, one_thread):
     # search_params.json holds the study's best
     import json
 
-    from optimize.search import Goal, best_feasible
+    from optimize.study import Goal, best_feasible
 
     best = best_feasible(study, Goal("max", None, 0.05))
     with open(tmp_path / "search_params.json") as f:

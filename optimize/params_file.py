@@ -1,0 +1,139 @@
+"""``search_params.json``: the best feasible configuration of each search, ready to use.
+
+One entry per (model, scheduler, steps, mode, loss metric and bound) key, e.g.
+``sd1.5:ddim:50:target2:0.02``: the trial's params and measurement, the settings it was found with and
+the baseline it was measured against (pareto studies: the feasible front under ``front``). The file
+is rewritten atomically under a lock and other keys are kept; a file that is not a JSON object is
+never overwritten. ``best --json`` prints entries of the same form.
+
+Example:
+    >>> update_search_params("search_params.json", "tiny:ddim:20:max:0.02", {"params": {}})  # doctest: +SKIP
+    >>> key, entry = read_entry("search_params.json")                                       # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import fcntl
+import json
+import os
+from dataclasses import dataclass, fields
+from typing import Any
+
+from .files import atomic_write_json
+from .storage import StorageError, redact
+from .study import CLIP_SCORE, CONFIG, FIDELITY, SCORE_LOSS, SPEEDUP, SPREAD, TIME_PER_IMAGE, Goal
+
+REQUIRED = ("pipe", "scheduler", "steps", "dtype")  # what generate needs of an entry
+
+
+@dataclass(frozen=True)
+class Entry:
+    """What ``generate`` takes from an entry: the settings it was found with and its params, as stored
+    (checked by :mod:`optimize.generate`, which says what is wrong with them)."""
+
+    pipe: Any
+    scheduler: Any
+    steps: Any
+    dtype: Any
+    params: Any
+    guidance: Any = None  # None: the pipeline's default
+    height: Any = None  # None: the model's native size
+    width: Any = None
+
+
+class ParamsFileError(StorageError):
+    """A search_params.json that cannot be read or has no usable entry; it is never overwritten."""
+
+
+def search_params_key(spec, opts) -> str:
+    """One key per (model, scheduler, steps, mode, loss metric and bound), e.g. ``sd1.5:ddim:50:target2:0.02``
+    (CLIP score loss), ``sd1.5:ddim:50:pareto:ssim0.15``, ``sdxl:ddim:50:max:psnr25``."""
+    g = opts.goal
+    mode = f"target{g.target_speedup:g}" if g.mode == "target" else g.mode
+    bound = f"{g.max_loss:g}" if g.loss_metric == "clip" else f"{g.loss_metric}{g.max_loss:g}"
+    return f"{spec.name}:{opts.scheduler}:{opts.steps}:{mode}:{bound}"
+
+
+def trial_entry(trial, goal: Goal | None = None) -> dict[str, Any]:
+    """A trial's result as search_params.json and ``best --json`` give it; with ``goal``, also the loss
+    its bound applies to."""
+    a = trial.user_attrs
+    entry = {"trial": trial.number, CONFIG: a[CONFIG], "params": dict(trial.params)}
+    entry.update({k: a[k] for k in (SPEEDUP, SCORE_LOSS, TIME_PER_IMAGE, SPREAD, CLIP_SCORE)})
+    entry.update({k: a[k] for k in FIDELITY if k in a})
+    if goal is not None:
+        entry.update(loss_metric=goal.loss_metric, loss=goal.loss(a))
+    return entry
+
+
+def run_entry(trial, front, *, spec, opts, settings, device: str, study_name: str, baseline) -> dict[str, Any]:
+    """The entry a run writes: :func:`trial_entry` (with the pareto front) and the settings it was found
+    with (``opts``: the run's options, ``settings``: its resolved generation settings)."""
+    goal = opts.goal
+    entry = trial_entry(trial, goal)
+    if goal.mode == "pareto":
+        entry["front"] = [trial_entry(t, goal) for t in front]
+    entry.update(
+        model=spec.name, pipe=spec.source, scheduler=opts.scheduler, steps=opts.steps, mode=goal.mode,
+        target_speedup=goal.target_speedup, max_loss=goal.max_loss, loss_metric=goal.loss_metric,
+        guidance=settings.guidance, height=settings.height, width=settings.width, batch_size=opts.batch_size,
+        dtype=opts.dtype, device=device, study=study_name, storage=redact(opts.storage),
+        baseline_time_per_image=baseline.time_per_image, baseline_clip_score=baseline.clip_score,
+        updated=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    )
+    return entry
+
+
+def best_json(study_name: str, goal: Goal, best, front, baseline) -> dict[str, Any]:
+    """What ``best --json`` prints: the study's goal, baseline and best feasible entry (pareto: and front)."""
+    data = {
+        "study": study_name, "goal": goal.as_dict(),
+        "baseline": {TIME_PER_IMAGE: baseline.time_per_image, CLIP_SCORE: baseline.clip_score} if baseline else None,
+        "best": trial_entry(best, goal) if best else None,
+    }
+    if goal.mode == "pareto":
+        data["front"] = [trial_entry(t, goal) for t in front]
+    return data
+
+
+def read_search_params(path: str) -> dict[str, Any]:
+    if not os.path.exists(path):
+        return {}
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ParamsFileError(f"{path} is not valid JSON ({e}); fix or move it, it is not overwritten") from None
+    if not isinstance(data, dict):
+        raise ParamsFileError(f"{path} does not hold a JSON object; fix or move it, it is not overwritten")
+    return data
+
+
+def update_search_params(path: str, key: str, entry: dict[str, Any]) -> None:
+    """Set ``key`` in the JSON file at ``path``, keeping every other key (locked, atomic)."""
+    lock_path = os.path.join(os.path.dirname(os.path.abspath(path)), "." + os.path.basename(path) + ".lock")
+    os.makedirs(os.path.dirname(lock_path), exist_ok=True)
+    with open(lock_path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        data = read_search_params(path)
+        data[key] = entry
+        atomic_write_json(path, data)
+
+
+def read_entry(path: str, key: str | None = None) -> tuple[str, Entry]:
+    """Entry ``key`` of the file at ``path`` (its only entry if ``key`` is None): ``(key, entry)``."""
+    if not os.path.isfile(path):
+        raise ParamsFileError(f"--params {path}: no such file")
+    entries = {k: v for k, v in read_search_params(path).items() if isinstance(v, dict) and "params" in v}
+    if key is None:
+        if len(entries) != 1:
+            raise ParamsFileError(f"{path} has {len(entries)} entries: choose one with --key "
+                                  f"({', '.join(sorted(entries)) or 'none'})")
+        (key,) = entries
+    elif key not in entries:
+        raise ParamsFileError(f"{path} has no entry {key!r} (have: {', '.join(sorted(entries)) or 'none'})")
+    missing = [f for f in REQUIRED if f not in entries[key]]
+    if missing:
+        raise ParamsFileError(f"{path} [{key}]: missing {', '.join(missing)}")
+    return key, Entry(**{f.name: entries[key].get(f.name) for f in fields(Entry)})

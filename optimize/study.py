@@ -1,0 +1,364 @@
+"""A study as optimize-sd stores it: the keys of its attrs, its goal, its settings, its feasible trials.
+
+Every key optimize-sd stores in an Optuna study is spelt here, once:
+
+* the study user attr :data:`STUDY_ATTR` holds a :class:`StudyRecord` (goal, constraint names,
+  :class:`Fingerprint` of the settings); the baseline's own attr is :mod:`optimize.baseline`'s;
+* each trial records its measurement as user attrs (:data:`SPEEDUP`, :data:`SCORE_LOSS`, ...) and its
+  constraints under the system attr :data:`CONSTRAINTS_ATTR`, where optuna-dashboard shows feasibility
+  and Optuna 5's TPE reads it.
+
+Three goals, each under a bound on a loss (``--loss-metric``: relative CLIP score loss by default;
+or PSNR, SSIM, LPIPS of each image against the baseline image of the same prompt and seed):
+
+* ``target``: minimise the loss subject to ``speedup >= target`` and ``loss <= max_loss``;
+* ``max``: maximise ``speedup`` subject to ``loss <= max_loss``;
+* ``pareto``: two objectives, maximise ``speedup`` and minimise the loss, subject to ``loss <= max_loss``.
+
+Example:
+    >>> goal = Goal("max", None, 0.02)
+    >>> goal.constraints(speedup=2.1, loss=0.01)
+    [-0.01]
+    >>> goal.loss({SPEEDUP: 2.1, SCORE_LOSS: 0.01})
+    0.01
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import math
+import os
+from dataclasses import asdict, dataclass, fields
+from typing import Any, NamedTuple
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from .metrics import LOSS_METRICS, PSNR_CAP
+from .storage import StorageError, insert_study_user_attr_once, open_storage
+
+# --- stored keys ---------------------------------------------------------------------------------
+STUDY_ATTR = "optimize_sd"  # study user attr: StudyRecord.as_dict()
+CONSTRAINTS_ATTR = "constraints"  # trial system attr: the list optuna-dashboard 0.21 reads to mark trials feasible
+FAIL_REASON = "fail_reason"  # trial system attr Optuna itself writes for a failed trial
+
+# Trial user attrs. A measured trial has all of the first group (README: "Every trial records ...").
+CONFIG = "config"  # Config.label() of the trial's configuration
+SPEEDUP = "speedup"  # baseline time / time
+SCORE_LOSS = "score_loss"  # relative CLIP score loss
+TIME_PER_IMAGE = "time_per_image"  # seconds: the floor of the timed calls
+TIME_MEDIAN = "time_median"
+SPREAD = "spread"  # interquartile range / median of the timed calls
+BASELINE_TIME = "baseline_time"  # the baseline time the speedup divides
+CLIP_SCORE = "clip_score"
+PSNR, SSIM, LPIPS = "psnr", "ssim", "lpips"  # against the baseline images (the names metrics.FidelityScorer gives)
+FIDELITY = (PSNR, SSIM, LPIPS)
+ROUNDS = "rounds"  # paired rounds timed, when there were any
+BASELINE_SPREAD = "baseline_spread"  # spread of the paired baseline calls
+REUSED_FROM = "reused_from"  # number of the trial whose measurement a repeated configuration reused
+WORKER = "worker"  # host:pid device of the process that ran the trial
+ERROR = "error"  # why the trial failed
+SKIPPED = "skipped"  # why the speed gate skipped its scoring
+
+
+MODES = ("target", "max", "pareto")
+
+
+class StudyError(ValueError):
+    """No such study, or one optimize-sd did not make; the message is one line."""
+
+
+# --- the goal ------------------------------------------------------------------------------------
+class _Loss(NamedTuple):
+    name: str  # the loss's name (objective and metric names)
+    attr: str  # the trial user attr it is computed from
+    sign: float  # loss = offset + sign * attr: lower is better for every metric
+    offset: float
+    constraint: str  # the constraint's name, as optuna-dashboard lists it
+    text: str  # axis title
+
+
+# The loss each --loss-metric puts under the bound, from a trial's user attrs.
+_LOSSES = {
+    "clip": _Loss(SCORE_LOSS, SCORE_LOSS, 1, 0, "score_loss <= max_loss", "score_loss (relative CLIP score loss)"),
+    "psnr": _Loss("neg_psnr", PSNR, -1, 0, "psnr >= min_psnr", "PSNR vs baseline image (dB)"),
+    "ssim": _Loss("ssim_loss", SSIM, -1, 1, "1 - ssim <= max_loss", "1 - SSIM vs baseline image"),
+    "lpips": _Loss(LPIPS, LPIPS, 1, 0, "lpips <= max_loss", "LPIPS vs baseline image"),
+}
+LOSS_TEXT = {m: loss.text for m, loss in _LOSSES.items()}
+
+
+@dataclass(frozen=True)
+class Goal:
+    """What a study optimises, and under which bound.
+
+    ``max_loss`` bounds the loss of ``loss_metric``: relative CLIP score loss (clip), 1 - SSIM (ssim),
+    LPIPS (lpips); for psnr it is the minimum PSNR in dB, and the loss is -PSNR (bound -max_loss).
+    """
+
+    mode: str  # "target", "max" or "pareto"
+    target_speedup: float | None
+    max_loss: float
+    loss_metric: str = "clip"
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"unknown mode {self.mode!r}")
+        if self.loss_metric not in LOSS_METRICS:
+            raise ValueError(f"unknown loss metric {self.loss_metric!r} (known: {', '.join(LOSS_METRICS)})")
+        if self.mode == "target" and self.target_speedup is None:
+            raise ValueError("--mode target needs --target-speedup")
+        if self.mode != "target" and self.target_speedup is not None:
+            raise ValueError(f"--target-speedup implies --mode target, not {self.mode}")
+        if self.mode == "target" and not self.target_speedup > 1:
+            raise ValueError("--target-speedup must be greater than 1")
+        if self.mode == "target" and not math.isfinite(self.target_speedup):
+            raise ValueError("--target-speedup must be a finite number")
+        if self.loss_metric == "psnr":
+            if not 0 < self.max_loss <= PSNR_CAP:
+                raise ValueError(f"--max-loss with --loss-metric psnr is the minimum PSNR in dB: must be in (0, {PSNR_CAP:g}]")
+        elif not 0 < self.max_loss < 1:
+            raise ValueError("--max-loss must be in (0, 1)")
+
+    @property
+    def directions(self) -> list[str]:
+        return {"target": ["minimize"], "max": ["maximize"], "pareto": ["maximize", "minimize"]}[self.mode]
+
+    @property
+    def direction(self) -> str:
+        """The single direction of a target or max study (a pareto study has two: :attr:`directions`)."""
+        return self.directions[0]
+
+    @property
+    def loss_name(self) -> str:
+        return _LOSSES[self.loss_metric].name
+
+    @property
+    def objective_name(self) -> str:
+        """The objective's name (pareto: the first one, speedup)."""
+        return self.loss_name if self.mode == "target" else SPEEDUP
+
+    @property
+    def metric_names(self) -> list[str]:
+        return [SPEEDUP, self.loss_name] if self.mode == "pareto" else [self.objective_name]
+
+    @property
+    def bound(self) -> float:
+        """The bound on :meth:`loss` (for psnr: minus the minimum PSNR)."""
+        return -self.max_loss if self.loss_metric == "psnr" else self.max_loss
+
+    @property
+    def constraint_names(self) -> list[str]:
+        return (["speedup >= target"] if self.mode == "target" else []) + [_LOSSES[self.loss_metric].constraint]
+
+    def loss(self, attrs: dict[str, Any]) -> float | None:
+        """The loss under the bound, from a trial's user attrs (None if the trial lacks it)."""
+        loss = _LOSSES[self.loss_metric]
+        return loss.offset + loss.sign * attrs[loss.attr] if loss.attr in attrs else None
+
+    def shown(self, loss: float) -> float:
+        """A loss as people read it: the PSNR itself for psnr, the loss otherwise."""
+        return -loss if self.loss_metric == "psnr" else loss
+
+    def bound_text(self) -> str:
+        if self.loss_metric == "psnr":
+            return f"psnr >= {self.max_loss:g} dB"
+        return f"{self.loss_name} <= {self.max_loss:g}"
+
+    def constraints(self, speedup: float, loss: float) -> list[float]:
+        """Values <= 0 mean satisfied (Optuna's convention)."""
+        values = [loss - self.bound]
+        return ([self.target_speedup - speedup] + values) if self.mode == "target" else values
+
+    def value(self, speedup: float, loss: float):
+        return {"target": loss, "max": speedup, "pareto": [speedup, loss]}[self.mode]
+
+    @property
+    def slug(self) -> str:
+        head = f"target{self.target_speedup:g}" if self.mode == "target" else self.mode
+        metric = "loss" if self.loss_metric == "clip" else self.loss_metric  # clip keeps the names it always had
+        return f"{head}-{metric}{self.max_loss:g}"
+
+    @classmethod
+    def from_dict(cls, g: dict[str, Any]) -> "Goal":
+        """The goal :meth:`as_dict` stored (studies from before ``loss_metric`` are clip studies)."""
+        return cls(g["mode"], g["target_speedup"], g["max_loss"], g.get("loss_metric", "clip"))
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"mode": self.mode, "target_speedup": self.target_speedup, "max_loss": self.max_loss,
+                "loss_metric": self.loss_metric}
+
+
+# --- the study record ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Fingerprint:
+    """The settings a study's baseline was measured with; a run with other settings is refused
+    (:func:`optimize.baseline.check_fingerprint` compares the dicts). Fields a study from an older
+    version lacks are None."""
+
+    pipe: str | None = None
+    scheduler: str | None = None
+    steps: int | None = None
+    guidance: float | None = None
+    height: int | None = None
+    width: int | None = None
+    dtype: str | None = None
+    device: str | None = None  # the device's name (``NVIDIA H100 80GB HBM3``, ``cpu``)
+    batch_size: int | None = None
+    prompts: str | None = None  # prompts_hash of the prompts
+    num_samples: int | None = None
+    seed: int | None = None
+    clip: str | None = None  # ``model/pretrained``
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Fingerprint":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class StudyRecord:
+    """What ``optimize-sd run`` stores on a study under :data:`STUDY_ATTR`: its goal (with the
+    constraint names, for readers of the raw attr) and the fingerprint of its settings.
+
+    >>> StudyRecord(Goal("max", None, 0.02)).as_dict()["constraints"]
+    ['score_loss <= max_loss']
+    """
+
+    goal: Goal
+    fingerprint: Fingerprint | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"goal": self.goal.as_dict(), "constraints": self.goal.constraint_names,
+                "fingerprint": self.fingerprint.as_dict() if self.fingerprint else None}
+
+    @classmethod
+    def load(cls, study: optuna.Study) -> "StudyRecord | None":
+        """The study's record; None for a study optimize-sd did not make (or has not stored yet)."""
+        meta = study.user_attrs.get(STUDY_ATTR)
+        if not meta:
+            return None
+        fingerprint = meta.get("fingerprint")
+        return cls(Goal.from_dict(meta["goal"]), Fingerprint.from_dict(fingerprint) if fingerprint else None)
+
+    def insert_once(self, storage, study: optuna.Study) -> bool:
+        """Store the record unless one is stored; True if this call stored it (the database decides
+        between workers racing to create the study)."""
+        return insert_study_user_attr_once(storage, study._study_id, STUDY_ATTR, self.as_dict())
+
+    @staticmethod
+    def set_fingerprint(study: optuna.Study, fingerprint: Fingerprint) -> None:
+        """Replace the stored fingerprint, keeping the rest of the stored record as it is."""
+        meta = study.user_attrs[STUDY_ATTR]
+        if meta.get("fingerprint") != fingerprint.as_dict():
+            study.set_user_attr(STUDY_ATTR, dict(meta, fingerprint=fingerprint.as_dict()))
+
+
+def goal_of(study: optuna.Study) -> Goal:
+    """The goal a study was made for (:class:`StudyError` if optimize-sd did not make it)."""
+    record = StudyRecord.load(study)
+    if record is None:
+        raise StudyError(f"study {study.study_name!r} was not created by optimize-sd")
+    return record.goal
+
+
+# --- picking a study -----------------------------------------------------------------------------
+def pick_study(storage_url: str, name: str | None) -> optuna.Study:
+    """The study ``name`` of a storage, or the one run most recently."""
+    try:
+        storage = open_storage(storage_url)
+    except StorageError as e:
+        raise StudyError(str(e)) from None
+    summaries = optuna.get_all_study_summaries(storage, include_best_trial=False)
+    if not summaries:
+        raise StudyError(f"no study in {storage_url}")
+    if name is None:
+        name = max(summaries, key=lambda s: _last_activity(storage, s)).study_name
+    elif name not in {s.study_name for s in summaries}:
+        raise StudyError(f"no study {name!r} in {storage_url} (have: {', '.join(s.study_name for s in summaries)})")
+    return optuna.load_study(study_name=name, storage=storage)
+
+
+def _last_activity(storage, summary) -> _dt.datetime:
+    """When a study last started or finished a trial (its creation time if it has none)."""
+    study = optuna.load_study(study_name=summary.study_name, storage=storage)
+    times = [t for tr in study.get_trials(deepcopy=False) for t in (tr.datetime_start, tr.datetime_complete) if t]
+    return max(times, default=summary.datetime_start or _dt.datetime.min)
+
+
+def open_study(storage_url: str, name: str | None) -> optuna.Study:
+    """Load a study for reading: the named one, or the most recently run; never creates a database."""
+    if storage_url.startswith("sqlite:///"):
+        path = storage_url[len("sqlite:///"):]
+        if path and path != ":memory:" and not os.path.isfile(path):
+            raise StudyError(f"no study database at {path} (run a search first, or pass --storage)")
+    study = pick_study(storage_url, name)
+    goal_of(study)  # refuses a study optimize-sd did not make
+    return study
+
+
+# --- feasibility and the front -------------------------------------------------------------------
+def record_constraints(trial: optuna.Trial, values: list[float]) -> None:
+    """Store constraint values where both TPE and optuna-dashboard 0.21 read them.
+
+    ``Trial.set_constraint`` writes per-name keys that the dashboard ignores (it would show every
+    trial feasible); the list under ``constraints`` is what ``constraints_func`` wrote, and TPE reads it too.
+    """
+    trial.storage.set_trial_system_attr(trial._trial_id, CONSTRAINTS_ATTR, [float(v) for v in values])
+
+
+def is_feasible(trial: FrozenTrial) -> bool:
+    cons = trial.system_attrs.get(CONSTRAINTS_ATTR)
+    return trial.state == TrialState.COMPLETE and cons is not None and all(c <= 0 for c in cons)
+
+
+def _measured(trials, goal: Goal) -> list[FrozenTrial]:
+    return [t for t in trials if SPEEDUP in t.user_attrs and goal.loss(t.user_attrs) is not None]
+
+
+def best_feasible(study: optuna.Study, goal: Goal) -> FrozenTrial | None:
+    """Best feasible trial: least loss (ties: more speedup) for target; most speedup (ties: less loss)
+    for max and for pareto (its single pick: the fastest point of the feasible front)."""
+    trials = _measured((t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if is_feasible(t)),
+                       goal)
+    return min(trials, key=rank_key(goal), default=None)
+
+
+def rank_key(goal: Goal):
+    """Sort key of measured trials, best first: least loss (ties: more speedup) for target, most
+    speedup (ties: less loss) otherwise; then the earlier trial."""
+    if goal.mode == "target":
+        return lambda t: (goal.loss(t.user_attrs), -t.user_attrs[SPEEDUP], t.number)
+    return lambda t: (-t.user_attrs[SPEEDUP], goal.loss(t.user_attrs), t.number)
+
+
+def pareto_front(trials, goal: Goal | None = None) -> list[FrozenTrial]:
+    """Trials no other trial beats on both speedup (higher) and the goal's loss (lower; default: CLIP
+    score loss), by loss ascending. Of several trials with the same measurement (a reused configuration)
+    only the first is kept."""
+    goal = goal or Goal("max", None, 0.02)
+    front: list[FrozenTrial] = []
+    best_speedup = -math.inf
+    for t in sorted(_measured(trials, goal), key=lambda t: (goal.loss(t.user_attrs), -t.user_attrs[SPEEDUP], t.number)):
+        if t.user_attrs[SPEEDUP] > best_speedup:
+            front.append(t)
+            best_speedup = t.user_attrs[SPEEDUP]
+    return front
+
+
+def study_result(study: optuna.Study, goal: Goal) -> tuple[FrozenTrial | None, list[FrozenTrial]]:
+    """The best feasible trial and, for a pareto study, its feasible front (else []). A pareto study's
+    best is the fastest point of its front, the front's last."""
+    if goal.mode == "pareto":
+        front = feasible_front(study, goal)
+        return (front[-1] if front else None), front
+    return best_feasible(study, goal), []
+
+
+def feasible_front(study: optuna.Study, goal: Goal) -> list[FrozenTrial]:
+    """The Pareto front (speedup up, loss down) of the study's feasible trials."""
+    return pareto_front([t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if is_feasible(t)],
+                        goal)
