@@ -315,7 +315,8 @@ class Accelerated:
             helper = self._deepcache
             slots.append(dict_slot(lambda: helper.cached_output, lambda v: setattr(helper, "cached_output", v)))
         if self.config.tgate:
-            slots += [attr_slot(m, "cache") for m in self._attentions()]
+            # T-GATE reuses a cache only where one is there (`cache != None`): a decision taken in Python
+            slots += [attr_slot(m, "cache", decides=True) for m in self._attentions()]
         return slots
 
     def _generators(self) -> list:

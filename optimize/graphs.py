@@ -18,6 +18,10 @@ kind's graph, capturing it the first time. Three rules make replay compute what 
   the last writer left it (a DeepCache partial step does not run the deep attentions, so it must not
   hand back their T-GATE caches as of its own capture). This also lets a later capture read the
   right tensors.
+* **Fixed addresses.** A graph reads a cache at the address it had at capture. When another graph
+  wrote that cache last (T-GATE's caches are written by full and partial DeepCache steps alike), the
+  current tensor is copied into the captured one before the replay. Which caches exist, and their
+  shapes, are part of the kind: the methods decide in Python whether a cache is there to reuse.
 * **Nothing Python does inside a step is repeated by a replay.** Warm-up runs before capture change
   the same state and draw random numbers, so the state (``slots``) and the random generators
   (``generators``, registered with every graph) are restored before the capture.
@@ -55,13 +59,15 @@ def check_exec(mode: str, device: str) -> None:
 
 @dataclass(frozen=True)
 class Slot:
-    """State a method keeps between UNet calls: how to read it and how to set it back."""
+    """State a method keeps between UNet calls: how to read it and how to set it back. ``decides``:
+    whether the method's Python branches on which of its tensors exist (then that is part of the kind)."""
 
     get: Callable[[], Any]
     set: Callable[[Any], None]
+    decides: bool = False
 
 
-def attr_slot(obj, name: str) -> Slot:
+def attr_slot(obj, name: str, decides: bool = False) -> Slot:
     """A :class:`Slot` over ``obj.name`` (absent attributes stay absent)."""
 
     def set_(value):
@@ -70,7 +76,7 @@ def attr_slot(obj, name: str) -> Slot:
         else:
             obj.__dict__[name] = value
 
-    return Slot(lambda: obj.__dict__.get(name, _MISSING), set_)
+    return Slot(lambda: obj.__dict__.get(name, _MISSING), set_, decides)
 
 
 def dict_slot(get_dict: Callable[[], dict], set_dict: Callable[[dict], None]) -> Slot:
@@ -107,6 +113,7 @@ class _Graph:
     inputs: list  # static input buffers, in the order of the tensor leaves
     output: Any  # static output (a pytree of tensors)
     changes: list  # per slot: None (untouched), ("set", value) or ("update", {key: value}) of a dict
+    reads: list  # per slot: the tensors it held at capture, {entry: tensor} (the addresses the graph reads)
     replays: int = 0
 
 
@@ -186,7 +193,11 @@ class StepGraphs:
         tensors = [x for x in leaves if isinstance(x, torch.Tensor)]
         meta = tuple((tuple(x.shape), x.dtype, x.device) if isinstance(x, torch.Tensor) else _hashable(x)
                      for x in leaves)
-        key = (self.kind(), str(spec), meta)
+        slots = self.slots()
+        state = [_entries(slot.get()) for slot in slots]
+        signature = tuple(tuple(sorted(((k, tuple(t.shape)) for k, t in entries.items()), key=repr))
+                          for slot, entries in zip(slots, state) if slot.decides)
+        key = (self.kind(), str(spec), meta, signature)
         if self.record_kinds:
             self.stats.kinds.append(key[0])
         graph = self.graphs.get(key)
@@ -194,10 +205,14 @@ class StepGraphs:
             graph = self.graphs[key] = self._capture(leaves, spec)
         for buffer, x in zip(graph.inputs, tensors):
             buffer.copy_(x)
+        for entries, reads in zip(state, graph.reads):
+            for k, captured in reads.items():
+                if entries[k] is not captured:  # another graph wrote it last
+                    captured.copy_(entries[k])
         graph.handle.replay()
         graph.replays += 1
         self.stats.replays += 1
-        for slot, change in zip(self.slots(), graph.changes):
+        for slot, change in zip(slots, graph.changes):
             if change is None:
                 continue
             how, value = change
@@ -235,10 +250,28 @@ class StepGraphs:
                 g.set_state(state)
         handle, output = self.backend.capture(run, generators, slots)
         inputs = [x for x in static if isinstance(x, torch.Tensor)]
-        graph = _Graph(handle, inputs, output, [_change(b, slot.get()) for slot, b in zip(slots, before)])
+        graph = _Graph(handle, inputs, output, [_change(b, slot.get()) for slot, b in zip(slots, before)],
+                       [_entries(b) for b in before])
         self.stats.captures += 1
         self.stats.capture_seconds += time.perf_counter() - start
         return graph
+
+
+def _entries(value) -> dict:
+    """The tensors a slot holds, by path: the value itself, or a dict's entries (DeepCache keeps
+    tuples of tensors there). Hand-rolled: it runs on every step."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return {(): value}
+    out = {}
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if isinstance(v, torch.Tensor):
+                out[(k,)] = v
+            elif isinstance(v, (tuple, list)):
+                out.update(((k, i), x) for i, x in enumerate(v) if isinstance(x, torch.Tensor))
+    return out
 
 
 def _change(before, after):

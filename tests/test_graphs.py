@@ -48,11 +48,15 @@ def _written(before, after):
 class FakeGraph:
     def __init__(self, run, output, slots, before, backend):
         self.run, self.output, self.slots, self.backend = run, output, slots, backend
-        # a real graph writes only the memory it wrote at capture
+        self.before = before  # a real graph reads the tensors the slots held at capture
+        # and writes only the memory it wrote at capture
         self.written = [_written(b, s.get()) for s, b in zip(slots, before)]
 
     def replay(self):
         self.backend.replays += 1
+        current = [s.get() for s in self.slots]
+        for slot, value in zip(self.slots, self.before):
+            slot.set(value)
         with torch.no_grad():
             fresh = self.run()
             _copy_into(self.output, fresh)
@@ -60,6 +64,8 @@ class FakeGraph:
                 if old is not None:
                     new = slot.get()
                     _copy_into(old, {k: new[k] for k in old} if isinstance(old, dict) else new)
+        for slot, value in zip(self.slots, current):  # the replay's Python effects are not real
+            slot.set(value)
 
 
 class FakeBackend:
@@ -149,7 +155,8 @@ def test_tgate_kinds_follow_its_schedule(tiny_pipe):
     # before the gate the CFG batch is 2, after it 1: both shapes were captured
     assert shapes == {(2, 4, 16, 16), (1, 4, 16, 16)}
     assert kinds[0] != kinds[-1]  # T-GATE's flags differ before and after the gate
-    assert backend.captures == len(keys) == len(set(kinds))  # one capture per kind, none repeated
+    # one capture per kind and cache state (which caches exist decides reuse in Python), none repeated
+    assert backend.captures == len(keys) >= len(set(kinds))
 
 
 def test_new_shape_recaptures_and_keeps_the_old_graphs(tiny_pipe):
