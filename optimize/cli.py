@@ -17,6 +17,7 @@ from .artifacts import artifact_dir_for, artifact_store
 from .baseline import Baseline
 from .console import format_result
 from .generate import GenerateError, generate, plan_from_params_file, plan_from_study
+from .graphs import check_exec
 from .metrics import DEFAULT_BOUNDS, lpips_available, lpips_weights_path
 from .params_file import best_json, read_search_params
 from .pipelines import DTYPES, SCHEDULERS
@@ -72,6 +73,9 @@ def cli():
 @click.option("--repeats", type=click.IntRange(0), default=None,
               help="Paired rounds (a baseline call, then a configured call) timed per configuration before the scoring pass; "
                    "speedups come from them  [default: 3 on GPU, 0 on CPU]")
+@click.option("--exec", "exec_mode", type=click.Choice(["eager", "graphs", "compile"]), default=None,
+              help="How the UNet runs while the baseline and every trial are timed: eager, replayed from CUDA graphs "
+                   "(one per step kind), or regional torch.compile with graphs on top  [default: graphs on CUDA, eager on CPU]")
 @click.option("--scored-repeats", type=click.IntRange(0), default=None,
               help="Paired rounds in all for a configuration that passes the speed gate and is scored: its speedup "
                    "can become the result, so it is timed more precisely  [default: 10 on GPU, 0 on CPU]")
@@ -226,6 +230,11 @@ def check_run_options(o: dict) -> tuple[pipelines.PipeSpec, RunOptions]:
     # Random-weight pipelines get a random-weight scorer of the real size: its cost is real, its scores not.
     default_clip = ("tiny-clip", None) if tiny else ("ViT-g-14", None if spec.kind == "random" else "laion2b_s34b_b88k")
     gpu = device.startswith("cuda")
+    exec_mode = o["exec_mode"] or ("graphs" if gpu else "eager")
+    try:
+        check_exec(exec_mode, device)
+    except ValueError as e:
+        raise Failure(str(e)) from None
     opts = RunOptions(
         scheduler=o["scheduler"], device=device, dtype=dtype, steps=o["steps"] or (20 if tiny else 50),
         guidance=o["guidance"], height=o["height"], width=o["width"], batch_size=o["batch_size"],
@@ -236,7 +245,7 @@ def check_run_options(o: dict) -> tuple[pipelines.PipeSpec, RunOptions]:
         goal=goal, methods=methods, n_trials=o["n_trials"], storage=o["storage"], study_name=o["study_name"],
         seed=o["seed"], output=o["output"], heartbeat=o["heartbeat"], progress=o["progress"], retime_every=o["retime_every"],
         warm_start=o["warm_start"], speed_gate=o["speed_gate"], images_per_trial=o["images_per_trial"], artifact_dir=o["artifact_dir"],
-        worker_index=o["worker_index"] or 0, devices=devices,
+        worker_index=o["worker_index"] or 0, devices=devices, exec_mode=exec_mode,
     )
     return spec, opts
 

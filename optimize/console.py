@@ -17,7 +17,7 @@ from typing import Any, Callable
 from optuna.trial import FrozenTrial, TrialState
 
 from .study import (BASELINE_TIME, CLIP_SCORE, CONFIG, ERROR, FAIL_REASON, LPIPS, PSNR, REUSED_FROM, SCORE_LOSS,
-                    SKIPPED, SPEEDUP, SPREAD, SSIM, TIME_PER_IMAGE, Goal, is_feasible)
+                    SKIPPED, SPEEDUP, SPEEDUP_EAGER, SPREAD, SSIM, TIME_PER_IMAGE, Goal, is_feasible)
 
 Echo = Callable[..., None]  # echo(line: str, err: bool = False)
 
@@ -46,7 +46,8 @@ def trial_line(trial: FrozenTrial) -> str:
         return f"{head} {trial.state.name.lower()}: {reason}"[:200]
     reused = f"  (same as #{attrs[REUSED_FROM]})" if REUSED_FROM in attrs else ""
     fidelity = fidelity_text(attrs)
-    return (f"{head} {attrs[SPEEDUP]:5.2f}x ±{100 * attrs[SPREAD]:.0f}%  score_loss {attrs[SCORE_LOSS]:+.4f}  "
+    eager = f" ({attrs[SPEEDUP_EAGER]:.2f}x vs eager)" if SPEEDUP_EAGER in attrs else ""
+    return (f"{head} {attrs[SPEEDUP]:5.2f}x ±{100 * attrs[SPREAD]:.0f}%{eager}  score_loss {attrs[SCORE_LOSS]:+.4f}  "
             f"{fidelity + '  ' if fidelity else ''}{'feasible' if is_feasible(trial) else 'infeasible'}{reused}")
 
 
@@ -56,7 +57,9 @@ def format_best(study_name: str, goal: Goal, trial: FrozenTrial | None, baseline
     e = trial.user_attrs
     fidelity = fidelity_text(e)
     return (f"{study_name}: best feasible trial #{trial.number}: {e[CONFIG]}\n"
-            f"  speedup {e[SPEEDUP]:.2f}x (±{100 * e[SPREAD]:.0f}%), {1000 * e[TIME_PER_IMAGE]:.1f} ms/image "
+            f"  speedup {e[SPEEDUP]:.2f}x (±{100 * e[SPREAD]:.0f}%)"
+            + (f", {e[SPEEDUP_EAGER]:.2f}x vs the eager baseline" if SPEEDUP_EAGER in e else "")
+            + f", {1000 * e[TIME_PER_IMAGE]:.1f} ms/image "
             f"vs baseline {1000 * e.get(BASELINE_TIME, baseline.time_per_image):.1f} ms; "
             f"score_loss {e[SCORE_LOSS]:+.4f} "
             f"(CLIP {e[CLIP_SCORE]:.2f} vs {baseline.clip_score:.2f}){'; ' + fidelity if fidelity else ''}\n"

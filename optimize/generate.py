@@ -23,6 +23,7 @@ from optuna.trial import TrialState
 
 from . import pipelines
 from .accelerators import Config, InvalidConfig, accelerate
+from .graphs import check_exec, compile_blocks
 from .baseline import Baseline
 from .files import atomic_write
 from .params_file import read_entry
@@ -53,6 +54,7 @@ class Plan:
     params: dict[str, Any]
     config: Config
     notes: tuple[str, ...] = ()
+    exec: str = "eager"  # the execution mode the configuration was found in (optimize.graphs)
 
 
 def spec_from_source(source: str) -> pipelines.PipeSpec:
@@ -79,7 +81,7 @@ def _check_output(output: str) -> str:
 
 
 def _plan(origin: str, source: str, scheduler: str, steps: Any, guidance: Any, height: Any, width: Any,
-          dtype: str, params: Any, seed: int, device: str | None) -> Plan:
+          dtype: str, params: Any, seed: int, device: str | None, exec_mode: Any = None) -> Plan:
     if scheduler not in pipelines.SCHEDULERS:
         raise GenerateError(f"{origin}: unknown scheduler {scheduler!r} (known: {', '.join(pipelines.SCHEDULERS)})")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
@@ -109,12 +111,17 @@ def _plan(origin: str, source: str, scheduler: str, steps: Any, guidance: Any, h
         device = pipelines.resolve_device(device)
     except pipelines.PipelineError as e:
         raise GenerateError(str(e)) from None
+    exec_mode = exec_mode or "eager"
+    try:  # the configuration runs in the mode it was found and timed in
+        check_exec(exec_mode, device)
+    except ValueError as e:
+        raise GenerateError(f"{origin}: found with --exec {exec_mode}: {e}") from None
     notes = []
     if dtype == "fp16" and device == "cpu":
         notes.append("note: fp16 does not run on the CPU: generating in fp32")
         dtype = "fp32"
     return Plan(origin, spec, scheduler, steps, None if guidance is None else float(guidance), height, width, dtype,
-                device, seed, dict(params), config, tuple(notes))
+                device, seed, dict(params), config, tuple(notes), exec_mode)
 
 
 def plan_from_study(storage_url: str, study_name: str | None = None, trial_number: int | None = None,
@@ -148,7 +155,7 @@ def plan_from_study(storage_url: str, study_name: str | None = None, trial_numbe
     plan = _plan(origin, str(fp.pipe), fp.scheduler, fp.steps, fp.guidance,
                  fp.height or (baseline.height if baseline else None),
                  fp.width or (baseline.width if baseline else None), fp.dtype, dict(trial.params),
-                 (DEFAULT_SEED if fp.seed is None else fp.seed) if seed is None else seed, device)
+                 (DEFAULT_SEED if fp.seed is None else fp.seed) if seed is None else seed, device, fp.exec)
     return Plan(**{**plan.__dict__, "notes": tuple(notes) + plan.notes})
 
 
@@ -160,7 +167,7 @@ def plan_from_params_file(path: str, key: str | None = None, seed: int | None = 
     except StorageError as e:
         raise GenerateError(str(e)) from None
     return _plan(f"{path} [{key}]", str(entry.pipe), entry.scheduler, entry.steps, entry.guidance, entry.height,
-                 entry.width, entry.dtype, entry.params, DEFAULT_SEED if seed is None else seed, device)
+                 entry.width, entry.dtype, entry.params, DEFAULT_SEED if seed is None else seed, device, entry.exec)
 
 
 def output_paths(output: str, count: int) -> list[str]:
@@ -212,7 +219,11 @@ def generate(plan: Plan, prompts: list[str], output: str, num_images: int = 1,
         config.validate(pipe, plan.steps, guidance)
     except InvalidConfig as e:
         raise GenerateError(f"{plan.origin}: {e}") from None
-    with accelerate(pipe, config, seed=plan.seed) as run:
+    if plan.exec != "eager" and accelerated:
+        yield f"running the UNet in {plan.exec} mode, as the configuration was timed"
+        if plan.exec == "compile":
+            compile_blocks(pipe.unet)
+    with accelerate(pipe, config, seed=plan.seed, exec=plan.exec if accelerated else "eager") as run:
         for index, prompt in enumerate(prompts):
             seed = plan.seed + index
             start = time.perf_counter()

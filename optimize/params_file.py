@@ -22,7 +22,7 @@ from typing import Any
 
 from .files import atomic_write_json
 from .storage import StorageError, redact
-from .study import CLIP_SCORE, CONFIG, FIDELITY, SCORE_LOSS, SPEEDUP, SPREAD, TIME_PER_IMAGE, Goal
+from .study import CLIP_SCORE, CONFIG, FIDELITY, SCORE_LOSS, SPEEDUP, SPEEDUP_EAGER, SPREAD, TIME_PER_IMAGE, Goal
 
 REQUIRED = ("pipe", "scheduler", "steps", "dtype")  # what generate needs of an entry
 
@@ -40,6 +40,7 @@ class Entry:
     guidance: Any = None  # None: the pipeline's default
     height: Any = None  # None: the model's native size
     width: Any = None
+    exec: Any = None  # execution mode it was found in; None: eager
 
 
 class ParamsFileError(StorageError):
@@ -52,7 +53,8 @@ def search_params_key(spec, opts) -> str:
     g = opts.goal
     mode = f"target{g.target_speedup:g}" if g.mode == "target" else g.mode
     bound = f"{g.max_loss:g}" if g.loss_metric == "clip" else f"{g.loss_metric}{g.max_loss:g}"
-    return f"{spec.name}:{opts.scheduler}:{opts.steps}:{mode}:{bound}"
+    regime = "" if opts.exec_mode == "eager" else f":{opts.exec_mode}"
+    return f"{spec.name}:{opts.scheduler}:{opts.steps}:{mode}:{bound}{regime}"
 
 
 def trial_entry(trial, goal: Goal | None = None) -> dict[str, Any]:
@@ -61,7 +63,7 @@ def trial_entry(trial, goal: Goal | None = None) -> dict[str, Any]:
     a = trial.user_attrs
     entry = {"trial": trial.number, CONFIG: a[CONFIG], "params": dict(trial.params)}
     entry.update({k: a[k] for k in (SPEEDUP, SCORE_LOSS, TIME_PER_IMAGE, SPREAD, CLIP_SCORE)})
-    entry.update({k: a[k] for k in FIDELITY if k in a})
+    entry.update({k: a[k] for k in FIDELITY + (SPEEDUP_EAGER,) if k in a})
     if goal is not None:
         entry.update(loss_metric=goal.loss_metric, loss=goal.loss(a))
     return entry
@@ -78,7 +80,7 @@ def run_entry(trial, front, *, spec, opts, settings, device: str, study_name: st
         model=spec.name, pipe=spec.source, scheduler=opts.scheduler, steps=opts.steps, mode=goal.mode,
         target_speedup=goal.target_speedup, max_loss=goal.max_loss, loss_metric=goal.loss_metric,
         guidance=settings.guidance, height=settings.height, width=settings.width, batch_size=opts.batch_size,
-        dtype=opts.dtype, device=device, study=study_name, storage=redact(opts.storage),
+        dtype=opts.dtype, device=device, exec=opts.exec_mode, study=study_name, storage=redact(opts.storage),
         baseline_time_per_image=baseline.time_per_image, baseline_clip_score=baseline.clip_score,
         updated=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     )

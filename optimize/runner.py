@@ -34,6 +34,7 @@ from .artifacts import (BASELINE_PREFIX, artifact_dir_for, artifact_store, basel
                         trial_prefix, upload_images)
 from .baseline import Baseline, BaselineMismatch, check_fingerprint
 from .measure import Evaluator, GenerationSettings
+from .graphs import compile_blocks
 from .metrics import ClipScorer, FidelityScorer, MetricError, lpips_available, lpips_weights_path, score_loss
 from .params_file import run_entry, search_params_key, update_search_params
 from .prompts import PromptsError, load_prompts, prompts_hash
@@ -87,10 +88,12 @@ class RunOptions:
     artifact_dir: str | None = None
     worker_index: int = 0  # set by the launcher (optimize.workers): seeds the sampler apart from other workers
     devices: tuple[str, ...] = ()  # --workers / --gpus: one worker process per entry
+    exec_mode: str = "eager"  # --exec: eager, graphs or compile (optimize.graphs)
 
 
 def study_name_for(spec: pipelines.PipeSpec, opts: RunOptions) -> str:
-    return f"{spec.slug}-{opts.scheduler}-{opts.steps}steps-{opts.goal.slug}"
+    mode = "" if opts.exec_mode == "eager" else f"-{opts.exec_mode}"  # one regime per study
+    return f"{spec.slug}-{opts.scheduler}-{opts.steps}steps-{opts.goal.slug}{mode}"
 
 
 def fingerprint_for(spec, opts: RunOptions, prompts: list[str]) -> Fingerprint:
@@ -103,6 +106,7 @@ def fingerprint_for(spec, opts: RunOptions, prompts: list[str]) -> Fingerprint:
         height=opts.height, width=opts.width, dtype=opts.dtype, device=device_name,
         batch_size=opts.batch_size, prompts=prompts_hash(prompts), num_samples=len(prompts),
         seed=opts.seed, clip=f"{opts.clip_model}/{opts.clip_pretrained}",
+        exec=None if opts.exec_mode == "eager" else opts.exec_mode,
     )
 
 
@@ -324,8 +328,10 @@ class Search:
             steps=opts.steps, guidance=opts.guidance if opts.guidance is not None else pipelines.default_guidance(self.xl),
             height=opts.height or size, width=opts.width or size, batch_size=opts.batch_size, seed=opts.seed,
         )
+        if opts.exec_mode == "compile":  # once per run, reused by every trial; graphs are captured on top
+            compile_blocks(pipe.unet)
         self.evaluator = Evaluator(pipe, scorer, self.prompts, self.settings, repeats=opts.repeats,
-                                   progress=opts.progress, scored_repeats=opts.scored_repeats)
+                                   progress=opts.progress, scored_repeats=opts.scored_repeats, exec=opts.exec_mode)
         self.directory = artifact_dir_for(opts.storage, opts.artifact_dir)
         try:
             self.store = artifact_store(self.directory)  # the baseline images always; trial images if --images-per-trial
@@ -349,7 +355,14 @@ class Search:
         except storage_errors() as e:
             raise RunFailure(f"storage {redact(self.opts.storage)} failed: {first_line(e)}") from None
         b = self.baseline
-        echo(f"baseline: {1000 * b.time_per_image:.1f} ms/image (±{100 * b.spread:.0f}%), CLIP {b.clip_score:.3f}")
+        echo(f"baseline ({self.opts.exec_mode}): {1000 * b.time_per_image:.1f} ms/image (±{100 * b.spread:.0f}%), "
+             f"CLIP {b.clip_score:.3f}")
+        self.eager_time = None
+        if self.opts.exec_mode != "eager":  # every speedup is also shown against the eager baseline
+            eager = self.evaluator.time_eager(max(1, self.opts.repeats))
+            self.eager_time = eager.best
+            echo(f"eager baseline: {1000 * eager.best:.1f} ms/image (±{100 * eager.spread:.0f}%); "
+                 f"{self.opts.exec_mode} baseline {eager.best / b.time_per_image:.2f}x faster")
         self.fidelity = fidelity_scorer(images, self.opts, echo)
 
     def build_objective(self) -> None:
@@ -360,7 +373,7 @@ class Search:
         retime_calls = max(1, len(self.prompts) // opts.batch_size)
         self.objective = Objective(self.evaluator, self.baseline, opts.goal, space, retime_every=opts.retime_every,
                                    reference=self.reference, retime_calls=retime_calls,
-                                   speed_gate=opts.speed_gate, fidelity=self.fidelity)
+                                   speed_gate=opts.speed_gate, fidelity=self.fidelity, eager_time=self.eager_time)
         self.key = search_params_key(self.spec, opts)
         self.worker = worker_label(opts)
 

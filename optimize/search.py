@@ -25,7 +25,7 @@ from .accelerators import TOME_DOWNSAMPLES, Config, DeepCache, TGate, ToMe
 from .baseline import Baseline
 from .metrics import score_loss
 from .study import (BASELINE_SPREAD, BASELINE_TIME, CLIP_SCORE, CONFIG, ERROR, REUSED_FROM, ROUNDS, SCORE_LOSS,
-                    SKIPPED, SPEEDUP, SPREAD, TIME_MEDIAN, TIME_PER_IMAGE, WORKER, Goal, best_feasible,
+                    SKIPPED, SPEEDUP, SPEEDUP_EAGER, SPREAD, TIME_MEDIAN, TIME_PER_IMAGE, WORKER, Goal, best_feasible,
                     record_constraints)
 
 
@@ -93,11 +93,13 @@ class SpeedGate(Exception):
         self.attrs = attrs
 
 
-def _timing_attrs(timing, base: float, paired=None) -> dict[str, Any]:
+def _timing_attrs(timing, base: float, paired=None, eager: float | None = None) -> dict[str, Any]:
     """A trial's timing attrs from its configured timing and the baseline time it is divided by
-    (``paired``: the baseline calls of its rounds, if any)."""
+    (``paired``: the baseline calls of its rounds, if any; ``eager``: a graph mode's eager baseline)."""
     attrs = {SPEEDUP: base / timing.best, TIME_PER_IMAGE: timing.best, TIME_MEDIAN: timing.median,
              SPREAD: timing.spread, BASELINE_TIME: base}
+    if eager is not None:
+        attrs[SPEEDUP_EAGER] = eager / timing.best
     if paired is not None:
         attrs[ROUNDS] = len(paired.samples)
     return attrs
@@ -116,9 +118,10 @@ class Objective:
 
     def __init__(self, evaluator, baseline: Baseline, goal: Goal, space: SearchSpace,
                  retime_every: int = 10, reference: float | None = None, retime_calls: int = 3,
-                 speed_gate: bool = True, gate_margin: float = 0.02, fidelity=None):
+                 speed_gate: bool = True, gate_margin: float = 0.02, fidelity=None, eager_time: float | None = None):
         self.evaluator, self.baseline, self.goal, self.space = evaluator, baseline, goal, space
         self.fidelity = fidelity  # a metrics.FidelityScorer holding the baseline images, or None
+        self.eager_time = eager_time  # graph modes: the eager baseline's time, for "vs eager"
         self.retime_every, self.retime_calls = retime_every, retime_calls
         self.reference = reference
         self._since_retime = 0
@@ -148,7 +151,7 @@ class Objective:
             return None  # without timed repeats there is nothing to judge before the scoring pass
 
         def gate(timing, paired) -> None:
-            attrs = _timing_attrs(timing, paired.best, paired)
+            attrs = _timing_attrs(timing, paired.best, paired, self.eager_time)
             if self.goal.mode == "target":
                 bar = self.goal.target_speedup * (1 - self.gate_margin)
             else:
@@ -167,7 +170,7 @@ class Objective:
         # paired baseline calls when there were rounds; else the re-timed reference
         base = m.reference.best if m.reference is not None else self.reference_time()
         self._since_retime += 1
-        attrs = _timing_attrs(m.timing, base, m.reference)
+        attrs = _timing_attrs(m.timing, base, m.reference, self.eager_time)
         attrs[SCORE_LOSS] = score_loss(self.baseline.clip_score, m.clip_score)
         attrs[CLIP_SCORE] = m.clip_score
         if m.reference is not None:

@@ -44,7 +44,8 @@ FAIL_REASON = "fail_reason"  # trial system attr Optuna itself writes for a fail
 
 # Trial user attrs. A measured trial has all of the first group (README: "Every trial records ...").
 CONFIG = "config"  # Config.label() of the trial's configuration
-SPEEDUP = "speedup"  # baseline time / time
+SPEEDUP = "speedup"  # baseline time / time, both in the study's execution mode
+SPEEDUP_EAGER = "speedup_vs_eager"  # eager baseline time / time (graph modes only)
 SCORE_LOSS = "score_loss"  # relative CLIP score loss
 TIME_PER_IMAGE = "time_per_image"  # seconds: the floor of the timed calls
 TIME_MEDIAN = "time_median"
@@ -209,6 +210,7 @@ class Fingerprint:
     num_samples: int | None = None
     seed: int | None = None
     clip: str | None = None  # ``model/pretrained``
+    exec: str | None = None  # execution mode; None: eager (also studies from before graph modes)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Fingerprint":

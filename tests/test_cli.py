@@ -34,6 +34,9 @@ def _prompt_file(tmp_path, name, content: bytes):
 BAD = {
     "unknown preset": (["--pipe", "sd9"], "sd9"),
     "unknown scheduler": (["--scheduler", "nope"], "--scheduler"),
+    "gpu: graphs on the cpu": (["--exec", "graphs", "--device", "cpu"], "--exec graphs needs a CUDA device"),
+    "gpu: compile on the cpu": (["--exec", "compile"], "--exec compile needs a CUDA device"),
+    "unknown exec": (["--exec", "fast"], "--exec"),
     "target 1.0": (["--target-speedup", "1.0"], "--target-speedup"),
     "target 0.5": (["--target-speedup", "0.5"], "--target-speedup"),
     "max-loss 0": (["--max-loss", "0"], "--max-loss"),

@@ -214,3 +214,20 @@ def test_help(command, no_model):
     code, out, err = run_cli([command, "--help"])
     assert code == 0 and not err and f"Usage: optimize-sd {command}" in out
     assert ("--params" in out and "--trial" in out) if command == "generate" else "--top" in out
+
+
+def test_a_configuration_found_in_graph_mode_needs_cuda_to_generate(tmp_path):
+    """generate runs a configuration in the mode it was timed in: graphs on a CPU is one clear error."""
+    import json
+
+    from optimize.generate import GenerateError, plan_from_params_file
+
+    path = tmp_path / "search_params.json"
+    path.write_text(json.dumps({"k": {"pipe": "tiny", "scheduler": "ddim", "steps": 4, "dtype": "fp32",
+                                      "params": {"deepcache": True}, "exec": "graphs"}}))
+    with pytest.raises(GenerateError, match="found with --exec graphs.*needs a CUDA device"):
+        plan_from_params_file(str(path), "k", device="cpu")
+    data = json.loads(path.read_text())
+    data["k"]["exec"] = "eager"
+    path.write_text(json.dumps(data))
+    assert plan_from_params_file(str(path), "k", device="cpu").exec == "eager"
