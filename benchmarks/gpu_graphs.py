@@ -32,7 +32,7 @@ from optimize.accelerators import Accelerated, Config, DeepCache, TGate, ToMe  #
 from optimize.graphs import compile_blocks  # noqa: E402
 from optimize.measure import Evaluator, GenerationSettings  # noqa: E402
 from optimize.pipelines import default_guidance, is_xl, load_pipeline, resolve_pipe  # noqa: E402
-from optimize.storage import atomic_write  # noqa: E402
+from optimize.files import atomic_write  # noqa: E402
 
 PROMPT = "a photograph of an astronaut riding a horse"
 PARTS = ("equal", "e2e", "p1", "memory", "overhead", "compile")

@@ -290,3 +290,22 @@ def test_partial_steps_leave_the_deep_attention_caches_alone(tiny_pipe):
         acc.remove()
     np.testing.assert_array_equal(got[0], want)
     np.testing.assert_array_equal(got[1], want)
+
+
+def test_the_gpu_benchmark_imports_and_refuses_a_cpu(tmp_path):
+    """benchmarks/gpu_graphs.py runs only where CUDA is; here it must import and say so in one line."""
+    import subprocess
+    import sys
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    import os
+
+    script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "gpu_graphs.py")
+    out = subprocess.run([sys.executable, script, "--parts", "equal", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0
+    assert out.stderr.strip().splitlines()[-1] == "gpu_graphs.py needs a CUDA device"
+    bad = subprocess.run([sys.executable, script, "--parts", "nope"], capture_output=True,
+                         text=True, timeout=120)
+    assert "unknown part(s): nope" in bad.stderr
