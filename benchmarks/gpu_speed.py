@@ -27,6 +27,7 @@ import platform
 import statistics
 import sys
 import time
+import warnings
 
 import torch
 
@@ -250,6 +251,16 @@ def run_precision(pipe, args, xl: bool) -> dict:
     return {"runs": out, "speedups": table}
 
 
+def allocated_bytes(pipe) -> int:
+    """Bytes held by tensors: the CUDA allocator's count on a GPU; elsewhere the sum over the live
+    tensors the garbage collector tracks (parameters included), so a leak of tensors shows on CPU too."""
+    if pipe.device.type == "cuda":
+        return torch.cuda.memory_allocated()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # isinstance on deprecated torch objects warns
+        return sum(o.nelement() * o.element_size() for o in gc.get_objects() if isinstance(o, torch.Tensor))
+
+
 def run_leaks(pipe, args, xl: bool) -> dict:
     steps = 6
     cfg = Config(deepcache=DeepCache(3, 0), tome=ToMe(0.5, 2 if xl else 1), tgate=TGate(3, 2, 1, 1))
@@ -259,8 +270,7 @@ def run_leaks(pipe, args, xl: bool) -> dict:
             fast(prompt=[PROMPT], num_inference_steps=steps, guidance_scale=args.guidance, output_type="np")
         if cycle in (4, args.cycles - 1):
             gc.collect()
-            mem = torch.cuda.memory_allocated() if pipe.device.type == "cuda" else 0
-            samples.append({"cycle": cycle + 1, "allocated_bytes": mem, "objects": len(gc.get_objects())})
+            samples.append({"cycle": cycle + 1, "allocated_bytes": allocated_bytes(pipe), "objects": len(gc.get_objects())})
     return {"cycles": args.cycles, "samples": samples,
             "allocated_growth": samples[-1]["allocated_bytes"] - samples[0]["allocated_bytes"],
             "object_growth": samples[-1]["objects"] - samples[0]["objects"]}

@@ -6,7 +6,6 @@ import json
 
 import numpy as np
 import pytest
-from conftest import generate
 
 from optimize.prompts import PromptsError, load_prompts, prompts_hash
 
@@ -148,12 +147,3 @@ def test_coco_without_captions_column(tmp_path, offline_datasets):
     datasets.Dataset.from_dict({"text": ["a", "b"]}).to_parquet(str(root / "data" / "validation-00000-of-00001.parquet"))
     with pytest.raises(PromptsError, match="no 'captions' column"):
         load_prompts(f"coco:{root}", 1)
-
-
-# --- metrics -------------------------------------------------------------------------------------
-
-
-def test_generate_helper_is_deterministic(tiny_pipe):
-    a = generate(tiny_pipe, ["a cat"], 3, seed=1)
-    assert np.array_equal(a, generate(tiny_pipe, ["a cat"], 3, seed=1))
-    assert not np.array_equal(a, generate(tiny_pipe, ["a cat"], 3, seed=2))

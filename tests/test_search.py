@@ -461,11 +461,20 @@ def test_speed_gate_skips_scoring_of_configs_too_slow_for_the_target(tmp_path, m
 
 def test_speed_gate_in_max_mode_only_skips_configs_slower_than_the_best(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    code, out, err = run_cli(run_args(tmp_path, "--max-loss", "0.5", "--repeats", "1", "--n-trials", "4"))
+    argv = run_args(tmp_path, "--max-loss", "0.5", "--repeats", "1", "--n-trials", "2")
+    code, out, err = run_cli(argv)  # the two warm-start configurations (DeepCache N=3, 5)
+    assert code == 0, out + err
+    study = load_study(storage_url(tmp_path))
+    assert study.trials[0].state == TrialState.COMPLETE  # nothing to beat yet
+    # then a configuration surely slower than the best: everything off (the baseline, about 1x)
+    study.enqueue_trial({"deepcache": False, "tome": False, "tgate": False})
+    code, out, err = run_cli(argv[:-2] + ["--n-trials", "1"])
     assert code == 0, out + err
     study = load_study(storage_url(tmp_path))
     best = best_feasible(study, Goal("max", None, 0.5))
-    assert best is not None and study.trials[0].state == TrialState.COMPLETE  # nothing to beat yet
+    assert best is not None and best.number < 2
+    pruned = [t for t in study.trials if t.state == TrialState.PRUNED]
+    assert 2 in [t.number for t in pruned] and "pruned: speed gate" in out
     for t in study.trials:
         if t.state == TrialState.PRUNED:
             assert t.user_attrs["speedup"] < best.user_attrs["speedup"]
@@ -476,16 +485,27 @@ def test_speed_gate_in_max_mode_only_skips_configs_slower_than_the_best(tmp_path
 
 
 def test_trial_speedup_comes_from_its_paired_baseline_calls(tmp_path, monkeypatch):
+    from optimize import measure
+
+    paired = []  # the baseline floor of each measurement's paired rounds, in order (None: unpaired)
+    original = measure.Evaluator.measure
+
+    def record(self, *args, **kwargs):
+        m = original(self, *args, **kwargs)
+        paired.append(m.reference.best if m.reference is not None else None)
+        return m
+
+    monkeypatch.setattr(measure.Evaluator, "measure", record)
     monkeypatch.chdir(tmp_path)
     code, out, err = run_cli(run_args(tmp_path, "--max-loss", "0.5", "--repeats", "2", "--scored-repeats", "3",
                                       "--n-trials", "2", "--no-speed-gate"))
     assert code == 0, out + err
     study = load_study(storage_url(tmp_path))
-    stored = study.user_attrs["baseline"]["time_per_image"]
-    for t in study.trials:
+    assert paired[0] is None and len(paired) == 1 + len(study.trials) == 3  # the study's baseline, then the trials
+    for t, reference in zip(study.trials, paired[1:]):
         a = t.user_attrs
         assert a["speedup"] == pytest.approx(a["baseline_time"] / a["time_per_image"])
-        assert a["baseline_time"] != stored  # timed beside the trial, not the stored baseline's time
+        assert a["baseline_time"] == reference  # timed beside the trial, not the stored baseline's time
         assert a["baseline_spread"] >= 0
         assert a["rounds"] == 3  # scored trials are topped up to --scored-repeats
 

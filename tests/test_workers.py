@@ -246,8 +246,11 @@ def test_two_workers_one_study(url, tmp_path, monkeypatch, one_thread):
     assert out.count("[w0 cpu] #") + out.count("[w1 cpu] #") == 4
     assert "finished its 2 trials" in err or "finished its 2 trials" in out
     study = _check_workers_study(url, 4, 2)
-    # both found no baseline and measured one; exactly one was stored, the other worker used it
-    assert out.count("measuring baseline") <= 2
+    # each worker either measured a baseline (both do when they start together on the fresh study) or
+    # found it stored; exactly one measurement was stored: every other measuring worker says it lost
+    measured, reused = out.count("measuring baseline"), out.count("reusing the stored baseline")
+    assert measured + reused == 2, out
+    assert measured - out.count("another worker stored the baseline first") == 1, out
     assert study.user_attrs["baseline"]["time_per_image"] > 0
     firsts = {}
     for t in study.trials:
@@ -273,7 +276,11 @@ def test_workers_join_a_study_with_a_baseline(pg_url, tmp_path, monkeypatch, one
     assert code == 0, out + err
     storage = open_storage(pg_url)
     (name,) = optuna.get_all_study_names(storage)
-    before = optuna.load_study(study_name=name, storage=storage).user_attrs
+    first = optuna.load_study(study_name=name, storage=storage)
+    # the stored baseline as a much slower machine would have measured it: a worker that divided by the
+    # stored time instead of re-timing here would give speedups near 1000x
+    first.set_user_attr("baseline", dict(first.user_attrs["baseline"], time_per_image=1000.0))
+    before = first.user_attrs
 
     code, out, err = run_cli(args + ["--n-trials", "2", "--workers", "2"])
     assert code == 0, out + err
@@ -286,7 +293,7 @@ def test_workers_join_a_study_with_a_baseline(pg_url, tmp_path, monkeypatch, one
     for t in study.trials[1:]:
         a = t.user_attrs
         assert t.state == TrialState.COMPLETE
-        assert a["baseline_time"] != base["time_per_image"]  # re-timed here, not the stored time
+        assert a["baseline_time"] < 100 and a["speedup"] < 100  # re-timed here, not the stored time
         assert a["speedup"] == pytest.approx(a["baseline_time"] / a["time_per_image"], rel=1e-9)
         assert a["score_loss"] == pytest.approx((base["clip_score"] - a["clip_score"]) / base["clip_score"], rel=1e-9)
     assert len({t.user_attrs["worker"] for t in study.trials}) == 3
@@ -326,7 +333,7 @@ def test_killed_worker_trial_is_rerun(url, tmp_path, monkeypatch, one_thread):
     worker started again (or the surviving one, after the grace period) re-runs the killed trial once;
     no completed trial is lost or duplicated."""
     argv = _args(tmp_path, url, "--max-loss", "0.05", "--heartbeat", "1", small=SLOW)
-    proc, log_path = _start(tmp_path, argv + ["--n-trials", "4", "--workers", "2"])
+    proc, log_path = _start(tmp_path, argv + ["--n-trials", "2", "--workers", "2"])  # one trial each
     watch = Watch(url)
     victim = _wait_running(proc, log_path, watch, 1)[0]
     completed_before = {t.number: t.values for t in watch.trials() if t.state == TrialState.COMPLETE}
@@ -337,7 +344,7 @@ def test_killed_worker_trial_is_rerun(url, tmp_path, monkeypatch, one_thread):
 
     time.sleep(2.5)  # grace period = 2 * heartbeat
     monkeypatch.chdir(tmp_path)
-    code, out, err = run_cli(argv + ["--n-trials", "2"])
+    code, out, err = run_cli(argv + ["--n-trials", "1"])  # the retry
     assert code == 0, out + err
     storage = open_storage(url)
     (name,) = optuna.get_all_study_names(storage)
