@@ -60,6 +60,7 @@ def scorer(device: str = "cpu", dtype: str = "fp32"):
     ``open_clip.create_model_and_transforms("testbed-clip", pretrained=<the shipped file>)``."""
     from ..metrics import ClipScorer
 
+    clip_weights()  # a missing file is one clear error, not open_clip's
     return ClipScorer(CLIP_NAME, CLIP_PRETRAINED, device=device, dtype=dtype)
 
 
