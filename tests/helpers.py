@@ -56,7 +56,7 @@ def goal_opts(steps: int = 8, target: float | None = None, max_loss: float = 0.0
     from optimize.study import Goal
 
     goal = Goal(mode or ("target" if target is not None else "max"), target, max_loss, loss_metric)
-    return resolve_pipe("tiny"), SimpleNamespace(scheduler=scheduler, steps=steps, goal=goal)
+    return resolve_pipe("tiny"), SimpleNamespace(scheduler=scheduler, steps=steps, goal=goal, exec_mode="eager")
 
 
 def load_study(url: str, name: str | None = None) -> optuna.Study:
