@@ -35,7 +35,7 @@ from optimize.pipelines import default_guidance, is_xl, load_pipeline, resolve_p
 from optimize.files import atomic_write  # noqa: E402
 
 PROMPT = "a photograph of an astronaut riding a horse"
-PARTS = ("equal", "e2e", "p1", "memory", "overhead", "compile")
+PARTS = ("equal", "e2e", "p1", "memory", "overhead", "compile", "breakdown")
 
 
 class _NoScore:
@@ -175,15 +175,64 @@ def run_compile(pipe, args, xl):
     with ev._untouched() as p:
         got = call(p, args.steps, args.batch, args.guidance)
     rows["baseline_max_diff_vs_eager"] = float(np.abs(got - ref).max())
-    for n in args.dc:
+    gate = min(10, args.steps - 2)
+    configs = {f"dc{n}": Config(deepcache=DeepCache(n, 0)) for n in args.dc}
+    configs.update({"tome0.5": Config(tome=ToMe(0.5, 2 if xl else 1)), f"tgate{gate}": Config(tgate=TGate(gate, 5, 1, 2)),
+                    "dc5+tome+tgate": Config(DeepCache(5, 0), ToMe(0.5, 2 if xl else 1), TGate(gate, 5, 1, 2))})
+    for name, cfg in configs.items():
         try:
-            t, b = ev.time(Config(deepcache=DeepCache(n, 0)))
-            rows[f"dc{n}_vs_eager"] = eager.best / t.best
-            rows[f"dc{n}_vs_compiled_baseline"] = b.best / t.best
+            t, b = ev.time(cfg)
+            rows[f"{name}_vs_eager"] = eager.best / t.best
+            rows[f"{name}_vs_compiled_baseline"] = b.best / t.best
         except Exception as exc:
-            rows[f"dc{n}_error"] = f"{type(exc).__name__}: {exc}"[:300]
+            rows[f"{name}_error"] = f"{type(exc).__name__}: {exc}"[:300]
+            traceback.print_exc()
     rows["first_measure_s"] = time.perf_counter() - first
     ev.close()
+    return rows
+
+
+def _cuda_ms(fn, n=5) -> float:
+    """Median of ``n`` timed calls after one warm-up, between CUDA events (eager)."""
+    fn()
+    times = []
+    for _ in range(n):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return float(np.median(times))
+
+
+@torch.no_grad()
+def run_breakdown(pipe, args, xl):
+    """Where an eager call's time goes outside the denoising loop: prompt encoding and the VAE decode as
+    the pipeline runs it (SDXL's VAE config says ``force_upcast``: the pipeline decodes in fp32)."""
+    size = int(pipe.unet.config.sample_size * pipe.vae_scale_factor)
+    lat = torch.randn(args.batch, pipe.unet.config.in_channels, size // pipe.vae_scale_factor,
+                      size // pipe.vae_scale_factor, device="cuda", dtype=torch.float16)
+    upcast = bool(getattr(pipe.vae.config, "force_upcast", False))
+    rows = {"encode_prompt_ms": _cuda_ms(lambda: pipe.encode_prompt(prompt=PROMPT, device="cuda", num_images_per_prompt=args.batch,
+                                        do_classifier_free_guidance=True, negative_prompt="")),
+            "vae_force_upcast": upcast,
+            "vae_decode_fp16_ms": _cuda_ms(lambda: pipe.vae.decode(lat / pipe.vae.config.scaling_factor))}
+    if upcast:
+        pipe.vae.to(torch.float32)
+        rows["vae_decode_fp32_ms"] = _cuda_ms(lambda: pipe.vae.decode(lat.float() / pipe.vae.config.scaling_factor))
+        pipe.vae.to(torch.float16)
+    emb = pipe.encode_prompt(prompt=PROMPT, device="cuda", num_images_per_prompt=args.batch,
+                                        do_classifier_free_guidance=True, negative_prompt="")
+    cond = torch.cat([emb[1], emb[0]])
+    x = torch.cat([lat] * 2)
+    kw = {}
+    if xl:
+        pooled = torch.cat([emb[3], emb[2]])
+        ids = torch.tensor([[size, size, 0, 0, size, size]] * x.shape[0], device="cuda", dtype=torch.float16)
+        kw["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": ids}
+    t = torch.tensor(500, device="cuda")
+    rows["unet_step_eager_ms"] = _cuda_ms(lambda: pipe.unet(x, t, cond, **kw), n=10)
     return rows
 
 
@@ -224,7 +273,7 @@ def main() -> None:
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"{args.pipe}-graphs" + (f"-{args.tag}" if args.tag else "") + ".json")
     runners = {"equal": run_equal, "e2e": run_e2e, "p1": run_p1, "memory": run_memory, "overhead": run_overhead,
-               "compile": run_compile}
+               "compile": run_compile, "breakdown": run_breakdown}
     for part in parts:
         print("==", part, flush=True)
         t = time.perf_counter()
@@ -253,7 +302,7 @@ def summary(result) -> None:
     for p1 in result.get("p1", []) if isinstance(result.get("p1"), list) else []:
         for name, row in p1["speedups"].items():
             print(f"  P1 graphs {p1['rounds']} rounds {name:16s} A {row['A']:.4f} B {row['B']:.4f} diff {100 * row['rel_diff']:.2f}%")
-    for part in ("memory", "overhead", "compile"):
+    for part in ("memory", "overhead", "compile", "breakdown"):
         if part in result:
             print(f"  {part}: {json.dumps(result[part], default=str)[:400]}")
 

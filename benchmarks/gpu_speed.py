@@ -116,7 +116,7 @@ def evaluator(pipe, args, prompts: int = 1, rounds: int | None = None):
     settings = GenerationSettings(args.steps, args.guidance, size, size, args.batch, 42)
     scorer = ClipScorer("tiny-clip", None, device=str(pipe.device))  # scoring is not what is measured here
     return Evaluator(pipe, scorer, load_prompts("builtin", max(prompts, args.batch)), settings,
-                     repeats=args.calls if rounds is None else rounds)
+                     repeats=args.calls if rounds is None else rounds, exec=args.exec)
 
 
 def timing_row(timed, base) -> dict:
@@ -135,6 +135,13 @@ def run_landscape(pipe, args, xl: bool, csv_path: str) -> list[dict]:
     """Every configuration of the grid through ``Evaluator.time`` (paired rounds, floors); the CSV is
     rewritten after each one, so a run cut short keeps what it measured."""
     ev = evaluator(pipe, args)
+    try:
+        return _landscape_rows(ev, args, xl, csv_path)
+    finally:
+        ev.close()  # frees the baseline's graphs in graph modes
+
+
+def _landscape_rows(ev, args, xl: bool, csv_path: str) -> list[dict]:
     rows = []
     for cfg in landscape_configs(args.steps, xl, args.quick):
         row = {"config": cfg.label(), "params": json.dumps(cfg.to_params()), "error": ""}
@@ -368,6 +375,8 @@ def main() -> None:
     ap.add_argument("--deadline-s", type=float, default=None,
                     help="stop measuring landscape configurations after this many seconds (the rest are listed as not measured)")
     ap.add_argument("--tmp", default="/tmp")
+    ap.add_argument("--exec", default="eager", choices=("eager", "graphs", "compile"),
+                    help="the execution mode of the landscape and p1opt parts (baseline and configurations alike)")
     args = ap.parse_args()
     args.crash_steps = [int(x) for x in args.crash_steps.split(",")]
     args.p1_rounds = [int(x) for x in (args.p1_rounds or str(args.calls)).split(",")]
@@ -391,7 +400,7 @@ def main() -> None:
         "pipe": args.pipe, "random_weights": not tiny, "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
         "date": dt.date.today().isoformat(), "torch": torch.__version__, "steps": args.steps, "batch": args.batch,
         "guidance": args.guidance, "calls": args.calls, "build_s": build_s, "command": " ".join(sys.argv),
-        "size": int(pipe.unet.config.sample_size * pipe.vae_scale_factor),
+        "size": int(pipe.unet.config.sample_size * pipe.vae_scale_factor), "exec": args.exec,
     }
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"{args.pipe}-{args.steps}steps-bs{args.batch}" + (f"-{args.tag}" if args.tag else ""))
