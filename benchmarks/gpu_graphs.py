@@ -170,6 +170,7 @@ def run_compile(pipe, args, xl):
     timed, base = ev.time(Config())  # first call compiles
     compile_s = time.perf_counter() - start
     eager = ev.time_eager(args.calls)
+    print(f"  compiled in {compile_s:.0f} s; baseline {eager.best / timed.best:.2f}x vs eager", flush=True)
     rows = {"blocks": blocks, "compile_and_first_measure_s": compile_s, "baseline_floor_ms": 1000 * timed.best,
             "baseline_vs_eager": eager.best / timed.best, "eager_floor_ms": 1000 * eager.best}
     with ev._untouched() as p:
@@ -184,6 +185,8 @@ def run_compile(pipe, args, xl):
             t, b = ev.time(cfg)
             rows[f"{name}_vs_eager"] = eager.best / t.best
             rows[f"{name}_vs_compiled_baseline"] = b.best / t.best
+            print(f"  compile+graphs {name}: {eager.best / t.best:.2f}x vs eager, {b.best / t.best:.2f}x vs compiled baseline "
+                  f"({time.perf_counter() - first:.0f} s)", flush=True)
         except Exception as exc:
             rows[f"{name}_error"] = f"{type(exc).__name__}: {exc}"[:300]
             traceback.print_exc()

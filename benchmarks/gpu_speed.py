@@ -24,6 +24,7 @@ import gc
 import json
 import os
 import platform
+import re
 import statistics
 import sys
 import time
@@ -144,6 +145,8 @@ def run_landscape(pipe, args, xl: bool, csv_path: str) -> list[dict]:
 def _landscape_rows(ev, args, xl: bool, csv_path: str) -> list[dict]:
     rows = []
     for cfg in landscape_configs(args.steps, xl, args.quick):
+        if args.match and not re.search(args.match, cfg.label()):
+            continue
         row = {"config": cfg.label(), "params": json.dumps(cfg.to_params()), "error": ""}
         if time.perf_counter() > args.deadline:
             row["error"] = NOT_MEASURED
@@ -375,6 +378,7 @@ def main() -> None:
     ap.add_argument("--deadline-s", type=float, default=None,
                     help="stop measuring landscape configurations after this many seconds (the rest are listed as not measured)")
     ap.add_argument("--tmp", default="/tmp")
+    ap.add_argument("--match", default=None, help="landscape: only the configurations whose label matches this regex")
     ap.add_argument("--exec", default="eager", choices=("eager", "graphs", "compile"),
                     help="the execution mode of the landscape and p1opt parts (baseline and configurations alike)")
     args = ap.parse_args()

@@ -68,7 +68,7 @@ def cli():
 @click.option("--prompts", "prompt_spec", default=None,
               help="coco, coco:<dataset>, builtin, or a .txt/.json/.csv file  [default: coco; tiny: builtin]")
 @click.option("--num-samples", type=int, default=None, help="Prompts to generate and score  [default: 32; tiny: 8]")
-@click.option("--clip-model", default=None, help="open_clip model  [default: ViT-g-14; tiny: tiny-clip]")
+@click.option("--clip-model", default=None, help="open_clip model  [default: ViT-g-14; tiny: testbed-clip; tiny-xl: tiny-clip]")
 @click.option("--clip-pretrained", default=None, help="open_clip weights, or none for random  [default: laion2b_s34b_b88k; tiny, random weights: none]")
 @click.option("--repeats", type=click.IntRange(0), default=None,
               help="Paired rounds (a baseline call, then a configured call) timed per configuration before the scoring pass; "
@@ -225,10 +225,13 @@ def check_run_options(o: dict) -> tuple[pipelines.PipeSpec, RunOptions]:
     if dtype == "fp16" and device == "cpu":
         raise Failure("--dtype fp16 is not supported on CPU (use fp32 or bf16)")
     prompt_spec = o["prompt_spec"] or ("builtin" if tiny else "coco")
+    if spec.kind == "tiny" and prompt_spec == "builtin":
+        prompt_spec = "testbed"  # the trained testbed's own held-out captions
     num_samples = o["num_samples"] if o["num_samples"] is not None else (8 if tiny else 32)
     _check_inputs(o, prompt_spec, num_samples, methods)
     # Random-weight pipelines get a random-weight scorer of the real size: its cost is real, its scores not.
-    default_clip = ("tiny-clip", None) if tiny else ("ViT-g-14", None if spec.kind == "random" else "laion2b_s34b_b88k")
+    default_clip = (("testbed-clip", "testbed") if spec.kind == "tiny" else ("tiny-clip", None) if tiny
+                    else ("ViT-g-14", None if spec.kind == "random" else "laion2b_s34b_b88k"))
     gpu = device.startswith("cuda")
     exec_mode = o["exec_mode"] or ("graphs" if gpu else "eager")
     try:

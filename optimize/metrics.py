@@ -2,7 +2,9 @@
 
 ``score = 100 * max(cos(image, text), 0)`` per image, images through open_clip's preprocessing, text
 through its tokenizer, both embeddings L2-normalised, scored in batches of 16. The default model is
-ViT-g-14 ``laion2b_s34b_b88k``; ``tiny-clip`` is a small random-weight model for offline runs.
+ViT-g-14 ``laion2b_s34b_b88k``; ``testbed-clip`` with pretrained ``testbed`` is the small trained model
+shipped with the package (:mod:`optimize.testbed`, the default scorer of ``--pipe tiny``); ``tiny-clip``
+is a small random-weight model for offline runs of random-weight pipelines.
 
 Example:
     >>> scorer = ClipScorer("tiny-clip", None, device="cpu")
@@ -20,6 +22,7 @@ import numpy as np
 
 DEFAULT_MODEL = ("ViT-g-14", "laion2b_s34b_b88k")
 TINY_MODEL = ("tiny-clip", None)
+TESTBED_MODEL = ("testbed-clip", "testbed")  # the shipped trained scorer (see optimize.testbed)
 _CONFIGS = os.path.join(os.path.dirname(__file__), "configs")
 _BATCH = 16
 
@@ -40,6 +43,12 @@ class ClipScorer:
 
         if model == TINY_MODEL[0]:
             open_clip.add_model_config(_CONFIGS)
+        elif model == TESTBED_MODEL[0]:
+            from . import testbed
+
+            testbed.register_clip_config()
+            if pretrained == TESTBED_MODEL[1]:
+                pretrained = testbed.clip_weights()  # a local file: open_clip loads it as the checkpoint
         root = logging.getLogger()
         level = root.level
         try:

@@ -1,8 +1,10 @@
 """Load the diffusers pipeline a study works on.
 
 ``--pipe`` accepts a preset (``sd1.5``, ``sd2.1``, ``sdxl``), a hub id, a local diffusers directory,
-or ``tiny`` / ``tiny-xl``: small SD / SDXL pipelines built offline from configs with random weights
-and a real CLIP tokenizer, so the whole flow runs on a CPU with no model hub.
+or ``tiny`` / ``tiny-xl``, which need no model hub: ``tiny`` is the trained testbed pipeline shipped
+in the package (:mod:`optimize.testbed`, a diffusers directory loaded with ``from_pretrained`` like any
+other), ``tiny-xl`` a small SDXL pipeline built from configs with random weights and a real CLIP
+tokenizer (:func:`build_tiny_pipeline` builds the random-weight SD one too, for tests).
 
 Example:
     >>> spec = resolve_pipe("tiny")
@@ -123,8 +125,8 @@ def load_pipeline(spec: PipeSpec, scheduler: str = "ddim", device: str = "cpu", 
     """Load (or build) the pipeline, set the scheduler, move it to ``device`` in ``dtype``."""
     import torch
 
-    if spec.kind in TINY:
-        pipe = build_tiny_pipeline(xl=spec.kind == "tiny-xl")
+    if spec.kind == "tiny-xl":
+        pipe = build_tiny_pipeline(xl=True)
         if dtype != "fp32":
             pipe.to(dtype=torch_dtype(dtype))
     elif spec.kind == "random":
@@ -135,8 +137,13 @@ def load_pipeline(spec: PipeSpec, scheduler: str = "ddim", device: str = "cpu", 
         kwargs = {"torch_dtype": torch_dtype(dtype)}
         if spec.is_xl is False:
             kwargs.update(safety_checker=None, requires_safety_checker=False)
+        source = spec.source
+        if spec.kind == "tiny":
+            from . import testbed
+
+            source = testbed.pipeline_dir()
         try:
-            pipe = DiffusionPipeline.from_pretrained(spec.source, **kwargs)
+            pipe = DiffusionPipeline.from_pretrained(source, **kwargs)
         except Exception as e:  # noqa: BLE001 - any loader failure becomes one clear line
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise PipelineError(f"could not load pipeline {spec.source!r}: {first}") from e

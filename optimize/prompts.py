@@ -2,7 +2,8 @@
 
 ``--prompts`` takes ``coco`` (``datasets.load_dataset("phiyodr/coco2017")``, validation split, first
 caption of each image), ``coco:<dataset dir or hub id>`` (any dataset in COCO's schema), ``builtin``
-(the captions in ``builtin_prompts.txt``, offline) or a file: ``.txt`` one prompt a line, ``.json`` a
+(the captions in ``builtin_prompts.txt``, offline), ``testbed`` (the held-out captions of the trained
+testbed pipeline, what ``builtin`` means for ``--pipe tiny``) or a file: ``.txt`` one prompt a line, ``.json`` a
 list of strings, ``.csv`` with a ``prompt`` or ``caption`` column.
 
 Example:
@@ -27,7 +28,7 @@ class PromptsError(ValueError):
 
 def check_spec(spec: str) -> None:
     """Cheap checks run before anything loads: the file exists and has a known format."""
-    if spec in ("coco", "builtin") or spec.startswith("coco:"):
+    if spec in ("coco", "builtin", "testbed") or spec.startswith("coco:"):
         return
     if not os.path.isfile(spec):
         raise PromptsError(f"prompts file {spec!r} does not exist (or use 'coco', 'coco:<dataset>' or 'builtin')")
@@ -44,6 +45,10 @@ def load_prompts(spec: str, num_samples: int) -> list[str]:
     check_spec(spec)
     if spec == "builtin":
         prompts = _read_txt(_BUILTIN)
+    elif spec == "testbed":
+        from .testbed import captions
+
+        prompts = captions("heldout")
     elif spec == "coco" or spec.startswith("coco:"):
         prompts = _read_coco(spec.partition(":")[2] or COCO_DATASET, num_samples)
     else:

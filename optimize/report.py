@@ -417,7 +417,7 @@ def _random_weights(study) -> bool:
     """Whether the study's pipeline or CLIP model had random weights (its scores mean nothing)."""
     record = StudyRecord.load(study)
     fp = record.fingerprint if record else None
-    return fp is not None and (str(fp.pipe or "").startswith(("random:", "tiny")) or str(fp.clip or "").endswith("/None"))
+    return fp is not None and (str(fp.pipe or "").startswith(("random:", "tiny-xl")) or str(fp.clip or "").endswith("/None"))
 
 
 def _figure_sections(study, goal: Goal) -> list[str]:

@@ -312,7 +312,7 @@ class Search:
         opts, echo = self.opts, self.echo
         self.prompts, self.storage, self.fingerprint, self.study, n_before = prepare_study(self.spec, opts)
         echo(f"study {self.study.study_name} ({redact(opts.storage)}): {n_before} trials so far, adding {opts.n_trials}")
-        if self.spec.kind in ("random", "tiny", "tiny-xl") or opts.clip_pretrained is None:
+        if self.spec.kind in ("random", "tiny-xl") or opts.clip_pretrained is None:
             echo("note: random weights (pipeline or CLIP model): speed is real, CLIP scores and losses are meaningless")
 
     def load(self) -> None:

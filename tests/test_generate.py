@@ -29,7 +29,7 @@ from optimize.study import Goal, best_feasible
 PROMPT = "a red fox in the snow"
 PARAMS = {"deepcache": True, "deepcache.cache_interval": 3, "deepcache.cache_branch_id": 0, "tome": False,
           "tgate": True, "tgate.gate_step": 5, "tgate.sp_interval": 2, "tgate.fi_interval": 1, "tgate.warm_up": 1}
-ENTRY = {"model": "tiny", "pipe": "tiny", "scheduler": "ddim", "steps": 8, "guidance": 7.5, "height": 32, "width": 32,
+ENTRY = {"model": "tiny", "pipe": "tiny", "scheduler": "ddim", "steps": 8, "guidance": 7.5, "height": 64, "width": 64,
          "dtype": "fp32", "params": PARAMS}
 
 
@@ -56,7 +56,7 @@ def _meta(path) -> dict:
         return json.loads(image.text["optimize-sd"])
 
 
-def _direct(pipe, params, prompt=PROMPT, seed=42, steps=8, guidance=7.5, size=32) -> np.ndarray:
+def _direct(pipe, params, prompt=PROMPT, seed=42, steps=8, guidance=7.5, size=64) -> np.ndarray:
     """What the study's protocol makes for ``prompt``: the pipeline called directly."""
     kwargs = dict(prompt=prompt, num_inference_steps=steps, guidance_scale=guidance, height=size, width=size,
                   generator=torch.Generator("cpu").manual_seed(seed))
@@ -155,7 +155,7 @@ def test_study_best_trial_and_params_file_give_the_studys_image(maxrun, tmp_path
     lines = out.splitlines()
     assert lines[0] == (f"study {maxrun.study_name} trial #{best.number}: {best.user_attrs['config']} "
                         "(tiny, ddim, 8 steps, cpu)")
-    assert lines[1].startswith(f"wrote {from_study} (32x32, seed 42, ") and lines[1].endswith(PROMPT)
+    assert lines[1].startswith(f"wrote {from_study} (64x64, seed 42, ") and lines[1].endswith(PROMPT)
     meta = _meta(from_study)
     assert meta["params"] == Config.from_params(best.params).to_params()
     assert (meta["seed"], meta["steps"], meta["guidance"], meta["prompt"]) == (42, 8, 7.5, PROMPT)

@@ -130,7 +130,7 @@ def test_every_scheduler_runs(scheduler):
     # 4, not 3: PNDM built from a config without skip_prk_steps (as tiny's) does a PRK warm-up, and in
     # that mode diffusers' PNDMScheduler.set_timesteps fails below 4 steps
     images = generate(pipe, PROMPT, 4)
-    assert images.shape == (1, 32, 32, 3) and np.isfinite(images).all()
+    assert images.shape == (1, 64, 64, 3) and np.isfinite(images).all()
 
 
 def test_set_scheduler_changes_output(tiny_pipe):

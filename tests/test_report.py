@@ -497,7 +497,7 @@ def test_report_renders_in_chromium(browser, synthetic, target, tmp_path):
         if label == "synthetic":  # made without a model: no images, a note instead
             assert sizes == [] and page.evaluate("!!document.getElementById('no-images')")
         else:  # baseline, best and front columns of the search's 2 prompts, all decoded by the browser
-            assert len(sizes) >= 4 and all(w == 32 for w in sizes), sizes
+            assert len(sizes) >= 4 and all(w == 64 for w in sizes), sizes
         shot = tmp_path / f"report-{label}.png"
         width, height = page.screenshot(shot)
         assert height > 1500, height  # four figures and the table, not an error page

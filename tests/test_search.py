@@ -277,7 +277,7 @@ def test_dashboard_sees_constraints(which, tmp_path_factory):
 # --- 9. a killed worker's trial is retried -------------------------------------------------------------
 
 # A trial lasts a few seconds here, so the worker is surely mid-trial when it is killed.
-SLOW = ["--pipe", "tiny", "--steps", "12", "--num-samples", "3", "--no-progress"]
+SLOW = ["--pipe", "tiny", "--steps", "12", "--num-samples", "3", "--clip-model", "tiny-clip", "--no-progress"]  # see helpers.SMALL
 
 
 def _start_worker_until_running(tmp_path, argv):
