@@ -280,15 +280,22 @@ def test_dashboard_sees_constraints(which, tmp_path_factory):
 SLOW = ["--pipe", "tiny", "--steps", "12", "--num-samples", "3", "--no-progress"]
 
 
+def _env() -> dict:
+    """A subprocess's environment: one torch thread (as conftest sets for this process), no hub, and this
+    checkout's package first on the path (not whichever copy is installed)."""
+    threads = os.environ.get("OPTIMIZE_TEST_THREADS", "1")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(runner.__file__)))
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+    return dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, HF_HUB_OFFLINE="1", PYTHONPATH=path)
+
+
 def _start_worker_until_running(tmp_path, argv):
     """Start ``optimize-sd run`` in a subprocess; return it and the number of its running trial
     (one after the baseline, with its config chosen)."""
     db = os.path.join(str(tmp_path), "s.db")
     log = open(tmp_path / "worker.log", "w")
-    threads = os.environ.get("OPTIMIZE_TEST_THREADS", "1")  # as conftest sets for this process
-    env = dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, HF_HUB_OFFLINE="1")
     proc = subprocess.Popen([sys.executable, "-m", "optimize.cli", *argv, "--n-trials", "3"],
-                            cwd=str(tmp_path), stdout=log, stderr=subprocess.STDOUT, env=env)
+                            cwd=str(tmp_path), stdout=log, stderr=subprocess.STDOUT, env=_env())
     log.close()
     running = None
     try:
