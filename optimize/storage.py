@@ -19,6 +19,11 @@ import json
 import os
 from typing import Any
 
+import optuna
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.storages._rdb import models
+from optuna.trial import TrialState
+
 DEFAULT_STORAGE = "sqlite:///studies/optimize-sd.db"
 SCHEMES = ("sqlite", "postgresql", "mysql")
 SQLITE_TIMEOUT = 60  # seconds a write waits for another process's lock (``?timeout=N`` in the URL overrides)
@@ -27,6 +32,29 @@ CONNECT_TIMEOUT = 10  # seconds to reach a PostgreSQL server (``?connect_timeout
 
 class StorageError(ValueError):
     pass
+
+
+class HeartbeatStorage(RDBStorage):
+    """Optuna's RDB storage, where no running trial is ever left without a heartbeat.
+
+    Optuna fails a stale trial only if it has a heartbeat row, which a thread writes once the trial
+    runs: a process killed between creating (or popping) a trial and that thread's first write left the
+    trial RUNNING for good. Here a created trial gets its first heartbeat in the same transaction, and a
+    queued one just before it is popped.
+    """
+
+    def _get_prepared_new_trial(self, study_id, template_trial, session):
+        trial = super()._get_prepared_new_trial(study_id, template_trial, session)
+        if template_trial is None:  # a trial created to run now (not a queued or copied one)
+            session.add(models.TrialHeartbeatModel(trial_id=trial.trial_id))
+        return trial
+
+    def set_trial_state_values(self, trial_id: int, state: TrialState, values=None) -> bool:
+        if state == TrialState.RUNNING:
+            # A queued trial being popped: its heartbeat before it runs (a row on a trial still waiting,
+            # or one another process pops first, is harmless).
+            self.record_heartbeat(trial_id)
+        return super().set_trial_state_values(trial_id, state, values)
 
 
 def redact(url: str) -> str:
@@ -71,7 +99,7 @@ def _engine_url(url: str):
     return u
 
 
-def open_storage(url: str, heartbeat_interval: int = 60, grace_period: int | None = None):
+def open_storage(url: str, heartbeat_interval: int = 60, grace_period: int | None = None) -> HeartbeatStorage:
     """An RDB storage with heartbeat and retry of trials whose worker died.
 
     Many processes may open one fresh database at once (workers on several machines): table creation
@@ -81,8 +109,6 @@ def open_storage(url: str, heartbeat_interval: int = 60, grace_period: int | Non
     import random
     import time
 
-    import optuna
-    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
     u = _engine_url(url)
     backend = u.get_backend_name()
     connect_args: dict[str, Any] = {}
@@ -105,7 +131,7 @@ def open_storage(url: str, heartbeat_interval: int = 60, grace_period: int | Non
     for attempt in range(6):
         try:
             with _schema_lock(u, connect_args):
-                return RDBStorage(
+                return HeartbeatStorage(
                     full_url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_interval,
                     grace_period=grace_period or 2 * heartbeat_interval,
                     heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=2),
@@ -176,7 +202,6 @@ def insert_study_user_attr_once(storage, study_id: int, key: str, value: Any) ->
     The database's unique (study, key) constraint decides between processes racing to set it, on
     SQLite and PostgreSQL alike: exactly one wins, the others read the winner's value.
     """
-    from optuna.storages._rdb import models
     from sqlalchemy.exc import IntegrityError
 
     table = models.StudyUserAttributeModel.__table__
@@ -190,7 +215,6 @@ def insert_study_user_attr_once(storage, study_id: int, key: str, value: Any) ->
 
 def storage_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that mean the storage failed under a running study (lost server, locked file)."""
-    import optuna
     from sqlalchemy.exc import SQLAlchemyError
 
     return (optuna.exceptions.StorageInternalError, SQLAlchemyError)

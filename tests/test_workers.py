@@ -16,6 +16,7 @@ import time
 
 import optuna
 import pytest
+import sqlalchemy
 from optuna.trial import TrialState
 
 try:
@@ -81,6 +82,16 @@ class Watch:
         except Exception:  # noqa: BLE001 - tables being created, file locked for a moment
             return None
 
+    def heartbeats(self) -> set[int]:
+        """The ids of the trials that have a heartbeat row."""
+        if self.storage is None:
+            return set()
+        try:
+            with self.storage.engine.connect() as conn:
+                return {row[0] for row in conn.execute(sqlalchemy.text("SELECT trial_id FROM trial_heartbeats"))}
+        except Exception:  # noqa: BLE001 - tables being created, file locked for a moment
+            return set()
+
     def trials(self) -> list:
         study = self.study()
         if study is None or "baseline" not in study.user_attrs:
@@ -101,10 +112,13 @@ def _start(directory, argv) -> tuple[subprocess.Popen, str]:
 
 
 def _wait_running(proc, log_path, watch: Watch, n: int, timeout: float = 300) -> list:
-    """Wait until ``n`` trials run with their config chosen (after the baseline); return them."""
+    """Wait until ``n`` trials run with their config chosen (after the baseline), each with a heartbeat
+    row, which is what lets another process retry it; return them."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and proc.poll() is None:
-        running = [t for t in watch.trials() if t.state == TrialState.RUNNING and "config" in t.user_attrs]
+        beating = watch.heartbeats()
+        running = [t for t in watch.trials() if t.state == TrialState.RUNNING and "config" in t.user_attrs
+                   and t._trial_id in beating]
         if len(running) >= n:
             return running
         time.sleep(0.1)
@@ -210,6 +224,62 @@ def test_fresh_database_opened_by_many_processes(url, tmp_path):
     assert {(r[1], r[2]) for r in results} == {(results[0][1], winner)}
     storage = open_storage(url)
     assert optuna.get_all_study_names(storage) == ["race"]
+
+
+# --- trials whose process died ----------------------------------------------------------------------
+
+DIES_RUNNING = """
+import os, signal, sys
+import optuna
+from optimize.storage import open_storage
+url = sys.argv[1]
+storage = open_storage(url, heartbeat_interval=1)
+study = optuna.create_study(storage=storage, study_name="s", load_if_exists=True)
+study.enqueue_trial({"x": 3})
+queued, fresh = study.ask(), study.ask()
+print(queued.number, fresh.number, flush=True)
+# killed with both trials RUNNING, before Study.optimize's heartbeat thread would have written anything
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def _die_running(url, tmp_path) -> list[int]:
+    """Two trials (one popped from the queue, one created) left RUNNING by a process killed at once."""
+    proc = subprocess.run([sys.executable, "-c", DIES_RUNNING, url], cwd=str(tmp_path),
+                          capture_output=True, text=True, env=_env(), timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stdout + proc.stderr
+    return [int(n) for n in proc.stdout.split()]
+
+
+def _age_heartbeats(storage) -> None:
+    """As if the grace period had passed: every heartbeat row made years old (rather than waiting)."""
+    import datetime
+
+    with storage.engine.begin() as conn:
+        conn.execute(sqlalchemy.text("UPDATE trial_heartbeats SET heartbeat = :t"), {"t": datetime.datetime(2000, 1, 1)})
+
+
+def _retries_of(trials, number: int) -> list:
+    return [t for t in trials if t.system_attrs.get("retry_history", [])[-1:] == [number]]
+
+
+def test_trial_killed_before_its_first_heartbeat_is_retried(url, tmp_path):
+    """A process killed right after a trial became RUNNING (created, or popped from the queue) left no
+    heartbeat of its own: the trial still goes stale after the grace period and is re-queued, once."""
+    numbers = _die_running(url, tmp_path)
+    storage = open_storage(url, heartbeat_interval=1)
+    study = optuna.load_study(study_name="s", storage=storage)
+    assert [t.state for t in study.get_trials()] == [TrialState.RUNNING] * 2
+    _age_heartbeats(storage)
+    optuna.storages.fail_stale_trials(study)  # what every worker does before it starts a trial
+    trials = optuna.load_study(study_name="s", storage=open_storage(url)).get_trials()
+    assert [trials[n].state for n in numbers] == [TrialState.FAIL] * 2
+    for n in numbers:
+        (retry,) = _retries_of(trials, n)
+        assert retry.state == TrialState.WAITING and retry.system_attrs["failed_trial"] == n
+    assert _retries_of(trials, numbers[0])[0].system_attrs["fixed_params"] == {"x": 3}  # the same configuration
+    optuna.storages.fail_stale_trials(study)
+    assert len(optuna.load_study(study_name="s", storage=open_storage(url)).get_trials()) == len(trials)  # once
 
 
 # --- two workers, one study ------------------------------------------------------------------------
