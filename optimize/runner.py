@@ -39,8 +39,8 @@ from .metrics import ClipScorer, FidelityScorer, MetricError, lpips_available, l
 from .params_file import run_entry, search_params_key, update_search_params
 from .prompts import PromptsError, load_prompts, prompts_hash
 from .search import Objective, SearchSpace, make_sampler, warm_start_params
-from .storage import StorageError, first_line, open_storage, redact, storage_cause, storage_errors
-from .study import WORKER, Fingerprint, Goal, StudyRecord, goal_of, study_result
+from .storage import MAX_RETRY, StorageError, first_line, open_storage, redact, storage_cause, storage_errors
+from .study import OWNER, WORKER, Fingerprint, Goal, StudyRecord, goal_of, study_result
 
 
 class RunError(Exception):
@@ -140,7 +140,7 @@ def _check_existing(study: optuna.Study, opts: RunOptions, fingerprint: Fingerpr
         _check_fingerprint(baseline.fingerprint, fingerprint)
 
 
-def _open_study(storage, name: str, opts: RunOptions, fingerprint: Fingerprint):
+def _open_study(storage, name: str, opts: RunOptions, fingerprint: Fingerprint, echo):
     """Create the study, or load it and check it was made for the same goal and settings.
 
     Race-free for workers that start together on a fresh database, on one machine or several: the
@@ -159,26 +159,51 @@ def _open_study(storage, name: str, opts: RunOptions, fingerprint: Fingerprint):
                     study.enqueue_trial(params, skip_if_exists=True)
         else:
             _check_existing(study, opts, fingerprint)  # another worker stored its settings first
+    _retry_dead_trials(storage, study, echo)
     # Trials run so far; enqueued ones (warm start, retries of dead workers' trials) are still to come.
     n_before = len([t for t in study.get_trials(deepcopy=False) if t.state != TrialState.WAITING])
     study.sampler = make_sampler(sampler_seed(opts.seed, n_before, opts.worker_index))
     return study, n_before
 
 
-def prepare_study(spec: pipelines.PipeSpec, opts: RunOptions):
-    """Everything before the pipeline loads: prompts, storage, the study (created or checked).
+def _retry_dead_trials(storage, study: optuna.Study, echo) -> None:
+    """A run started again at once after ``kill -9`` (or a crash) on this machine: the dead run's trial
+    is failed and queued again now, not once its heartbeat is stale (trials of other machines wait for
+    theirs). One line says which."""
+    failed = storage.fail_dead_trials(study)
+    if len(failed) == 1:
+        (trial, queued), = failed
+        echo(f"trial #{trial.number} was left running by pid {trial.system_attrs[OWNER]['pid']} on this machine, "
+             f"which is gone: marked failed{_queued_again(queued)}")
+    elif failed:
+        echo("trials left running by processes gone from this machine, marked failed: " + ", ".join(
+            f"#{t.number} (pid {t.system_attrs[OWNER]['pid']}, {_fate(q)})" for t, q in failed))
+
+
+def _fate(queued: bool) -> str:
+    return "queued again" if queued else f"not queued again: retried {MAX_RETRY} times already"
+
+
+def _queued_again(queued: bool) -> str:
+    """How a line about a failed trial ends: ``... marked failed`` + this."""
+    return f" and {_fate(queued)}" if queued else f" ({_fate(queued)})"
+
+
+def prepare_study(spec: pipelines.PipeSpec, opts: RunOptions, echo: console.Echo = lambda line, err=False: None):
+    """Everything before the pipeline loads: prompts, storage, the study (created or checked), the trials
+    of dead runs of this machine queued again (said in one line to ``echo``).
 
     Returns ``(prompts, storage, fingerprint, study, n_before)``; bad input is one :class:`RunError`.
     """
     try:
         prompts = load_prompts(opts.prompt_spec, opts.num_samples)
-        storage = open_storage(opts.storage, heartbeat_interval=opts.heartbeat)
+        storage = open_storage(opts.storage, heartbeat_interval=opts.heartbeat, owner_key=OWNER)
     except (PromptsError, StorageError) as e:
         raise RunError(str(e)) from None
     fingerprint = fingerprint_for(spec, opts, prompts)
     name = opts.study_name or study_name_for(spec, opts)
     try:
-        study, n_before = _open_study(storage, name, opts, fingerprint)
+        study, n_before = _open_study(storage, name, opts, fingerprint, echo)
     except storage_errors() as e:
         raise RunFailure(f"storage {redact(opts.storage)} failed: {first_line(e)}") from None
     return prompts, storage, fingerprint, study, n_before
@@ -310,7 +335,7 @@ class Search:
     # --- the steps ---------------------------------------------------------------------------------
     def open(self) -> None:
         opts, echo = self.opts, self.echo
-        self.prompts, self.storage, self.fingerprint, self.study, n_before = prepare_study(self.spec, opts)
+        self.prompts, self.storage, self.fingerprint, self.study, n_before = prepare_study(self.spec, opts, echo)
         echo(f"study {self.study.study_name} ({redact(opts.storage)}): {n_before} trials so far, adding {opts.n_trials}")
         if self.spec.kind in ("random", "tiny", "tiny-xl") or opts.clip_pretrained is None:
             echo("note: random weights (pipeline or CLIP model): speed is real, CLIP scores and losses are meaningless")
