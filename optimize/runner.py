@@ -323,14 +323,29 @@ class Search:
         self.spec, self.opts, self.echo = spec, opts, echo
         self.unsaved: OSError | None = None  # the last failure to write search_params.json, until a write succeeds
         self.store = None
+        self.study = None
 
     def run(self) -> None:
-        self.open()
-        self.load()
-        self.get_baseline()
-        self.build_objective()
-        self.optimize()
-        self.finish()
+        """The steps in order. A scheduler's pre-emption (SIGTERM) ends any of them like Ctrl-C: one line
+        and exit 130, not the default death (exit 143, nothing said); :meth:`optimize` says more."""
+        previous = signal.signal(signal.SIGTERM, _interrupt)
+        steps = ((self.open, "while opening the study"), (self.load, "while loading the models"),
+                 (self.get_baseline, "while measuring the baseline"), (self.build_objective, "before the first trial"),
+                 (self.optimize, "during the trials"), (self.finish, "after the trials"))
+        try:
+            for step, during in steps:
+                try:
+                    step()
+                except KeyboardInterrupt:  # optimize() says what became of the running trial itself
+                    raise Interrupted(f"interrupted {during}: {self.completed()} completed trials kept; "
+                                      "run the same command to resume") from None
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+    def completed(self) -> int:
+        if self.study is None:
+            return 0
+        return len(self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
 
     # --- the steps ---------------------------------------------------------------------------------
     def open(self) -> None:
@@ -407,17 +422,15 @@ class Search:
         opts, study = self.opts, self.study
         self.bar = tqdm(total=opts.n_trials, desc="trials", unit="trial", disable=not opts.progress, file=sys.stderr)
         optuna.logging.set_verbosity(optuna.logging.ERROR)  # our trial line reports failures
-        # A scheduler's pre-emption (SIGTERM) ends the run like Ctrl-C: the running trial is marked failed
-        # at once instead of waiting for its heartbeat to go stale.
-        previous = signal.signal(signal.SIGTERM, _interrupt)
+        # Ctrl-C or SIGTERM (run's handler): Optuna marks the running trial failed at once, instead of
+        # leaving it for its heartbeat to go stale.
         try:
             study.optimize(self.run_trial, n_trials=opts.n_trials, catch=(Exception,), callbacks=[self.after_trial],
                            gc_after_trial=True)
         except KeyboardInterrupt:
             self.bar.close()
-            done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
-            raise Interrupted(f"interrupted: {done} completed trials kept, the running one marked failed; "
-                              "run the same command to resume") from None
+            raise Interrupted(f"interrupted: {self.completed()} completed trials kept, the running one marked "
+                              "failed; run the same command to resume") from None
         except Exception as e:
             cause = storage_cause(e)
             if cause is None:
@@ -425,8 +438,6 @@ class Search:
             self.bar.close()
             raise RunFailure(f"storage {redact(opts.storage)} failed: {first_line(cause)}; completed trials are kept "
                              "and a running trial is retried when the study next runs") from None
-        finally:
-            signal.signal(signal.SIGTERM, previous)
         self.bar.close()
 
     def finish(self) -> None:

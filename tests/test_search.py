@@ -373,6 +373,34 @@ def test_killed_trial_is_retried(tmp_path, monkeypatch):
     assert all(t.state == TrialState.COMPLETE for t in trials if t.number not in (running,))
 
 
+@pytest.mark.timeout(400)
+def test_terminated_while_measuring_the_baseline(tmp_path):
+    """SIGTERM before the first trial (here: while the baseline is measured) ends the run as elsewhere:
+    exit 130 and one line, nothing half-stored."""
+    argv = run_args(tmp_path, "--max-loss", "0.05", "--n-trials", "1", small=SLOW[:-2] + ["8", "--no-progress"])
+    log_path = tmp_path / "worker.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "optimize.cli", *argv], cwd=str(tmp_path), stdout=log,
+                                stderr=subprocess.PIPE, env=_env(), text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while "measuring baseline" not in log_path.read_text() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert proc.poll() is None, log_path.read_text()
+        proc.send_signal(signal.SIGTERM)
+        err = proc.communicate(timeout=120)[1]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, (proc.returncode, err)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert lines == ["interrupted while measuring the baseline: 0 completed trials kept; run the same command to "
+                     "resume"], err
+    study = load_study(storage_url(tmp_path))
+    assert "baseline" not in study.user_attrs  # the signal came during the measurement
+    assert {t.state for t in study.trials} == {TrialState.WAITING}  # the warm start, still to come
+
+
 # --- warm start ----------------------------------------------------------------------------------------
 
 def test_warm_start_params_follow_the_methods():
