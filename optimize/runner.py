@@ -39,7 +39,8 @@ from .metrics import ClipScorer, FidelityScorer, MetricError, lpips_available, l
 from .params_file import run_entry, search_params_key, update_search_params
 from .prompts import PromptsError, load_prompts, prompts_hash
 from .search import Objective, SearchSpace, make_sampler, warm_start_params
-from .storage import MAX_RETRY, StorageError, first_line, open_storage, redact, storage_cause, storage_errors
+from .storage import (MAX_RETRY, StorageError, first_line, from_queue, open_storage, redact, storage_cause,
+                      storage_errors)
 from .study import OWNER, WORKER, Fingerprint, Goal, StudyRecord, goal_of, study_result
 
 
@@ -324,6 +325,7 @@ class Search:
         self.unsaved: OSError | None = None  # the last failure to write search_params.json, until a write succeeds
         self.store = None
         self.study = None
+        self.running = None  # the trial this process runs, while it runs one
 
     def run(self) -> None:
         """The steps in order. A scheduler's pre-emption (SIGTERM) ends any of them like Ctrl-C: one line
@@ -430,7 +432,7 @@ class Search:
         except KeyboardInterrupt:
             self.bar.close()
             raise Interrupted(f"interrupted: {self.completed()} completed trials kept, the running one marked "
-                              "failed; run the same command to resume") from None
+                              f"failed{self.queue_interrupted()}; run the same command to resume") from None
         except Exception as e:
             cause = storage_cause(e)
             if cause is None:
@@ -439,6 +441,21 @@ class Search:
             raise RunFailure(f"storage {redact(opts.storage)} failed: {first_line(cause)}; completed trials are kept "
                              "and a running trial is retried when the study next runs") from None
         self.bar.close()
+
+    def queue_interrupted(self) -> str:
+        """Queue the interrupted trial's configuration again if it came from the queue (a warm start, a
+        retry): the sampler would never propose it again, so it would stay failed for good. Within the
+        retry limit, as for a killed run's trial, so a configuration that is interrupted every time (it
+        hangs, say) does not come back for ever. What the line says about it ("" for a sampled one)."""
+        if self.running is None:
+            return ""
+        try:
+            trial = self.study._storage.get_trial(self.running)
+            if trial.state != TrialState.FAIL or not from_queue(trial):
+                return ""
+            return _queued_again(self.storage.requeue(self.study, trial))
+        except storage_errors() as e:  # the line still goes out
+            return f" (not queued again: storage failed: {first_line(e)})"
 
     def finish(self) -> None:
         """The study's result: one more try at search_params.json if a write failed, then the summary."""
@@ -469,6 +486,7 @@ class Search:
             self.echo(f"optimize-sd: warning: images not saved: {type(e).__name__}: {e}", err=True)
 
     def run_trial(self, trial: optuna.Trial) -> float:
+        self.running = trial._trial_id
         trial.set_user_attr(WORKER, self.worker)
         try:
             value = self.objective(trial)
@@ -482,6 +500,7 @@ class Search:
         return value
 
     def after_trial(self, study: optuna.Study, trial) -> None:
+        self.running = None
         self.bar.update(1)
         self.write(console.trial_line(trial))
         if trial.state == TrialState.FAIL:

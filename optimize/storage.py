@@ -33,10 +33,10 @@ SQLITE_TIMEOUT = 60  # seconds a write waits for another process's lock (``?time
 CONNECT_TIMEOUT = 10  # seconds to reach a PostgreSQL server (``?connect_timeout=N`` overrides)
 
 
-MAX_RETRY = 2  # times a trial's configuration is queued again after its run died
-# Optuna's own trial system attrs of its retry bookkeeping (RetryHeartbeatStaleTrialCallback), which the
-# re-queuing below keeps.
-FAILED_TRIAL, RETRY_HISTORY = "failed_trial", "retry_history"
+MAX_RETRY = 2  # times a trial's configuration is queued again after its run died or was interrupted
+# Optuna's own trial system attrs: the queue's (Study.enqueue_trial) and its retry bookkeeping
+# (RetryHeartbeatStaleTrialCallback), which the re-queuing below keeps.
+FIXED_PARAMS, FAILED_TRIAL, RETRY_HISTORY = "fixed_params", "failed_trial", "retry_history"
 
 
 class StorageError(ValueError):
@@ -118,6 +118,11 @@ class HeartbeatStorage(RDBStorage):
             state=TrialState.WAITING, params=trial.params, distributions=trial.distributions,
             user_attrs=trial.user_attrs, system_attrs=attrs))
         return True
+
+
+def from_queue(trial: FrozenTrial) -> bool:
+    """Whether a trial ran a queued configuration (a warm start, a retry) rather than a sampled one."""
+    return FIXED_PARAMS in trial.system_attrs or FAILED_TRIAL in trial.system_attrs
 
 
 def redact(url: str) -> str:

@@ -8,8 +8,9 @@ Every key optimize-sd stores in an Optuna study is spelt here, once:
   constraints under the system attr :data:`CONSTRAINTS_ATTR`, where optuna-dashboard shows feasibility
   and Optuna 5's TPE reads it; a running trial's process is its system attr :data:`OWNER`.
 
-Optuna's own keys of its retry bookkeeping (``failed_trial``, ``retry_history``) are spelt in
-:mod:`optimize.storage`, beside the re-queuing that writes them (that module sits below this one).
+Optuna's own keys of its queue and retry bookkeeping (``fixed_params``, ``failed_trial``,
+``retry_history``) are spelt in :mod:`optimize.storage`, beside the re-queuing that writes them
+(that module sits below this one).
 
 Three goals, each under a bound on a loss (``--loss-metric``: relative CLIP score loss by default;
 or PSNR, SSIM, LPIPS of each image against the baseline image of the same prompt and seed):

@@ -401,6 +401,41 @@ def test_terminated_while_measuring_the_baseline(tmp_path):
     assert {t.state for t in study.trials} == {TrialState.WAITING}  # the warm start, still to come
 
 
+def test_interrupted_warm_start_trial_is_queued_again(tmp_path, monkeypatch):
+    """Ctrl-C during a queued trial (warm start, or a retry): the configuration runs again when the
+    study next runs, with the retry bookkeeping; one that is interrupted every time stops after the
+    retry limit (2) instead of coming back for ever."""
+    from optimize import measure
+    from optimize.search import warm_start_params
+
+    original = measure.Evaluator.measure
+
+    def ctrl_c_on_dc3(self, config, **kwargs):  # Ctrl-C whenever DeepCache N=3 (the first warm start) runs
+        if config.deepcache is not None and config.deepcache.cache_interval == 3:
+            raise KeyboardInterrupt
+        return original(self, config, **kwargs)
+
+    monkeypatch.setattr(measure.Evaluator, "measure", ctrl_c_on_dc3)
+    monkeypatch.chdir(tmp_path)
+    argv = run_args(tmp_path, "--max-loss", "0.5")
+    code, out, err = run_cli(argv + ["--n-trials", "1"])  # #0 DC3 interrupted, re-queued as #2 behind #1 DC5
+    assert code == 130, out + err
+    assert "interrupted: 0 completed trials kept, the running one marked failed and queued again; run the same " \
+           "command to resume" in err
+    code, out, err = run_cli(argv + ["--n-trials", "3"])  # #1 DC5 completes, #2 (DC3 again) interrupted
+    assert code == 130 and "the running one marked failed and queued again" in err, out + err
+    code, out, err = run_cli(argv + ["--n-trials", "1"])  # #3 (DC3, third time) interrupted: the limit
+    assert code == 130, out + err
+    assert "the running one marked failed (not queued again: retried 2 times already)" in err
+
+    trials = load_study(storage_url(tmp_path)).trials
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE, TrialState.FAIL, TrialState.FAIL]
+    dc3 = warm_start_params(("deepcache", "tome", "tgate"), 8)[0]
+    assert [trials[n].params for n in (0, 2, 3)] == [dc3] * 3
+    assert [trials[n].system_attrs.get("retry_history") for n in (0, 2, 3)] == [None, [0], [0, 2]]
+    assert trials[2].system_attrs["failed_trial"] == trials[3].system_attrs["failed_trial"] == 0
+
+
 # --- warm start ----------------------------------------------------------------------------------------
 
 def test_warm_start_params_follow_the_methods():
