@@ -16,6 +16,7 @@ Example:
 from __future__ import annotations
 
 import gc
+import itertools
 import os
 import signal
 import socket
@@ -39,9 +40,9 @@ from .metrics import ClipScorer, FidelityScorer, MetricError, lpips_available, l
 from .params_file import run_entry, search_params_key, update_search_params
 from .prompts import PromptsError, load_prompts, prompts_hash
 from .search import Objective, SearchSpace, make_sampler, warm_start_params
-from .storage import (MAX_RETRY, StorageError, first_line, from_queue, open_storage, redact, storage_cause,
-                      storage_errors)
-from .study import OWNER, WORKER, Fingerprint, Goal, StudyRecord, goal_of, study_result
+from .storage import (MAX_RETRY, StorageError, first_line, from_queue, insert_study_system_attr_once, open_storage,
+                      redact, storage_cause, storage_errors)
+from .study import OWNER, SAMPLER_SLOT, WORKER, Fingerprint, Goal, StudyRecord, goal_of, study_result
 
 
 class RunError(Exception):
@@ -87,7 +88,6 @@ class RunOptions:
     speed_gate: bool = True
     images_per_trial: int = 4  # uploaded as artifacts, shown per trial by optuna-dashboard
     artifact_dir: str | None = None
-    worker_index: int = 0  # set by the launcher (optimize.workers): seeds the sampler apart from other workers
     devices: tuple[str, ...] = ()  # --workers / --gpus: one worker process per entry
     exec_mode: str = "eager"  # --exec: eager, graphs or compile (optimize.graphs)
 
@@ -111,12 +111,24 @@ def fingerprint_for(spec, opts: RunOptions, prompts: list[str]) -> Fingerprint:
     )
 
 
-def sampler_seed(seed: int, n_before: int, worker_index: int = 0) -> int:
-    """The TPE seed of one worker: derived from ``--seed``, fresh for every resumed run (or it would replay
-    the first run's random start-up trials), and distinct per worker and machine (or workers started
-    together would propose the same configurations). The same command on the same study state gets the
-    same seed."""
-    return zlib.crc32(f"{seed}:{n_before}:{socket.gethostname()}:{worker_index}".encode())
+def sampler_seed(seed: int, n_before: int, slot: int = 0) -> int:
+    """The TPE seed of one run: derived from ``--seed``, fresh for every resumed run (or it would replay
+    the first run's random start-up trials), and distinct per :func:`sampler_slot` (or runs started
+    together would propose the same configurations). The first run to open a study at a given trial
+    count gets slot 0, so the same command on a fresh study proposes the same start-up trials."""
+    return zlib.crc32(f"{seed}:{n_before}:{slot}".encode())
+
+
+def sampler_slot(storage, study: optuna.Study, n_before: int) -> int:
+    """This process's place among the runs that opened the study at ``n_before`` trials: the first free
+    one, taken by inserting a key the database holds once. Two identical commands started together
+    (same host, same trial count, both worker 0) therefore never get the same seed; pids or host names
+    would tell them apart too, but would make a single run's seed differ every time."""
+    for slot in itertools.count():
+        if insert_study_system_attr_once(storage, study._study_id, f"{SAMPLER_SLOT}:{n_before}:{slot}",
+                                         f"{socket.gethostname()}:{os.getpid()}"):
+            return slot
+    raise AssertionError("not reached")
 
 
 def _check_fingerprint(stored: dict, current: Fingerprint) -> None:
@@ -163,7 +175,7 @@ def _open_study(storage, name: str, opts: RunOptions, fingerprint: Fingerprint, 
     _retry_dead_trials(storage, study, echo)
     # Trials run so far; enqueued ones (warm start, retries of dead workers' trials) are still to come.
     n_before = len([t for t in study.get_trials(deepcopy=False) if t.state != TrialState.WAITING])
-    study.sampler = make_sampler(sampler_seed(opts.seed, n_before, opts.worker_index))
+    study.sampler = make_sampler(sampler_seed(opts.seed, n_before, sampler_slot(storage, study, n_before)))
     return study, n_before
 
 

@@ -271,9 +271,18 @@ def insert_study_user_attr_once(storage, study_id: int, key: str, value: Any) ->
     The database's unique (study, key) constraint decides between processes racing to set it, on
     SQLite and PostgreSQL alike: exactly one wins, the others read the winner's value.
     """
+    return _insert_once(storage, models.StudyUserAttributeModel, study_id, key, value)
+
+
+def insert_study_system_attr_once(storage, study_id: int, key: str, value: Any) -> bool:
+    """:func:`insert_study_user_attr_once` for a study system attr (not shown as the study's own)."""
+    return _insert_once(storage, models.StudySystemAttributeModel, study_id, key, value)
+
+
+def _insert_once(storage, model, study_id: int, key: str, value: Any) -> bool:
     from sqlalchemy.exc import IntegrityError
 
-    table = models.StudyUserAttributeModel.__table__
+    table = model.__table__
     try:
         with storage.engine.begin() as conn:
             conn.execute(table.insert().values(study_id=study_id, key=key, value_json=json.dumps(value)))

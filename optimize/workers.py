@@ -7,8 +7,10 @@ per device and waits for them:
 * worker *i* runs on its own device (``--gpus``: ``cuda:<index>``; ``--workers N``: N processes on
   ``--device``), with ``--n-trials`` split evenly between the workers (the first ones get the
   remainder), so the command adds exactly ``--n-trials`` trials to the study;
-* each worker's sampler seed is derived from ``--seed``, the worker's index and the host name, so no
-  two workers propose the same start-up configurations (TPE's constant liar keeps them apart later);
+* each worker's sampler seed is derived from ``--seed``, the trial count and a slot the database hands
+  to every process that opens the study (:func:`optimize.runner.sampler_slot`), so no two workers, nor
+  two commands started together, propose the same start-up configurations (TPE's constant liar keeps
+  them apart later);
 * the baseline is measured by whichever workers find none stored; the first one stored is kept (see
   :func:`optimize.runner.ensure_baseline`), and every worker times the baseline on its own device;
 * worker output comes back line by line, prefixed ``[w<i> <device>]``;

@@ -186,12 +186,37 @@ def test_gpus_and_workers_errors(args, needle, tmp_path):
     assert not os.path.exists(tmp_path / "s.db")
 
 
-def test_sampler_seeds_differ_per_worker_and_run():
+def test_sampler_seeds_differ_per_slot_and_run():
     from optimize.runner import sampler_seed
 
-    seeds = {sampler_seed(42, n, i) for n in (0, 5) for i in range(4)}
+    seeds = {sampler_seed(42, n, slot) for n in (0, 5) for slot in range(4)}
     assert len(seeds) == 8
     assert sampler_seed(42, 3, 1) == sampler_seed(42, 3, 1)
+
+
+def test_identical_runs_at_once_get_different_seeds(tmp_path, monkeypatch):
+    """Two identical commands open one study at once (same host, same trial count, both worker 0): the
+    database hands each a different slot, so their samplers differ; the same command on a fresh study
+    gets the first one's seed again (what --seed reproduces)."""
+    from optimize import runner
+    from optimize.cli import check_run_options, run
+
+    seeds = []
+    real = runner.make_sampler
+    monkeypatch.setattr(runner, "make_sampler", lambda seed: seeds.append(seed) or real(seed))
+    monkeypatch.chdir(tmp_path)
+
+    def open_study(directory):
+        argv = _args(directory, storage_url(directory), "--max-loss", "0.05", "--n-trials", "3")[1:]
+        spec, opts = check_run_options(run.make_context("run", argv).params)
+        return runner.prepare_study(spec, opts)[3]
+
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+    first, second = open_study(tmp_path / "a"), open_study(tmp_path / "a")  # neither has run a trial yet
+    assert first._study_id == second._study_id
+    open_study(tmp_path / "b")
+    assert len(seeds) == 3 and seeds[0] != seeds[1] and seeds[2] == seeds[0], seeds
 
 
 # --- a fresh database, many processes at once ------------------------------------------------------
