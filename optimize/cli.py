@@ -248,7 +248,7 @@ def check_run_options(o: dict) -> tuple[pipelines.PipeSpec, RunOptions]:
         goal=goal, methods=methods, n_trials=o["n_trials"], storage=o["storage"], study_name=o["study_name"],
         seed=o["seed"], output=o["output"], heartbeat=o["heartbeat"], progress=o["progress"], retime_every=o["retime_every"],
         warm_start=o["warm_start"], speed_gate=o["speed_gate"], images_per_trial=o["images_per_trial"], artifact_dir=o["artifact_dir"],
-        worker_index=o["worker_index"] or 0, devices=devices, exec_mode=exec_mode,
+        devices=devices, exec_mode=exec_mode,
     )
     return spec, opts
 

@@ -16,6 +16,7 @@ Example:
 from __future__ import annotations
 
 import gc
+import itertools
 import os
 import signal
 import socket
@@ -39,8 +40,9 @@ from .metrics import ClipScorer, FidelityScorer, MetricError, lpips_available, l
 from .params_file import run_entry, search_params_key, update_search_params
 from .prompts import PromptsError, load_prompts, prompts_hash
 from .search import Objective, SearchSpace, make_sampler, warm_start_params
-from .storage import StorageError, first_line, open_storage, redact, storage_cause, storage_errors
-from .study import WORKER, Fingerprint, Goal, StudyRecord, goal_of, study_result
+from .storage import (MAX_RETRY, StorageError, first_line, from_queue, insert_study_system_attr_once, open_storage,
+                      redact, storage_cause, storage_errors)
+from .study import OWNER, SAMPLER_SLOT, WORKER, Fingerprint, Goal, StudyRecord, goal_of, study_result
 
 
 class RunError(Exception):
@@ -86,7 +88,6 @@ class RunOptions:
     speed_gate: bool = True
     images_per_trial: int = 4  # uploaded as artifacts, shown per trial by optuna-dashboard
     artifact_dir: str | None = None
-    worker_index: int = 0  # set by the launcher (optimize.workers): seeds the sampler apart from other workers
     devices: tuple[str, ...] = ()  # --workers / --gpus: one worker process per entry
     exec_mode: str = "eager"  # --exec: eager, graphs or compile (optimize.graphs)
 
@@ -110,12 +111,24 @@ def fingerprint_for(spec, opts: RunOptions, prompts: list[str]) -> Fingerprint:
     )
 
 
-def sampler_seed(seed: int, n_before: int, worker_index: int = 0) -> int:
-    """The TPE seed of one worker: derived from ``--seed``, fresh for every resumed run (or it would replay
-    the first run's random start-up trials), and distinct per worker and machine (or workers started
-    together would propose the same configurations). The same command on the same study state gets the
-    same seed."""
-    return zlib.crc32(f"{seed}:{n_before}:{socket.gethostname()}:{worker_index}".encode())
+def sampler_seed(seed: int, n_before: int, slot: int = 0) -> int:
+    """The TPE seed of one run: derived from ``--seed``, fresh for every resumed run (or it would replay
+    the first run's random start-up trials), and distinct per :func:`sampler_slot` (or runs started
+    together would propose the same configurations). The first run to open a study at a given trial
+    count gets slot 0, so the same command on a fresh study proposes the same start-up trials."""
+    return zlib.crc32(f"{seed}:{n_before}:{slot}".encode())
+
+
+def sampler_slot(storage, study: optuna.Study, n_before: int) -> int:
+    """This process's place among the runs that opened the study at ``n_before`` trials: the first free
+    one, taken by inserting a key the database holds once. Two identical commands started together
+    (same host, same trial count, both worker 0) therefore never get the same seed; pids or host names
+    would tell them apart too, but would make a single run's seed differ every time."""
+    for slot in itertools.count():
+        if insert_study_system_attr_once(storage, study._study_id, f"{SAMPLER_SLOT}:{n_before}:{slot}",
+                                         f"{socket.gethostname()}:{os.getpid()}"):
+            return slot
+    raise AssertionError("not reached")
 
 
 def _check_fingerprint(stored: dict, current: Fingerprint) -> None:
@@ -140,7 +153,7 @@ def _check_existing(study: optuna.Study, opts: RunOptions, fingerprint: Fingerpr
         _check_fingerprint(baseline.fingerprint, fingerprint)
 
 
-def _open_study(storage, name: str, opts: RunOptions, fingerprint: Fingerprint):
+def _open_study(storage, name: str, opts: RunOptions, fingerprint: Fingerprint, echo):
     """Create the study, or load it and check it was made for the same goal and settings.
 
     Race-free for workers that start together on a fresh database, on one machine or several: the
@@ -159,26 +172,51 @@ def _open_study(storage, name: str, opts: RunOptions, fingerprint: Fingerprint):
                     study.enqueue_trial(params, skip_if_exists=True)
         else:
             _check_existing(study, opts, fingerprint)  # another worker stored its settings first
+    _retry_dead_trials(storage, study, echo)
     # Trials run so far; enqueued ones (warm start, retries of dead workers' trials) are still to come.
     n_before = len([t for t in study.get_trials(deepcopy=False) if t.state != TrialState.WAITING])
-    study.sampler = make_sampler(sampler_seed(opts.seed, n_before, opts.worker_index))
+    study.sampler = make_sampler(sampler_seed(opts.seed, n_before, sampler_slot(storage, study, n_before)))
     return study, n_before
 
 
-def prepare_study(spec: pipelines.PipeSpec, opts: RunOptions):
-    """Everything before the pipeline loads: prompts, storage, the study (created or checked).
+def _retry_dead_trials(storage, study: optuna.Study, echo) -> None:
+    """A run started again at once after ``kill -9`` (or a crash) on this machine: the dead run's trial
+    is failed and queued again now, not once its heartbeat is stale (trials of other machines wait for
+    theirs). One line says which."""
+    failed = storage.fail_dead_trials(study)
+    if len(failed) == 1:
+        (trial, queued), = failed
+        echo(f"trial #{trial.number} was left running by pid {trial.system_attrs[OWNER]['pid']} on this machine, "
+             f"which is gone: marked failed{_queued_again(queued)}")
+    elif failed:
+        echo("trials left running by processes gone from this machine, marked failed: " + ", ".join(
+            f"#{t.number} (pid {t.system_attrs[OWNER]['pid']}, {_fate(q)})" for t, q in failed))
+
+
+def _fate(queued: bool) -> str:
+    return "queued again" if queued else f"not queued again: retried {MAX_RETRY} times already"
+
+
+def _queued_again(queued: bool) -> str:
+    """How a line about a failed trial ends: ``... marked failed`` + this."""
+    return f" and {_fate(queued)}" if queued else f" ({_fate(queued)})"
+
+
+def prepare_study(spec: pipelines.PipeSpec, opts: RunOptions, echo: console.Echo = lambda line, err=False: None):
+    """Everything before the pipeline loads: prompts, storage, the study (created or checked), the trials
+    of dead runs of this machine queued again (said in one line to ``echo``).
 
     Returns ``(prompts, storage, fingerprint, study, n_before)``; bad input is one :class:`RunError`.
     """
     try:
         prompts = load_prompts(opts.prompt_spec, opts.num_samples)
-        storage = open_storage(opts.storage, heartbeat_interval=opts.heartbeat)
+        storage = open_storage(opts.storage, heartbeat_interval=opts.heartbeat, owner_key=OWNER)
     except (PromptsError, StorageError) as e:
         raise RunError(str(e)) from None
     fingerprint = fingerprint_for(spec, opts, prompts)
     name = opts.study_name or study_name_for(spec, opts)
     try:
-        study, n_before = _open_study(storage, name, opts, fingerprint)
+        study, n_before = _open_study(storage, name, opts, fingerprint, echo)
     except storage_errors() as e:
         raise RunFailure(f"storage {redact(opts.storage)} failed: {first_line(e)}") from None
     return prompts, storage, fingerprint, study, n_before
@@ -298,19 +336,35 @@ class Search:
         self.spec, self.opts, self.echo = spec, opts, echo
         self.unsaved: OSError | None = None  # the last failure to write search_params.json, until a write succeeds
         self.store = None
+        self.study = None
+        self.running = None  # the trial this process runs, while it runs one
 
     def run(self) -> None:
-        self.open()
-        self.load()
-        self.get_baseline()
-        self.build_objective()
-        self.optimize()
-        self.finish()
+        """The steps in order. A scheduler's pre-emption (SIGTERM) ends any of them like Ctrl-C: one line
+        and exit 130, not the default death (exit 143, nothing said); :meth:`optimize` says more."""
+        previous = signal.signal(signal.SIGTERM, _interrupt)
+        steps = ((self.open, "while opening the study"), (self.load, "while loading the models"),
+                 (self.get_baseline, "while measuring the baseline"), (self.build_objective, "before the first trial"),
+                 (self.optimize, "during the trials"), (self.finish, "after the trials"))
+        try:
+            for step, during in steps:
+                try:
+                    step()
+                except KeyboardInterrupt:  # optimize() says what became of the running trial itself
+                    raise Interrupted(f"interrupted {during}: {self.completed()} completed trials kept; "
+                                      "run the same command to resume") from None
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+    def completed(self) -> int:
+        if self.study is None:
+            return 0
+        return len(self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
 
     # --- the steps ---------------------------------------------------------------------------------
     def open(self) -> None:
         opts, echo = self.opts, self.echo
-        self.prompts, self.storage, self.fingerprint, self.study, n_before = prepare_study(self.spec, opts)
+        self.prompts, self.storage, self.fingerprint, self.study, n_before = prepare_study(self.spec, opts, echo)
         echo(f"study {self.study.study_name} ({redact(opts.storage)}): {n_before} trials so far, adding {opts.n_trials}")
         if self.spec.kind in ("random", "tiny-xl") or opts.clip_pretrained is None:
             echo("note: random weights (pipeline or CLIP model): speed is real, CLIP scores and losses are meaningless")
@@ -382,17 +436,15 @@ class Search:
         opts, study = self.opts, self.study
         self.bar = tqdm(total=opts.n_trials, desc="trials", unit="trial", disable=not opts.progress, file=sys.stderr)
         optuna.logging.set_verbosity(optuna.logging.ERROR)  # our trial line reports failures
-        # A scheduler's pre-emption (SIGTERM) ends the run like Ctrl-C: the running trial is marked failed
-        # at once instead of waiting for its heartbeat to go stale.
-        previous = signal.signal(signal.SIGTERM, _interrupt)
+        # Ctrl-C or SIGTERM (run's handler): Optuna marks the running trial failed at once, instead of
+        # leaving it for its heartbeat to go stale.
         try:
             study.optimize(self.run_trial, n_trials=opts.n_trials, catch=(Exception,), callbacks=[self.after_trial],
                            gc_after_trial=True)
         except KeyboardInterrupt:
             self.bar.close()
-            done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
-            raise Interrupted(f"interrupted: {done} completed trials kept, the running one marked failed; "
-                              "run the same command to resume") from None
+            raise Interrupted(f"interrupted: {self.completed()} completed trials kept, the running one marked "
+                              f"failed{self.queue_interrupted()}; run the same command to resume") from None
         except Exception as e:
             cause = storage_cause(e)
             if cause is None:
@@ -400,9 +452,22 @@ class Search:
             self.bar.close()
             raise RunFailure(f"storage {redact(opts.storage)} failed: {first_line(cause)}; completed trials are kept "
                              "and a running trial is retried when the study next runs") from None
-        finally:
-            signal.signal(signal.SIGTERM, previous)
         self.bar.close()
+
+    def queue_interrupted(self) -> str:
+        """Queue the interrupted trial's configuration again if it came from the queue (a warm start, a
+        retry): the sampler would never propose it again, so it would stay failed for good. Within the
+        retry limit, as for a killed run's trial, so a configuration that is interrupted every time (it
+        hangs, say) does not come back for ever. What the line says about it ("" for a sampled one)."""
+        if self.running is None:
+            return ""
+        try:
+            trial = self.study._storage.get_trial(self.running)
+            if trial.state != TrialState.FAIL or not from_queue(trial):
+                return ""
+            return _queued_again(self.storage.requeue(self.study, trial))
+        except storage_errors() as e:  # the line still goes out
+            return f" (not queued again: storage failed: {first_line(e)})"
 
     def finish(self) -> None:
         """The study's result: one more try at search_params.json if a write failed, then the summary."""
@@ -433,6 +498,7 @@ class Search:
             self.echo(f"optimize-sd: warning: images not saved: {type(e).__name__}: {e}", err=True)
 
     def run_trial(self, trial: optuna.Trial) -> float:
+        self.running = trial._trial_id
         trial.set_user_attr(WORKER, self.worker)
         try:
             value = self.objective(trial)
@@ -446,6 +512,7 @@ class Search:
         return value
 
     def after_trial(self, study: optuna.Study, trial) -> None:
+        self.running = None
         self.bar.update(1)
         self.write(console.trial_line(trial))
         if trial.state == TrialState.FAIL:

@@ -2,7 +2,8 @@
 
 Studies go to an RDB storage (default ``sqlite:///studies/optimize-sd.db``; ``postgresql://...`` for
 workers on several machines) with a heartbeat, so a trial whose process died is marked failed and
-re-queued by the next worker that starts a trial. Many processes may open a fresh database at once:
+re-queued by the next worker that starts a trial (:class:`HeartbeatStorage`: at once when that process
+is recorded on this machine and gone). Many processes may open a fresh database at once:
 tables are created once, and attrs that must be set once (the study's settings, its baseline) are
 inserted, never overwritten (:func:`insert_study_user_attr_once`). ``search_params.json`` is
 :mod:`optimize.params_file`, the images :mod:`optimize.artifacts`.
@@ -19,14 +20,109 @@ import json
 import os
 from typing import Any
 
+import optuna
+from optuna.storages import RDBStorage
+from optuna.storages._rdb import models
+from optuna.trial import FrozenTrial, TrialState
+
+from .processes import identity, is_gone
+
 DEFAULT_STORAGE = "sqlite:///studies/optimize-sd.db"
 SCHEMES = ("sqlite", "postgresql", "mysql")
 SQLITE_TIMEOUT = 60  # seconds a write waits for another process's lock (``?timeout=N`` in the URL overrides)
 CONNECT_TIMEOUT = 10  # seconds to reach a PostgreSQL server (``?connect_timeout=N`` overrides)
 
 
+MAX_RETRY = 2  # times a trial's configuration is queued again after its run died or was interrupted
+# Optuna's own trial system attrs: the queue's (Study.enqueue_trial) and its retry bookkeeping
+# (RetryHeartbeatStaleTrialCallback), which the re-queuing below keeps.
+FIXED_PARAMS, FAILED_TRIAL, RETRY_HISTORY = "fixed_params", "failed_trial", "retry_history"
+
+
 class StorageError(ValueError):
     pass
+
+
+class HeartbeatStorage(RDBStorage):
+    """Optuna's RDB storage, where no running trial is ever left without a heartbeat, and a trial whose
+    process is gone from this machine is stale at once.
+
+    Optuna fails a stale trial only if it has a heartbeat row, which a thread writes once the trial
+    runs: a process killed between creating (or popping) a trial and that thread's first write left the
+    trial RUNNING for good. Here a created trial gets its first heartbeat in the same transaction, and a
+    queued one just before it is popped. ``owner_key`` names the trial system attr that records the
+    running process (:func:`optimize.processes.identity`); retries never inherit it.
+    """
+
+    def __init__(self, url: str, *, owner_key: str | None = None, **kwargs):
+        self.owner_key = owner_key
+        super().__init__(url, heartbeat_stale_trial_callback=self.requeue, **kwargs)
+
+    def _get_prepared_new_trial(self, study_id, template_trial, session):
+        trial = super()._get_prepared_new_trial(study_id, template_trial, session)
+        if template_trial is None:  # a trial created to run now (not a queued or copied one)
+            session.add(models.TrialHeartbeatModel(trial_id=trial.trial_id))
+            if self.owner_key:
+                self._set_trial_attr_without_commit(session, models.TrialSystemAttributeModel, trial.trial_id,
+                                                    self.owner_key, identity())
+        return trial
+
+    def set_trial_state_values(self, trial_id: int, state: TrialState, values=None) -> bool:
+        if state != TrialState.RUNNING:
+            return super().set_trial_state_values(trial_id, state, values)
+        # A queued trial being popped: its heartbeat before it runs (a row on a trial still waiting, or
+        # one another process pops first, is harmless); its owner only once it is this process's.
+        self.record_heartbeat(trial_id)
+        if not super().set_trial_state_values(trial_id, state, values):
+            return False
+        if self.owner_key:
+            self.set_trial_system_attr(trial_id, self.owner_key, identity())
+        return True
+
+    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+        stale = super()._get_stale_trial_ids(study_id)
+        return stale + [i for i in self.dead_trial_ids(study_id) if i not in stale]
+
+    def dead_trial_ids(self, study_id: int) -> list[int]:
+        """Running trials whose process is recorded on this machine and gone (killed, crashed)."""
+        if not self.owner_key:
+            return []
+        running = self.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,))
+        return [t._trial_id for t in running if is_gone(t.system_attrs.get(self.owner_key))]
+
+    def fail_dead_trials(self, study) -> list[tuple[FrozenTrial, bool]]:
+        """Fail now the running trials whose process is gone from this machine and queue each again;
+        ``(trial, queued again)`` for each this call failed (another process may fail one first)."""
+        failed = []
+        for trial_id in self.dead_trial_ids(study._study_id):
+            try:
+                if not study._storage.set_trial_state_values(trial_id, state=TrialState.FAIL):
+                    continue
+            except optuna.exceptions.UpdateFinishedTrialError:
+                continue
+            trial = study._storage.get_trial(trial_id)
+            failed.append((trial, self.requeue(study, trial)))
+        return failed
+
+    def requeue(self, study, trial: FrozenTrial) -> bool:
+        """Queue a failed trial's configuration again, with Optuna's retry bookkeeping (``failed_trial``:
+        the first of the series, ``retry_history``), unless it was queued :data:`MAX_RETRY` times
+        already; True if queued. The copy leaves out the dead run's owner: a process of this machine
+        would otherwise take the copy for dead the moment it is popped."""
+        history = [*trial.system_attrs.get(RETRY_HISTORY, []), trial.number]
+        if len(history) > MAX_RETRY:
+            return False
+        attrs = {k: v for k, v in trial.system_attrs.items() if k != self.owner_key}
+        attrs.update({FAILED_TRIAL: trial.system_attrs.get(FAILED_TRIAL, trial.number), RETRY_HISTORY: history})
+        study.add_trial(optuna.trial.create_trial(
+            state=TrialState.WAITING, params=trial.params, distributions=trial.distributions,
+            user_attrs=trial.user_attrs, system_attrs=attrs))
+        return True
+
+
+def from_queue(trial: FrozenTrial) -> bool:
+    """Whether a trial ran a queued configuration (a warm start, a retry) rather than a sampled one."""
+    return FIXED_PARAMS in trial.system_attrs or FAILED_TRIAL in trial.system_attrs
 
 
 def redact(url: str) -> str:
@@ -71,8 +167,10 @@ def _engine_url(url: str):
     return u
 
 
-def open_storage(url: str, heartbeat_interval: int = 60, grace_period: int | None = None):
-    """An RDB storage with heartbeat and retry of trials whose worker died.
+def open_storage(url: str, heartbeat_interval: int = 60, grace_period: int | None = None,
+                 owner_key: str | None = None) -> HeartbeatStorage:
+    """An RDB storage with heartbeat and retry of trials whose worker died (``owner_key``: the trial
+    system attr that records each running trial's process, for a run that runs trials).
 
     Many processes may open one fresh database at once (workers on several machines): table creation
     is serialised by an advisory lock on PostgreSQL and retried on SQLite, so exactly one creates it.
@@ -81,8 +179,6 @@ def open_storage(url: str, heartbeat_interval: int = 60, grace_period: int | Non
     import random
     import time
 
-    import optuna
-    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
     u = _engine_url(url)
     backend = u.get_backend_name()
     connect_args: dict[str, Any] = {}
@@ -105,10 +201,9 @@ def open_storage(url: str, heartbeat_interval: int = 60, grace_period: int | Non
     for attempt in range(6):
         try:
             with _schema_lock(u, connect_args):
-                return RDBStorage(
+                return HeartbeatStorage(
                     full_url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_interval,
-                    grace_period=grace_period or 2 * heartbeat_interval,
-                    heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=2),
+                    grace_period=grace_period or 2 * heartbeat_interval, owner_key=owner_key,
                 )
         except StorageError:
             raise
@@ -176,10 +271,18 @@ def insert_study_user_attr_once(storage, study_id: int, key: str, value: Any) ->
     The database's unique (study, key) constraint decides between processes racing to set it, on
     SQLite and PostgreSQL alike: exactly one wins, the others read the winner's value.
     """
-    from optuna.storages._rdb import models
+    return _insert_once(storage, models.StudyUserAttributeModel, study_id, key, value)
+
+
+def insert_study_system_attr_once(storage, study_id: int, key: str, value: Any) -> bool:
+    """:func:`insert_study_user_attr_once` for a study system attr (not shown as the study's own)."""
+    return _insert_once(storage, models.StudySystemAttributeModel, study_id, key, value)
+
+
+def _insert_once(storage, model, study_id: int, key: str, value: Any) -> bool:
     from sqlalchemy.exc import IntegrityError
 
-    table = models.StudyUserAttributeModel.__table__
+    table = model.__table__
     try:
         with storage.engine.begin() as conn:
             conn.execute(table.insert().values(study_id=study_id, key=key, value_json=json.dumps(value)))
@@ -190,7 +293,6 @@ def insert_study_user_attr_once(storage, study_id: int, key: str, value: Any) ->
 
 def storage_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that mean the storage failed under a running study (lost server, locked file)."""
-    import optuna
     from sqlalchemy.exc import SQLAlchemyError
 
     return (optuna.exceptions.StorageInternalError, SQLAlchemyError)

@@ -6,7 +6,12 @@ Every key optimize-sd stores in an Optuna study is spelt here, once:
   :class:`Fingerprint` of the settings); the baseline's own attr is :mod:`optimize.baseline`'s;
 * each trial records its measurement as user attrs (:data:`SPEEDUP`, :data:`SCORE_LOSS`, ...) and its
   constraints under the system attr :data:`CONSTRAINTS_ATTR`, where optuna-dashboard shows feasibility
-  and Optuna 5's TPE reads it.
+  and Optuna 5's TPE reads it; a running trial's process is its system attr :data:`OWNER`;
+* each run takes a sampler slot, a study system attr under :data:`SAMPLER_SLOT`.
+
+Optuna's own keys of its queue and retry bookkeeping (``fixed_params``, ``failed_trial``,
+``retry_history``) are spelt in :mod:`optimize.storage`, beside the re-queuing that writes them
+(that module sits below this one).
 
 Three goals, each under a bound on a loss (``--loss-metric``: relative CLIP score loss by default;
 or PSNR, SSIM, LPIPS of each image against the baseline image of the same prompt and seed):
@@ -41,6 +46,8 @@ from .storage import StorageError, insert_study_user_attr_once, open_storage
 STUDY_ATTR = "optimize_sd"  # study user attr: StudyRecord.as_dict()
 CONSTRAINTS_ATTR = "constraints"  # trial system attr: the list optuna-dashboard 0.21 reads to mark trials feasible
 FAIL_REASON = "fail_reason"  # trial system attr Optuna itself writes for a failed trial
+OWNER = "owner"  # trial system attr: the process running it (processes.identity(): host, machine, pid, start)
+SAMPLER_SLOT = "sampler_slot"  # study system attrs "sampler_slot:<trials so far>:<slot>", one per run (runner)
 
 # Trial user attrs. A measured trial has all of the first group (README: "Every trial records ...").
 CONFIG = "config"  # Config.label() of the trial's configuration

@@ -7,13 +7,16 @@ per device and waits for them:
 * worker *i* runs on its own device (``--gpus``: ``cuda:<index>``; ``--workers N``: N processes on
   ``--device``), with ``--n-trials`` split evenly between the workers (the first ones get the
   remainder), so the command adds exactly ``--n-trials`` trials to the study;
-* each worker's sampler seed is derived from ``--seed``, the worker's index and the host name, so no
-  two workers propose the same start-up configurations (TPE's constant liar keeps them apart later);
+* each worker's sampler seed is derived from ``--seed``, the trial count and a slot the database hands
+  to every process that opens the study (:func:`optimize.runner.sampler_slot`), so no two workers, nor
+  two commands started together, propose the same start-up configurations (TPE's constant liar keeps
+  them apart later);
 * the baseline is measured by whichever workers find none stored; the first one stored is kept (see
   :func:`optimize.runner.ensure_baseline`), and every worker times the baseline on its own device;
 * worker output comes back line by line, prefixed ``[w<i> <device>]``;
 * Ctrl-C or SIGTERM is forwarded to every worker (each marks its running trial failed and exits);
-  a second one kills them (their trials are retried, via the heartbeat, when the study next runs).
+  a second one kills them (their trials are retried when the study next runs: at once on this machine,
+  where their processes are seen to be gone; elsewhere once their heartbeat is stale).
   The workers run in their own process group, so a terminal's Ctrl-C reaches them once, through
   the launcher, and they receive SIGTERM if the launcher itself dies.
 
@@ -110,8 +113,8 @@ class _Worker:
             return f"worker {self.label} finished its {self.n_trials} trials"
         if code is not None and code < 0:
             name = signal.Signals(-code).name
-            return (f"worker {self.label} was killed ({name}); its running trial is retried by a worker that starts a "
-                    f"trial after the heartbeat grace period, or when the study next runs")
+            return (f"worker {self.label} was killed ({name}); its running trial is retried by the next trial a worker "
+                    f"starts (on another machine: once its heartbeat is stale), or when the study next runs")
         if code == 130:
             return f"worker {self.label} was interrupted; its running trial was marked failed"
         return f"worker {self.label} failed (exit {code})"
@@ -127,7 +130,7 @@ def launch(spec, opts: RunOptions, worker_argv: Callable[[str, int, int], list[s
     ``worker_argv(device, n_trials, index)`` gives a worker's ``optimize-sd`` arguments; every line for
     the user, the workers' included, goes to ``echo(line, err=False)``.
     """
-    _, _, _, study, n_before = prepare_study(spec, opts)  # created once here, before any worker starts
+    _, _, _, study, n_before = prepare_study(spec, opts, echo)  # created once here, before any worker starts
     devices = list(opts.devices)
     shares = [n for n in split_trials(opts.n_trials, len(devices)) if n > 0]
     devices = devices[: len(shares)]

@@ -280,15 +280,22 @@ def test_dashboard_sees_constraints(which, tmp_path_factory):
 SLOW = ["--pipe", "tiny", "--steps", "12", "--num-samples", "3", "--clip-model", "tiny-clip", "--no-progress"]  # see helpers.SMALL
 
 
+def _env() -> dict:
+    """A subprocess's environment: one torch thread (as conftest sets for this process), no hub, and this
+    checkout's package first on the path (not whichever copy is installed)."""
+    threads = os.environ.get("OPTIMIZE_TEST_THREADS", "1")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(runner.__file__)))
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+    return dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, HF_HUB_OFFLINE="1", PYTHONPATH=path)
+
+
 def _start_worker_until_running(tmp_path, argv):
     """Start ``optimize-sd run`` in a subprocess; return it and the number of its running trial
     (one after the baseline, with its config chosen)."""
     db = os.path.join(str(tmp_path), "s.db")
     log = open(tmp_path / "worker.log", "w")
-    threads = os.environ.get("OPTIMIZE_TEST_THREADS", "1")  # as conftest sets for this process
-    env = dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, HF_HUB_OFFLINE="1")
     proc = subprocess.Popen([sys.executable, "-m", "optimize.cli", *argv, "--n-trials", "3"],
-                            cwd=str(tmp_path), stdout=log, stderr=subprocess.STDOUT, env=env)
+                            cwd=str(tmp_path), stdout=log, stderr=subprocess.STDOUT, env=_env())
     log.close()
     running = None
     try:
@@ -329,8 +336,10 @@ def test_terminated_worker_marks_its_trial_failed(tmp_path):
 
 @pytest.mark.timeout(400)
 def test_killed_trial_is_retried(tmp_path, monkeypatch):
+    """kill -9, then the same command at once: the killed run's process is gone from this machine, so
+    its trial is failed and re-queued at once (not after the 120 s heartbeat grace period), in one line."""
     # no warm start: its second enqueued trial would wait in the queue and shift the counts below
-    argv = run_args(tmp_path, "--max-loss", "0.05", "--heartbeat", "1", "--no-warm-start", small=SLOW)
+    argv = run_args(tmp_path, "--max-loss", "0.05", "--no-warm-start", small=SLOW)
     proc, running = _start_worker_until_running(tmp_path, argv)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
@@ -340,12 +349,14 @@ def test_killed_trial_is_retried(tmp_path, monkeypatch):
     killed = study.trials[running]
     assert killed.state == TrialState.RUNNING  # died mid-trial: nothing marked it
     n_before = len(study.trials)
-    time.sleep(3.5)  # grace period = 2 * heartbeat
 
     monkeypatch.chdir(tmp_path)
     code, out, err = run_cli(argv + ["--n-trials", "2"])
     assert code == 0, out + err
     assert "reusing the stored baseline" in out
+    lines = [line for line in out.splitlines() if "which is gone" in line]
+    assert lines == [f"trial #{running} was left running by pid {proc.pid} on this machine, which is gone: "
+                     "marked failed and queued again"], out
     study = load_study(storage_url(tmp_path))
     trials = study.trials
     assert trials[running].state == TrialState.FAIL
@@ -360,6 +371,69 @@ def test_killed_trial_is_retried(tmp_path, monkeypatch):
     assert "speedup" in retry.user_attrs and CONSTRAINTS_ATTR in retry.system_attrs
     assert retry.user_attrs["config"] == killed.user_attrs["config"]
     assert all(t.state == TrialState.COMPLETE for t in trials if t.number not in (running,))
+
+
+@pytest.mark.timeout(400)
+def test_terminated_while_measuring_the_baseline(tmp_path):
+    """SIGTERM before the first trial (here: while the baseline is measured) ends the run as elsewhere:
+    exit 130 and one line, nothing half-stored."""
+    argv = run_args(tmp_path, "--max-loss", "0.05", "--n-trials", "1", small=SLOW[:-2] + ["8", "--no-progress"])
+    log_path = tmp_path / "worker.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "optimize.cli", *argv], cwd=str(tmp_path), stdout=log,
+                                stderr=subprocess.PIPE, env=_env(), text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while "measuring baseline" not in log_path.read_text() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert proc.poll() is None, log_path.read_text()
+        proc.send_signal(signal.SIGTERM)
+        err = proc.communicate(timeout=120)[1]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, (proc.returncode, err)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert lines == ["interrupted while measuring the baseline: 0 completed trials kept; run the same command to "
+                     "resume"], err
+    study = load_study(storage_url(tmp_path))
+    assert "baseline" not in study.user_attrs  # the signal came during the measurement
+    assert {t.state for t in study.trials} == {TrialState.WAITING}  # the warm start, still to come
+
+
+def test_interrupted_warm_start_trial_is_queued_again(tmp_path, monkeypatch):
+    """Ctrl-C during a queued trial (warm start, or a retry): the configuration runs again when the
+    study next runs, with the retry bookkeeping; one that is interrupted every time stops after the
+    retry limit (2) instead of coming back for ever."""
+    from optimize import measure
+    from optimize.search import warm_start_params
+
+    original = measure.Evaluator.measure
+
+    def ctrl_c_on_dc3(self, config, **kwargs):  # Ctrl-C whenever DeepCache N=3 (the first warm start) runs
+        if config.deepcache is not None and config.deepcache.cache_interval == 3:
+            raise KeyboardInterrupt
+        return original(self, config, **kwargs)
+
+    monkeypatch.setattr(measure.Evaluator, "measure", ctrl_c_on_dc3)
+    monkeypatch.chdir(tmp_path)
+    argv = run_args(tmp_path, "--max-loss", "0.5")
+    code, out, err = run_cli(argv + ["--n-trials", "1"])  # #0 DC3 interrupted, re-queued as #2 behind #1 DC5
+    assert code == 130, out + err
+    assert "interrupted: 0 completed trials kept, the running one marked failed and queued again; run the same " \
+           "command to resume" in err
+    code, out, err = run_cli(argv + ["--n-trials", "3"])  # #1 DC5 completes, #2 (DC3 again) interrupted
+    assert code == 130 and "the running one marked failed and queued again" in err, out + err
+    code, out, err = run_cli(argv + ["--n-trials", "1"])  # #3 (DC3, third time) interrupted: the limit
+    assert code == 130, out + err
+    assert "the running one marked failed (not queued again: retried 2 times already)" in err
+
+    trials = load_study(storage_url(tmp_path)).trials
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE, TrialState.FAIL, TrialState.FAIL]
+    dc3 = warm_start_params(("deepcache", "tome", "tgate"), 8)[0]
+    assert [trials[n].params for n in (0, 2, 3)] == [dc3] * 3
+    assert [trials[n].system_attrs.get("retry_history") for n in (0, 2, 3)] == [None, [0], [0, 2]]
+    assert trials[2].system_attrs["failed_trial"] == trials[3].system_attrs["failed_trial"] == 0
 
 
 # --- warm start ----------------------------------------------------------------------------------------

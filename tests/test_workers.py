@@ -16,6 +16,7 @@ import time
 
 import optuna
 import pytest
+import sqlalchemy
 from optuna.trial import TrialState
 
 try:
@@ -26,7 +27,7 @@ except ImportError:  # tests/ made a package
     from tests.pgserver import fresh_database, require_server
 
 import optimize
-from optimize.study import CONSTRAINTS_ATTR
+from optimize.study import CONSTRAINTS_ATTR, OWNER
 from optimize.storage import open_storage
 from optimize.workers import split_trials
 
@@ -81,6 +82,16 @@ class Watch:
         except Exception:  # noqa: BLE001 - tables being created, file locked for a moment
             return None
 
+    def heartbeats(self) -> set[int]:
+        """The ids of the trials that have a heartbeat row."""
+        if self.storage is None:
+            return set()
+        try:
+            with self.storage.engine.connect() as conn:
+                return {row[0] for row in conn.execute(sqlalchemy.text("SELECT trial_id FROM trial_heartbeats"))}
+        except Exception:  # noqa: BLE001 - tables being created, file locked for a moment
+            return set()
+
     def trials(self) -> list:
         study = self.study()
         if study is None or "baseline" not in study.user_attrs:
@@ -101,10 +112,13 @@ def _start(directory, argv) -> tuple[subprocess.Popen, str]:
 
 
 def _wait_running(proc, log_path, watch: Watch, n: int, timeout: float = 300) -> list:
-    """Wait until ``n`` trials run with their config chosen (after the baseline); return them."""
+    """Wait until ``n`` trials run with their config chosen (after the baseline), each with a heartbeat
+    row and its process recorded, which is what lets another process retry it; return them."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and proc.poll() is None:
-        running = [t for t in watch.trials() if t.state == TrialState.RUNNING and "config" in t.user_attrs]
+        beating = watch.heartbeats()
+        running = [t for t in watch.trials() if t.state == TrialState.RUNNING and "config" in t.user_attrs
+                   and t._trial_id in beating and OWNER in t.system_attrs]
         if len(running) >= n:
             return running
         time.sleep(0.1)
@@ -172,12 +186,37 @@ def test_gpus_and_workers_errors(args, needle, tmp_path):
     assert not os.path.exists(tmp_path / "s.db")
 
 
-def test_sampler_seeds_differ_per_worker_and_run():
+def test_sampler_seeds_differ_per_slot_and_run():
     from optimize.runner import sampler_seed
 
-    seeds = {sampler_seed(42, n, i) for n in (0, 5) for i in range(4)}
+    seeds = {sampler_seed(42, n, slot) for n in (0, 5) for slot in range(4)}
     assert len(seeds) == 8
     assert sampler_seed(42, 3, 1) == sampler_seed(42, 3, 1)
+
+
+def test_identical_runs_at_once_get_different_seeds(tmp_path, monkeypatch):
+    """Two identical commands open one study at once (same host, same trial count, both worker 0): the
+    database hands each a different slot, so their samplers differ; the same command on a fresh study
+    gets the first one's seed again (what --seed reproduces)."""
+    from optimize import runner
+    from optimize.cli import check_run_options, run
+
+    seeds = []
+    real = runner.make_sampler
+    monkeypatch.setattr(runner, "make_sampler", lambda seed: seeds.append(seed) or real(seed))
+    monkeypatch.chdir(tmp_path)
+
+    def open_study(directory):
+        argv = _args(directory, storage_url(directory), "--max-loss", "0.05", "--n-trials", "3")[1:]
+        spec, opts = check_run_options(run.make_context("run", argv).params)
+        return runner.prepare_study(spec, opts)[3]
+
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+    first, second = open_study(tmp_path / "a"), open_study(tmp_path / "a")  # neither has run a trial yet
+    assert first._study_id == second._study_id
+    open_study(tmp_path / "b")
+    assert len(seeds) == 3 and seeds[0] != seeds[1] and seeds[2] == seeds[0], seeds
 
 
 # --- a fresh database, many processes at once ------------------------------------------------------
@@ -210,6 +249,115 @@ def test_fresh_database_opened_by_many_processes(url, tmp_path):
     assert {(r[1], r[2]) for r in results} == {(results[0][1], winner)}
     storage = open_storage(url)
     assert optuna.get_all_study_names(storage) == ["race"]
+
+
+# --- trials whose process died ----------------------------------------------------------------------
+
+DIES_RUNNING = """
+import os, signal, sys
+import optuna
+from optimize.storage import open_storage
+url, record_owner = sys.argv[1], sys.argv[2] == "owner"
+if record_owner:  # the process is recorded as a run records it
+    from optimize.study import OWNER
+    storage = open_storage(url, heartbeat_interval=1, owner_key=OWNER)
+else:
+    storage = open_storage(url, heartbeat_interval=1)
+study = optuna.create_study(storage=storage, study_name="s", load_if_exists=True)
+study.enqueue_trial({"x": 3})
+queued, fresh = study.ask(), study.ask()
+print(queued.number, fresh.number, flush=True)
+# killed with both trials RUNNING, before Study.optimize's heartbeat thread would have written anything
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def _die_running(url, tmp_path, owner: bool) -> list[int]:
+    """Two trials (one popped from the queue, one created) left RUNNING by a process killed at once."""
+    proc = subprocess.run([sys.executable, "-c", DIES_RUNNING, url, "owner" if owner else "-"], cwd=str(tmp_path),
+                          capture_output=True, text=True, env=_env(), timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stdout + proc.stderr
+    return [int(n) for n in proc.stdout.split()]
+
+
+def _age_heartbeats(storage) -> None:
+    """As if the grace period had passed: every heartbeat row made years old (rather than waiting)."""
+    import datetime
+
+    with storage.engine.begin() as conn:
+        conn.execute(sqlalchemy.text("UPDATE trial_heartbeats SET heartbeat = :t"), {"t": datetime.datetime(2000, 1, 1)})
+
+
+def _retries_of(trials, number: int) -> list:
+    return [t for t in trials if t.system_attrs.get("retry_history", [])[-1:] == [number]]
+
+
+def test_trial_killed_before_its_first_heartbeat_is_retried(url, tmp_path):
+    """A process killed right after a trial became RUNNING (created, or popped from the queue) left no
+    heartbeat of its own: the trial still goes stale after the grace period and is re-queued, once."""
+    numbers = _die_running(url, tmp_path, owner=False)  # no process recorded: only the heartbeat can tell
+    storage = open_storage(url, heartbeat_interval=1)
+    study = optuna.load_study(study_name="s", storage=storage)
+    assert [t.state for t in study.get_trials()] == [TrialState.RUNNING] * 2
+    _age_heartbeats(storage)
+    optuna.storages.fail_stale_trials(study)  # what every worker does before it starts a trial
+    trials = optuna.load_study(study_name="s", storage=open_storage(url)).get_trials()
+    assert [trials[n].state for n in numbers] == [TrialState.FAIL] * 2
+    for n in numbers:
+        (retry,) = _retries_of(trials, n)
+        assert retry.state == TrialState.WAITING and retry.system_attrs["failed_trial"] == n
+    assert _retries_of(trials, numbers[0])[0].system_attrs["fixed_params"] == {"x": 3}  # the same configuration
+    optuna.storages.fail_stale_trials(study)
+    assert len(optuna.load_study(study_name="s", storage=open_storage(url)).get_trials()) == len(trials)  # once
+
+
+def test_a_gone_process_is_told_from_a_live_one():
+    """Gone: no such pid, a zombie, or the pid reused by a process started at another time. Alive:
+    this process. Not decided here (False): a process recorded on another machine."""
+    from optimize.processes import identity, is_gone
+
+    me = identity()
+    assert me["pid"] == os.getpid() and me["host"] and me["machine"]
+    assert not is_gone(me)
+    assert is_gone(dict(me, start=me["start"] + 1))  # the same pid, another process: the pid was reused
+    assert not is_gone(dict(me, machine="another machine"))
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and open(f"/proc/{child.pid}/stat").read().split(")")[-1].split()[0] != "Z":
+        time.sleep(0.05)
+    zombie = dict(me, pid=child.pid, start=None)
+    assert is_gone(zombie)  # exited, not yet reaped: dead all the same
+    child.wait()
+    assert is_gone(zombie)  # no such process at all
+
+
+def test_dead_process_trials_are_retried_at_once_other_machines_wait(url, tmp_path):
+    """Trials whose process is recorded on this machine and gone are stale at once; a trial recorded
+    on another machine waits for its heartbeat to go stale. Retries get the usual bookkeeping and no
+    owner of their own until they run."""
+    from optimize.processes import identity
+
+    numbers = _die_running(url, tmp_path, owner=True)
+    storage = open_storage(url, heartbeat_interval=60, owner_key=OWNER)
+    study = optuna.load_study(study_name="s", storage=storage)
+    elsewhere = study.ask()  # as if run by a process of another machine, with the same pid as the dead one
+    dead_owner = study.get_trials()[numbers[0]].system_attrs[OWNER]
+    assert dead_owner["pid"] != os.getpid() and dead_owner["machine"] == identity()["machine"]
+    storage.set_trial_system_attr(elsewhere._trial_id, OWNER, dict(dead_owner, machine="another machine"))
+
+    optuna.storages.fail_stale_trials(study)  # heartbeats are fresh: 120 s of grace
+    trials = optuna.load_study(study_name="s", storage=open_storage(url)).get_trials()
+    assert [trials[n].state for n in numbers] == [TrialState.FAIL] * 2
+    assert trials[elsewhere.number].state == TrialState.RUNNING
+    for n in numbers:
+        (retry,) = _retries_of(trials, n)
+        assert retry.state == TrialState.WAITING and retry.system_attrs["failed_trial"] == n
+        assert OWNER not in retry.system_attrs  # or a same-machine process would fail it the moment it is popped
+
+    _age_heartbeats(storage)
+    optuna.storages.fail_stale_trials(study)
+    trials = optuna.load_study(study_name="s", storage=open_storage(url)).get_trials()
+    assert trials[elsewhere.number].state == TrialState.FAIL and len(_retries_of(trials, elsewhere.number)) == 1
 
 
 # --- two workers, one study ------------------------------------------------------------------------
@@ -329,10 +477,11 @@ def test_ctrl_c_stops_all_workers(tmp_path):
 
 @pytest.mark.timeout(500)
 def test_killed_worker_trial_is_rerun(url, tmp_path, monkeypatch, one_thread):
-    """SIGKILL one of two workers mid-trial: the other goes on, the launcher says so and exits 1; a
-    worker started again (or the surviving one, after the grace period) re-runs the killed trial once;
-    no completed trial is lost or duplicated."""
-    argv = _args(tmp_path, url, "--max-loss", "0.05", "--heartbeat", "1", small=SLOW)
+    """SIGKILL one of two workers mid-trial: the other goes on, the launcher says so and exits 1; the
+    same command run again at once on this machine (or the surviving worker, when it starts a trial)
+    re-runs the killed trial once, without waiting for its heartbeat to go stale; no completed trial is
+    lost or duplicated."""
+    argv = _args(tmp_path, url, "--max-loss", "0.05", small=SLOW)  # the default heartbeat: 120 s of grace
     proc, log_path = _start(tmp_path, argv + ["--n-trials", "2", "--workers", "2"])  # one trial each
     watch = Watch(url)
     victim = _wait_running(proc, log_path, watch, 1)[0]
@@ -342,9 +491,8 @@ def test_killed_worker_trial_is_rerun(url, tmp_path, monkeypatch, one_thread):
     log = open(log_path).read()
     assert "was killed (SIGKILL)" in log and "Traceback" not in log
 
-    time.sleep(2.5)  # grace period = 2 * heartbeat
     monkeypatch.chdir(tmp_path)
-    code, out, err = run_cli(argv + ["--n-trials", "1"])  # the retry
+    code, out, err = run_cli(argv + ["--n-trials", "1"])  # the retry, at once: the killed worker's pid is gone
     assert code == 0, out + err
     storage = open_storage(url)
     (name,) = optuna.get_all_study_names(storage)
