@@ -15,16 +15,17 @@ from . import pipelines, prompts as prompts_mod
 from .accelerators import METHODS
 from .artifacts import artifact_dir_for, artifact_store
 from .baseline import Baseline
-from .console import format_result
+from .console import format_result, validation_text
 from .generate import GenerateError, generate, plan_from_params_file, plan_from_study
 from .graphs import check_exec
 from .metrics import DEFAULT_BOUNDS, lpips_available, lpips_weights_path
-from .params_file import best_json, read_search_params
+from .params_file import add_validations, best_json, read_search_params
 from .pipelines import DTYPES, SCHEDULERS
 from .report import measured_trials, write_report
 from .runner import Interrupted, RunError, RunFailure, RunOptions, run_search
 from .storage import DEFAULT_STORAGE, StorageError, check_storage_url, open_storage
-from .study import Goal, StudyError, goal_of, open_study, pick_study, study_result
+from .study import CONFIG, Goal, StudyError, goal_of, open_study, pick_study, study_result
+from .validation import ValidationError, planned_size, validate_study
 from .workers import follow_launcher, launch
 
 EXIT_USAGE = 2  # bad input, or a study that cannot be used: nothing was run
@@ -91,6 +92,14 @@ def cli():
 @click.option("--max-loss", type=float, default=None,
               help="The bound: at most this loss; for --loss-metric psnr, at least this PSNR in dB  "
                    "[default: clip 0.02, psnr 25, ssim 0.15, lpips 0.15]")
+@click.option("--confidence", type=float, default=None,
+              help="Decide the constraints on the conservative end of each trial's paired interval at this level "
+                   "(loss upper end <= bound, speedup lower end >= target) instead of the point estimates; part of "
+                   "the study's name and settings  [default: off; intervals are shown at 0.9]")
+@click.option("--validate", type=click.IntRange(0), default=None,
+              help="After the trials, measure the pick again on this many held-out prompts (after the first "
+                   "--num-samples) with fresh seeds; 0: off  [default: max(4, num-samples/4) when that costs at most "
+                   "10% of the study, else skipped with a note]")
 @click.option("--methods", default=",".join(METHODS), show_default=True, help="Methods that may switch on.")
 @click.option("--n-trials", type=click.IntRange(1), default=20, show_default=True, help="Trials to add in this run.")
 @click.option("--storage", default=DEFAULT_STORAGE, show_default=True, help="Optuna storage URL.")
@@ -121,13 +130,14 @@ def run(**o):
     """Search acceleration settings; running the same command again resumes the study."""
     spec, opts = check_run_options(o)
     if len(opts.devices) > 1:
-        sys.exit(launch(spec, opts, lambda device, n, index: worker_argv(o, device, n, index), echo=click.echo))
+        code = launch(spec, opts, lambda device, n, index: worker_argv(o, device, n, index), echo=click.echo)
+        sys.exit(code or _validate_launched(spec, opts))
     if o["worker_index"] is not None:
         follow_launcher()
     run_search(spec, opts, echo=click.echo)
 
 
-_LAUNCHER_ONLY = ("device", "n_trials", "progress", "workers", "gpus", "worker_index")
+_LAUNCHER_ONLY = ("device", "n_trials", "progress", "workers", "gpus", "worker_index", "validate")
 
 
 def worker_argv(o: dict, device: str, n_trials: int, index: int) -> list[str]:
@@ -145,7 +155,32 @@ def worker_argv(o: dict, device: str, n_trials: int, index: int) -> list[str]:
                 argv.append(name)
         elif value is not None:
             argv += [name, str(value)]
-    return argv + ["--device", device, "--n-trials", str(n_trials), "--no-progress", "--worker-index", str(index)]
+    # the launcher validates the pick once all workers are done (_validate_launched)
+    return argv + ["--device", device, "--n-trials", str(n_trials), "--no-progress", "--worker-index", str(index),
+                   "--validate", "0"]
+
+
+def _validate_launched(spec, opts: RunOptions) -> int:
+    """After the workers of ``--workers`` / ``--gpus``: the held-out validation of the study's pick, here
+    on the first device (the workers were told not to: it would run once per worker)."""
+    from .runner import study_name_for
+
+    name = opts.study_name or study_name_for(spec, opts)
+    study = pick_study(opts.storage, name)
+    trials = sum(t.state.name == "COMPLETE" for t in study.get_trials(deepcopy=False))
+    n, note = planned_size(opts.validate, opts.num_samples, trials, opts.scored_repeats if opts.repeats else 0)
+    if note:
+        click.echo(note)
+    if not n or study_result(study, opts.goal)[0] is None:
+        return 0
+    try:
+        study, results = validate_study(opts.storage, name, n=n, device=opts.devices[0], prompts=opts.prompt_spec,
+                                        repeats=opts.repeats, scored_repeats=opts.scored_repeats, echo=click.echo)
+    except ValidationError as e:
+        click.echo(f"optimize-sd: warning: held-out validation failed: {e}", err=True)
+        return 0
+    _report_validations(study, results, opts.output)
+    return 0
 
 
 def _devices(o: dict) -> tuple[str, ...]:
@@ -177,7 +212,7 @@ def _goal(o: dict) -> Goal:
     metric = o["loss_metric"]
     try:
         goal = Goal(mode, o["target_speedup"], o["max_loss"] if o["max_loss"] is not None else DEFAULT_BOUNDS[metric],
-                    metric)
+                    metric, o["confidence"])
     except ValueError as e:
         raise Failure(str(e)) from None
     if metric == "lpips" and not lpips_available():
@@ -248,9 +283,27 @@ def check_run_options(o: dict) -> tuple[pipelines.PipeSpec, RunOptions]:
         goal=goal, methods=methods, n_trials=o["n_trials"], storage=o["storage"], study_name=o["study_name"],
         seed=o["seed"], output=o["output"], heartbeat=o["heartbeat"], progress=o["progress"], retime_every=o["retime_every"],
         warm_start=o["warm_start"], speed_gate=o["speed_gate"], images_per_trial=o["images_per_trial"], artifact_dir=o["artifact_dir"],
-        devices=devices, exec_mode=exec_mode,
+        devices=devices, exec_mode=exec_mode, validate=o["validate"],
     )
+    _check_trust(opts)
     return spec, opts
+
+
+def _check_trust(opts: RunOptions) -> None:
+    """--confidence needs intervals (2 prompts; in target mode 2 timed calls); an explicit --validate
+    needs its held-out prompts (a file's or the built-in ones: cheap to check now; COCO has 5000)."""
+    goal = opts.goal
+    if goal.confidence is not None and opts.num_samples < 2:
+        raise Failure("--confidence needs at least 2 prompts (--num-samples 2): an interval needs 2 values")
+    calls = max(opts.repeats, opts.scored_repeats) if opts.repeats else opts.num_samples // opts.batch_size
+    if goal.confidence is not None and goal.mode == "target" and calls < 2:
+        raise Failure("--confidence with --target-speedup needs 2 timed calls per configuration: --scored-repeats 2 "
+                      "or more (without --repeats: --num-samples at least twice --batch-size)")
+    if opts.validate and not opts.prompt_spec.startswith("coco"):
+        try:
+            prompts_mod.load_heldout(opts.prompt_spec, opts.num_samples, opts.validate)
+        except prompts_mod.PromptsError as e:
+            raise Failure(str(e)) from None
 
 
 def _pretrained(value: str | None, default: str | None) -> str | None:
@@ -276,6 +329,51 @@ def best(storage, study_name, as_json):
         click.echo(format_result(study.study_name, goal, trial, front, baseline))
     if trial is None:
         sys.exit(EXIT_FAILURE)
+
+
+@cli.command("validate")
+@click.option("--storage", default=DEFAULT_STORAGE, show_default=True)
+@click.option("--study", "study_name", default=None, help="[default: the only study, or the most recently run]")
+@click.option("-n", "--num-prompts", type=click.IntRange(1), default=None,
+              help="Held-out prompts (after the study's --num-samples)  [default: max(4, num-samples/4)]")
+@click.option("--trial", "trial_number", type=click.IntRange(0), default=None,
+              help="Validate this trial  [default: the best feasible; pareto study: the fastest feasible]")
+@click.option("--front", is_flag=True, help="Validate every trial of the feasible Pareto front.")
+@click.option("--prompts", "prompt_spec", default=None,
+              help="The run's --prompts  [default: as the study stored it]")
+@click.option("--device", default=None, help="cuda, cuda:N or cpu  [default: cuda if available]")
+@click.option("--repeats", type=click.IntRange(0), default=None, help="As for run  [default: 3 on GPU, 0 on CPU]")
+@click.option("--scored-repeats", type=click.IntRange(0), default=None, help="As for run  [default: 10 on GPU, 0 on CPU]")
+@click.option("--output", default="search_params.json", show_default=True, type=click.Path(dir_okay=False),
+              help="Add the result to this file's entries of the study's trials (none is created).")
+def validate_command(storage, study_name, num_prompts, trial_number, front, prompt_spec, device, repeats,
+                     scored_repeats, output):
+    """Measure a study's pick (or its front) again on held-out prompts with fresh seeds, with the
+    pipeline and settings the study was made with; exit 1 if it breaks the study's bound out of sample."""
+    try:
+        study, results = validate_study(storage, study_name, n=num_prompts, trial_number=trial_number, front=front,
+                                        device=device, prompts=prompt_spec, repeats=repeats,
+                                        scored_repeats=scored_repeats, echo=click.echo)
+    except ValidationError as e:
+        raise Failure(str(e)) from None
+    if not _report_validations(study, results, output):
+        sys.exit(EXIT_FAILURE)
+
+
+def _report_validations(study, results: dict, output: str) -> bool:
+    """One line per validated trial, the result added to ``output``; whether every one held the bound."""
+    goal = goal_of(study)
+    trials = {t.number: t for t in study.get_trials(deepcopy=False)}
+    for number, v in results.items():
+        click.echo(f"#{number} {trials[number].user_attrs.get(CONFIG, '?')}: {validation_text(goal, v)}")
+    try:
+        keys = add_validations(output, study.study_name, {k: v.summary() for k, v in results.items()})
+    except (StorageError, OSError) as e:
+        click.echo(f"optimize-sd: warning: {output} not updated: {e}", err=True)
+        keys = []
+    for key in keys:
+        click.echo(f"added to {output} under {key!r}")
+    return all(v.within_bound for v in results.values())
 
 
 @cli.command("report")

@@ -16,8 +16,9 @@ from typing import Any, Callable
 
 from optuna.trial import FrozenTrial, TrialState
 
-from .study import (BASELINE_TIME, CLIP_SCORE, CONFIG, ERROR, FAIL_REASON, LPIPS, PSNR, REUSED_FROM, SCORE_LOSS,
-                    SKIPPED, SPEEDUP, SPEEDUP_EAGER, SPREAD, SSIM, TIME_PER_IMAGE, Goal, is_feasible)
+from .study import (BASELINE_TIME, CLIP_SCORE, CONFIG, ERROR, FAIL_REASON, INTERVAL_LEVEL, INTERVAL_N, INTERVALS, LPIPS,
+                    PSNR, REUSED_FROM, SCORE_LOSS, SKIPPED, SPEEDUP, SPEEDUP_EAGER, SPREAD, SSIM, TIME_PER_IMAGE, Goal,
+                    Validation, is_feasible)
 
 Echo = Callable[..., None]  # echo(line: str, err: bool = False)
 
@@ -27,43 +28,88 @@ def echo(line: str, err: bool = False) -> None:
     print(line, file=sys.stderr if err else sys.stdout, flush=True)
 
 
-def fidelity_text(attrs: dict[str, Any]) -> str:
-    """``psnr 27.1 ssim 0.952 lpips 0.081`` (what the trial has of them)."""
-    parts = [f"psnr {attrs[PSNR]:.1f}" if PSNR in attrs else "", f"ssim {attrs[SSIM]:.3f}" if SSIM in attrs else "",
-             f"lpips {attrs[LPIPS]:.3f}" if LPIPS in attrs else ""]
-    return " ".join(p for p in parts if p)
+def bracket(interval, spec: str) -> str:
+    """`` [-0.0010, +0.0090]`` for an interval (empty for None)."""
+    return f" [{format(interval[0], spec)}, {format(interval[1], spec)}]" if interval else ""
 
 
-def trial_line(trial: FrozenTrial) -> str:
-    """``#3  dc(3,b0)+tome(0.5,md2)  1.87x ±4%  score_loss +0.012  psnr 27.1 ssim 0.952  feasible``
+def _interval(attrs: dict[str, Any], key: str):
+    return (attrs.get(INTERVALS) or {}).get(key)
+
+
+def fidelity_text(attrs: dict[str, Any], bounded: str | None = None) -> str:
+    """``psnr 27.1 ssim 0.952 lpips 0.081`` (what the trial has of them); the ``bounded`` one (a study's
+    loss attr) with its interval: ``ssim 0.952 [0.940, 0.964]``."""
+    parts = [f"{k} {format(attrs[k], spec)}{bracket(_interval(attrs, k), spec) if k == bounded else ''}"
+             for k, spec in ((PSNR, ".1f"), (SSIM, ".3f"), (LPIPS, ".3f")) if k in attrs]
+    return " ".join(parts)
+
+
+def speedup_text(attrs: dict[str, Any]) -> str:
+    """``1.87x [1.80, 1.95]``"""
+    return f"{attrs[SPEEDUP]:5.2f}x{bracket(_interval(attrs, SPEEDUP), '.2f')}"
+
+
+def trial_line(trial: FrozenTrial, goal: Goal | None = None) -> str:
+    """``#3  dc(3,b0)+tome(0.5,md2)  1.87x [1.80, 1.95] ±4%  score_loss +0.0120 [+0.0040, +0.0200]  psnr 27.1 ssim 0.952  feasible``
 
     The CLIP loss and the fidelity metrics are all shown: feasibility is judged on the study's
-    ``--loss-metric``, which may be any of them."""
+    ``--loss-metric`` (``goal``), which may be any of them; its interval is shown beside it."""
     attrs = trial.user_attrs
     head = f"#{trial.number:<3d} {attrs.get(CONFIG, '?'):<42s}"
     if trial.state != TrialState.COMPLETE:
         reason = attrs.get(ERROR) or attrs.get(SKIPPED) or trial.system_attrs.get(FAIL_REASON, "")
         return f"{head} {trial.state.name.lower()}: {reason}"[:200]
     reused = f"  (same as #{attrs[REUSED_FROM]})" if REUSED_FROM in attrs else ""
-    fidelity = fidelity_text(attrs)
+    fidelity = fidelity_text(attrs, goal.loss_attr if goal is not None else None)
     eager = f" ({attrs[SPEEDUP_EAGER]:.2f}x vs eager)" if SPEEDUP_EAGER in attrs else ""
-    return (f"{head} {attrs[SPEEDUP]:5.2f}x ±{100 * attrs[SPREAD]:.0f}%{eager}  score_loss {attrs[SCORE_LOSS]:+.4f}  "
+    return (f"{head} {speedup_text(attrs)} ±{100 * attrs[SPREAD]:.0f}%{eager}  score_loss {attrs[SCORE_LOSS]:+.4f}"
+            f"{bracket(_interval(attrs, SCORE_LOSS), '+.4f')}  "
             f"{fidelity + '  ' if fidelity else ''}{'feasible' if is_feasible(trial) else 'infeasible'}{reused}")
+
+
+def interval_note(goal: Goal, attrs: dict[str, Any]) -> str:
+    """``90% paired intervals over 8 prompts; constraints on the point estimates`` (empty without intervals)."""
+    ints = attrs.get(INTERVALS)
+    if not ints:
+        return ""
+    rule = ("the point estimates" if goal.confidence is None
+            else f"the conservative ends (--confidence {goal.confidence:g})")
+    return f"{100 * ints[INTERVAL_LEVEL]:g}% paired intervals over {ints[INTERVAL_N]} prompts; constraints on {rule}"
+
+
+def loss_with_interval(goal: Goal, loss: float, interval) -> str:
+    """The bounded loss as people read it, with its interval: ``score_loss +0.0061 [-0.0030, +0.0150]``,
+    ``psnr 27.10 dB [26.50, 27.70]``."""
+    if goal.loss_metric == "psnr":
+        shown = sorted(goal.shown(v) for v in interval) if interval else None
+        return f"psnr {goal.shown(loss):.2f} dB{bracket(shown, '.2f')}"
+    return f"{goal.loss_name} {loss:+.4f}{bracket(interval, '+.4f')}"
+
+
+def validation_text(goal: Goal, v: Validation) -> str:
+    """``held-out (4 prompts, seed 1042): score_loss +0.0061 [-0.0030, +0.0150], 1.85x [1.80, 1.90]: within the bound``"""
+    verdict = "within the bound" if v.within_bound else "BREAKS " + ", ".join(v.failed) + " out of sample"
+    return (f"held-out ({v.n} prompts, seed {v.seed}): {loss_with_interval(goal, v.loss, v.loss_interval)}, "
+            f"{v.speedup:.2f}x{bracket(v.speedup_interval, '.2f')}: {verdict}")
 
 
 def format_best(study_name: str, goal: Goal, trial: FrozenTrial | None, baseline) -> str:
     if trial is None:
         return f"{study_name}: no feasible trial yet"
     e = trial.user_attrs
-    fidelity = fidelity_text(e)
+    fidelity = fidelity_text(e, goal.loss_attr)
+    note, held_out = interval_note(goal, e), Validation.of(trial)
     return (f"{study_name}: best feasible trial #{trial.number}: {e[CONFIG]}\n"
-            f"  speedup {e[SPEEDUP]:.2f}x (±{100 * e[SPREAD]:.0f}%)"
+            f"  speedup {speedup_text(e).strip()} (±{100 * e[SPREAD]:.0f}%)"
             + (f", {e[SPEEDUP_EAGER]:.2f}x vs the eager baseline" if SPEEDUP_EAGER in e else "")
             + f", {1000 * e[TIME_PER_IMAGE]:.1f} ms/image "
             f"vs baseline {1000 * e.get(BASELINE_TIME, baseline.time_per_image):.1f} ms; "
-            f"score_loss {e[SCORE_LOSS]:+.4f} "
+            f"score_loss {e[SCORE_LOSS]:+.4f}{bracket(_interval(e, SCORE_LOSS), '+.4f')} "
             f"(CLIP {e[CLIP_SCORE]:.2f} vs {baseline.clip_score:.2f}){'; ' + fidelity if fidelity else ''}\n"
-            f"  params {dict(trial.params)}")
+            + (f"  {note}\n" if note else "")
+            + (f"  {validation_text(goal, held_out)}\n" if held_out else "")
+            + f"  params {dict(trial.params)}")
 
 
 def loss_text(goal: Goal, attrs: dict[str, Any]) -> str:
@@ -73,13 +119,17 @@ def loss_text(goal: Goal, attrs: dict[str, Any]) -> str:
 
 
 def front_line(trial: FrozenTrial, goal: Goal) -> str:
-    """One point of a Pareto front: ``#3   dc(3,b0)   2.10x  ssim_loss +0.0312  psnr 27.1 ssim 0.969  score_loss +0.0040``"""
+    """One point of a Pareto front: ``#3   dc(3,b0)   2.10x [2.02, 2.18]  ssim_loss +0.0312 [+0.0250, +0.0374]
+    psnr 27.1 ssim 0.969  score_loss +0.0040`` (and ``held-out ok`` once it was re-validated)."""
     a = trial.user_attrs
-    shown = loss_text(goal, a)
+    shown = loss_with_interval(goal, goal.loss(a), goal.loss_interval(a))
     if goal.loss_metric == "psnr":
         a = {k: v for k, v in a.items() if k != PSNR}  # shown already
     rest = fidelity_text(a) + (f"  score_loss {a[SCORE_LOSS]:+.4f}" if goal.loss_metric != "clip" else "")
-    return f"#{trial.number:<3d} {a.get(CONFIG, '?'):<42s} {a[SPEEDUP]:5.2f}x  {shown}  {rest}".rstrip()
+    held_out = Validation.of(trial)
+    if held_out is not None:
+        rest += "  held-out " + ("ok" if held_out.within_bound else "BREAKS the bound")
+    return f"#{trial.number:<3d} {a.get(CONFIG, '?'):<42s} {speedup_text(a)}  {shown}  {rest}".rstrip()
 
 
 def format_front(study_name: str, goal: Goal, front: list[FrozenTrial], best: FrozenTrial | None) -> str:

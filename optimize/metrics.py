@@ -176,6 +176,11 @@ class FidelityScorer:
             self.lpips.eval().to(self.device)
 
     def score(self, images) -> dict[str, float]:
+        """Means over the images of :meth:`per_image`."""
+        return {k: float(np.mean(v)) for k, v in self.per_image(images).items()}
+
+    def per_image(self, images) -> dict[str, np.ndarray]:
+        """``psnr``, ``ssim`` (and ``lpips``) of each image against the baseline image of its prompt."""
         import torch
         from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
@@ -197,7 +202,7 @@ class FidelityScorer:
                     x, y, data_range=1.0, reduction="none", kernel_size=kernel).reshape(-1).cpu())
                 if self.lpips is not None:
                     lpips.append(self.lpips(x, y).reshape(-1).cpu())
-        out = {"psnr": float(torch.cat(psnr).mean()), "ssim": float(torch.cat(ssim).mean())}
+        out = {"psnr": torch.cat(psnr).double().numpy(), "ssim": torch.cat(ssim).double().numpy()}
         if lpips:
-            out["lpips"] = float(torch.cat(lpips).mean())
+            out["lpips"] = torch.cat(lpips).double().numpy()
         return out

@@ -22,7 +22,8 @@ from typing import Any
 
 from .files import atomic_write_json
 from .storage import StorageError, redact
-from .study import CLIP_SCORE, CONFIG, FIDELITY, SCORE_LOSS, SPEEDUP, SPEEDUP_EAGER, SPREAD, TIME_PER_IMAGE, Goal
+from .study import (CLIP_SCORE, CONFIDENCE, CONFIG, ENTRY_LEVEL, FIDELITY, INTERVAL_LEVEL, INTERVALS, LOSS_INTERVAL, SCORE_LOSS,
+                    SPEEDUP, SPEEDUP_EAGER, SPEEDUP_INTERVAL, SPREAD, TIME_PER_IMAGE, VALIDATION, Goal, Validation)
 
 REQUIRED = ("pipe", "scheduler", "steps", "dtype")  # what generate needs of an entry
 
@@ -54,7 +55,8 @@ def search_params_key(spec, opts) -> str:
     mode = f"target{g.target_speedup:g}" if g.mode == "target" else g.mode
     bound = f"{g.max_loss:g}" if g.loss_metric == "clip" else f"{g.loss_metric}{g.max_loss:g}"
     regime = "" if opts.exec_mode == "eager" else f":{opts.exec_mode}"
-    return f"{spec.name}:{opts.scheduler}:{opts.steps}:{mode}:{bound}{regime}"
+    confidence = "" if g.confidence is None else f":c{g.confidence:g}"  # conservative constraints: another result
+    return f"{spec.name}:{opts.scheduler}:{opts.steps}:{mode}:{bound}{confidence}{regime}"
 
 
 def trial_entry(trial, goal: Goal | None = None) -> dict[str, Any]:
@@ -66,7 +68,23 @@ def trial_entry(trial, goal: Goal | None = None) -> dict[str, Any]:
     entry.update({k: a[k] for k in FIDELITY + (SPEEDUP_EAGER,) if k in a})
     if goal is not None:
         entry.update(loss_metric=goal.loss_metric, loss=goal.loss(a))
+        entry.update(_uncertainty(trial, goal))
     return entry
+
+
+def _uncertainty(trial, goal: Goal) -> dict[str, Any]:
+    """The entry's intervals (the bounded loss's, in the units of ``loss``; the speedup's), their level, the
+    study's --confidence and the held-out validation, where the trial has them."""
+    a, out = trial.user_attrs, {}
+    if a.get(INTERVALS):
+        loss_interval, speedup_interval = goal.loss_interval(a), goal.speedup_interval(a)
+        out = {LOSS_INTERVAL: list(loss_interval) if loss_interval else None,
+               SPEEDUP_INTERVAL: list(speedup_interval) if speedup_interval else None,
+               ENTRY_LEVEL: a[INTERVALS][INTERVAL_LEVEL], CONFIDENCE: goal.confidence}
+    validation = Validation.of(trial)
+    if validation is not None:
+        out[VALIDATION] = validation.summary()
+    return out
 
 
 def run_entry(trial, front, *, spec, opts, settings, device: str, study_name: str, baseline) -> dict[str, Any]:
@@ -121,6 +139,29 @@ def update_search_params(path: str, key: str, entry: dict[str, Any]) -> None:
         data = read_search_params(path)
         data[key] = entry
         atomic_write_json(path, data)
+
+
+def add_validations(path: str, study_name: str, validations: dict[int, dict[str, Any]]) -> list[str]:
+    """Put held-out validations (trial number -> :meth:`Validation.summary`) into the entries of
+    ``path`` that hold those trials of ``study_name`` (and into their pareto ``front``), under the same
+    lock as :func:`update_search_params`; entries of other studies and trials are left alone, none is
+    created. Returns the keys changed."""
+    if not os.path.exists(path):
+        return []
+    lock_path = os.path.join(os.path.dirname(os.path.abspath(path)), "." + os.path.basename(path) + ".lock")
+    with open(lock_path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        data, changed = read_search_params(path), []
+        for key, entry in data.items():
+            if not isinstance(entry, dict) or entry.get("study") != study_name:
+                continue
+            for item in [entry] + [e for e in entry.get("front") or [] if isinstance(e, dict)]:
+                if item.get("trial") in validations:
+                    item[VALIDATION] = validations[item["trial"]]
+                    changed.append(key)
+        if changed:
+            atomic_write_json(path, data)
+    return sorted(set(changed))
 
 
 def read_entry(path: str, key: str | None = None) -> tuple[str, Entry]:

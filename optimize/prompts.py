@@ -61,6 +61,44 @@ def load_prompts(spec: str, num_samples: int) -> list[str]:
     return prompts[:num_samples]
 
 
+def _candidates(spec: str, count: int) -> list[str]:
+    """The prompts of ``spec`` (at least the first ``count`` of a COCO dataset), stripped, none empty."""
+    check_spec(spec)
+    if spec == "builtin":
+        prompts = _read_txt(_BUILTIN)
+    elif spec == "coco" or spec.startswith("coco:"):
+        prompts = _read_coco(spec.partition(":")[2] or COCO_DATASET, count)
+    else:
+        prompts = _read_file(spec)
+    return [p.strip() for p in prompts if isinstance(p, str) and p.strip()]
+
+
+def load_heldout(spec: str, num_samples: int, n: int) -> list[str]:
+    """``n`` prompts of ``spec`` that the search never sees: the ones after its first ``num_samples``
+    (COCO: the next captions; a file: its next lines; builtin: the captions after the search's), with
+    every repeat of a search prompt or of an earlier held-out one left out."""
+    if n < 1:
+        raise PromptsError("--validate needs at least 1 held-out prompt")
+    prompts = _candidates(spec, num_samples + 2 * n)  # a margin for repeats left out
+    search = set(prompts[:num_samples])
+    heldout: list[str] = []
+    for p in prompts[num_samples:]:
+        if p not in search and p not in heldout:
+            heldout.append(p)
+        if len(heldout) == n:
+            return heldout
+    raise PromptsError(
+        f"{spec!r} has {len(search) + len(heldout)} distinct prompts: --num-samples {num_samples} for the search "
+        f"and --validate {n} held out need {num_samples + n}; add prompts, lower --validate, or --validate 0")
+
+
+def prompt_source(spec: str) -> str:
+    """``spec`` as a study stores it, to find the same prompts later: a file by its absolute path."""
+    if spec in ("coco", "builtin") or spec.startswith("coco:"):
+        return spec
+    return os.path.abspath(spec)
+
+
 def prompts_hash(prompts: list[str]) -> str:
     return hashlib.sha256("\n".join(prompts).encode()).hexdigest()[:16]
 

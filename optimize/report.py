@@ -28,12 +28,12 @@ from . import __version__
 from .accelerators import Config, InvalidConfig
 from .artifacts import artifact_dir_for, artifact_store, baseline_image_ids, image_ids, read_png, trial_prefix
 from .baseline import Baseline
-from .console import fidelity_text, loss_text
+from .console import bracket, fidelity_text, interval_note, loss_text, loss_with_interval, validation_text
 from .files import atomic_write
 from .storage import redact
-from .study import (CLIP_SCORE, CONFIG, CONSTRAINTS_ATTR, LOSS_TEXT, LPIPS, PSNR, REUSED_FROM, SCORE_LOSS, SPEEDUP,
-                    SPREAD, SSIM, TIME_PER_IMAGE, Goal, StudyRecord, feasible_front, goal_of, is_feasible,
-                    pareto_front, rank_key, study_result)
+from .study import (CLIP_SCORE, CONFIG, CONSTRAINTS_ATTR, LOSS_INTERVAL, LOSS_TEXT, LPIPS, PSNR, REUSED_FROM,
+                    INTERVALS, SCORE_LOSS, SPEEDUP, SPEEDUP_INTERVAL, SPREAD, SSIM, TIME_PER_IMAGE, VALIDATION, Goal, StudyRecord,
+                    Validation, feasible_front, goal_of, is_feasible, pareto_front, rank_key, study_result)
 
 MIN_TRIALS_FOR_IMPORTANCE = 5  # PED-ANOVA compares the best 10% of trials with the rest: fewer is noise
 FIGURES = ("pareto", "history", "importance", "methods")
@@ -92,6 +92,10 @@ def top_trials(study, goal: Goal | None = None, n: int = 10) -> list[dict[str, A
             SPREAD: a.get(SPREAD, math.nan), CLIP_SCORE: a.get(CLIP_SCORE, math.nan),
             PSNR: a.get(PSNR, math.nan), SSIM: a.get(SSIM, math.nan), LPIPS: a.get(LPIPS, math.nan),
             "feasible": is_feasible(t), REUSED_FROM: a.get(REUSED_FROM),
+            # the bounded loss as shown (PSNR itself for psnr), its interval and the speedup's; the held-out result
+            "loss_text": loss_with_interval(goal, goal.loss(a), goal.loss_interval(a)),
+            LOSS_INTERVAL: goal.loss_interval(a), SPEEDUP_INTERVAL: goal.speedup_interval(a),
+            VALIDATION: Validation.of(t),
         })
     return rows
 
@@ -99,7 +103,9 @@ def top_trials(study, goal: Goal | None = None, n: int = 10) -> list[dict[str, A
 def _hover(t: FrozenTrial) -> str:
     a = t.user_attrs
     fidelity = fidelity_text(a)
-    return (f"#{t.number} {a.get(CONFIG, '?')}<br>speedup {a[SPEEDUP]:.3f}x<br>score_loss {a[SCORE_LOSS]:+.4f}"
+    intervals = a.get(INTERVALS) or {}
+    return (f"#{t.number} {a.get(CONFIG, '?')}<br>speedup {a[SPEEDUP]:.3f}x{bracket(intervals.get(SPEEDUP), '.3f')}"
+            f"<br>score_loss {a[SCORE_LOSS]:+.4f}{bracket(intervals.get(SCORE_LOSS), '+.4f')}"
             f"{'<br>' + fidelity if fidelity else ''}<br>{'feasible' if is_feasible(t) else 'infeasible'}")
 
 
@@ -112,6 +118,24 @@ def _placeholder(title: str, message: str):
                       annotations=[{"text": message, "showarrow": False, "font": {"size": 14}, "xref": "paper",
                                     "yref": "paper", "x": 0.5, "y": 0.5}])
     return fig
+
+
+def _bars(pairs) -> dict | None:
+    """Plotly error bars from ``(value, interval)`` pairs (none where no trial has an interval)."""
+    if not any(i for _, i in pairs):
+        return None
+    return {"type": "data", "symmetric": False, "thickness": 1, "width": 0,
+            "array": [max(i) - v if i else 0 for v, i in pairs], "arrayminus": [v - min(i) if i else 0 for v, i in pairs]}
+
+
+def _error_bars(trials, goal: Goal) -> dict[str, Any]:
+    """Each trial's loss interval (as shown: PSNR itself for psnr) and speedup interval as error bars."""
+    def shown(t):
+        interval = goal.loss_interval(t.user_attrs)
+        return [goal.shown(v) for v in interval] if interval else None
+
+    return {"error_x": _bars([(goal.shown(goal.loss(t.user_attrs)), shown(t)) for t in trials]),
+            "error_y": _bars([(t.user_attrs[SPEEDUP], goal.speedup_interval(t.user_attrs)) for t in trials])}
 
 
 def pareto_figure(study, goal: Goal | None = None):
@@ -135,7 +159,8 @@ def pareto_figure(study, goal: Goal | None = None):
     def scatter(ts, name, **marker):
         fig.add_trace(go.Scatter(
             x=[x(t) for t in ts], y=[t.user_attrs[SPEEDUP] for t in ts], mode="markers",
-            name=f"{name} ({len(ts)})", hovertext=[_hover(t) for t in ts], hoverinfo="text", marker=marker))
+            name=f"{name} ({len(ts)})", hovertext=[_hover(t) for t in ts], hoverinfo="text", marker=marker,
+            **_error_bars(ts, goal)))
 
     scatter(feasible, "feasible", color="#1f77b4", size=9)
     scatter(infeasible, "infeasible", color="#bbbbbb", size=9, symbol="x")
@@ -271,19 +296,28 @@ def _table_html(rows: list[dict[str, Any]]) -> str:
     # fidelity columns only where some trial has the value (studies from before, LPIPS without its weights)
     fidelity = [(k, spec) for k, spec in ((PSNR, ".2f"), (SSIM, ".4f"), (LPIPS, ".4f"))
                 if any(math.isfinite(r[k]) for r in rows)]
+    # the bounded loss with its interval, and the held-out result, where some trial has them
+    bounded = any(r[LOSS_INTERVAL] for r in rows)
+    held_out = any(r[VALIDATION] for r in rows)
     head = ("<tr><th>rank</th><th>trial</th><th>configuration</th><th>methods</th><th>speedup</th><th>score_loss</th>"
+            + ("<th>bounded loss [interval]</th>" if bounded else "")
             + "".join(f"<th>{k.upper()}</th>" for k, _ in fidelity)
-            + "<th>ms / image</th><th>spread</th><th>CLIP</th><th>feasible</th></tr>")
+            + "<th>ms / image</th><th>spread</th><th>CLIP</th><th>feasible</th>"
+            + ("<th>held-out</th>" if held_out else "") + "</tr>")
     body = []
     for r in rows:
         reused = f" <small>(same as #{r[REUSED_FROM]})</small>" if r[REUSED_FROM] is not None else ""
+        v = r[VALIDATION]
         body.append(
             f"<tr class=\"{'feasible' if r['feasible'] else 'infeasible'}\"><td>{r['rank']}</td><td>#{r['trial']}</td>"
             f"<td><code>{html.escape(str(r[CONFIG]))}</code>{reused}</td><td>{html.escape(r['methods'])}</td>"
-            f"<td>{_fmt(r[SPEEDUP], '.3f')}x</td><td>{_fmt(r[SCORE_LOSS], '+.4f')}</td>"
+            f"<td>{_fmt(r[SPEEDUP], '.3f')}x{bracket(r[SPEEDUP_INTERVAL], '.2f')}</td><td>{_fmt(r[SCORE_LOSS], '+.4f')}</td>"
+            + (f"<td>{html.escape(r['loss_text'])}</td>" if bounded else "")
             + "".join(f"<td>{_fmt(r[k], spec)}</td>" for k, spec in fidelity) +
             f"<td>{_fmt(r['ms_per_image'], '.1f')}</td><td>±{_fmt(100 * r[SPREAD], '.0f')}%</td>"
-            f"<td>{_fmt(r[CLIP_SCORE], '.3f')}</td><td>{'yes' if r['feasible'] else 'no'}</td></tr>")
+            f"<td>{_fmt(r[CLIP_SCORE], '.3f')}</td><td>{'yes' if r['feasible'] else 'no'}</td>"
+            + ((f"<td class=\"{'' if v.within_bound else 'note'}\">{'ok' if v.within_bound else 'breaks the bound'} "
+                f"({v.n} prompts)</td>" if v else "<td></td>") if held_out else "") + "</tr>")
     return f"<table id=\"top-trials\">{head}{''.join(body)}</table>"
 
 
@@ -402,15 +436,35 @@ def _info(study, goal: Goal, storage_url: str | None, best, front) -> list[tuple
                  + f"; {n_feasible} feasible"))
     label = "fastest feasible (on the front)" if goal.mode == "pareto" else "best feasible"
     if best is not None:
-        a = best.user_attrs
-        fidelity = fidelity_text(a)
-        info.append((label, f"#{best.number} <code>{esc(a[CONFIG])}</code>: {a[SPEEDUP]:.3f}x, "
-                            f"score_loss {a[SCORE_LOSS]:+.4f}{', ' + fidelity if fidelity else ''}"))
+        info += _best_info(best, goal, label)
     else:
         info.append((label, "none yet"))
     if goal.mode == "pareto":
         info.append(("feasible Pareto front", ", ".join(f"#{t.number}" for t in front) or "none yet"))
     return info
+
+
+def _best_info(best, goal: Goal, label: str) -> list[tuple[str, str]]:
+    """The head's rows of the best trial: its numbers with their intervals, how sure they are, and its
+    held-out validation (flagged when it breaks the bound out of sample)."""
+    esc, a = html.escape, best.user_attrs
+    fidelity = fidelity_text(a, goal.loss_attr)
+    rows = [(label, f"#{best.number} <code>{esc(a[CONFIG])}</code>: {a[SPEEDUP]:.3f}x"
+                    f"{esc(bracket(goal.speedup_interval(a), '.2f'))}, "
+                    f"{esc(loss_with_interval(goal, goal.loss(a), goal.loss_interval(a)))}"
+                    f"{esc(', score_loss %+.4f' % a[SCORE_LOSS]) if goal.loss_metric != 'clip' else ''}"
+                    f"{', ' + esc(fidelity) if fidelity else ''}")]
+    note = interval_note(goal, a)
+    if note:
+        rows.append(("uncertainty", esc(note)))
+    v = Validation.of(best)
+    if v is not None:
+        text = esc(validation_text(goal, v))
+        rows.append(("held-out validation", text if v.within_bound else
+                     f"<span class=\"note\" id=\"validation-flag\">{text}</span>"))
+    else:
+        rows.append(("held-out validation", "not run (optimize-sd validate)"))
+    return rows
 
 
 def _random_weights(study) -> bool:

@@ -29,7 +29,7 @@ import optuna
 from optuna.trial import TrialState
 from tqdm.auto import tqdm
 
-from . import console, pipelines
+from . import console, pipelines, validation
 from .accelerators import Config, max_branch_id
 from .artifacts import (BASELINE_PREFIX, artifact_dir_for, artifact_store, baseline_image_ids, load_baseline_images,
                         trial_prefix, upload_images)
@@ -38,7 +38,7 @@ from .measure import Evaluator, GenerationSettings
 from .graphs import compile_blocks
 from .metrics import ClipScorer, FidelityScorer, MetricError, lpips_available, lpips_weights_path, score_loss
 from .params_file import run_entry, search_params_key, update_search_params
-from .prompts import PromptsError, load_prompts, prompts_hash
+from .prompts import PromptsError, load_heldout, load_prompts, prompt_source, prompts_hash
 from .search import Objective, SearchSpace, make_sampler, warm_start_params
 from .storage import (MAX_RETRY, StorageError, first_line, from_queue, insert_study_system_attr_once, open_storage,
                       redact, storage_cause, storage_errors)
@@ -90,6 +90,7 @@ class RunOptions:
     artifact_dir: str | None = None
     devices: tuple[str, ...] = ()  # --workers / --gpus: one worker process per entry
     exec_mode: str = "eager"  # --exec: eager, graphs or compile (optimize.graphs)
+    validate: int | None = None  # --validate: held-out prompts for the pick (0: none; None: the default size, if cheap)
 
 
 def study_name_for(spec: pipelines.PipeSpec, opts: RunOptions) -> str:
@@ -165,7 +166,7 @@ def _open_study(storage, name: str, opts: RunOptions, fingerprint: Fingerprint, 
     study = optuna.create_study(storage=storage, study_name=name, directions=opts.goal.directions, load_if_exists=True)
     if StudyRecord.load(study) is None:
         _check_existing(study, opts, fingerprint)
-        if StudyRecord(opts.goal, fingerprint).insert_once(storage, study):
+        if StudyRecord(opts.goal, fingerprint, prompt_source(opts.prompt_spec)).insert_once(storage, study):
             study.set_metric_names(opts.goal.metric_names)  # shown by optuna-dashboard
             if opts.warm_start:  # only the process that created the study: workers would enqueue twice
                 for params in warm_start_params(opts.methods, opts.steps):
@@ -345,7 +346,8 @@ class Search:
         previous = signal.signal(signal.SIGTERM, _interrupt)
         steps = ((self.open, "while opening the study"), (self.load, "while loading the models"),
                  (self.get_baseline, "while measuring the baseline"), (self.build_objective, "before the first trial"),
-                 (self.optimize, "during the trials"), (self.finish, "after the trials"))
+                 (self.optimize, "during the trials"), (self.validate, "while validating the pick"),
+                 (self.finish, "after the trials"))
         try:
             for step, during in steps:
                 try:
@@ -469,6 +471,37 @@ class Search:
         except storage_errors() as e:  # the line still goes out
             return f" (not queued again: storage failed: {first_line(e)})"
 
+    def validate(self) -> None:
+        """Held-out re-validation of the pick (:mod:`optimize.validation`), stored on it and in
+        search_params.json. A failure is a warning: the trials and the saved result stand."""
+        opts, (best, _) = self.opts, self.result()
+        if best is None:
+            return
+        trials = len(self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+        n, note = validation.planned_size(opts.validate, opts.num_samples, trials,
+                                          opts.scored_repeats if opts.repeats else 0)
+        if note:
+            self.echo(note)
+        if not n:
+            return
+        try:
+            validator = validation.Validator(
+                self.pipe, self.evaluator.scorer, load_heldout(opts.prompt_spec, opts.num_samples, n), self.settings,
+                opts.goal, opts.device, repeats=opts.repeats, scored_repeats=opts.scored_repeats, exec_mode=opts.exec_mode)
+            try:
+                validation.validate_trials(self.study, [best], validator, self.write)
+            finally:
+                validator.close()
+        except PromptsError as e:  # the default size, and the source has too few: nothing to warn about
+            self.write(f"note: held-out validation skipped: {e}" if opts.validate is None
+                       else f"optimize-sd: warning: held-out validation not run: {e}", err=opts.validate is not None)
+            return
+        except Exception as e:  # noqa: BLE001 - the search's result stands without it
+            self.write(f"optimize-sd: warning: held-out validation failed: {type(e).__name__}: {first_line(e)}", err=True)
+            return
+        self.study = validation.reloaded(self.study)
+        self.save_best(*self.result())
+
     def finish(self) -> None:
         """The study's result: one more try at search_params.json if a write failed, then the summary."""
         opts, name = self.opts, self.study.study_name
@@ -514,7 +547,7 @@ class Search:
     def after_trial(self, study: optuna.Study, trial) -> None:
         self.running = None
         self.bar.update(1)
-        self.write(console.trial_line(trial))
+        self.write(console.trial_line(trial, self.opts.goal))
         if trial.state == TrialState.FAIL:
             free_memory()
         best, front = self.result()

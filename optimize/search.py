@@ -24,9 +24,10 @@ from optuna.trial import FrozenTrial, TrialState
 from .accelerators import TOME_DOWNSAMPLES, Config, DeepCache, TGate, ToMe
 from .baseline import Baseline
 from .metrics import score_loss
-from .study import (BASELINE_SPREAD, BASELINE_TIME, CLIP_SCORE, CONFIG, ERROR, REUSED_FROM, ROUNDS, SCORE_LOSS,
-                    SKIPPED, SPEEDUP, SPEEDUP_EAGER, SPREAD, TIME_MEDIAN, TIME_PER_IMAGE, WORKER, Goal, best_feasible,
-                    record_constraints)
+from .study import (BASELINE_SPREAD, BASELINE_TIME, CLIP_SCORE, CONFIG, ERROR, INTERVALS, PER_PROMPT, REUSED_FROM,
+                    ROUNDS, SCORE_LOSS, SKIPPED, SPEEDUP, SPEEDUP_EAGER, SPREAD, TIME_MEDIAN, TIME_PER_IMAGE, WORKER,
+                    Goal, best_feasible, record_constraints, record_per_prompt)
+from .uncertainty import intervals
 
 
 @dataclass(frozen=True)
@@ -124,13 +125,18 @@ class Objective:
         self.eager_time = eager_time  # graph modes: the eager baseline's time, for "vs eager"
         self.retime_every, self.retime_calls = retime_every, retime_calls
         self.reference = reference
+        # the per-call times of the reference (its interval's other side); None: re-timed before it is used
+        self.reference_samples = list(baseline.samples) if reference == baseline.time_per_image else None
         self._since_retime = 0
         self.last_images = None
+        self.last_per_prompt = None  # the last measurement's per-prompt scores (PER_PROMPT)
         self.speed_gate, self.gate_margin = speed_gate, gate_margin
 
     def reference_time(self) -> float:
-        if self.reference is None or (self.retime_every and self._since_retime >= self.retime_every):
-            self.reference = self.evaluator.time_only(Config(), self.retime_calls).best
+        if (self.reference is None or self.reference_samples is None
+                or (self.retime_every and self._since_retime >= self.retime_every)):
+            timing = self.evaluator.time_only(Config(), self.retime_calls)
+            self.reference, self.reference_samples = timing.best, timing.samples
             self._since_retime = 0
         return self.reference
 
@@ -175,15 +181,22 @@ class Objective:
         attrs[CLIP_SCORE] = m.clip_score
         if m.reference is not None:
             attrs[BASELINE_SPREAD] = m.reference.spread
-        if self.fidelity is not None:
-            attrs.update(self.fidelity.score(m.images))  # psnr, ssim (and lpips) against the baseline images
+        # psnr, ssim (and lpips) of each image against the baseline image of its prompt; the attrs are means
+        fidelity = self.fidelity.per_image(m.images) if self.fidelity is not None else {}
+        attrs.update({k: float(v.mean()) for k, v in fidelity.items()})
         bad = [k for k, v in attrs.items() if not math.isfinite(v)]
         if bad:
             raise FloatingPointError(f"non-finite {', '.join(bad)} for {config.label()}")
+        paired = m.reference is not None
+        attrs[INTERVALS] = intervals(self.goal.level, self.baseline.scores, m.scores, fidelity, attrs[SPEEDUP],
+                                     m.timing.samples, m.reference.samples if paired else self.reference_samples,
+                                     paired)
+        self.last_per_prompt = {CLIP_SCORE: list(m.scores), **{k: list(v) for k, v in fidelity.items()}}
         return attrs
 
     def __call__(self, trial: optuna.Trial) -> float:
         self.last_images = None  # set by a measurement; a reused one has no images of its own
+        self.last_per_prompt = None
         config = self.space.suggest(trial)
         trial.set_user_attr(CONFIG, config.label())
         same = self._same_config(trial.study, trial.params)
@@ -191,6 +204,7 @@ class Objective:
             # TPE proposes a configuration it has already seen: reuse the measurement, spend no GPU time.
             attrs = {k: v for k, v in same.user_attrs.items() if k not in (CONFIG, ERROR, REUSED_FROM, WORKER)}
             attrs[REUSED_FROM] = same.number
+            self.last_per_prompt = same.system_attrs.get(PER_PROMPT)
         else:
             try:
                 attrs = self._measure(config, trial.study)
@@ -206,8 +220,10 @@ class Objective:
                 raise
         for key, value in attrs.items():
             trial.set_user_attr(key, value)
+        if self.last_per_prompt:
+            record_per_prompt(trial, self.last_per_prompt)
         loss = self.goal.loss(attrs)
         if loss is None:
             raise RuntimeError(f"no {self.goal.loss_metric} measurement for {config.label()}")
-        record_constraints(trial, self.goal.constraints(attrs[SPEEDUP], loss))
+        record_constraints(trial, self.goal.constraints_of(attrs))  # with --confidence: the conservative ends
         return self.goal.value(attrs[SPEEDUP], loss)

@@ -291,6 +291,27 @@ def _insert_once(storage, model, study_id: int, key: str, value: Any) -> bool:
     return True
 
 
+def set_trial_system_attr_after(storage, trial_id: int, key: str, value: Any) -> None:
+    """Set a system attr of a trial in any state, a finished one included (Optuna refuses to change
+    those; a held-out validation is added to a completed trial afterwards). ``storage``: an RDBStorage
+    or Optuna's cache around one. A study loaded before the call still shows the old attrs: load it again."""
+    from optuna.storages._rdb import models
+    from sqlalchemy.exc import IntegrityError
+
+    table = models.TrialSystemAttributeModel.__table__
+    text = json.dumps(value)
+    where = (table.c.trial_id == trial_id) & (table.c.key == key)
+    for attempt in range(2):  # an insert racing another process's insert of the same key becomes an update
+        try:
+            with getattr(storage, "_backend", storage).engine.begin() as conn:
+                if not conn.execute(table.update().where(where).values(value_json=text)).rowcount:
+                    conn.execute(table.insert().values(trial_id=trial_id, key=key, value_json=text))
+            return
+        except IntegrityError:
+            if attempt:
+                raise
+
+
 def storage_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that mean the storage failed under a running study (lost server, locked file)."""
     from sqlalchemy.exc import SQLAlchemyError

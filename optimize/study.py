@@ -7,7 +7,10 @@ Every key optimize-sd stores in an Optuna study is spelt here, once:
 * each trial records its measurement as user attrs (:data:`SPEEDUP`, :data:`SCORE_LOSS`, ...) and its
   constraints under the system attr :data:`CONSTRAINTS_ATTR`, where optuna-dashboard shows feasibility
   and Optuna 5's TPE reads it; a running trial's process is its system attr :data:`OWNER`;
-* each run takes a sampler slot, a study system attr under :data:`SAMPLER_SLOT`.
+* each run takes a sampler slot, a study system attr under :data:`SAMPLER_SLOT`;
+* its uncertainty (docs/trust.md): the per-prompt scores under the system attr :data:`PER_PROMPT`, the
+  intervals of its losses and speedup under the user attr :data:`INTERVALS`, and a held-out
+  re-validation under the system attr :data:`VALIDATION` (a :class:`Validation`).
 
 Optuna's own keys of its queue and retry bookkeeping (``fixed_params``, ``failed_trial``,
 ``retry_history``) are spelt in :mod:`optimize.storage`, beside the re-queuing that writes them
@@ -44,6 +47,7 @@ from .storage import StorageError, insert_study_user_attr_once, open_storage
 
 # --- stored keys ---------------------------------------------------------------------------------
 STUDY_ATTR = "optimize_sd"  # study user attr: StudyRecord.as_dict()
+PROMPT_SOURCE = "prompt_source"  # in StudyRecord.as_dict(): where the study's prompts came from
 CONSTRAINTS_ATTR = "constraints"  # trial system attr: the list optuna-dashboard 0.21 reads to mark trials feasible
 FAIL_REASON = "fail_reason"  # trial system attr Optuna itself writes for a failed trial
 OWNER = "owner"  # trial system attr: the process running it (processes.identity(): host, machine, pid, start)
@@ -67,6 +71,22 @@ REUSED_FROM = "reused_from"  # number of the trial whose measurement a repeated 
 WORKER = "worker"  # host:pid device of the process that ran the trial
 ERROR = "error"  # why the trial failed
 SKIPPED = "skipped"  # why the speed gate skipped its scoring
+
+# Uncertainty (docs/trust.md). PER_PROMPT: trial system attr {CLIP_SCORE: [...], PSNR: [...], ...}, one value
+# per prompt in prompt order, rounded to 6 digits. INTERVALS: trial user attr {INTERVAL_LEVEL: 0.9, INTERVAL_N:
+# prompts, SCORE_LOSS: [lo, hi], PSNR: [lo, hi], ..., SPEEDUP: [lo, hi]}: each attr's interval in its own units.
+PER_PROMPT = "per_prompt"
+INTERVALS = "intervals"
+INTERVAL_LEVEL = "level"
+INTERVAL_N = "n"
+VALIDATION = "validation"  # trial system attr: Validation.as_dict()
+# search_params.json entry fields (params_file): the bounded loss's and the speedup's interval, their level,
+# the study's --confidence (None: constraints on the point estimates)
+LOSS_INTERVAL = "loss_interval"
+SPEEDUP_INTERVAL = "speedup_interval"
+CONFIDENCE = "confidence"
+ENTRY_LEVEL = "interval_level"
+DEFAULT_LEVEL = 0.9  # the level of the intervals shown when a study has no --confidence
 
 
 MODES = ("target", "max", "pareto")
@@ -108,6 +128,9 @@ class Goal:
     target_speedup: float | None
     max_loss: float
     loss_metric: str = "clip"
+    # --confidence: constraints on the conservative end of each trial's interval at this level (None: on
+    # the point estimates)
+    confidence: float | None = None
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -127,6 +150,8 @@ class Goal:
                 raise ValueError(f"--max-loss with --loss-metric psnr is the minimum PSNR in dB: must be in (0, {PSNR_CAP:g}]")
         elif not 0 < self.max_loss < 1:
             raise ValueError("--max-loss must be in (0, 1)")
+        if self.confidence is not None and not 0 < self.confidence < 1:
+            raise ValueError(f"--confidence must be in (0, 1), e.g. 0.9; got {self.confidence:g}")
 
     @property
     def directions(self) -> list[str]:
@@ -140,6 +165,11 @@ class Goal:
     @property
     def loss_name(self) -> str:
         return _LOSSES[self.loss_metric].name
+
+    @property
+    def loss_attr(self) -> str:
+        """The trial user attr the loss is computed from (``score_loss``, ``psnr``, ``ssim``, ``lpips``)."""
+        return _LOSSES[self.loss_metric].attr
 
     @property
     def objective_name(self) -> str:
@@ -157,12 +187,48 @@ class Goal:
 
     @property
     def constraint_names(self) -> list[str]:
-        return (["speedup >= target"] if self.mode == "target" else []) + [_LOSSES[self.loss_metric].constraint]
+        names = (["speedup >= target"] if self.mode == "target" else []) + [_LOSSES[self.loss_metric].constraint]
+        if self.confidence is None:
+            return names
+        return [f"{n} (conservative end of the {self.confidence:g} interval)" for n in names]
+
+    @property
+    def level(self) -> float:
+        """The level of the intervals the study stores: its --confidence, else :data:`DEFAULT_LEVEL`."""
+        return DEFAULT_LEVEL if self.confidence is None else self.confidence
 
     def loss(self, attrs: dict[str, Any]) -> float | None:
         """The loss under the bound, from a trial's user attrs (None if the trial lacks it)."""
         loss = _LOSSES[self.loss_metric]
         return loss.offset + loss.sign * attrs[loss.attr] if loss.attr in attrs else None
+
+    def loss_interval(self, attrs: dict[str, Any]) -> tuple[float, float] | None:
+        """The interval of :meth:`loss` from a trial's :data:`INTERVALS` (None where it has none)."""
+        loss = _LOSSES[self.loss_metric]
+        pair = (attrs.get(INTERVALS) or {}).get(loss.attr)
+        if pair is None:
+            return None
+        lo, hi = sorted(loss.offset + loss.sign * v for v in pair)
+        return lo, hi
+
+    @staticmethod
+    def speedup_interval(attrs: dict[str, Any]) -> tuple[float, float] | None:
+        pair = (attrs.get(INTERVALS) or {}).get(SPEEDUP)
+        return None if pair is None else (pair[0], pair[1])
+
+    def constraints_of(self, attrs: dict[str, Any]) -> list[float]:
+        """:meth:`constraints` of a trial's attrs: on the point estimates, or with ``confidence`` on the
+        conservative ends (speedup's lower end, the loss's upper end). A trial without the interval a
+        constraint needs is an error: a guess would decide feasibility."""
+        speedup, loss = attrs[SPEEDUP], self.loss(attrs)
+        if self.confidence is None:
+            return self.constraints(speedup, loss)
+        loss_interval, speedup_interval = self.loss_interval(attrs), self.speedup_interval(attrs)
+        if loss_interval is None:
+            raise ValueError(f"--confidence needs an interval of {self.loss_name} (at least 2 prompts)")
+        if self.mode == "target" and speedup_interval is None:
+            raise ValueError("--confidence in target mode needs a speedup interval (at least 2 timed calls)")
+        return self.constraints(speedup_interval[0] if self.mode == "target" else speedup, loss_interval[1])
 
     def shown(self, loss: float) -> float:
         """A loss as people read it: the PSNR itself for psnr, the loss otherwise."""
@@ -185,16 +251,20 @@ class Goal:
     def slug(self) -> str:
         head = f"target{self.target_speedup:g}" if self.mode == "target" else self.mode
         metric = "loss" if self.loss_metric == "clip" else self.loss_metric  # clip keeps the names it always had
-        return f"{head}-{metric}{self.max_loss:g}"
+        confidence = "" if self.confidence is None else f"-c{self.confidence:g}"  # another rule, another study
+        return f"{head}-{metric}{self.max_loss:g}{confidence}"
 
     @classmethod
     def from_dict(cls, g: dict[str, Any]) -> "Goal":
-        """The goal :meth:`as_dict` stored (studies from before ``loss_metric`` are clip studies)."""
-        return cls(g["mode"], g["target_speedup"], g["max_loss"], g.get("loss_metric", "clip"))
+        """The goal :meth:`as_dict` stored (studies from before ``loss_metric`` are clip studies, from
+        before ``confidence`` decide on the point estimates)."""
+        return cls(g["mode"], g["target_speedup"], g["max_loss"], g.get("loss_metric", "clip"), g.get(CONFIDENCE))
 
     def as_dict(self) -> dict[str, Any]:
-        return {"mode": self.mode, "target_speedup": self.target_speedup, "max_loss": self.max_loss,
-                "loss_metric": self.loss_metric}
+        """The stored form; ``confidence`` only when set, so a study without it keeps the form it had."""
+        stored = {"mode": self.mode, "target_speedup": self.target_speedup, "max_loss": self.max_loss,
+                  "loss_metric": self.loss_metric}
+        return stored if self.confidence is None else {**stored, CONFIDENCE: self.confidence}
 
 
 # --- the study record ----------------------------------------------------------------------------
@@ -239,10 +309,14 @@ class StudyRecord:
 
     goal: Goal
     fingerprint: Fingerprint | None = None
+    # where the prompts came from (``coco``, ``builtin``, a file's absolute path): the held-out prompts of
+    # ``optimize-sd validate`` come after the study's; None for studies from before it was stored
+    prompt_source: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        return {"goal": self.goal.as_dict(), "constraints": self.goal.constraint_names,
-                "fingerprint": self.fingerprint.as_dict() if self.fingerprint else None}
+        stored = {"goal": self.goal.as_dict(), "constraints": self.goal.constraint_names,
+                  "fingerprint": self.fingerprint.as_dict() if self.fingerprint else None}
+        return stored if self.prompt_source is None else {**stored, PROMPT_SOURCE: self.prompt_source}
 
     @classmethod
     def load(cls, study: optuna.Study) -> "StudyRecord | None":
@@ -251,7 +325,8 @@ class StudyRecord:
         if not meta:
             return None
         fingerprint = meta.get("fingerprint")
-        return cls(Goal.from_dict(meta["goal"]), Fingerprint.from_dict(fingerprint) if fingerprint else None)
+        return cls(Goal.from_dict(meta["goal"]), Fingerprint.from_dict(fingerprint) if fingerprint else None,
+                   meta.get(PROMPT_SOURCE))
 
     def insert_once(self, storage, study: optuna.Study) -> bool:
         """Store the record unless one is stored; True if this call stored it (the database decides
@@ -317,6 +392,54 @@ def record_constraints(trial: optuna.Trial, values: list[float]) -> None:
     trial feasible); the list under ``constraints`` is what ``constraints_func`` wrote, and TPE reads it too.
     """
     trial.storage.set_trial_system_attr(trial._trial_id, CONSTRAINTS_ATTR, [float(v) for v in values])
+
+
+def record_per_prompt(trial: optuna.Trial, values: dict[str, list[float]]) -> None:
+    """Store a trial's per-prompt scores (:data:`PER_PROMPT`), rounded to 6 digits: a system attr, so
+    optuna-dashboard's table of user attrs stays readable."""
+    rounded = {k: [round(float(x), 6) for x in v] for k, v in values.items()}
+    trial.storage.set_trial_system_attr(trial._trial_id, PER_PROMPT, rounded)
+
+
+@dataclass(frozen=True)
+class Validation:
+    """A configuration measured again on prompts the search never saw, with fresh seeds (the trial
+    system attr :data:`VALIDATION`; :mod:`optimize.validation` makes it). Losses and intervals are in
+    the units of the trial's attrs of the same name; ``loss`` is the study's bounded loss (-PSNR for psnr)."""
+
+    n: int  # held-out prompts
+    seed: int  # the first prompt's seed (prompt i: seed + i)
+    prompts: str  # prompts_hash of the held-out prompts
+    level: float  # of the intervals
+    loss_metric: str
+    loss: float
+    loss_interval: list[float] | None
+    speedup: float
+    speedup_interval: list[float] | None
+    within_bound: bool  # the study's constraints hold out of sample (with --confidence: on the conservative ends)
+    failed: list[str]  # the constraints that do not hold (their names)
+    measured: dict[str, float]  # score_loss, clip_score, psnr, ssim (lpips): means over the held-out prompts
+    per_prompt: dict[str, list[float]]  # the configuration's per-prompt values, as PER_PROMPT
+    baseline_per_prompt: dict[str, list[float]]  # the untouched pipeline's CLIP scores on the same prompts and seeds
+    device: str
+    time: str  # when (UTC, ISO 8601)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def summary(self) -> dict[str, Any]:
+        """What search_params.json keeps of it: everything but the per-prompt lists."""
+        return {k: v for k, v in asdict(self).items() if k not in ("per_prompt", "baseline_per_prompt")}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Validation":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    @classmethod
+    def of(cls, trial: FrozenTrial) -> "Validation | None":
+        data = trial.system_attrs.get(VALIDATION)
+        return cls.from_dict(data) if data else None
 
 
 def is_feasible(trial: FrozenTrial) -> bool:

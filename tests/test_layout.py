@@ -17,6 +17,8 @@ OWNED_KEYS = {
     "optimize_sd": "study", "constraints": "study", "speedup": "study", "score_loss": "study",
     "time_per_image": "study", "clip_score": "study", "reused_from": "study", "baseline_time": "study",
     "fingerprint": "study", "time_median": "study", "baseline_spread": "study",
+    "per_prompt": "study", "intervals": "study", "loss_interval": "study", "speedup_interval": "study",
+    "interval_level": "study", "prompt_source": "study",
 }
 
 

@@ -160,9 +160,10 @@ def test_worker_argv_keeps_every_setting():
     launcher = run.make_context("run", list(argv)).params
     worker = run.make_context("run", worker_argv(launcher, "cpu", 2, 1)[1:]).params
     for key, value in launcher.items():
-        if key not in ("n_trials", "progress", "workers", "worker_index"):
+        if key not in ("n_trials", "progress", "workers", "worker_index", "validate"):
             assert worker[key] == value, key
     assert (worker["n_trials"], worker["progress"], worker["workers"], worker["worker_index"]) == (2, False, 1, 1)
+    assert worker["validate"] == 0  # the launcher validates the pick once the workers are done
     _, lopts = check_run_options(launcher)
     _, wopts = check_run_options(worker)
     assert lopts.devices == ("cpu",) * 3 and wopts.devices == ()

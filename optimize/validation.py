@@ -1,0 +1,274 @@
+"""Held-out re-validation: a search's pick measured again on prompts the search never saw (docs/trust.md).
+
+A study's best trial is the best of many noisy measurements on the same prompts, so its own numbers
+flatter it. After the trials of a run, the pick (the best feasible trial; a pareto study's fastest
+feasible one, what ``generate`` uses) is generated again on ``N`` prompts disjoint from the search's
+(:func:`optimize.prompts.load_heldout`: the COCO captions, file lines or built-in captions after the
+first ``--num-samples``) with fresh seeds (the study's seed + :data:`SEED_OFFSET`), beside the
+untouched pipeline on the same prompts and seeds. The result, a :class:`optimize.study.Validation`
+(losses with their paired intervals, speedup, whether the study's constraints hold out of sample), is
+stored on the trial (system attr ``validation``) and in search_params.json; a pick that breaks the
+bound out of sample is flagged in one line. ``optimize-sd validate`` does the same on an existing study
+(:func:`validate_study`), its whole feasible front if asked.
+
+Size without ``--validate``: ``max(4, num_samples // 4)`` prompts, run only when that costs at most
+:data:`BUDGET` of the study (pipeline calls: ``N`` baseline and ``N`` configured images and the
+configuration's paired rounds, against the images and rounds of the study's trials); otherwise a note
+says it was skipped and how to ask for it.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+from dataclasses import replace
+from typing import Any
+
+import optuna
+
+from .accelerators import Config
+from .console import Echo, validation_text
+from .measure import Evaluator
+from .metrics import ClipScorer, FidelityScorer, MetricError, lpips_available, score_loss
+from .prompts import PromptsError, load_heldout, load_prompts, prompts_hash
+from .storage import set_trial_system_attr_after
+from .study import (CLIP_SCORE, CONFIG, INTERVALS, SCORE_LOSS, SPEEDUP, VALIDATION, Goal, StudyError, StudyRecord,
+                    Validation, feasible_front, open_study, study_result)
+from .uncertainty import intervals
+
+SEED_OFFSET = 1000  # held-out prompt i is generated with seed + SEED_OFFSET + i
+BUDGET = 0.10  # the share of a study's pipeline calls a default validation may cost
+
+
+class ValidationError(ValueError):
+    """A study or settings no validation can be run with; the message is one line."""
+
+
+def default_size(num_samples: int) -> int:
+    return max(4, num_samples // 4)
+
+
+def planned_size(requested: int | None, num_samples: int, trials: int, rounds: int) -> tuple[int, str | None]:
+    """``(N, note)``: ``requested`` (``--validate N``) as given; without it the default size when it is
+    within :data:`BUDGET` of ``trials`` trials of ``num_samples`` prompts and ``rounds`` paired rounds, else
+    0 and a note saying why."""
+    if requested is not None:
+        return requested, None
+    n = default_size(num_samples)
+    if 2 * (n + rounds) <= BUDGET * trials * (num_samples + 2 * rounds):
+        return n, None
+    return 0, (f"note: held-out validation skipped: {n} prompts would cost more than {100 * BUDGET:g}% of this "
+               f"study's {trials} trials (--validate {n} runs it anyway, --validate 0 turns it off)")
+
+
+def bound_texts(goal: Goal) -> list[str]:
+    """The constraints as people read them, in the order of :meth:`Goal.constraints`."""
+    return ([f"speedup >= {goal.target_speedup:g}x"] if goal.mode == "target" else []) + [goal.bound_text()]
+
+
+def _rounded(values) -> list[float]:
+    return [round(float(x), 6) for x in values]
+
+
+def device_name(device: str) -> str:
+    import torch
+
+    return torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu"
+
+
+def stored(trial, prompts: list[str], seed: int) -> Validation | None:
+    """The trial's validation if it was made on ``prompts`` with first seed ``seed``."""
+    v = Validation.of(trial)
+    return v if v is not None and (v.n, v.seed, v.prompts) == (len(prompts), seed, prompts_hash(prompts)) else None
+
+
+class Validator:
+    """Measures configurations on held-out prompts against the untouched pipeline on the same prompts
+    and seeds (measured once, on first use). ``settings``: the study's generation settings; the seed
+    is moved by :data:`SEED_OFFSET` here."""
+
+    def __init__(self, pipe, scorer, prompts: list[str], settings, goal: Goal, device: str, *, repeats: int = 0,
+                 scored_repeats: int = 0, exec_mode: str = "eager"):
+        self.prompts, self.goal, self.device = prompts, goal, device
+        self.settings = replace(settings, seed=settings.seed + SEED_OFFSET)
+        self.evaluator = Evaluator(pipe, scorer, prompts, self.settings, repeats=repeats,
+                                   scored_repeats=scored_repeats, exec=exec_mode)
+        self.hash = prompts_hash(prompts)
+        self._base = None
+        self._fidelity = None
+
+    def done(self, trial) -> Validation | None:
+        """The trial's stored validation if it was made on these prompts and seeds."""
+        return stored(trial, self.prompts, self.settings.seed)
+
+    def _baseline(self):
+        if self._base is None:
+            self._base = self.evaluator.measure(Config(), paired=False)
+            self._fidelity = FidelityScorer(self._base.images, self.device, lpips=lpips_available())
+        return self._base
+
+    def _verdict(self, attrs: dict[str, Any]) -> list[str]:
+        """The constraints that do not hold on ``attrs`` (the study's rule: point estimates or, with
+        --confidence, the conservative ends)."""
+        try:
+            values = self.goal.constraints_of(attrs)
+        except ValueError as e:  # --confidence and no interval (a single held-out prompt)
+            return [str(e)]
+        return [text for text, c in zip(bound_texts(self.goal), values) if c > 0]
+
+    def measure(self, trial) -> Validation:
+        base = self._baseline()
+        m = self.evaluator.measure(Config.from_params(trial.params))
+        fidelity = self._fidelity.per_image(m.images)
+        paired = m.reference is not None  # paired rounds; else the two scoring passes' calls
+        reference = m.reference if paired else base.timing
+        speedup = reference.best / m.timing.best
+        measured = {SCORE_LOSS: score_loss(base.clip_score, m.clip_score), CLIP_SCORE: m.clip_score,
+                    **{k: float(v.mean()) for k, v in fidelity.items()}}
+        attrs = {SPEEDUP: speedup, **measured, INTERVALS: intervals(
+            self.goal.level, base.scores, m.scores, fidelity, speedup, m.timing.samples, reference.samples, paired)}
+        failed = self._verdict(attrs)
+        loss_interval, speedup_interval = self.goal.loss_interval(attrs), self.goal.speedup_interval(attrs)
+        return Validation(
+            n=len(self.prompts), seed=self.settings.seed, prompts=self.hash, level=self.goal.level,
+            loss_metric=self.goal.loss_metric, loss=self.goal.loss(attrs),
+            loss_interval=list(loss_interval) if loss_interval else None, speedup=speedup,
+            speedup_interval=list(speedup_interval) if speedup_interval else None, within_bound=not failed,
+            failed=failed, measured=measured,
+            per_prompt={CLIP_SCORE: _rounded(m.scores), **{k: _rounded(v) for k, v in fidelity.items()}},
+            baseline_per_prompt={CLIP_SCORE: _rounded(base.scores)}, device=device_name(self.device),
+            time=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+
+    def close(self) -> None:
+        self.evaluator.close()
+
+
+def validate_trials(study: optuna.Study, trials, validator: Validator, echo: Echo) -> dict[int, Validation]:
+    """Validate each of ``trials`` (one already validated on the same prompts and seeds is not measured
+    again) and store the result on it; a result that breaks the bound is one warning line on stderr.
+    Returns trial number -> validation. Load the study again to see the stored attrs."""
+    done: dict[int, Validation] = {}
+    n, seed = len(validator.prompts), validator.settings.seed
+    for t in trials:
+        label = f"#{t.number} {t.user_attrs.get(CONFIG, '?')}"
+        v = validator.done(t)
+        if v is None:
+            echo(f"validating {label} on {n} held-out prompts (seed {seed})")
+            v = validator.measure(t)
+            set_trial_system_attr_after(study._storage, t._trial_id, VALIDATION, v.as_dict())
+        else:
+            echo(f"{label}: already validated on these {n} held-out prompts (seed {seed})")
+        done[t.number] = v
+        if not v.within_bound:
+            echo(f"optimize-sd: warning: {label}: {validation_text(validator.goal, v)}", err=True)
+    return done
+
+
+def reloaded(study: optuna.Study) -> optuna.Study:
+    """The study read afresh (Optuna caches finished trials: a validation stored since is not in its copy)."""
+    return optuna.load_study(study_name=study.study_name, storage=getattr(study._storage, "_backend", study._storage))
+
+
+# --- optimize-sd validate: a study's pick (or front) on held-out prompts ------------------------------------
+def chosen_trials(study: optuna.Study, goal: Goal, trial_number: int | None, front: bool) -> list:
+    """The trials to validate: trial ``trial_number``, the feasible front, or the pick."""
+    if trial_number is not None:
+        trial = {t.number: t for t in study.get_trials(deepcopy=False)}.get(trial_number)
+        if trial is None or SPEEDUP not in trial.user_attrs or trial.state != optuna.trial.TrialState.COMPLETE:
+            raise ValidationError(f"study {study.study_name!r} has no measured, completed trial #{trial_number}")
+        return [trial]
+    best, _ = study_result(study, goal)
+    if best is None:
+        raise ValidationError(f"study {study.study_name!r} has no feasible trial to validate; pick one with --trial N")
+    return feasible_front(study, goal) if front else [best]
+
+
+def heldout_for(record: StudyRecord, source: str | None, n: int) -> list[str]:
+    """The study's held-out prompts: ``n`` after its search prompts, from ``source`` or the stored source;
+    the search prompts must hash to the study's (or the held-out ones would not be held out)."""
+    fp = record.fingerprint
+    source = source or record.prompt_source
+    if source is None:
+        raise ValidationError("this study does not record where its prompts came from (made before that was "
+                              "stored): pass the run's --prompts")
+    try:
+        search = load_prompts(source, fp.num_samples)
+        if fp.prompts is not None and prompts_hash(search) != fp.prompts:
+            raise ValidationError(f"--prompts {source}: its first {fp.num_samples} prompts are not this study's "
+                                  "search prompts; pass the run's --prompts")
+        return load_heldout(source, fp.num_samples, n)
+    except PromptsError as e:
+        raise ValidationError(str(e)) from None
+
+
+def _load(record: StudyRecord, baseline, device: str):
+    """The study's pipeline, its CLIP scorer and generation settings on ``device``, and the exec mode."""
+    from . import pipelines
+    from .generate import GenerateError, spec_from_source
+    from .graphs import check_exec, compile_blocks
+    from .measure import GenerationSettings
+
+    fp = record.fingerprint
+    exec_mode = fp.exec or "eager"
+    try:  # the configuration is timed in the mode the study timed it in
+        check_exec(exec_mode, device)
+    except ValueError as e:
+        raise ValidationError(f"study found with --exec {exec_mode}: {e}") from None
+    try:
+        spec = spec_from_source(str(fp.pipe))
+        dtype = "fp32" if fp.dtype == "fp16" and device == "cpu" else fp.dtype
+        pipe = pipelines.load_pipeline(spec, fp.scheduler, device, dtype)
+        model, _, pretrained = str(fp.clip or "ViT-g-14/laion2b_s34b_b88k").partition("/")
+        scorer = ClipScorer(model, None if pretrained in ("", "None") else pretrained, device, dtype)
+    except (GenerateError, pipelines.PipelineError, MetricError) as e:
+        raise ValidationError(str(e)) from None
+    size = pipelines.native_size(pipe)
+    settings = GenerationSettings(
+        steps=fp.steps, height=fp.height or (baseline.height if baseline else size),
+        guidance=fp.guidance if fp.guidance is not None else pipelines.default_guidance(pipelines.is_xl(pipe)),
+        width=fp.width or (baseline.width if baseline else size), batch_size=fp.batch_size or 1,
+        seed=42 if fp.seed is None else fp.seed)
+    if exec_mode == "compile":
+        compile_blocks(pipe.unet)
+    return pipe, scorer, settings, exec_mode
+
+
+def validate_study(storage_url: str, study_name: str | None, *, n: int | None = None, trial_number: int | None = None,
+                   front: bool = False, device: str | None = None, prompts: str | None = None,
+                   repeats: int | None = None, scored_repeats: int | None = None, echo: Echo):
+    """``optimize-sd validate``: load the study's pipeline and settings, validate its pick (or ``front``,
+    or trial ``trial_number``) on ``n`` held-out prompts. Returns ``(study read afresh, {number: validation})``."""
+    from . import pipelines
+    from .baseline import Baseline
+
+    try:
+        study = open_study(storage_url, study_name)
+    except StudyError as e:
+        raise ValidationError(str(e)) from None
+    record = StudyRecord.load(study)
+    if record.fingerprint is None:
+        raise ValidationError(f"study {study.study_name!r} stores no pipeline settings (no baseline was measured)")
+    trials = chosen_trials(study, record.goal, trial_number, front)
+    heldout = heldout_for(record, prompts, n or default_size(record.fingerprint.num_samples or 8))
+    try:
+        device = pipelines.resolve_device(device)
+    except pipelines.PipelineError as e:
+        raise ValidationError(str(e)) from None
+    seed = (42 if record.fingerprint.seed is None else record.fingerprint.seed) + SEED_OFFSET
+    if all(stored(t, heldout, seed) for t in trials):  # nothing to measure: no pipeline to load
+        for t in trials:
+            echo(f"#{t.number} {t.user_attrs.get(CONFIG, '?')}: already validated on these {len(heldout)} held-out "
+                 f"prompts (seed {seed})")
+        return study, {t.number: stored(t, heldout, seed) for t in trials}
+    if record.fingerprint.device not in (None, device_name(device)):
+        echo(f"note: the study was measured on {record.fingerprint.device}, this is {device_name(device)}: "
+             "the held-out speedup is this device's")
+    pipe, scorer, settings, exec_mode = _load(record, Baseline.load(study), device)
+    gpu = device.startswith("cuda")
+    validator = Validator(pipe, scorer, heldout, settings, record.goal, device, exec_mode=exec_mode,
+                          repeats=(3 if gpu else 0) if repeats is None else repeats,
+                          scored_repeats=(10 if gpu else 0) if scored_repeats is None else scored_repeats)
+    try:
+        results = validate_trials(study, trials, validator, echo)
+    finally:
+        validator.close()
+    return reloaded(study), results
