@@ -20,6 +20,7 @@ import json
 import os
 import re
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -143,7 +144,8 @@ def load_pipeline(spec: PipeSpec, scheduler: str = "ddim", device: str = "cpu", 
 
             source = testbed.pipeline_dir()
         try:
-            pipe = DiffusionPipeline.from_pretrained(source, **kwargs)
+            with _quiet_loading():
+                pipe = DiffusionPipeline.from_pretrained(source, **kwargs)
         except Exception as e:  # noqa: BLE001 - any loader failure becomes one clear line
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise PipelineError(f"could not load pipeline {spec.source!r}: {first}") from e
@@ -155,6 +157,24 @@ def load_pipeline(spec: PipeSpec, scheduler: str = "ddim", device: str = "cpu", 
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+@contextmanager
+def _quiet_loading():
+    """No "Loading pipeline components" / "Loading weights" bars (diffusers', transformers') while a
+    pipeline loads: errors stay one line on stderr. Downloads (huggingface_hub) keep their own bars."""
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    states = [(m, m.is_progress_bar_enabled()) for m in (dlog, tlog)]
+    for m, _ in states:
+        m.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for m, on in states:
+            if on:
+                m.enable_progress_bar()
 
 
 def is_xl(pipe) -> bool:

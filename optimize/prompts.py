@@ -42,18 +42,7 @@ def load_prompts(spec: str, num_samples: int) -> list[str]:
     """Return the first ``num_samples`` prompts of ``spec``."""
     if num_samples < 1:
         raise PromptsError("--num-samples must be at least 1")
-    check_spec(spec)
-    if spec == "builtin":
-        prompts = _read_txt(_BUILTIN)
-    elif spec == "testbed":
-        from .testbed import captions
-
-        prompts = captions("heldout")
-    elif spec == "coco" or spec.startswith("coco:"):
-        prompts = _read_coco(spec.partition(":")[2] or COCO_DATASET, num_samples)
-    else:
-        prompts = _read_file(spec)
-    prompts = [p.strip() for p in prompts if isinstance(p, str) and p.strip()]
+    prompts = _candidates(spec, num_samples)
     if not prompts:
         raise PromptsError(f"no prompts in {spec!r}")
     if len(prompts) < num_samples:
@@ -66,6 +55,10 @@ def _candidates(spec: str, count: int) -> list[str]:
     check_spec(spec)
     if spec == "builtin":
         prompts = _read_txt(_BUILTIN)
+    elif spec == "testbed":
+        from .testbed import captions
+
+        prompts = captions("heldout")
     elif spec == "coco" or spec.startswith("coco:"):
         prompts = _read_coco(spec.partition(":")[2] or COCO_DATASET, count)
     else:
@@ -94,7 +87,7 @@ def load_heldout(spec: str, num_samples: int, n: int) -> list[str]:
 
 def prompt_source(spec: str) -> str:
     """``spec`` as a study stores it, to find the same prompts later: a file by its absolute path."""
-    if spec in ("coco", "builtin") or spec.startswith("coco:"):
+    if spec in ("coco", "builtin", "testbed") or spec.startswith("coco:"):
         return spec
     return os.path.abspath(spec)
 

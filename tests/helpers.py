@@ -168,7 +168,7 @@ def _distributions():
 
 
 def synthetic_study(url: str, name: str, goal, trials, fingerprint: dict | None = None,
-                    baseline_size: int = 32) -> optuna.Study:
+                    baseline_size: int = 64) -> optuna.Study:
     """A study as ``optimize-sd run`` leaves it, with made-up measurements and no model.
 
     ``trials``: ``(config, speedup, score_loss[, extra user attrs])`` per trial (``config`` an

@@ -377,7 +377,7 @@ def test_killed_trial_is_retried(tmp_path, monkeypatch):
 def test_terminated_while_measuring_the_baseline(tmp_path):
     """SIGTERM before the first trial (here: while the baseline is measured) ends the run as elsewhere:
     exit 130 and one line, nothing half-stored."""
-    argv = run_args(tmp_path, "--max-loss", "0.05", "--n-trials", "1", small=SLOW[:-2] + ["8", "--no-progress"])
+    argv = run_args(tmp_path, "--max-loss", "0.05", "--n-trials", "1", small=[*SLOW[:SLOW.index("--num-samples") + 1], "8", *SLOW[SLOW.index("--num-samples") + 2:]])
     log_path = tmp_path / "worker.log"
     with open(log_path, "w") as log:
         proc = subprocess.Popen([sys.executable, "-m", "optimize.cli", *argv], cwd=str(tmp_path), stdout=log,
@@ -496,7 +496,7 @@ def test_dashboard_shows_trial_and_baseline_images(tmp_path, monkeypatch):
     from PIL import Image
 
     with Image.open(os.path.join(directory, data["trials"][0]["artifacts"][0]["artifact_id"])) as im:
-        assert im.format == "PNG" and im.size == (32, 32)
+        assert im.format == "PNG" and im.size == (64, 64)
 
 
 def test_no_images_when_asked_for_none(tmp_path, monkeypatch):

@@ -284,7 +284,7 @@ def test_add_validations_updates_only_the_entries_holding_those_trials(tmp_path)
     (["--confidence", "0"], "--confidence"),
     (["--confidence", "0.9", "--num-samples", "1"], "2 prompts"),
     (["--confidence", "0.9", "--target-speedup", "1.5", "--batch-size", "2"], "timed calls"),
-    (["--validate", "80"], "--validate 80"),
+    (["--validate", "400"], "--validate 400"),
     (["--prompts", "{tmp}/three.txt", "--validate", "2"], "three.txt"),
 ])
 def test_bad_trust_options_are_one_line_and_load_nothing(extra, needle, tmp_path, monkeypatch, no_model):
