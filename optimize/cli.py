@@ -23,7 +23,7 @@ from .params_file import best_json, read_search_params
 from .pipelines import DTYPES, SCHEDULERS
 from .report import measured_trials, write_report
 from .runner import Interrupted, RunError, RunFailure, RunOptions, run_search
-from .storage import DEFAULT_STORAGE, StorageError, check_storage_url, open_storage
+from .storage import DEFAULT_STORAGE, StorageError, check_storage_url, open_storage, redact
 from .study import Goal, StudyError, goal_of, open_study, pick_study, study_result
 from .workers import follow_launcher, launch
 
@@ -332,16 +332,17 @@ def generate_command(prompts, output, storage, study_name, trial_number, params_
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", type=click.IntRange(1, 65535), default=8080, show_default=True)
 def dashboard_command(storage, artifact_dir, host, port):
-    """Start optuna-dashboard on a study storage, with the trials' images."""
+    """Start optuna-dashboard on a study storage, with the trials' images (read-only: nothing is created
+    or written, a missing SQLite file is refused)."""
     import optuna_dashboard
 
     try:
-        rdb = open_storage(storage)
+        rdb = open_storage(storage, read_only=True)
     except StorageError as e:
         raise Failure(str(e)) from None
     directory = artifact_dir_for(storage, artifact_dir)
-    click.echo(f"optuna-dashboard on http://{host}:{port} ({storage}, images in {directory}); Ctrl-C to stop")
-    optuna_dashboard.run_server(rdb, host=host, port=port, artifact_store=artifact_store(directory))
+    click.echo(f"optuna-dashboard on http://{host}:{port} ({redact(storage)}, images in {directory}); Ctrl-C to stop")
+    optuna_dashboard.run_server(rdb, host=host, port=port, artifact_store=artifact_store(directory, create=False))
 
 
 def main(argv=None) -> None:

@@ -107,6 +107,69 @@ def test_corrupt_sqlite_file(tmp_path, monkeypatch, no_model):
     assert db.read_bytes() == junk
 
 
+PASSWORD = "secretpw"
+
+
+@pytest.mark.parametrize("url,needle", [
+    (f"postgresql://u:{PASSWORD}@127.0.0.1:abc/studies", "malformed storage URL 'postgresql://u:***@127.0.0.1:abc/studies'"),
+    (f"postgresql://u:{PASSWORD}@127.0.0.1:abc/studies?x=a@b", "malformed storage URL 'postgresql://u:***@b'"),
+    (f"redis://u:{PASSWORD}@127.0.0.1/0", "unsupported storage 'redis://u:***@127.0.0.1/0'"),
+])
+@pytest.mark.parametrize("command", ["run", "run --workers 2", "best", "report", "generate", "dashboard"])
+def test_password_is_never_shown(url, needle, command, tmp_path, monkeypatch, no_model):
+    """Also in a URL SQLAlchemy cannot parse (a port that is not a number): everything between the user
+    and the last ``@`` is hidden."""
+    if command.startswith("run"):
+        code, out, err = _run(tmp_path, monkeypatch, *command.split()[1:], url=url)
+    else:
+        monkeypatch.chdir(tmp_path)
+        code, out, err = run_cli([command, "--storage", url, *(["a cat"] if command == "generate" else [])])
+    line = one_error_line(code, out, err)
+    assert needle in line, line
+    assert PASSWORD not in out + err
+    assert storage.redact(url).count("***") == 1 and PASSWORD not in storage.redact(url)
+
+
+@pytest.mark.parametrize("url", ["sqlite:///:memory:", "sqlite://", "sqlite:///file::memory:?uri=true"])
+@pytest.mark.parametrize("command", ["run", "run --workers 2", "best"])
+def test_in_memory_sqlite_is_refused(url, command, tmp_path, monkeypatch, no_model):
+    """A study must outlive the process that made it."""
+    if command.startswith("run"):
+        code, out, err = _run(tmp_path, monkeypatch, *command.split()[1:], url=url)
+    else:
+        code, out, err = run_cli([command, "--storage", url])
+    line = one_error_line(code, out, err)
+    assert f"{url!r} is an in-memory database, gone when the process ends: a study must outlive it" in line
+    assert not (tmp_path / "s.db").exists()
+
+
+READERS = {"best": [], "report": ["-o", "r.html"], "generate": ["a cat", "-o", "c.png"], "dashboard": []}
+
+
+@pytest.mark.parametrize("command", list(READERS))
+def test_read_only_commands_create_nothing(command, tmp_path, monkeypatch, no_model):
+    """best, report, generate and dashboard open the storage read-only: a typo in the path is "no
+    study", with no file or directory made; an empty database file is left as it is."""
+    monkeypatch.chdir(tmp_path)
+    line = one_error_line(*run_cli([command, "--storage", "sqlite:///typo/dir/x.db", *READERS[command]]))
+    assert "no study database at typo/dir/x.db" in line
+    assert os.listdir(tmp_path) == []
+    (tmp_path / "empty.db").write_bytes(b"")
+    line = one_error_line(*run_cli([command, "--storage", "sqlite:///empty.db", *READERS[command]]))
+    assert "no study in sqlite:///empty.db: it holds no Optuna tables (left untouched)" in line
+    assert sorted(os.listdir(tmp_path)) == ["empty.db"] and (tmp_path / "empty.db").read_bytes() == b""
+
+
+def test_best_reads_a_study_without_writing_it(tmp_path, monkeypatch, no_model):
+    """A study's database is read, never written: byte for byte the same afterwards."""
+    _stored_study(tmp_path, "shared", ["--max-loss", "0.05"])
+    db = tmp_path / "s.db"
+    before = db.read_bytes()
+    code, out, err = run_cli(["best", "--storage", storage_url(tmp_path), "--study", "shared"])
+    assert code == 1 and "shared: no feasible trial yet" in out, out + err  # the study has no trial
+    assert db.read_bytes() == before and sorted(os.listdir(tmp_path)) == ["s.db"]
+
+
 # --- a study of the same name made for something else --------------------------------------------------
 
 
