@@ -193,6 +193,9 @@ def _check_inputs(o: dict, prompt_spec: str, num_samples: int, methods: tuple[st
     for side in ("height", "width"):
         if o[side] is not None and o[side] % 8:
             raise Failure(f"--{side} must be a multiple of 8, got {o[side]}")
+    if o["study_name"] is not None and not o["study_name"].strip():
+        raise Failure("--study must not be empty (leave it out for the name derived from model, scheduler, steps "
+                      "and goal)")
     try:
         prompts_mod.check_spec(prompt_spec)
         check_storage_url(o["storage"])

@@ -207,6 +207,14 @@ def test_study_exists_with_another_mode_or_model(change, needles, workers, tmp_p
     assert load_study(storage_url(tmp_path), "shared").user_attrs == before
 
 
+@pytest.mark.parametrize("name", ["", "  "])
+@pytest.mark.parametrize("workers", [1, 2])
+def test_empty_study_name_is_refused(name, workers, tmp_path, monkeypatch, no_model):
+    line = one_error_line(*_run(tmp_path, monkeypatch, "--study", name, "--workers", workers))
+    assert "--study must not be empty (leave it out for the name derived from model, scheduler, steps and goal)" in line
+    assert not (tmp_path / "s.db").exists()
+
+
 # --- prompts and samples ---------------------------------------------------------------------------------
 
 
