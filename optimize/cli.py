@@ -19,7 +19,7 @@ from .console import format_result
 from .generate import GenerateError, generate, plan_from_params_file, plan_from_study
 from .graphs import check_exec
 from .metrics import DEFAULT_BOUNDS, lpips_available, lpips_weights_path
-from .params_file import best_json, read_search_params
+from .params_file import best_json, check_writable, read_search_params
 from .pipelines import DTYPES, SCHEDULERS
 from .report import measured_trials, write_report
 from .runner import Interrupted, RunError, RunFailure, RunOptions, run_search
@@ -200,6 +200,7 @@ def _check_inputs(o: dict, prompt_spec: str, num_samples: int, methods: tuple[st
         prompts_mod.check_spec(prompt_spec)
         check_storage_url(o["storage"])
         read_search_params(o["output"])  # an unreadable file is found now, not after the first good trial
+        check_writable(o["output"])  # and a read-only one, or an unwritable directory, now, not after the search
     except (prompts_mod.PromptsError, StorageError) as e:
         raise Failure(str(e)) from None
     if o["guidance"] is not None and o["guidance"] <= 1 and "tgate" in methods:

@@ -352,6 +352,52 @@ def test_disk_full_then_space_again(tmp_path, monkeypatch):
     assert data["some:other:key"] == OLD["some:other:key"] and data["tiny:ddim:8:max:0.5"]["trial"] == best.number
 
 
+# --- search_params.json: written at the end of every run, refused up front where it cannot be -------------
+
+
+@pytest.fixture
+def read_only():
+    """``read_only(path)`` makes a file or directory unwritable for this process: by its mode for a user,
+    by the immutable attribute for root (whom modes do not stop); skipped where neither works."""
+    frozen = []
+
+    def make(path) -> None:
+        if os.geteuid() != 0:
+            os.chmod(path, 0o555 if os.path.isdir(path) else 0o444)
+        else:
+            done = subprocess.run(["chattr", "+i", str(path)], capture_output=True)
+            if done.returncode != 0:
+                pytest.skip(f"cannot make {path} immutable here: {done.stderr.decode().strip()}")
+            frozen.append(path)
+        assert not os.access(path, os.W_OK)
+
+    yield make
+    for path in frozen:
+        subprocess.run(["chattr", "-i", str(path)], check=True)
+
+
+@pytest.mark.parametrize("what", ["file", "directory"])
+@pytest.mark.parametrize("workers", [1, 2])
+def test_unwritable_output_is_refused_before_anything_loads(what, workers, tmp_path, monkeypatch, read_only, no_model):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    if what == "file":
+        output = locked / "search_params.json"
+        output.write_text(json.dumps(OLD))
+        read_only(output)
+        needle = f"{output} is read-only: make it writable or pass another --output"
+    else:
+        read_only(locked)
+        output = locked / "new" / "search_params.json"  # its directory would be made on the first write
+        needle = f"cannot write {output}: directory {locked} is not writable; pass another --output"
+    line = one_error_line(*_run(tmp_path, monkeypatch, "--workers", workers, "--output", output))
+    assert needle in line, line
+    assert not (tmp_path / "s.db").exists()
+    assert sorted(os.listdir(locked)) == (["search_params.json"] if what == "file" else [])
+    if what == "file":
+        assert json.loads(output.read_text()) == OLD
+
+
 # --- a trial that runs out of GPU memory ------------------------------------------------------------------
 
 
