@@ -398,6 +398,62 @@ def test_unwritable_output_is_refused_before_anything_loads(what, workers, tmp_p
         assert json.loads(output.read_text()) == OLD
 
 
+def _study_with_a_best(tmp_path) -> int:
+    """A study as earlier runs of ``run --max-loss 0.05`` left it (baseline, two feasible trials), made
+    without a model; the number of its best trial."""
+    from optimize.cli import check_run_options, run
+    from optimize.accelerators import Config, DeepCache
+
+    try:
+        from helpers import synthetic_study
+    except ImportError:
+        from tests.helpers import synthetic_study
+    params = run.make_context("run", run_args(tmp_path, "--max-loss", "0.05")[1:]).params
+    spec, opts = check_run_options(params)
+    fingerprint = runner.fingerprint_for(spec, opts, prompts.load_prompts(opts.prompt_spec, opts.num_samples))
+    trials = [(Config(deepcache=DeepCache(3, 0)), 1.5, 0.01), (Config(deepcache=DeepCache(5, 0)), 1.8, 0.02)]
+    synthetic_study(storage_url(tmp_path), runner.study_name_for(spec, opts), opts.goal, trials,
+                    fingerprint=fingerprint.as_dict())
+    return 1
+
+
+@pytest.mark.parametrize("case", ["file moved away", "new --output", "file holds an older best", "disk full"])
+def test_best_is_saved_at_the_end_of_every_run(case, tmp_path, monkeypatch):
+    """No trial of this run becomes the best (its one trial fails): the study's best is written all the
+    same, and "saved" is printed only once it was. A failed write is one line and exit 1, the study kept."""
+    from optimize import search
+
+    best = _study_with_a_best(tmp_path)
+    key = "tiny:ddim:8:max:0.05"
+    output = tmp_path / ("new/dir/sp.json" if case == "new --output" else "search_params.json")
+    if case == "file holds an older best":
+        output.write_text(json.dumps({key: {"trial": 0, "params": {}}, **OLD}))
+    if case == "disk full":
+        output.write_text(json.dumps(OLD))
+        _enospc_writes(monkeypatch)
+
+    def fails(self, trial):
+        raise RuntimeError("made to fail")
+
+    monkeypatch.setattr(search.Objective, "__call__", fails)
+    code, out, err = _run(tmp_path, monkeypatch, "--max-loss", "0.05", "--n-trials", "1", "--output", output)
+    study = load_study(storage_url(tmp_path))
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.COMPLETE, TrialState.FAIL]
+    if case == "disk full":  # a warning per failed write, then the one error line
+        lines = [line for line in err.splitlines() if line.startswith(ERROR_PREFIX)]
+        assert code == 1 and len(lines) == 1 and "Traceback" not in out + err, out + err
+        assert f"{output} not updated: No space left on device" in lines[0] and "saved to" not in out
+        assert json.loads(output.read_text()) == OLD
+        return
+    assert code == 0, out + err
+    assert f"saved to {output} under {key!r}" in out
+    data = json.loads(output.read_text())
+    assert data[key]["trial"] == best and data[key]["params"] == study.trials[best].params
+    assert data[key]["study"] == study.study_name
+    if case == "file holds an older best":
+        assert data["some:other:key"] == OLD["some:other:key"]
+
+
 # --- a trial that runs out of GPU memory ------------------------------------------------------------------
 
 
