@@ -27,6 +27,7 @@ from .graphs import check_exec, compile_blocks
 from .baseline import Baseline
 from .files import atomic_write
 from .params_file import read_entry
+from .prompts import MAX_PROMPT_CHARS, shorten
 from .storage import StorageError
 from .study import StudyError, StudyRecord, best_feasible, goal_of, is_feasible, open_study
 
@@ -202,6 +203,10 @@ def generate(plan: Plan, prompts: list[str], output: str, num_images: int = 1,
 
     if not prompts or any(not p.strip() for p in prompts):
         raise GenerateError("give at least one non-empty prompt")
+    for i, prompt in enumerate(prompts, 1):
+        if len(prompt) > MAX_PROMPT_CHARS:
+            raise GenerateError(f"prompt {i}: a prompt may have at most {MAX_PROMPT_CHARS} characters (CLIP reads "
+                                f"the first 77 tokens), this one is {shorten(prompt, 40)!r}")
     fmt = _check_output(output)
     paths = iter(output_paths(output, len(prompts) * num_images))
     config = plan.config if accelerated else Config()
@@ -239,4 +244,4 @@ def generate(plan: Plan, prompts: list[str], output: str, num_images: int = 1,
                         "scheduler": plan.scheduler, "pipe": plan.spec.source, "config": config.label(),
                         "params": config.to_params(), "origin": plan.origin}
                 atomic_write(path, _encode(image, fmt, info))
-                yield f"wrote {path} ({width}x{height}, seed {seed}, {seconds:.1f} s for {len(images)} image(s)): {prompt}"
+                yield f"wrote {path} ({width}x{height}, seed {seed}, {seconds:.1f} s for {len(images)} image(s)): {shorten(prompt)}"

@@ -15,11 +15,14 @@ from __future__ import annotations
 
 import gzip
 import json
+import logging
 import os
 import re
 import tempfile
 from dataclasses import dataclass
 from functools import lru_cache
+
+from .prompts import shorten
 
 PRESETS = {
     "sd1.5": "stable-diffusion-v1-5/stable-diffusion-v1-5",
@@ -147,7 +150,29 @@ def load_pipeline(spec: PipeSpec, scheduler: str = "ddim", device: str = "cpu", 
     set_scheduler(pipe, scheduler)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
+    bound_log_messages(type(pipe).__module__)
     return pipe
+
+
+class _Bounded(logging.Filter):
+    """Cuts a log message to :data:`MAX_LOG_CHARS`: the pipelines' CLIP truncation warning quotes all
+    of a prompt past its 77th token."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if len(message) > MAX_LOG_CHARS:
+            record.msg, record.args = shorten(message, MAX_LOG_CHARS), None
+        return True
+
+
+MAX_LOG_CHARS = 300
+
+
+def bound_log_messages(logger_name: str) -> None:
+    """Keep every message of the logger ``logger_name`` (a pipeline's module) to one bounded line."""
+    logger = logging.getLogger(logger_name)
+    if not any(isinstance(f, _Bounded) for f in logger.filters):
+        logger.addFilter(_Bounded())
 
 
 def is_xl(pipe) -> bool:

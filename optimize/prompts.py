@@ -19,6 +19,10 @@ import os
 
 COCO_DATASET = "phiyodr/coco2017"
 _BUILTIN = os.path.join(os.path.dirname(__file__), "builtin_prompts.txt")
+# CLIP reads 77 tokens, a few hundred characters: a longer prompt is a mistake (a file with no line
+# breaks, say), and tokenising megabytes costs minutes per image.
+MAX_PROMPT_CHARS = 1000
+_UNITS = {".txt": "line", ".json": "item", ".csv": "row"}
 
 
 class PromptsError(ValueError):
@@ -38,22 +42,37 @@ def check_spec(spec: str) -> None:
 
 
 def load_prompts(spec: str, num_samples: int) -> list[str]:
-    """Return the first ``num_samples`` prompts of ``spec``."""
+    """Return the first ``num_samples`` prompts of ``spec``; one longer than :data:`MAX_PROMPT_CHARS`
+    is refused, naming where it is (``line 3``, ``item 3``, ``row 3``, ``caption 3``)."""
     if num_samples < 1:
         raise PromptsError("--num-samples must be at least 1")
     check_spec(spec)
     if spec == "builtin":
-        prompts = _read_txt(_BUILTIN)
+        prompts, unit = _read_txt(_BUILTIN), "line"
     elif spec == "coco" or spec.startswith("coco:"):
-        prompts = _read_coco(spec.partition(":")[2] or COCO_DATASET, num_samples)
+        prompts, unit = _read_coco(spec.partition(":")[2] or COCO_DATASET, num_samples), "caption"
     else:
-        prompts = _read_file(spec)
-    prompts = [p.strip() for p in prompts if isinstance(p, str) and p.strip()]
-    if not prompts:
+        prompts, unit = _read_file(spec), _UNITS[os.path.splitext(spec)[1].lower()]
+    numbered = [(i, p.strip()) for i, p in enumerate(prompts, 1) if isinstance(p, str) and p.strip()]
+    if not numbered:
         raise PromptsError(f"no prompts in {spec!r}")
-    if len(prompts) < num_samples:
-        raise PromptsError(f"{spec!r} has {len(prompts)} prompts, fewer than --num-samples {num_samples}")
-    return prompts[:num_samples]
+    if len(numbered) < num_samples:
+        raise PromptsError(f"{spec!r} has {len(numbered)} prompts, fewer than --num-samples {num_samples}")
+    for i, prompt in numbered[:num_samples]:
+        if len(prompt) > MAX_PROMPT_CHARS:
+            raise PromptsError(f"{spec!r} {unit} {i}: a prompt may have at most {MAX_PROMPT_CHARS} characters (CLIP "
+                               f"reads the first 77 tokens), this one is {shorten(prompt, 40)!r}")
+    return [p for _, p in numbered[:num_samples]]
+
+
+def shorten(text: str, limit: int = 80) -> str:
+    """``text`` cut to about ``limit`` characters for a message, saying how long it was.
+
+    >>> shorten("a red fox " * 20, 20)
+    'a red fox a red fox ... (200 characters)'
+    """
+    head = " ".join(text[:limit + 1].split())  # line breaks and runs of spaces as one space
+    return head if len(text) <= limit else f"{head[:limit].rstrip()} ... ({len(text)} characters)"
 
 
 def prompts_hash(prompts: list[str]) -> str:

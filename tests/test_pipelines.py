@@ -119,6 +119,23 @@ def test_load_directory_failure_is_pipeline_error(tmp_path):
         load_pipeline(resolve_pipe(str(broken)), "ddim", "cpu", "fp32")
 
 
+def test_clip_truncation_warning_is_one_bounded_line(tiny_pipe):
+    """The pipeline warns that CLIP cut a prompt past its 77th token, quoting the rest: shortened."""
+    import logging
+
+    messages = []
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())
+    logger = logging.getLogger(type(tiny_pipe).__module__)
+    logger.addHandler(handler)
+    try:
+        generate(tiny_pipe, [" ".join(f"word{i}" for i in range(150))], 1)
+    finally:
+        logger.removeHandler(handler)
+    (message,) = [m for m in messages if "truncated because CLIP" in m]
+    assert len(message) < 400 and "\n" not in message and "characters)" in message
+
+
 # --- schedulers ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("scheduler", sorted(SCHEDULERS))
 def test_every_scheduler_runs(scheduler):

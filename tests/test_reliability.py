@@ -254,6 +254,27 @@ def test_num_samples_zero(workers, tmp_path, monkeypatch, no_model):
     assert not (tmp_path / "s.db").exists()
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_prompt_too_long_is_refused_naming_its_line(workers, tmp_path, monkeypatch, no_model):
+    """A prompts file with one 10 MB line (no line breaks where there should be some): refused in one
+    line of bounded length that names the line, before anything is stored."""
+    path = tmp_path / "prompts.txt"
+    path.write_text("a cat\n\n" + "x" * 10_000_000 + "\na fox\n")
+    line = one_error_line(*_run(tmp_path, monkeypatch, "--prompts", path, "--num-samples", "3", "--workers", workers))
+    assert f"{str(path)!r} line 3: a prompt may have at most 1000 characters (CLIP reads the first 77 tokens)" in line
+    assert "(10000000 characters)" in line and len(line) < 400
+    assert not (tmp_path / "s.db").exists()
+
+
+def test_generate_refuses_a_prompt_too_long(tmp_path, monkeypatch, no_model):
+    params = tmp_path / "sp.json"
+    params.write_text(json.dumps({"k": {"pipe": "tiny", "scheduler": "ddim", "steps": 8, "dtype": "fp32", "params": {}}}))
+    monkeypatch.chdir(tmp_path)
+    line = one_error_line(*run_cli(["generate", "--params", params, "a cat", "x" * 5000, "-o", "c.png"]))
+    assert "prompt 2: a prompt may have at most 1000 characters" in line and "(5000 characters)" in line
+    assert len(line) < 300 and sorted(os.listdir(tmp_path)) == ["sp.json"]
+
+
 # --- disk full while writing search_params.json -------------------------------------------------------------
 
 OLD = {"some:other:key": {"params": {}, "speedup": 1.0}}
