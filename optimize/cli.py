@@ -215,6 +215,7 @@ def check_run_options(o: dict) -> tuple[pipelines.PipeSpec, RunOptions]:
     """
     try:
         spec = pipelines.resolve_pipe(o["pipe"], random_weights=o["random_weights"])
+        pipelines.check_loadable(spec)  # before the study is created: a pipeline that cannot load leaves none
     except pipelines.PipelineError as e:
         raise Failure(str(e)) from None
     tiny = spec.kind in pipelines.TINY

@@ -63,7 +63,9 @@ def spec_from_source(source: str) -> pipelines.PipeSpec:
     try:
         if source.startswith("random:"):
             return pipelines.resolve_pipe(source.split(":", 1)[1], random_weights=True)
-        return pipelines.resolve_pipe(source)
+        spec = pipelines.resolve_pipe(source)
+        pipelines.check_loadable(spec)
+        return spec
     except pipelines.PipelineError as e:
         raise GenerateError(str(e)) from None
 

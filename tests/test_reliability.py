@@ -275,6 +275,43 @@ def test_generate_refuses_a_prompt_too_long(tmp_path, monkeypatch, no_model):
     assert len(line) < 300 and sorted(os.listdir(tmp_path)) == ["sp.json"]
 
 
+# --- a pipeline that cannot load ----------------------------------------------------------------------------
+
+
+def _pipeline_dir(tmp_path, components: bool) -> str:
+    """A directory that looks like a saved SD pipeline, but for the weights (or, without ``components``,
+    everything but model_index.json)."""
+    pipe = tmp_path / "my-finetune"
+    pipe.mkdir()
+    index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.30.0", "feature_extractor": [None, None],
+             "safety_checker": ["stable_diffusion", "StableDiffusionSafetyChecker"],
+             "scheduler": ["diffusers", "DDIMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
+             "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
+             "vae": ["diffusers", "AutoencoderKL"]}
+    (pipe / "model_index.json").write_text(json.dumps(index))
+    if components:
+        for name, config in [("scheduler", "scheduler_config.json"), ("tokenizer", "tokenizer_config.json"),
+                             ("text_encoder", "config.json"), ("unet", "config.json"), ("vae", "config.json")]:
+            (pipe / name).mkdir()
+            (pipe / name / config).write_text("{}")
+    return str(pipe)
+
+
+@pytest.mark.parametrize("components,needle", [
+    (True, "missing text_encoder/ weights (*.safetensors or *.bin), unet/ weights (*.safetensors or *.bin), vae/ weights"),
+    (False, "missing scheduler/, text_encoder/, tokenizer/, unet/, vae/;"),
+])
+@pytest.mark.parametrize("workers", [1, 2])
+def test_pipeline_that_cannot_load_leaves_no_study(components, needle, workers, tmp_path, monkeypatch, no_model):
+    """Found before the storage is opened: no study, settings or warm-start trials stored, no worker
+    started. (Its safety checker is not needed: it is never loaded.)"""
+    pipe = _pipeline_dir(tmp_path, components)
+    line = one_error_line(*_run(tmp_path, monkeypatch, "--pipe", pipe, "--workers", workers))
+    assert f"could not load pipeline {pipe}: {needle}" in line, line
+    assert "save the whole pipeline there (save_pretrained)" in line
+    assert not (tmp_path / "s.db").exists()
+
+
 # --- disk full while writing search_params.json -------------------------------------------------------------
 
 OLD = {"some:other:key": {"params": {}, "speedup": 1.0}}
