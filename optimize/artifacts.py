@@ -35,10 +35,12 @@ def artifact_dir_for(url: str, artifact_dir: str | None = None) -> str:
     return os.path.join("studies", "artifacts")
 
 
-def artifact_store(directory: str):
+def artifact_store(directory: str, create: bool = True):
+    """The store of the images in ``directory``; ``create=False`` for readers, which make no directory."""
     from optuna.artifacts import FileSystemArtifactStore
 
-    os.makedirs(directory, exist_ok=True)
+    if create:
+        os.makedirs(directory, exist_ok=True)
     return FileSystemArtifactStore(directory)
 
 

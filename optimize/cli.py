@@ -19,11 +19,11 @@ from .console import format_result, validation_text
 from .generate import GenerateError, generate, plan_from_params_file, plan_from_study
 from .graphs import check_exec
 from .metrics import DEFAULT_BOUNDS, lpips_available, lpips_weights_path
-from .params_file import add_validations, best_json, read_search_params
+from .params_file import add_validations, best_json, check_writable, read_search_params
 from .pipelines import DTYPES, SCHEDULERS
 from .report import measured_trials, write_report
 from .runner import Interrupted, RunError, RunFailure, RunOptions, run_search
-from .storage import DEFAULT_STORAGE, StorageError, check_storage_url, open_storage
+from .storage import DEFAULT_STORAGE, StorageError, check_storage_url, open_storage, redact
 from .study import CONFIG, Goal, StudyError, goal_of, open_study, pick_study, study_result
 from .validation import ValidationError, planned_size, validate_study
 from .workers import follow_launcher, launch
@@ -228,10 +228,14 @@ def _check_inputs(o: dict, prompt_spec: str, num_samples: int, methods: tuple[st
     for side in ("height", "width"):
         if o[side] is not None and o[side] % 8:
             raise Failure(f"--{side} must be a multiple of 8, got {o[side]}")
+    if o["study_name"] is not None and not o["study_name"].strip():
+        raise Failure("--study must not be empty (leave it out for the name derived from model, scheduler, steps "
+                      "and goal)")
     try:
         prompts_mod.check_spec(prompt_spec)
         check_storage_url(o["storage"])
         read_search_params(o["output"])  # an unreadable file is found now, not after the first good trial
+        check_writable(o["output"])  # and a read-only one, or an unwritable directory, now, not after the search
     except (prompts_mod.PromptsError, StorageError) as e:
         raise Failure(str(e)) from None
     if o["guidance"] is not None and o["guidance"] <= 1 and "tgate" in methods:
@@ -246,6 +250,7 @@ def check_run_options(o: dict) -> tuple[pipelines.PipeSpec, RunOptions]:
     """
     try:
         spec = pipelines.resolve_pipe(o["pipe"], random_weights=o["random_weights"])
+        pipelines.check_loadable(spec)  # before the study is created: a pipeline that cannot load leaves none
     except pipelines.PipelineError as e:
         raise Failure(str(e)) from None
     tiny = spec.kind in pipelines.TINY
@@ -433,16 +438,17 @@ def generate_command(prompts, output, storage, study_name, trial_number, params_
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", type=click.IntRange(1, 65535), default=8080, show_default=True)
 def dashboard_command(storage, artifact_dir, host, port):
-    """Start optuna-dashboard on a study storage, with the trials' images."""
+    """Start optuna-dashboard on a study storage, with the trials' images (read-only: nothing is created
+    or written, a missing SQLite file is refused)."""
     import optuna_dashboard
 
     try:
-        rdb = open_storage(storage)
+        rdb = open_storage(storage, read_only=True)
     except StorageError as e:
         raise Failure(str(e)) from None
     directory = artifact_dir_for(storage, artifact_dir)
-    click.echo(f"optuna-dashboard on http://{host}:{port} ({storage}, images in {directory}); Ctrl-C to stop")
-    optuna_dashboard.run_server(rdb, host=host, port=port, artifact_store=artifact_store(directory))
+    click.echo(f"optuna-dashboard on http://{host}:{port} ({redact(storage)}, images in {directory}); Ctrl-C to stop")
+    optuna_dashboard.run_server(rdb, host=host, port=port, artifact_store=artifact_store(directory, create=False))
 
 
 def main(argv=None) -> None:

@@ -1,7 +1,9 @@
 """Crash-safe file writes: a crash or a full disk leaves the old file or the new one, never half of one.
 
 Used for everything the package writes outside the database: ``search_params.json``, the HTML report,
-generated images.
+generated images. The temporary file of a write is ``.NAME.HOST.PID.XXXXXXXX.tmp`` beside ``NAME``; one
+left behind by a writer that was killed (``kill -9``, power loss) is removed by the next write of
+``NAME``: once its writer's process is gone (same host), or it is older than :data:`STALE_AFTER`.
 
 Example:
     >>> atomic_write("report.html", "<html>...</html>")  # doctest: +SKIP
@@ -12,8 +14,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
+import socket
+import stat
 import tempfile
+import time
 from typing import Any
+
+STALE_AFTER = 15 * 60  # seconds: no write takes that long, so a temporary file this old is a dead writer's
 
 
 def atomic_write(path: str, data) -> None:
@@ -29,7 +37,9 @@ def atomic_write(path: str, data) -> None:
         umask = os.umask(0)
         os.umask(umask)
         mode = 0o666 & ~umask
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+    remove_stale_temporaries(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.{_host()}.{os.getpid()}.", suffix=".tmp",
+                               dir=directory)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") if callable(data) else os.fdopen(fd, "wb") as f:
             if callable(data):
@@ -44,6 +54,48 @@ def atomic_write(path: str, data) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname()) or "host"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process: alive
+        pass
+    return True
+
+
+def remove_stale_temporaries(path: str) -> list[str]:
+    """Remove the temporary files that writes of ``path`` left behind, as :mod:`optimize.files` names
+    them (also those of versions that did not name the writer, by age alone); return what was removed.
+    A live writer's file is kept; so is every other file."""
+    directory = os.path.dirname(os.path.abspath(path))
+    ours = re.compile(rf"\.{re.escape(os.path.basename(path))}\.(?:(?P<host>[A-Za-z0-9-]+)\.(?P<pid>\d+)\.)?"
+                      r"[A-Za-z0-9_]+\.tmp")
+    removed = []
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return removed
+    for name in names:
+        m = ours.fullmatch(name)
+        if m is None:
+            continue
+        tmp = os.path.join(directory, name)
+        try:
+            st = os.lstat(tmp)
+            dead = m["pid"] is not None and m["host"] == _host() and not _alive(int(m["pid"]))
+            if stat.S_ISREG(st.st_mode) and (dead or time.time() - st.st_mtime > STALE_AFTER):
+                os.unlink(tmp)
+                removed.append(tmp)
+        except OSError:  # gone meanwhile (its writer finished, or another cleaner was first), or not ours to remove
+            continue
+    return removed
 
 
 def atomic_write_json(path: str, data: Any) -> None:

@@ -27,6 +27,7 @@ from .graphs import check_exec, compile_blocks
 from .baseline import Baseline
 from .files import atomic_write
 from .params_file import read_entry
+from .prompts import MAX_PROMPT_CHARS, shorten
 from .storage import StorageError
 from .study import StudyError, StudyRecord, best_feasible, goal_of, is_feasible, open_study
 
@@ -62,7 +63,9 @@ def spec_from_source(source: str) -> pipelines.PipeSpec:
     try:
         if source.startswith("random:"):
             return pipelines.resolve_pipe(source.split(":", 1)[1], random_weights=True)
-        return pipelines.resolve_pipe(source)
+        spec = pipelines.resolve_pipe(source)
+        pipelines.check_loadable(spec)
+        return spec
     except pipelines.PipelineError as e:
         raise GenerateError(str(e)) from None
 
@@ -202,6 +205,10 @@ def generate(plan: Plan, prompts: list[str], output: str, num_images: int = 1,
 
     if not prompts or any(not p.strip() for p in prompts):
         raise GenerateError("give at least one non-empty prompt")
+    for i, prompt in enumerate(prompts, 1):
+        if len(prompt) > MAX_PROMPT_CHARS:
+            raise GenerateError(f"prompt {i}: a prompt may have at most {MAX_PROMPT_CHARS} characters (CLIP reads "
+                                f"the first 77 tokens), this one is {shorten(prompt, 40)!r}")
     fmt = _check_output(output)
     paths = iter(output_paths(output, len(prompts) * num_images))
     config = plan.config if accelerated else Config()
@@ -239,4 +246,4 @@ def generate(plan: Plan, prompts: list[str], output: str, num_images: int = 1,
                         "scheduler": plan.scheduler, "pipe": plan.spec.source, "config": config.label(),
                         "params": config.to_params(), "origin": plan.origin}
                 atomic_write(path, _encode(image, fmt, info))
-                yield f"wrote {path} ({width}x{height}, seed {seed}, {seconds:.1f} s for {len(images)} image(s)): {prompt}"
+                yield f"wrote {path} ({width}x{height}, seed {seed}, {seconds:.1f} s for {len(images)} image(s)): {shorten(prompt)}"

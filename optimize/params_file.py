@@ -14,6 +14,7 @@ Example:
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import fcntl
 import json
 import os
@@ -130,8 +131,28 @@ def read_search_params(path: str) -> dict[str, Any]:
     return data
 
 
+def check_writable(path: str) -> None:
+    """Refuse (:class:`ParamsFileError`) an output that cannot be written: a read-only file (never
+    replaced), or a directory where this process cannot create files (the file's, or the nearest one
+    that exists where it is still to be made). ``run`` checks this before anything loads; a file made
+    read-only later is refused by :func:`update_search_params`."""
+    if os.path.exists(path) and not os.access(path, os.W_OK):
+        raise ParamsFileError(f"{path} is read-only: make it writable or pass another --output")
+    directory = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(directory):  # created on the first write
+        directory = os.path.dirname(directory)
+    if not os.path.isdir(directory):
+        raise ParamsFileError(f"cannot write {path}: {directory} is not a directory")
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise ParamsFileError(f"cannot write {path}: directory {directory} is not writable; "
+                              "pass another --output")
+
+
 def update_search_params(path: str, key: str, entry: dict[str, Any]) -> None:
-    """Set ``key`` in the JSON file at ``path``, keeping every other key (locked, atomic)."""
+    """Set ``key`` in the JSON file at ``path``, keeping every other key (locked, atomic). A read-only
+    file is :class:`PermissionError`: it is not replaced."""
+    if os.path.exists(path) and not os.access(path, os.W_OK):
+        raise PermissionError(errno.EACCES, "the file is read-only", path)
     lock_path = os.path.join(os.path.dirname(os.path.abspath(path)), "." + os.path.basename(path) + ".lock")
     os.makedirs(os.path.dirname(lock_path), exist_ok=True)
     with open(lock_path, "w") as lock:

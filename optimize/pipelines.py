@@ -17,12 +17,15 @@ from __future__ import annotations
 
 import gzip
 import json
+import logging
 import os
 import re
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
+
+from .prompts import shorten
 
 PRESETS = {
     "sd1.5": "stable-diffusion-v1-5/stable-diffusion-v1-5",
@@ -106,6 +109,54 @@ def resolve_pipe(name: str, random_weights: bool = False) -> PipeSpec:
     )
 
 
+# Weight files of a model component (a folder with a config.json: UNet, VAE, text encoders); the others
+# (scheduler, tokenizer, feature extractor) are their config and vocabulary files alone.
+_WEIGHTS = (".safetensors", ".bin")
+
+
+def check_loadable(spec: PipeSpec) -> None:
+    """Refuse (:class:`PipelineError`), before anything is created or loaded, a pipeline that cannot
+    load: a local directory without a component its model_index.json names or the weights of one, or a
+    hub id that is neither in the local cache nor downloadable (the hub offline). A cached hub snapshot
+    is checked as a directory; tiny and random-weight pipelines are built, not loaded."""
+    if spec.kind == "dir":
+        _check_pipeline_dir(spec.source, spec.name, spec.is_xl)
+    elif spec.kind == "hub":
+        from huggingface_hub import constants, snapshot_download
+
+        try:
+            snapshot = snapshot_download(spec.source, local_files_only=True)
+        except Exception:  # noqa: BLE001 - not cached (or a broken cache): the hub may still have it
+            if constants.HF_HUB_OFFLINE:
+                raise PipelineError(f"{spec.name}: {spec.source} is not in the local Hugging Face cache and the hub "
+                                    "is offline (HF_HUB_OFFLINE): download it first or pass a local directory") from None
+            return
+        _check_pipeline_dir(snapshot, f"{spec.name} (cached at {snapshot})", spec.is_xl, cached=True)
+
+
+def _check_pipeline_dir(directory: str, name: str, xl: bool | None, cached: bool = False) -> None:
+    """Every component model_index.json names is there, and every model among them has its weights."""
+    try:
+        with open(os.path.join(directory, "model_index.json")) as f:
+            index = json.load(f)
+    except (OSError, ValueError) as e:
+        raise PipelineError(f"could not load pipeline {name}: cannot read its model_index.json ({e})") from None
+    skipped = () if xl else ("safety_checker",)  # load_pipeline passes safety_checker=None for SD
+    missing = []
+    for component, value in index.items():
+        if component.startswith("_") or component in skipped or not isinstance(value, list) or None in value:
+            continue
+        folder = os.path.join(directory, component)
+        if not os.path.isdir(folder):
+            missing.append(f"{component}/")
+        elif os.path.isfile(os.path.join(folder, "config.json")) and not any(
+                entry.endswith(_WEIGHTS) and os.path.isfile(os.path.join(folder, entry)) for entry in os.listdir(folder)):
+            missing.append(f"{component}/ weights (*.safetensors or *.bin)")
+    if missing:
+        fix = "download it again" if cached else "save the whole pipeline there (save_pretrained)"
+        raise PipelineError(f"could not load pipeline {name}: missing {', '.join(missing)}; {fix}")
+
+
 def torch_dtype(name: str):
     import torch
 
@@ -156,6 +207,7 @@ def load_pipeline(spec: PipeSpec, scheduler: str = "ddim", device: str = "cpu", 
     set_scheduler(pipe, scheduler)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
+    bound_log_messages(type(pipe).__module__)
     return pipe
 
 
@@ -175,6 +227,27 @@ def _quiet_loading():
         for m, on in states:
             if on:
                 m.enable_progress_bar()
+
+
+class _Bounded(logging.Filter):
+    """Cuts a log message to :data:`MAX_LOG_CHARS`: the pipelines' CLIP truncation warning quotes all
+    of a prompt past its 77th token."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if len(message) > MAX_LOG_CHARS:
+            record.msg, record.args = shorten(message, MAX_LOG_CHARS), None
+        return True
+
+
+MAX_LOG_CHARS = 300
+
+
+def bound_log_messages(logger_name: str) -> None:
+    """Keep every message of the logger ``logger_name`` (a pipeline's module) to one bounded line."""
+    logger = logging.getLogger(logger_name)
+    if not any(isinstance(f, _Bounded) for f in logger.filters):
+        logger.addFilter(_Bounded())
 
 
 def is_xl(pipe) -> bool:

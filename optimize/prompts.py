@@ -20,6 +20,10 @@ import os
 
 COCO_DATASET = "phiyodr/coco2017"
 _BUILTIN = os.path.join(os.path.dirname(__file__), "builtin_prompts.txt")
+# CLIP reads 77 tokens, a few hundred characters: a longer prompt is a mistake (a file with no line
+# breaks, say), and tokenising megabytes costs minutes per image.
+MAX_PROMPT_CHARS = 1000
+_UNITS = {".txt": "line", ".json": "item", ".csv": "row"}
 
 
 class PromptsError(ValueError):
@@ -39,31 +43,51 @@ def check_spec(spec: str) -> None:
 
 
 def load_prompts(spec: str, num_samples: int) -> list[str]:
-    """Return the first ``num_samples`` prompts of ``spec``."""
+    """Return the first ``num_samples`` prompts of ``spec``; one longer than :data:`MAX_PROMPT_CHARS`
+    is refused, naming where it is (``line 3``, ``item 3``, ``row 3``, ``caption 3``)."""
     if num_samples < 1:
         raise PromptsError("--num-samples must be at least 1")
-    prompts = _candidates(spec, num_samples)
-    if not prompts:
+    numbered, unit = _numbered(spec, num_samples)
+    if not numbered:
         raise PromptsError(f"no prompts in {spec!r}")
-    if len(prompts) < num_samples:
-        raise PromptsError(f"{spec!r} has {len(prompts)} prompts, fewer than --num-samples {num_samples}")
-    return prompts[:num_samples]
+    if len(numbered) < num_samples:
+        raise PromptsError(f"{spec!r} has {len(numbered)} prompts, fewer than --num-samples {num_samples}")
+    _check_lengths(spec, unit, numbered[:num_samples])
+    return [p for _, p in numbered[:num_samples]]
 
 
-def _candidates(spec: str, count: int) -> list[str]:
-    """The prompts of ``spec`` (at least the first ``count`` of a COCO dataset), stripped, none empty."""
+def _numbered(spec: str, count: int) -> tuple[list[tuple[int, str]], str]:
+    """The prompts of ``spec`` (at least the first ``count`` of a COCO dataset), stripped, none empty,
+    each with its place in the source (1-based), and what a place is called there."""
     check_spec(spec)
     if spec == "builtin":
-        prompts = _read_txt(_BUILTIN)
+        prompts, unit = _read_txt(_BUILTIN), "line"
     elif spec == "testbed":
         from .testbed import captions
 
-        prompts = captions("heldout")
+        prompts, unit = captions("heldout"), "caption"
     elif spec == "coco" or spec.startswith("coco:"):
-        prompts = _read_coco(spec.partition(":")[2] or COCO_DATASET, count)
+        prompts, unit = _read_coco(spec.partition(":")[2] or COCO_DATASET, count), "caption"
     else:
-        prompts = _read_file(spec)
-    return [p.strip() for p in prompts if isinstance(p, str) and p.strip()]
+        prompts, unit = _read_file(spec), _UNITS[os.path.splitext(spec)[1].lower()]
+    return [(i, p.strip()) for i, p in enumerate(prompts, 1) if isinstance(p, str) and p.strip()], unit
+
+
+def _check_lengths(spec: str, unit: str, numbered: list[tuple[int, str]]) -> None:
+    for i, prompt in numbered:
+        if len(prompt) > MAX_PROMPT_CHARS:
+            raise PromptsError(f"{spec!r} {unit} {i}: a prompt may have at most {MAX_PROMPT_CHARS} characters (CLIP "
+                               f"reads the first 77 tokens), this one is {shorten(prompt, 40)!r}")
+
+
+def shorten(text: str, limit: int = 80) -> str:
+    """``text`` cut to about ``limit`` characters for a message, saying how long it was.
+
+    >>> shorten("a red fox " * 20, 20)
+    'a red fox a red fox ... (200 characters)'
+    """
+    head = " ".join(text[:limit + 1].split())  # line breaks and runs of spaces as one space
+    return head if len(text) <= limit else f"{head[:limit].rstrip()} ... ({len(text)} characters)"
 
 
 def load_heldout(spec: str, num_samples: int, n: int) -> list[str]:
@@ -72,14 +96,15 @@ def load_heldout(spec: str, num_samples: int, n: int) -> list[str]:
     every repeat of a search prompt or of an earlier held-out one left out."""
     if n < 1:
         raise PromptsError("--validate needs at least 1 held-out prompt")
-    prompts = _candidates(spec, num_samples + 2 * n)  # a margin for repeats left out
-    search = set(prompts[:num_samples])
-    heldout: list[str] = []
-    for p in prompts[num_samples:]:
-        if p not in search and p not in heldout:
-            heldout.append(p)
+    numbered, unit = _numbered(spec, num_samples + 2 * n)  # a margin for repeats left out
+    search = {p for _, p in numbered[:num_samples]}
+    heldout: list[tuple[int, str]] = []
+    for i, p in numbered[num_samples:]:
+        if p not in search and p not in (q for _, q in heldout):
+            heldout.append((i, p))
         if len(heldout) == n:
-            return heldout
+            _check_lengths(spec, unit, heldout)
+            return [p for _, p in heldout]
     raise PromptsError(
         f"{spec!r} has {len(search) + len(heldout)} distinct prompts: --num-samples {num_samples} for the search "
         f"and --validate {n} held out need {num_samples + n}; add prompts, lower --validate, or --validate 0")

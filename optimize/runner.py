@@ -503,16 +503,18 @@ class Search:
         self.save_best(*self.result())
 
     def finish(self) -> None:
-        """The study's result: one more try at search_params.json if a write failed, then the summary."""
+        """The study's result: written to search_params.json at the end of every run, whether or not a
+        trial of this run became the best (the file may have been moved away since, ``--output`` be new,
+        a write have failed), then the summary; "saved" only once that write succeeded."""
         opts, name = self.opts, self.study.study_name
         best, front = self.result()
-        if self.unsaved and best is not None:
-            self.save_best(best, front)  # one more try at the end (space may have been freed)
+        if best is not None:
+            self.save_best(best, front)
         self.echo(console.format_result(name, opts.goal, best, front, self.baseline))
         if self.unsaved:
             e = self.unsaved
-            raise RunFailure(f"{opts.output} not updated: {e.strerror or e}; the old file is intact and the study "
-                             f"keeps every trial (optimize-sd best --study {name} shows the best)")
+            raise RunFailure(f"{opts.output} not updated: {getattr(e, 'strerror', None) or e}; the old file is intact "
+                             f"and the study keeps every trial (optimize-sd best --study {name} shows the best)")
         if best is not None:
             self.echo(f"saved to {opts.output} under {self.key!r}")
 
@@ -569,10 +571,9 @@ class Search:
         for _ in range(10):
             try:
                 update_search_params(self.opts.output, self.key, self.entry(best, front))
-            except StorageError as e:  # the user's file is invalid: never overwritten, the study keeps the result
-                self.write(f"optimize-sd: warning: {self.opts.output} not updated: {e}", err=True)
-                return
-            except OSError as e:  # disk full, read-only: the old file stays as it was (atomic replace)
+            except (StorageError, OSError) as e:
+                # disk full, read-only, the user's file invalid: the old file stays as it was (atomic
+                # replace; an invalid one is never overwritten) and the study keeps the result
                 self.unsaved = e
                 self.write(f"optimize-sd: warning: {self.opts.output} not updated: {e}", err=True)
                 return

@@ -126,13 +126,25 @@ def from_queue(trial: FrozenTrial) -> bool:
 
 
 def redact(url: str) -> str:
-    """``url`` with its password hidden, for messages and files."""
+    """``url`` with its password hidden, for messages and files; also a URL SQLAlchemy cannot parse
+    (a port that is not a number, say), whose password is whatever follows the user name up to the last
+    ``@``."""
     from sqlalchemy.engine import make_url
 
     try:
         return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # noqa: BLE001 - not a URL: nothing to hide
+    except Exception:  # noqa: BLE001 - malformed: hide by hand rather than show a password
+        return _redact_by_hand(url)
+
+
+def _redact_by_hand(url: str) -> str:
+    """``scheme://user:***@rest``: everything between the user's ``:`` and the last ``@`` is hidden
+    (more than the password where the rest holds an ``@``, never less)."""
+    scheme, sep, rest = url.partition("://")
+    userinfo, at, host = rest.rpartition("@")
+    if not sep or not at or ":" not in userinfo:
         return url
+    return f"{scheme}://{userinfo.split(':', 1)[0]}:***@{host}"
 
 
 def check_storage_url(url: str) -> None:
@@ -148,11 +160,14 @@ def _engine_url(url: str):
 
     scheme = url.split(":", 1)[0].split("+", 1)[0]
     if "://" not in url or scheme not in SCHEMES:
-        raise StorageError(f"unsupported storage {url!r}: use sqlite:///PATH, postgresql://... or mysql://...")
+        raise StorageError(f"unsupported storage {redact(url)!r}: use sqlite:///PATH, postgresql://... or mysql://...")
     try:
         u = make_url(url)
     except Exception as e:  # noqa: BLE001 - e.g. a port that is not a number
-        raise StorageError(f"malformed storage URL {redact(url)!r}: {e}") from None
+        raise StorageError(f"malformed storage URL {redact(url)!r}: {str(e).replace(url, redact(url))}") from None
+    if u.get_backend_name() == "sqlite" and _in_memory(u):
+        raise StorageError(f"{url!r} is an in-memory database, gone when the process ends: a study must outlive "
+                           "it; use sqlite:///PATH")
     if u.drivername == "postgresql":
         for driver in ("psycopg", "psycopg2"):
             if importlib.util.find_spec(driver) is not None:
@@ -167,14 +182,23 @@ def _engine_url(url: str):
     return u
 
 
+def _in_memory(u) -> bool:
+    """Whether a SQLite URL names a database that lives in memory (``sqlite://``, ``sqlite:///:memory:``,
+    ``sqlite:///file::memory:?uri=true``, ``?mode=memory``)."""
+    database = u.database or ""
+    return database in ("", ":memory:") or database.startswith("file::memory:") or u.query.get("mode") == "memory"
+
+
 def open_storage(url: str, heartbeat_interval: int = 60, grace_period: int | None = None,
-                 owner_key: str | None = None) -> HeartbeatStorage:
+                 owner_key: str | None = None, read_only: bool = False):
     """An RDB storage with heartbeat and retry of trials whose worker died (``owner_key``: the trial
     system attr that records each running trial's process, for a run that runs trials).
 
     Many processes may open one fresh database at once (workers on several machines): table creation
     is serialised by an advisory lock on PostgreSQL and retried on SQLite, so exactly one creates it.
     Failures become one :class:`StorageError` line (server unreachable, file locked or not a database).
+    ``read_only`` (``best``, ``report``, ``generate``, ``dashboard``) creates and writes nothing: see
+    :func:`_read_only`.
     """
     import random
     import time
@@ -183,16 +207,17 @@ def open_storage(url: str, heartbeat_interval: int = 60, grace_period: int | Non
     backend = u.get_backend_name()
     connect_args: dict[str, Any] = {}
     if backend == "sqlite":
-        path = u.database
-        if path and path != ":memory:":
-            try:
-                os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            except OSError as e:
-                raise StorageError(f"cannot open storage {redact(url)}: cannot create its directory ({e})") from None
         if "timeout" not in u.query:
             connect_args["timeout"] = SQLITE_TIMEOUT
     elif backend == "postgresql" and "connect_timeout" not in u.query:
         connect_args["connect_timeout"] = CONNECT_TIMEOUT
+    if read_only:
+        u = _read_only(url, u, connect_args)
+    elif backend == "sqlite":
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(u.database)), exist_ok=True)
+        except OSError as e:
+            raise StorageError(f"cannot open storage {redact(url)}: cannot create its directory ({e})") from None
     engine_kwargs: dict[str, Any] = {"connect_args": connect_args}
     if backend != "sqlite":
         engine_kwargs["pool_pre_ping"] = True  # a server restart or dropped idle connection is survived
@@ -200,6 +225,8 @@ def open_storage(url: str, heartbeat_interval: int = 60, grace_period: int | Non
     full_url = u.render_as_string(hide_password=False)
     for attempt in range(6):
         try:
+            if read_only:
+                return RDBStorage(full_url, engine_kwargs=engine_kwargs, skip_table_creation=True)
             with _schema_lock(u, connect_args):
                 return HeartbeatStorage(
                     full_url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_interval,
@@ -208,12 +235,43 @@ def open_storage(url: str, heartbeat_interval: int = 60, grace_period: int | Non
         except StorageError:
             raise
         except Exception as e:  # noqa: BLE001 - unreachable server, locked or corrupt file: one clear line
-            if attempt < 5 and _is_creation_race(e):
+            if read_only and _no_tables(e):
+                raise StorageError(f"no study in {redact(url)}: it holds no Optuna tables (left untouched)") from None
+            if not read_only and attempt < 5 and _is_creation_race(e):
                 # another process created the same table or version row a moment before this one
                 time.sleep(0.1 + random.random())
                 continue
             raise StorageError(_explain(url, e)) from e
     raise AssertionError("not reached")
+
+
+def _read_only(url: str, u, connect_args: dict[str, Any]):
+    """The URL (and connection arguments) of a session that cannot write: a SQLite file that must exist
+    (a missing one is "no study", and neither it nor its directory is created), opened ``mode=ro``;
+    PostgreSQL with ``default_transaction_read_only`` on."""
+    from urllib.parse import quote
+
+    backend = u.get_backend_name()
+    if backend == "sqlite":
+        if not os.path.isfile(u.database):
+            raise StorageError(f"no study database at {u.database} (run a search first, or pass --storage)")
+        return u.set(database="file:" + quote(os.path.abspath(u.database)), query=dict(u.query, mode="ro", uri="true"))
+    if backend == "postgresql":
+        connect_args["options"] = "-c default_transaction_read_only=on"
+    return u
+
+
+def _no_tables(e: BaseException) -> bool:
+    """Whether a read-only open failed because the database has no Optuna tables (an empty file, say):
+    the database's own words, wherever Optuna wrapped them."""
+    texts, seen = [], set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        texts.append(str(getattr(e, "orig", None) or e).lower())
+        e = e.__cause__ or e.__context__
+    text = " ".join(texts)
+    return ("no such table" in text or ("relation" in text and "does not exist" in text)
+            or "readonly database" in text or "read-only transaction" in text)
 
 
 @contextlib.contextmanager

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import math
-import os
 from dataclasses import asdict, dataclass, fields
 from typing import Any, NamedTuple
 
@@ -43,7 +42,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from .metrics import LOSS_METRICS, PSNR_CAP
-from .storage import StorageError, insert_study_user_attr_once, open_storage
+from .storage import StorageError, insert_study_user_attr_once, open_storage, redact
 
 # --- stored keys ---------------------------------------------------------------------------------
 STUDY_ATTR = "optimize_sd"  # study user attr: StudyRecord.as_dict()
@@ -351,18 +350,20 @@ def goal_of(study: optuna.Study) -> Goal:
 
 # --- picking a study -----------------------------------------------------------------------------
 def pick_study(storage_url: str, name: str | None) -> optuna.Study:
-    """The study ``name`` of a storage, or the one run most recently."""
+    """The study ``name`` of a storage, or the one run most recently. The storage is opened read-only:
+    nothing is created or written (a missing SQLite file is "no study database")."""
     try:
-        storage = open_storage(storage_url)
+        storage = open_storage(storage_url, read_only=True)
     except StorageError as e:
         raise StudyError(str(e)) from None
+    shown = redact(storage_url)
     summaries = optuna.get_all_study_summaries(storage, include_best_trial=False)
     if not summaries:
-        raise StudyError(f"no study in {storage_url}")
+        raise StudyError(f"no study in {shown}")
     if name is None:
         name = max(summaries, key=lambda s: _last_activity(storage, s)).study_name
     elif name not in {s.study_name for s in summaries}:
-        raise StudyError(f"no study {name!r} in {storage_url} (have: {', '.join(s.study_name for s in summaries)})")
+        raise StudyError(f"no study {name!r} in {shown} (have: {', '.join(s.study_name for s in summaries)})")
     return optuna.load_study(study_name=name, storage=storage)
 
 
@@ -375,10 +376,6 @@ def _last_activity(storage, summary) -> _dt.datetime:
 
 def open_study(storage_url: str, name: str | None) -> optuna.Study:
     """Load a study for reading: the named one, or the most recently run; never creates a database."""
-    if storage_url.startswith("sqlite:///"):
-        path = storage_url[len("sqlite:///"):]
-        if path and path != ":memory:" and not os.path.isfile(path):
-            raise StudyError(f"no study database at {path} (run a search first, or pass --storage)")
     study = pick_study(storage_url, name)
     goal_of(study)  # refuses a study optimize-sd did not make
     return study

@@ -172,7 +172,7 @@ def test_search_params_written(maxrun):
 def test_search_params_broken_during_run_is_not_overwritten(tmp_path, monkeypatch):
     """(A loss bound of 0.5 makes every trial feasible, so every trial tries to save.)
     The file turns invalid while the study runs: it is left as the user made it, the run warns and
-    goes on to finish every trial."""
+    goes on to finish every trial, and ends with one error line and exit 1: never "saved"."""
     out_path = tmp_path / "search_params.json"
     junk = b'{"tiny:ddim:8:max:0.5": {"params": {}},,, oops'
     original = runner.update_search_params
@@ -184,9 +184,12 @@ def test_search_params_broken_during_run_is_not_overwritten(tmp_path, monkeypatc
     monkeypatch.setattr(runner, "update_search_params", break_then_update)
     monkeypatch.chdir(tmp_path)
     code, out, err = run_cli(run_args(tmp_path, "--max-loss", "0.5", "--n-trials", "2"))
-    assert code == 0, err
+    errors = [line for line in err.splitlines() if line.startswith("optimize-sd: error:")]
+    assert code == 1 and len(errors) == 1, out + err
+    assert f"{out_path} not updated: {out_path} is not valid JSON" in errors[0] and "the study keeps every trial" in errors[0]
+    assert "saved to" not in out
     assert out_path.read_bytes() == junk
-    assert "not updated" in err and "not valid JSON" in err
+    assert "warning: " in err
     assert not glob.glob(str(tmp_path / ".search_params.*.tmp"))
     study = optuna.load_study(study_name="tiny-ddim-8steps-max-loss0.5", storage=f"sqlite:///{tmp_path}/s.db")
     assert len(study.trials) == 2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from types import SimpleNamespace
 
 import numpy as np
@@ -117,6 +118,53 @@ def test_load_directory_failure_is_pipeline_error(tmp_path):
     (broken / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"]}))
     with pytest.raises(PipelineError, match="could not load pipeline"):
         load_pipeline(resolve_pipe(str(broken)), "ddim", "cpu", "fp32")
+
+
+def test_check_loadable_accepts_a_saved_pipeline_and_names_what_is_missing(saved, tmp_path):
+    """Checked before a study is created: a directory missing a component's weights, or a component."""
+    import shutil
+
+    from optimize.pipelines import check_loadable
+
+    name, _, target = saved
+    check_loadable(resolve_pipe(str(target)))
+    broken = tmp_path / "broken"
+    shutil.copytree(target, broken, ignore=lambda d, names: [n for n in names if n.endswith(".safetensors")
+                                                              and os.path.basename(d) == "unet"])
+    shutil.rmtree(broken / "tokenizer")
+    with pytest.raises(PipelineError) as e:
+        check_loadable(resolve_pipe(str(broken)))
+    assert str(e.value) == (f"could not load pipeline {broken}: missing tokenizer/, unet/ weights (*.safetensors or "
+                            "*.bin); save the whole pipeline there (save_pretrained)")
+
+
+def test_check_loadable_refuses_a_hub_id_neither_cached_nor_downloadable(monkeypatch):
+    from huggingface_hub import constants
+
+    from optimize.pipelines import check_loadable
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(PipelineError, match="not in the local Hugging Face cache and the hub is offline"):
+        check_loadable(resolve_pipe("optimize-sd-tests/never-downloaded"))
+    check_loadable(resolve_pipe("tiny"))  # built, not loaded: nothing to check
+    check_loadable(resolve_pipe("sd1.5", random_weights=True))
+
+
+def test_clip_truncation_warning_is_one_bounded_line(tiny_pipe):
+    """The pipeline warns that CLIP cut a prompt past its 77th token, quoting the rest: shortened."""
+    import logging
+
+    messages = []
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())
+    logger = logging.getLogger(type(tiny_pipe).__module__)
+    logger.addHandler(handler)
+    try:
+        generate(tiny_pipe, [" ".join(f"word{i}" for i in range(150))], 1)
+    finally:
+        logger.removeHandler(handler)
+    (message,) = [m for m in messages if "truncated because CLIP" in m]
+    assert len(message) < 400 and "\n" not in message and "characters)" in message
 
 
 # --- schedulers ----------------------------------------------------------------------------------

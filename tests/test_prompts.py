@@ -82,6 +82,34 @@ def test_num_samples_at_least_one(n):
         load_prompts("builtin", n)
 
 
+@pytest.mark.parametrize("name,content,where", [
+    ("p.txt", "a cat\n\n  {long}  \n", "line 3"),  # the file's own line number, blank lines counted
+    ("p.json", json.dumps(["a cat", "", "{long}"]), "item 3"),
+    ("p.csv", "prompt\na cat\n{long}\n", "row 2"),
+])
+def test_prompt_longer_than_the_limit_is_refused_naming_where(tmp_path, name, content, where):
+    """CLIP reads 77 tokens: a prompt of thousands of characters is a mistake, refused in one bounded line."""
+    limit = 1000
+    f = tmp_path / name
+    f.write_text(content.replace("{long}", "y" * 5000))
+    with pytest.raises(PromptsError) as e:
+        load_prompts(str(f), 2)
+    message = str(e.value)
+    assert f"{str(f)!r} {where}: a prompt may have at most {limit} characters" in message
+    assert "(5000 characters)" in message and len(message) < 300 and "\n" not in message
+    assert load_prompts(str(f), 1) == ["a cat"]  # a prompt not used is not refused
+    f.write_text(content.replace("{long}", "y" * limit))
+    assert load_prompts(str(f), 2) == ["a cat", "y" * limit]  # the limit itself is fine
+
+
+def test_shorten():
+    from optimize.prompts import shorten
+
+    assert shorten("a cat") == "a cat"
+    assert shorten("a\n  cat") == "a cat"
+    assert shorten("x" * 10_000_000, 20) == "x" * 20 + " ... (10000000 characters)"
+
+
 def test_prompts_hash():
     assert prompts_hash(["a", "b"]) == prompts_hash(["a", "b"])
     assert prompts_hash(["a", "b"]) != prompts_hash(["b", "a"])

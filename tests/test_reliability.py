@@ -107,6 +107,69 @@ def test_corrupt_sqlite_file(tmp_path, monkeypatch, no_model):
     assert db.read_bytes() == junk
 
 
+PASSWORD = "secretpw"
+
+
+@pytest.mark.parametrize("url,needle", [
+    (f"postgresql://u:{PASSWORD}@127.0.0.1:abc/studies", "malformed storage URL 'postgresql://u:***@127.0.0.1:abc/studies'"),
+    (f"postgresql://u:{PASSWORD}@127.0.0.1:abc/studies?x=a@b", "malformed storage URL 'postgresql://u:***@b'"),
+    (f"redis://u:{PASSWORD}@127.0.0.1/0", "unsupported storage 'redis://u:***@127.0.0.1/0'"),
+])
+@pytest.mark.parametrize("command", ["run", "run --workers 2", "best", "report", "generate", "dashboard"])
+def test_password_is_never_shown(url, needle, command, tmp_path, monkeypatch, no_model):
+    """Also in a URL SQLAlchemy cannot parse (a port that is not a number): everything between the user
+    and the last ``@`` is hidden."""
+    if command.startswith("run"):
+        code, out, err = _run(tmp_path, monkeypatch, *command.split()[1:], url=url)
+    else:
+        monkeypatch.chdir(tmp_path)
+        code, out, err = run_cli([command, "--storage", url, *(["a cat"] if command == "generate" else [])])
+    line = one_error_line(code, out, err)
+    assert needle in line, line
+    assert PASSWORD not in out + err
+    assert storage.redact(url).count("***") == 1 and PASSWORD not in storage.redact(url)
+
+
+@pytest.mark.parametrize("url", ["sqlite:///:memory:", "sqlite://", "sqlite:///file::memory:?uri=true"])
+@pytest.mark.parametrize("command", ["run", "run --workers 2", "best"])
+def test_in_memory_sqlite_is_refused(url, command, tmp_path, monkeypatch, no_model):
+    """A study must outlive the process that made it."""
+    if command.startswith("run"):
+        code, out, err = _run(tmp_path, monkeypatch, *command.split()[1:], url=url)
+    else:
+        code, out, err = run_cli([command, "--storage", url])
+    line = one_error_line(code, out, err)
+    assert f"{url!r} is an in-memory database, gone when the process ends: a study must outlive it" in line
+    assert not (tmp_path / "s.db").exists()
+
+
+READERS = {"best": [], "report": ["-o", "r.html"], "generate": ["a cat", "-o", "c.png"], "dashboard": []}
+
+
+@pytest.mark.parametrize("command", list(READERS))
+def test_read_only_commands_create_nothing(command, tmp_path, monkeypatch, no_model):
+    """best, report, generate and dashboard open the storage read-only: a typo in the path is "no
+    study", with no file or directory made; an empty database file is left as it is."""
+    monkeypatch.chdir(tmp_path)
+    line = one_error_line(*run_cli([command, "--storage", "sqlite:///typo/dir/x.db", *READERS[command]]))
+    assert "no study database at typo/dir/x.db" in line
+    assert os.listdir(tmp_path) == []
+    (tmp_path / "empty.db").write_bytes(b"")
+    line = one_error_line(*run_cli([command, "--storage", "sqlite:///empty.db", *READERS[command]]))
+    assert "no study in sqlite:///empty.db: it holds no Optuna tables (left untouched)" in line
+    assert sorted(os.listdir(tmp_path)) == ["empty.db"] and (tmp_path / "empty.db").read_bytes() == b""
+
+
+def test_best_reads_a_study_without_writing_it(tmp_path, monkeypatch, no_model):
+    """A study's database is read, never written: byte for byte the same afterwards."""
+    _stored_study(tmp_path, "shared", ["--max-loss", "0.05"])
+    db = tmp_path / "s.db"
+    before = db.read_bytes()
+    code, out, err = run_cli(["best", "--storage", storage_url(tmp_path), "--study", "shared"])
+    assert code == 1 and "shared: no feasible trial yet" in out, out + err  # the study has no trial
+    assert db.read_bytes() == before and sorted(os.listdir(tmp_path)) == ["s.db"]
+
+
 # --- a study of the same name made for something else --------------------------------------------------
 
 
@@ -142,6 +205,14 @@ def test_study_exists_with_another_mode_or_model(change, needles, workers, tmp_p
     for needle in needles:
         assert needle in line, line
     assert load_study(storage_url(tmp_path), "shared").user_attrs == before
+
+
+@pytest.mark.parametrize("name", ["", "  "])
+@pytest.mark.parametrize("workers", [1, 2])
+def test_empty_study_name_is_refused(name, workers, tmp_path, monkeypatch, no_model):
+    line = one_error_line(*_run(tmp_path, monkeypatch, "--study", name, "--workers", workers))
+    assert "--study must not be empty (leave it out for the name derived from model, scheduler, steps and goal)" in line
+    assert not (tmp_path / "s.db").exists()
 
 
 # --- prompts and samples ---------------------------------------------------------------------------------
@@ -180,6 +251,64 @@ def test_prompts_file_unreadable(tmp_path, monkeypatch, no_model):
 def test_num_samples_zero(workers, tmp_path, monkeypatch, no_model):
     line = one_error_line(*_run(tmp_path, monkeypatch, "--num-samples", "0", "--workers", workers))
     assert "--num-samples must be at least 1" in line
+    assert not (tmp_path / "s.db").exists()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_prompt_too_long_is_refused_naming_its_line(workers, tmp_path, monkeypatch, no_model):
+    """A prompts file with one 10 MB line (no line breaks where there should be some): refused in one
+    line of bounded length that names the line, before anything is stored."""
+    path = tmp_path / "prompts.txt"
+    path.write_text("a cat\n\n" + "x" * 10_000_000 + "\na fox\n")
+    line = one_error_line(*_run(tmp_path, monkeypatch, "--prompts", path, "--num-samples", "3", "--workers", workers))
+    assert f"{str(path)!r} line 3: a prompt may have at most 1000 characters (CLIP reads the first 77 tokens)" in line
+    assert "(10000000 characters)" in line and len(line) < 400
+    assert not (tmp_path / "s.db").exists()
+
+
+def test_generate_refuses_a_prompt_too_long(tmp_path, monkeypatch, no_model):
+    params = tmp_path / "sp.json"
+    params.write_text(json.dumps({"k": {"pipe": "tiny", "scheduler": "ddim", "steps": 8, "dtype": "fp32", "params": {}}}))
+    monkeypatch.chdir(tmp_path)
+    line = one_error_line(*run_cli(["generate", "--params", params, "a cat", "x" * 5000, "-o", "c.png"]))
+    assert "prompt 2: a prompt may have at most 1000 characters" in line and "(5000 characters)" in line
+    assert len(line) < 300 and sorted(os.listdir(tmp_path)) == ["sp.json"]
+
+
+# --- a pipeline that cannot load ----------------------------------------------------------------------------
+
+
+def _pipeline_dir(tmp_path, components: bool) -> str:
+    """A directory that looks like a saved SD pipeline, but for the weights (or, without ``components``,
+    everything but model_index.json)."""
+    pipe = tmp_path / "my-finetune"
+    pipe.mkdir()
+    index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.30.0", "feature_extractor": [None, None],
+             "safety_checker": ["stable_diffusion", "StableDiffusionSafetyChecker"],
+             "scheduler": ["diffusers", "DDIMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
+             "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
+             "vae": ["diffusers", "AutoencoderKL"]}
+    (pipe / "model_index.json").write_text(json.dumps(index))
+    if components:
+        for name, config in [("scheduler", "scheduler_config.json"), ("tokenizer", "tokenizer_config.json"),
+                             ("text_encoder", "config.json"), ("unet", "config.json"), ("vae", "config.json")]:
+            (pipe / name).mkdir()
+            (pipe / name / config).write_text("{}")
+    return str(pipe)
+
+
+@pytest.mark.parametrize("components,needle", [
+    (True, "missing text_encoder/ weights (*.safetensors or *.bin), unet/ weights (*.safetensors or *.bin), vae/ weights"),
+    (False, "missing scheduler/, text_encoder/, tokenizer/, unet/, vae/;"),
+])
+@pytest.mark.parametrize("workers", [1, 2])
+def test_pipeline_that_cannot_load_leaves_no_study(components, needle, workers, tmp_path, monkeypatch, no_model):
+    """Found before the storage is opened: no study, settings or warm-start trials stored, no worker
+    started. (Its safety checker is not needed: it is never loaded.)"""
+    pipe = _pipeline_dir(tmp_path, components)
+    line = one_error_line(*_run(tmp_path, monkeypatch, "--pipe", pipe, "--workers", workers))
+    assert f"could not load pipeline {pipe}: {needle}" in line, line
+    assert "save the whole pipeline there (save_pretrained)" in line
     assert not (tmp_path / "s.db").exists()
 
 
@@ -279,6 +408,108 @@ def test_disk_full_then_space_again(tmp_path, monkeypatch):
     data = json.loads(out_path.read_text())
     best = best_feasible(load_study(storage_url(tmp_path)), Goal("max", None, 0.5))
     assert data["some:other:key"] == OLD["some:other:key"] and data["tiny:ddim:8:max:0.5"]["trial"] == best.number
+
+
+# --- search_params.json: written at the end of every run, refused up front where it cannot be -------------
+
+
+@pytest.fixture
+def read_only():
+    """``read_only(path)`` makes a file or directory unwritable for this process: by its mode for a user,
+    by the immutable attribute for root (whom modes do not stop); skipped where neither works."""
+    frozen = []
+
+    def make(path) -> None:
+        if os.geteuid() != 0:
+            os.chmod(path, 0o555 if os.path.isdir(path) else 0o444)
+        else:
+            done = subprocess.run(["chattr", "+i", str(path)], capture_output=True)
+            if done.returncode != 0:
+                pytest.skip(f"cannot make {path} immutable here: {done.stderr.decode().strip()}")
+            frozen.append(path)
+        assert not os.access(path, os.W_OK)
+
+    yield make
+    for path in frozen:
+        subprocess.run(["chattr", "-i", str(path)], check=True)
+
+
+@pytest.mark.parametrize("what", ["file", "directory"])
+@pytest.mark.parametrize("workers", [1, 2])
+def test_unwritable_output_is_refused_before_anything_loads(what, workers, tmp_path, monkeypatch, read_only, no_model):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    if what == "file":
+        output = locked / "search_params.json"
+        output.write_text(json.dumps(OLD))
+        read_only(output)
+        needle = f"{output} is read-only: make it writable or pass another --output"
+    else:
+        read_only(locked)
+        output = locked / "new" / "search_params.json"  # its directory would be made on the first write
+        needle = f"cannot write {output}: directory {locked} is not writable; pass another --output"
+    line = one_error_line(*_run(tmp_path, monkeypatch, "--workers", workers, "--output", output))
+    assert needle in line, line
+    assert not (tmp_path / "s.db").exists()
+    assert sorted(os.listdir(locked)) == (["search_params.json"] if what == "file" else [])
+    if what == "file":
+        assert json.loads(output.read_text()) == OLD
+
+
+def _study_with_a_best(tmp_path) -> int:
+    """A study as earlier runs of ``run --max-loss 0.05`` left it (baseline, two feasible trials), made
+    without a model; the number of its best trial."""
+    from optimize.cli import check_run_options, run
+    from optimize.accelerators import Config, DeepCache
+
+    try:
+        from helpers import synthetic_study
+    except ImportError:
+        from tests.helpers import synthetic_study
+    params = run.make_context("run", run_args(tmp_path, "--max-loss", "0.05")[1:]).params
+    spec, opts = check_run_options(params)
+    fingerprint = runner.fingerprint_for(spec, opts, prompts.load_prompts(opts.prompt_spec, opts.num_samples))
+    trials = [(Config(deepcache=DeepCache(3, 0)), 1.5, 0.01), (Config(deepcache=DeepCache(5, 0)), 1.8, 0.02)]
+    synthetic_study(storage_url(tmp_path), runner.study_name_for(spec, opts), opts.goal, trials,
+                    fingerprint=fingerprint.as_dict())
+    return 1
+
+
+@pytest.mark.parametrize("case", ["file moved away", "new --output", "file holds an older best", "disk full"])
+def test_best_is_saved_at_the_end_of_every_run(case, tmp_path, monkeypatch):
+    """No trial of this run becomes the best (its one trial fails): the study's best is written all the
+    same, and "saved" is printed only once it was. A failed write is one line and exit 1, the study kept."""
+    from optimize import search
+
+    best = _study_with_a_best(tmp_path)
+    key = "tiny:ddim:8:max:0.05"
+    output = tmp_path / ("new/dir/sp.json" if case == "new --output" else "search_params.json")
+    if case == "file holds an older best":
+        output.write_text(json.dumps({key: {"trial": 0, "params": {}}, **OLD}))
+    if case == "disk full":
+        output.write_text(json.dumps(OLD))
+        _enospc_writes(monkeypatch)
+
+    def fails(self, trial):
+        raise RuntimeError("made to fail")
+
+    monkeypatch.setattr(search.Objective, "__call__", fails)
+    code, out, err = _run(tmp_path, monkeypatch, "--max-loss", "0.05", "--n-trials", "1", "--output", output)
+    study = load_study(storage_url(tmp_path))
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.COMPLETE, TrialState.FAIL]
+    if case == "disk full":  # a warning per failed write, then the one error line
+        lines = [line for line in err.splitlines() if line.startswith(ERROR_PREFIX)]
+        assert code == 1 and len(lines) == 1 and "Traceback" not in out + err, out + err
+        assert f"{output} not updated: No space left on device" in lines[0] and "saved to" not in out
+        assert json.loads(output.read_text()) == OLD
+        return
+    assert code == 0, out + err
+    assert f"saved to {output} under {key!r}" in out
+    data = json.loads(output.read_text())
+    assert data[key]["trial"] == best and data[key]["params"] == study.trials[best].params
+    assert data[key]["study"] == study.study_name
+    if case == "file holds an older best":
+        assert data["some:other:key"] == OLD["some:other:key"]
 
 
 # --- a trial that runs out of GPU memory ------------------------------------------------------------------
