@@ -30,7 +30,7 @@ from .console import Echo, validation_text
 from .measure import Evaluator
 from .metrics import ClipScorer, FidelityScorer, MetricError, lpips_available, score_loss
 from .prompts import PromptsError, load_heldout, load_prompts, prompts_hash
-from .storage import set_trial_system_attr_after
+from .storage import StorageError, open_storage, set_trial_system_attr_after
 from .study import (CLIP_SCORE, CONFIG, INTERVALS, SCORE_LOSS, SPEEDUP, VALIDATION, Goal, StudyError, StudyRecord,
                     Validation, feasible_front, open_study, study_result)
 from .uncertainty import intervals
@@ -241,8 +241,10 @@ def validate_study(storage_url: str, study_name: str | None, *, n: int | None = 
     from .baseline import Baseline
 
     try:
-        study = open_study(storage_url, study_name)
-    except StudyError as e:
+        study = open_study(storage_url, study_name)  # read-only: finds and checks it, creates nothing
+        # the validation is written to the study: load it again through a storage that may write
+        study = optuna.load_study(study_name=study.study_name, storage=open_storage(storage_url))
+    except (StudyError, StorageError) as e:
         raise ValidationError(str(e)) from None
     record = StudyRecord.load(study)
     if record.fingerprint is None:

@@ -284,7 +284,7 @@ def _dominates(a, b) -> bool:
 
 def test_pareto_study_has_two_objectives_under_the_bound(pareto):
     study = pareto.study()
-    assert pareto.study_name == "tiny-ddim-8steps-pareto-ssim0.005"
+    assert pareto.study_name == "tiny-ddim-8steps-pareto-ssim0.37"
     assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE"]
     assert study.metric_names == ["speedup", "ssim_loss"]
     complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
@@ -292,7 +292,7 @@ def test_pareto_study_has_two_objectives_under_the_bound(pareto):
     for t in complete:
         loss = 1 - t.user_attrs["ssim"]
         assert t.values == pytest.approx([t.user_attrs["speedup"], loss])
-        assert t.system_attrs[CONSTRAINTS_ATTR] == pytest.approx([loss - 0.005])
+        assert t.system_attrs[CONSTRAINTS_ATTR] == pytest.approx([loss - 0.37])
     # the warm start's DeepCache N=3 is within the bound, N=5 is not: both kinds are in the study
     assert is_feasible(complete[0]) and not is_feasible(complete[1])
 
@@ -314,8 +314,8 @@ def test_best_prints_the_feasible_non_dominated_trials(pareto, no_model):
     code, out, err = run_cli(["best", "--storage", pareto.storage, "--json"])
     data = json.loads(out)
     assert {e["trial"] for e in data["front"]} == expected and data["best"]["trial"] == fastest.number
-    key = params_file.search_params_key(*goal_opts(max_loss=0.005, mode="pareto", loss_metric="ssim"))
-    assert key == "tiny:ddim:8:pareto:ssim0.005"
+    key = params_file.search_params_key(*goal_opts(max_loss=0.37, mode="pareto", loss_metric="ssim"))
+    assert key == "tiny:ddim:8:pareto:ssim0.37"
     entry = json.loads(open(pareto.output).read())[key]
     assert entry["trial"] == fastest.number and [e["trial"] for e in entry["front"]] == [e["trial"] for e in data["front"]]
     assert entry["mode"] == "pareto" and entry["loss_metric"] == "ssim"
@@ -323,7 +323,7 @@ def test_best_prints_the_feasible_non_dominated_trials(pareto, no_model):
 
 def test_generate_uses_the_fastest_feasible_trial_of_a_pareto_study(pareto, tmp_path):
     study = pareto.study()
-    fastest = best_feasible(study, Goal("pareto", None, 0.005, "ssim"))
+    fastest = best_feasible(study, Goal("pareto", None, 0.37, "ssim"))
     code, out, err = run_cli(["generate", "--storage", pareto.storage, "a red fox", "-o", tmp_path / "fox.png"])
     assert code == 0, err
     assert f"trial #{fastest.number}: {fastest.user_attrs['config']}" in out

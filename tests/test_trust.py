@@ -336,7 +336,7 @@ def trusted(tmp_path_factory):
 def test_every_trial_stores_per_prompt_scores_and_intervals_around_its_numbers(trusted):
     study = trusted["study"]
     assert study.user_attrs[STUDY_ATTR]["goal"]["confidence"] == LEVEL
-    assert study.user_attrs[STUDY_ATTR]["prompt_source"] == "builtin"
+    assert study.user_attrs[STUDY_ATTR]["prompt_source"] == "testbed"  # builtin means the testbed's held-out captions for tiny
     assert len(study.user_attrs["baseline"]["scores"]) == 2  # the baseline's per-prompt CLIP scores
     goal = StudyRecord.load(study).goal
     trials = [t for t in study.trials if t.state == TrialState.COMPLETE]
