@@ -1,4 +1,4 @@
-"""Quality checks of the shipped testbed (optimize.testbed): the trained scorer, the trained pipeline
+"""Quality checks of the shipped testbed (the world itself: tests/test_testbed_world.py) (optimize.testbed): the trained scorer, the trained pipeline
 and the accelerations' effect on it, on the CPU, with the weights in the package.
 
 Each check can fail: the scorer must retrieve held-out renders from their captions, the pipeline's
@@ -70,20 +70,6 @@ def generated(tiny_pipe):
         return cache[name]
 
     return caps, run
-
-
-def test_world_round_trip_and_split():
-    train, held = testbed.captions("train"), testbed.captions("heldout")
-    assert (len(train), len(held)) == (2016, 288) and not set(train) & set(held)
-    assert testbed.captions("train") == train  # deterministic
-    for caption in train[:50] + held[:50]:
-        assert world.parse(caption).caption == caption
-        assert world.colour_of(testbed.render(caption)) == world.parse(caption).colour
-    pairs = {(world.parse(c).colour, world.parse(c).shape) for c in train}
-    assert not pairs & set(world.HELDOUT_PAIRS)
-    assert testbed.render(held[0]).size == (64, 64)
-    with pytest.raises(ValueError):
-        testbed.render("a photo of a cat")
 
 
 def test_scorer_retrieves_heldout_renders(scorer, heldout):
