@@ -1,4 +1,4 @@
-"""Quality checks of the shipped testbed (the world itself: tests/test_testbed_world.py) (optimize.testbed): the trained scorer, the trained pipeline
+"""Quality checks of the shipped testbed (optimize.testbed; its world is tested in test_testbed_world.py): the trained scorer, the trained pipeline
 and the accelerations' effect on it, on the CPU, with the weights in the package.
 
 Each check can fail: the scorer must retrieve held-out renders from their captions, the pipeline's
