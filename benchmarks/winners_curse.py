@@ -63,6 +63,7 @@ def summarize(rows: list[dict], max_loss: float) -> dict:
             "mean_held_out": statistics.mean(r["held_out"] for r in picked) if picked else None,
             "mean_gap": statistics.mean(gaps) if gaps else None,
             "breaks_bound_held_out": sum(r["held_out"] > max_loss for r in picked),
+            "flagged_held_out": sum(r.get("within_bound_held_out") is False for r in picked),
             "seconds": round(sum(r["seconds"] for r in rows), 1)}
 
 
@@ -90,12 +91,12 @@ def main() -> int:
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
-    print("\n| --confidence | studies with a pick | mean in-sample loss | mean held-out loss | mean gap | pick breaks the bound held out |")
-    print("|---|---|---|---|---|---|")
+    print("\n| --confidence | studies with a pick | mean in-sample loss | mean held-out loss | mean gap | held-out loss over the bound | flagged by validation |")
+    print("|---|---|---|---|---|---|---|")
     for key, s in result["summary"].items():
         fmt = lambda v: "-" if v is None else f"{v:+.4f}"  # noqa: E731
         print(f"| {key.split('=')[1]} | {s['with_pick']} of {s['studies']} | {fmt(s['mean_in_sample'])} | "
-              f"{fmt(s['mean_held_out'])} | {fmt(s['mean_gap'])} | {s['breaks_bound_held_out']} |")
+              f"{fmt(s['mean_held_out'])} | {fmt(s['mean_gap'])} | {s['breaks_bound_held_out']} | {s['flagged_held_out']} |")
     return 0
 
 
