@@ -73,11 +73,29 @@ class HeartbeatStorage(RDBStorage):
         # A queued trial being popped: its heartbeat before it runs (a row on a trial still waiting, or
         # one another process pops first, is harmless); its owner only once it is this process's.
         self.record_heartbeat(trial_id)
-        if not super().set_trial_state_values(trial_id, state, values):
+        if not self._claim(trial_id):
             return False
         if self.owner_key:
             self.set_trial_system_attr(trial_id, self.owner_key, identity())
         return True
+
+    def _claim(self, trial_id: int) -> bool:
+        """WAITING -> RUNNING in one conditional UPDATE. Optuna reads the state, then writes it: on SQLite
+        (no row locks) two processes both read WAITING and both ran the same queued trial, the slower
+        one failing with "Cannot tell a COMPLETE trial"."""
+        from datetime import datetime, timezone
+
+        from optuna.storages._rdb.storage import _create_scoped_session
+
+        model = models.TrialModel
+        if hasattr(model, "_datetime_start_utc"):  # Optuna 5 stores naive UTC behind a property
+            start = {model._datetime_start_utc: datetime.now(timezone.utc).replace(tzinfo=None)}
+        else:  # Optuna 4: the column itself, local time
+            start = {model.datetime_start: datetime.now()}
+        with _create_scoped_session(self.scoped_session) as session:
+            claimed = (session.query(model).filter(model.trial_id == trial_id, model.state == TrialState.WAITING)
+                       .update({model.state: TrialState.RUNNING, **start}, synchronize_session=False))
+        return claimed == 1
 
     def _get_stale_trial_ids(self, study_id: int) -> list[int]:
         stale = super()._get_stale_trial_ids(study_id)

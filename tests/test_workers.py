@@ -473,6 +473,40 @@ def test_ctrl_c_stops_all_workers(tmp_path):
     assert len(trials) < 8
 
 
+def test_a_queued_trial_is_taken_by_one_process_only(url, monkeypatch):
+    """Workers popping the same waiting trial (a warm start) at once: one runs it. Optuna reads the state,
+    then writes it; on SQLite four storages all read WAITING and all "won" (seen in CI as a worker failing
+    with "Cannot tell a COMPLETE trial"). The read is held open here until all four have made it."""
+    import threading
+
+    from optuna.storages._rdb import models
+
+    study = optuna.create_study(storage=open_storage(url), study_name="q")
+    study.enqueue_trial({"x": 1})
+    trial_id = study.get_trials()[0]._trial_id
+    storages = [open_storage(url) for _ in range(4)]
+    barrier, read = threading.Barrier(4), models.TrialModel.find_or_raise_by_id
+
+    def held_open(*args, **kwargs):
+        row = read(*args, **kwargs)
+        try:
+            barrier.wait(timeout=2)
+        except threading.BrokenBarrierError:
+            pass
+        return row
+
+    monkeypatch.setattr(models.TrialModel, "find_or_raise_by_id", staticmethod(held_open))
+    won = []
+    threads = [threading.Thread(target=lambda s=s: won.append(s.set_trial_state_values(trial_id, TrialState.RUNNING)))
+               for s in storages]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(won) == [False, False, False, True]
+    assert study.get_trials()[0].state == TrialState.RUNNING and study.get_trials()[0].datetime_start is not None
+
+
 # --- a worker killed mid-trial -----------------------------------------------------------------------
 
 
