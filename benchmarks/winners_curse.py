@@ -70,6 +70,7 @@ def summarize(rows: list[dict], max_loss: float) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--studies", type=int, default=10)
+    ap.add_argument("--first-seed", type=int, default=0, help="seeds first-seed .. first-seed + studies - 1")
     ap.add_argument("--trials", type=int, default=8)
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--validate", type=int, default=16)
@@ -81,7 +82,7 @@ def main() -> int:
     result = {"args": vars(args), "rows": [], "summary": {}}
     with tempfile.TemporaryDirectory() as workdir:
         for confidence in (None, args.confidence):
-            for seed in range(args.studies):
+            for seed in range(args.first_seed, args.first_seed + args.studies):
                 row = one_study(seed, args, confidence, workdir)
                 result["rows"].append(row)
                 print(json.dumps(row), flush=True)
