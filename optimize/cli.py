@@ -25,7 +25,7 @@ from .report import measured_trials, write_report
 from .runner import Interrupted, RunError, RunFailure, RunOptions, run_search
 from .storage import DEFAULT_STORAGE, StorageError, check_storage_url, open_storage, redact
 from .study import CONFIG, Goal, StudyError, goal_of, open_study, pick_study, study_result
-from .validation import ValidationError, planned_size, validate_study
+from .validation import ValidationError, validate_study
 from .workers import follow_launcher, launch
 
 EXIT_USAGE = 2  # bad input, or a study that cannot be used: nothing was run
@@ -163,12 +163,11 @@ def worker_argv(o: dict, device: str, n_trials: int, index: int) -> list[str]:
 def _validate_launched(spec, opts: RunOptions) -> int:
     """After the workers of ``--workers`` / ``--gpus``: the held-out validation of the study's pick, here
     on the first device (the workers were told not to: it would run once per worker)."""
-    from .runner import study_name_for
+    from .runner import planned_validation, study_name_for
 
     name = opts.study_name or study_name_for(spec, opts)
     study = pick_study(opts.storage, name)
-    trials = sum(t.state.name == "COMPLETE" for t in study.get_trials(deepcopy=False))
-    n, note = planned_size(opts.validate, opts.num_samples, trials, opts.scored_repeats if opts.repeats else 0)
+    n, note = planned_validation(opts, study)
     if note:
         click.echo(note)
     if not n or study_result(study, opts.goal)[0] is None:

@@ -23,6 +23,7 @@ _BUILTIN = os.path.join(os.path.dirname(__file__), "builtin_prompts.txt")
 # CLIP reads 77 tokens, a few hundred characters: a longer prompt is a mistake (a file with no line
 # breaks, say), and tokenising megabytes costs minutes per image.
 MAX_PROMPT_CHARS = 1000
+NAMED = ("coco", "builtin", "testbed")  # the sources that are not files
 _UNITS = {".txt": "line", ".json": "item", ".csv": "row"}
 
 
@@ -32,7 +33,7 @@ class PromptsError(ValueError):
 
 def check_spec(spec: str) -> None:
     """Cheap checks run before anything loads: the file exists and has a known format."""
-    if spec in ("coco", "builtin", "testbed") or spec.startswith("coco:"):
+    if spec in NAMED or spec.startswith("coco:"):
         return
     if not os.path.isfile(spec):
         raise PromptsError(f"prompts file {spec!r} does not exist (or use 'coco', 'coco:<dataset>' or 'builtin')")
@@ -112,7 +113,7 @@ def load_heldout(spec: str, num_samples: int, n: int) -> list[str]:
 
 def prompt_source(spec: str) -> str:
     """``spec`` as a study stores it, to find the same prompts later: a file by its absolute path."""
-    if spec in ("coco", "builtin", "testbed") or spec.startswith("coco:"):
+    if spec in NAMED or spec.startswith("coco:"):
         return spec
     return os.path.abspath(spec)
 

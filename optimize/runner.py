@@ -112,6 +112,13 @@ def fingerprint_for(spec, opts: RunOptions, prompts: list[str]) -> Fingerprint:
     )
 
 
+def planned_validation(opts: RunOptions, study: optuna.Study) -> tuple[int, str]:
+    """How many held-out prompts the pick of ``study`` is validated on after a run with ``opts``, and the
+    note to print (:func:`optimize.validation.planned_size`), whether one process ran the trials or many."""
+    trials = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+    return validation.planned_size(opts.validate, opts.num_samples, trials, opts.scored_repeats if opts.repeats else 0)
+
+
 def sampler_seed(seed: int, n_before: int, slot: int = 0) -> int:
     """The TPE seed of one run: derived from ``--seed``, fresh for every resumed run (or it would replay
     the first run's random start-up trials), and distinct per :func:`sampler_slot` (or runs started
@@ -477,9 +484,7 @@ class Search:
         opts, (best, _) = self.opts, self.result()
         if best is None:
             return
-        trials = len(self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
-        n, note = validation.planned_size(opts.validate, opts.num_samples, trials,
-                                          opts.scored_repeats if opts.repeats else 0)
+        n, note = planned_validation(opts, self.study)
         if note:
             self.echo(note)
         if not n:
