@@ -29,7 +29,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from optimize.accelerators import Accelerated, Config, DeepCache, TGate, ToMe  # noqa: E402
-from optimize.graphs import compile_blocks  # noqa: E402
+from optimize.graphs import PipelineGraphs, compile_blocks  # noqa: E402
 from optimize.measure import Evaluator, GenerationSettings  # noqa: E402
 from optimize.pipelines import default_guidance, is_xl, load_pipeline, resolve_pipe  # noqa: E402
 from optimize.files import atomic_write  # noqa: E402
@@ -236,6 +236,29 @@ def run_breakdown(pipe, args, xl):
         kw["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": ids}
     t = torch.tensor(500, device="cuda")
     rows["unet_step_eager_ms"] = _cuda_ms(lambda: pipe.unet(x, t, cond, **kw), n=10)
+
+    def decode():  # as the pipeline runs it: SDXL's upcast around the decode included
+        if upcast:
+            pipe.vae.to(torch.float32)
+        out = pipe.vae.decode((lat.float() if upcast else lat) / pipe.vae.config.scaling_factor, return_dict=False)[0]
+        if upcast:
+            pipe.vae.to(torch.float16)
+        return out
+
+    def encode():
+        return pipe.encode_prompt(prompt=PROMPT, device="cuda", num_images_per_prompt=args.batch,
+                                  do_classifier_free_guidance=True, negative_prompt="")
+
+    rows["decode_as_pipeline_eager_ms"] = _cuda_ms(decode)
+    want_decode, want_encode = decode(), encode()
+    graphs = PipelineGraphs(pipe)
+    with graphs.installed():  # the text encoders and the decode replayed from graphs (optimize.graphs)
+        rows["encode_prompt_graphs_ms"] = _cuda_ms(encode)
+        rows["decode_as_pipeline_graphs_ms"] = _cuda_ms(decode)
+        got_decode, got_encode = decode(), encode()
+    graphs.close()
+    rows["graphed_decode_equal"] = bool(torch.equal(got_decode, want_decode))
+    rows["graphed_encode_equal"] = all(bool(torch.equal(a, b)) for a, b in zip(got_encode, want_encode) if a is not None)
     return rows
 
 
@@ -254,6 +277,8 @@ def main() -> None:
     ap.add_argument("--parts", default="equal,e2e,p1,memory,overhead")
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--tag", default="")
+    ap.add_argument("--vae-fp16", action="store_true",
+                    help="decode in fp16 (force_upcast off), as with the fp16-safe SDXL VAE users deploy")
     args = ap.parse_args()
     parts = args.parts.split(",")
     unknown = [p for p in parts if p not in PARTS]
@@ -267,11 +292,13 @@ def main() -> None:
     t = time.perf_counter()
     pipe = load_pipeline(resolve_pipe(args.pipe, random_weights=True), "ddim", "cuda", "fp16")
     pipe.set_progress_bar_config(disable=True)
+    if args.vae_fp16:
+        pipe.vae.register_to_config(force_upcast=False)
     xl = is_xl(pipe)
     args.guidance = args.guidance or default_guidance(xl)
     result = {"meta": {"pipe": args.pipe, "random_weights": True, "device": torch.cuda.get_device_name(),
                        "date": dt.date.today().isoformat(), "torch": torch.__version__, "steps": args.steps,
-                       "batch": args.batch, "calls": args.calls, "build_s": time.perf_counter() - t,
+                       "batch": args.batch, "calls": args.calls, "vae_fp16": args.vae_fp16, "build_s": time.perf_counter() - t,
                        "command": " ".join(sys.argv)}}
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"{args.pipe}-graphs" + (f"-{args.tag}" if args.tag else "") + ".json")

@@ -25,7 +25,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping
 
-from .graphs import EXEC_MODES, GraphUnsupported, StepGraphs, attr_slot, dict_slot
+from .graphs import EXEC_MODES, GraphUnsupported, PipelineGraphs, StepGraphs, attr_slot, dict_slot
 from .pipelines import default_guidance, is_xl
 
 METHODS = ("deepcache", "tome", "tgate")
@@ -170,7 +170,8 @@ class Accelerated:
     from the first call.
     """
 
-    def __init__(self, pipe, config: Config, seed: int = 0, exec: str = "eager", graph_backend=None):
+    def __init__(self, pipe, config: Config, seed: int = 0, exec: str = "eager", graph_backend=None,
+                 pipeline_graphs: PipelineGraphs | None = None):
         if exec not in EXEC_MODES:
             raise InvalidConfig(f"exec must be one of {', '.join(EXEC_MODES)}, got {exec!r}")
         self.pipe = pipe
@@ -181,6 +182,10 @@ class Accelerated:
         self._snapshot: dict[int, tuple[Any, dict[str, Any]]] | None = None
         self._deepcache = None
         self.graphs: StepGraphs | None = None
+        # graph modes: the text encoders' and the VAE's graphs; shared when given (a study's), else own
+        self._shared_pipeline_graphs = pipeline_graphs is not None
+        self.pipeline_graphs = pipeline_graphs
+        self._pipeline_installed = False
         self._attention_modules: list | None = None
 
     # -- life cycle ------------------------------------------------------------------------------
@@ -204,6 +209,10 @@ class Accelerated:
                 # runs at capture only
                 self.graphs = StepGraphs(pipe.unet, kind=self._step_kind, slots=self._slots,
                                          generators=self._generators, backend=self.graph_backend).install()
+                if self.pipeline_graphs is None:
+                    self.pipeline_graphs = PipelineGraphs(pipe, backend=self.graph_backend)
+                self.pipeline_graphs.install()
+                self._pipeline_installed = True
             if cfg.tome:
                 import tomesd
 
@@ -257,6 +266,13 @@ class Accelerated:
                 pipe.__dict__.pop(name, None)
             if self.graphs is not None:
                 self.graphs.close()
+            if self._pipeline_installed:
+                if self._shared_pipeline_graphs:
+                    self.pipeline_graphs.uninstall()
+                else:
+                    self.pipeline_graphs.close()
+                    self.pipeline_graphs = None
+                self._pipeline_installed = False
             self._snapshot = None
             self._deepcache = None
             self.graphs = None

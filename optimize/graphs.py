@@ -126,18 +126,21 @@ class GraphStats:
 
 
 class StepGraphs:
-    """One CUDA graph per step kind and input shape, replacing ``unet.forward`` while installed.
+    """One CUDA graph per step kind and input shape, replacing ``module.forward`` (or another method,
+    ``attr``) while installed.
 
     ``kind`` returns a hashable label of the coming step from the methods' own state (called once per
     UNet call, before the step); ``slots`` is the state handed between kinds (module docstring);
     ``generators`` the random generators a step draws from; ``capture_allowed`` may refuse a capture
     (the untouched pipeline's graphs must be captured untouched). ``backend`` defaults to CUDA.
+    ``forward``: what the graphs capture, if not the method the module has when installed.
     """
 
-    def __init__(self, unet, kind: Callable[[], Hashable] = lambda: (), slots: Callable[[], Sequence[Slot]] = list,
+    def __init__(self, module, kind: Callable[[], Hashable] = lambda: (), slots: Callable[[], Sequence[Slot]] = list,
                  generators: Callable[[], Sequence] = list, backend=None,
-                 capture_allowed: Callable[[], str | None] = lambda: None, record_kinds: bool = False):
-        self.unet = unet
+                 capture_allowed: Callable[[], str | None] = lambda: None, record_kinds: bool = False,
+                 attr: str = "forward", forward: Callable | None = None):
+        self.module, self.attr, self._own_forward = module, attr, forward
         self.kind, self.slots, self.generators = kind, slots, generators
         self.capture_allowed = capture_allowed
         self.backend = backend if backend is not None else CudaBackend()
@@ -155,24 +158,25 @@ class StepGraphs:
     def install(self) -> "StepGraphs":
         if self._forward is not None:
             raise RuntimeError("graphs already installed")
-        self._previous = self.unet.__dict__.get("forward", _MISSING)
-        self._forward = self.unet.forward  # whatever forward the UNet has now (its own, normally)
-        self.unet.__dict__["forward"] = self
+        self._previous = self.module.__dict__.get(self.attr, _MISSING)
+        # whatever forward the module has now (its own, normally)
+        self._forward = self._own_forward or getattr(self.module, self.attr)
+        self.module.__dict__[self.attr] = self
         return self
 
     def uninstall(self) -> None:
         if self._forward is None:
             return
-        if self.unet.__dict__.get("forward") is self:
+        if self.module.__dict__.get(self.attr) is self:
             if self._previous is _MISSING:
-                del self.unet.__dict__["forward"]
+                del self.module.__dict__[self.attr]
             else:
-                self.unet.__dict__["forward"] = self._previous
+                self.module.__dict__[self.attr] = self._previous
         self._forward, self._previous = None, _MISSING
 
     @contextmanager
     def installed(self):
-        """Route UNet calls to the graphs for the block, whatever forward the UNet has now."""
+        """Route the module's calls to the graphs for the block, whatever forward it has now."""
         self.install()
         try:
             yield self
@@ -248,13 +252,113 @@ class StepGraphs:
                 slot.set(value)
             for g, state in zip(generators, rng):
                 g.set_state(state)
-        handle, output = self.backend.capture(run, generators, slots)
+        try:
+            handle, output = self.backend.capture(run, generators, slots)
+        except GraphUnsupported:
+            raise
+        except Exception as e:  # e.g. a host synchronize inside the step: the trial fails with why
+            raise GraphUnsupported(f"capturing {type(self.module).__name__}.{self.attr} failed: "
+                                   f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from e
         inputs = [x for x in static if isinstance(x, torch.Tensor)]
         graph = _Graph(handle, inputs, output, [_change(b, slot.get()) for slot, b in zip(slots, before)],
                        [_entries(b) for b in before])
         self.stats.captures += 1
         self.stats.capture_seconds += time.perf_counter() - start
         return graph
+
+
+class PipelineGraphs:
+    """The pipeline's other launch-bound parts under graphs: each text encoder's ``forward`` and the
+    VAE's ``decode``, one graph per input shape. No acceleration touches them, so one instance serves
+    the untouched pipeline and every configuration of a study (their captures are reused).
+
+    At 1024 on SDXL these are a third of DeepCache's time in graph mode: prompt encoding 56 ms eager,
+    the decode 116 ms (docs/benchmarks.md). SDXL pipelines cast the VAE to fp32 around every decode
+    (``force_upcast``) and back to fp16 after it, so the fp32 weights are new tensors on every call;
+    a graph must read weights that stay, so a decode in another dtype than the VAE had when installed
+    runs on a private copy in that dtype, made once (the same values: fp16 to fp32 is exact).
+
+    Installing is re-entrant: the baseline's calls inside a configuration's measurement share it.
+    """
+
+    def __init__(self, pipe, backend=None):
+        self.pipe = pipe
+        self.backend = backend
+        self.parts: list[StepGraphs] = []
+        self._copies: dict = {}
+        self._depth = 0
+
+    @property
+    def stats(self) -> GraphStats:
+        out = GraphStats()
+        for part in self.parts:
+            out.captures += part.stats.captures
+            out.replays += part.stats.replays
+            out.capture_seconds += part.stats.capture_seconds
+        return out
+
+    def _build(self) -> None:
+        pipe = self.pipe
+        for name in ("text_encoder", "text_encoder_2"):
+            encoder = getattr(pipe, name, None)
+            if encoder is not None:
+                self.parts.append(StepGraphs(encoder, backend=self.backend))
+        vae = getattr(pipe, "vae", None)
+        if vae is not None:
+            dtype, decode = vae.dtype, vae.decode
+
+            def run(*args, **kwargs):
+                if vae.dtype == dtype:
+                    return decode(*args, **kwargs)
+                return self._copy(vae).decode(*args, **kwargs)
+
+            self.parts.append(StepGraphs(vae, kind=lambda: vae.dtype, backend=self.backend, attr="decode",
+                                         forward=run))
+
+    def _copy(self, vae):
+        copy = self._copies.get(vae.dtype)
+        if copy is None:
+            import torch
+
+            with torch.device(vae.device):
+                copy = type(vae).from_config(vae.config).to(vae.dtype)
+            copy.load_state_dict(vae.state_dict())
+            copy.requires_grad_(False).eval()
+            copy = self._copies[vae.dtype] = copy
+        return copy
+
+    def install(self) -> "PipelineGraphs":
+        if self._depth == 0:
+            if not self.parts:
+                self._build()
+            for part in self.parts:
+                part.install()
+        self._depth += 1
+        return self
+
+    def uninstall(self) -> None:
+        if self._depth == 0:
+            return
+        self._depth -= 1
+        if self._depth == 0:
+            for part in self.parts:
+                part.uninstall()
+
+    @contextmanager
+    def installed(self):
+        self.install()
+        try:
+            yield self
+        finally:
+            self.uninstall()
+
+    def close(self) -> None:
+        """Uninstall and free every graph and copy."""
+        self._depth = 1
+        self.uninstall()
+        for part in self.parts:
+            part.close()
+        self.parts, self._copies = [], {}
 
 
 def _entries(value) -> dict:
@@ -284,6 +388,10 @@ def _change(before, after):
 
 
 def _hashable(x):
+    import torch
+
+    if isinstance(x, torch.Generator):  # a new one every pipeline call (the VAE's decode takes one and
+        return ("generator", str(x.device))  # draws nothing); one a step drew from is registered instead
     try:
         hash(x)
         return x

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .accelerators import Accelerated, Config
-from .graphs import StepGraphs
+from .graphs import PipelineGraphs, StepGraphs
 
 
 @dataclass
@@ -183,6 +183,8 @@ class Evaluator:
             pipe.unet, backend=graph_backend,
             capture_allowed=lambda: ("the baseline's graphs are captured on the untouched pipeline only"
                                      if getattr(pipe, "_optimize_sd_applied", False) else None))
+        # text encoders and VAE decode: one set of graphs for the baseline and every configuration
+        self.pipeline_graphs = None if exec == "eager" else PipelineGraphs(pipe, backend=graph_backend)
 
     def _batches(self):
         bs = self.settings.batch_size
@@ -226,18 +228,22 @@ class Evaluator:
         if self.baseline_graphs is not None and not config.methods:
             return self._untouched()
         return Accelerated(self.pipe, config, seed=self.settings.seed, exec=self.exec,
-                           graph_backend=self.graph_backend)
+                           graph_backend=self.graph_backend, pipeline_graphs=self.pipeline_graphs)
 
     @contextmanager
     def _untouched(self):
         """The untouched pipeline; in a graph mode with the baseline's graphs routed in (module
         docstring), also while a configuration is held."""
         graphs = self.baseline_graphs
-        if graphs is None or graphs.is_installed:
+        if graphs is None:
             yield self.pipe
             return
-        with graphs.installed():
-            yield self.pipe
+        with self.pipeline_graphs.installed():
+            if graphs.is_installed:
+                yield self.pipe
+                return
+            with graphs.installed():
+                yield self.pipe
 
     @contextmanager
     def _holding(self, config: Config):
@@ -275,9 +281,14 @@ class Evaluator:
             self.exec, self.baseline_graphs = mode, graphs
 
     def close(self) -> None:
-        """Free the baseline's graphs."""
+        """Free the baseline's graphs and the text encoders' and the VAE's."""
         if self.baseline_graphs is not None:
             self.baseline_graphs.close()
+        if self.pipeline_graphs is not None:
+            stats = self.pipeline_graphs.stats
+            self.captures += stats.captures
+            self.capture_seconds += stats.capture_seconds
+            self.pipeline_graphs.close()
 
     def _solo(self, config: Config, calls: int) -> "_Series":
         """Apply ``config``, one untimed warm-up call (first-call costs: allocator, kernels), then

@@ -19,7 +19,7 @@ from conftest import generate
 
 from optimize import Config, DeepCache, TGate, ToMe
 from optimize.accelerators import Accelerated
-from optimize.graphs import GraphUnsupported, StepGraphs, check_exec
+from optimize.graphs import GraphUnsupported, PipelineGraphs, StepGraphs, check_exec
 from optimize.measure import Evaluator, GenerationSettings
 
 STEPS = 8
@@ -109,20 +109,25 @@ def test_graphed_output_equals_eager(tiny_pipe, deepcache, tome, tgate):
         want = generate(eager, PROMPT, STEPS)
     backend = FakeBackend()
     acc = _graphed(tiny_pipe, config, backend)
+    unet, rest = acc.graphs, acc.pipeline_graphs
     try:
         first = generate(acc, PROMPT, STEPS)
         captures = backend.captures
         second = generate(acc, PROMPT, STEPS)
+        parts = {type(p.module).__name__: (p.stats.captures, p.stats.replays) for p in rest.parts}
     finally:
         acc.remove()
     np.testing.assert_array_equal(first, want)
     np.testing.assert_array_equal(second, want)  # replayed calls, state reset between them
     assert backend.captures == captures, "the second call captured again"
-    assert backend.replays == 2 * STEPS
+    assert unet.stats.replays == 2 * STEPS
+    # the text encoder (prompt and the empty negative prompt, one shape) and the VAE decode replayed too
+    assert parts == {"CLIPTextModel": (1, 4), "AutoencoderKL": (1, 2)}
     if config.methods:
         assert not np.array_equal(want, baseline)
     np.testing.assert_array_equal(generate(tiny_pipe, PROMPT, STEPS), baseline)  # removed exactly
-    assert "forward" not in vars(tiny_pipe.unet)
+    assert "forward" not in vars(tiny_pipe.unet) and "forward" not in vars(tiny_pipe.text_encoder)
+    assert "decode" not in vars(tiny_pipe.vae) and not rest.parts
 
 
 # --- which graph each call replays ---------------------------------------------------------------
@@ -137,7 +142,7 @@ def test_deepcache_full_and_partial_steps(tiny_pipe):
         acc.remove()
     one_call = ["full", "partial", "partial"] * 2 + ["full", "partial"]
     assert kinds == one_call * 2  # every call starts a fresh DeepCache schedule
-    assert backend.captures == 2
+    assert acc.graphs is None and backend.captures == 2 + 2  # full, partial; text encoder, VAE
 
 
 def test_tgate_kinds_follow_its_schedule(tiny_pipe):
@@ -156,7 +161,7 @@ def test_tgate_kinds_follow_its_schedule(tiny_pipe):
     assert shapes == {(2, 4, 16, 16), (1, 4, 16, 16)}
     assert kinds[0] != kinds[-1]  # T-GATE's flags differ before and after the gate
     # one capture per kind and cache state (which caches exist decides reuse in Python), none repeated
-    assert backend.captures == len(keys) >= len(set(kinds))
+    assert stats.captures == len(keys) >= len(set(kinds))
 
 
 def test_new_shape_recaptures_and_keeps_the_old_graphs(tiny_pipe):
@@ -166,13 +171,15 @@ def test_new_shape_recaptures_and_keeps_the_old_graphs(tiny_pipe):
         want_two = generate(eager, PROMPT * 2, STEPS)
         want_one = generate(eager, PROMPT, STEPS)
     acc = _graphed(tiny_pipe, config, backend)
+    stats = acc.graphs.stats
     try:
         generate(acc, PROMPT, STEPS)
-        assert backend.captures == 2
+        assert stats.captures == 2
         got_two = generate(acc, PROMPT * 2, STEPS)  # new batch: its full step captured, then partial
-        assert backend.captures == 4
+        assert stats.captures == 4
+        assert backend.captures == 4 + 2 + 2  # and the text encoder's and the decode's new shapes
         got_one = generate(acc, PROMPT, STEPS)  # the first shape's graphs again, cache handed back
-        assert backend.captures == 4
+        assert stats.captures == 4 and backend.captures == 8
     finally:
         acc.remove()
     np.testing.assert_array_equal(got_two, want_two)
@@ -229,8 +236,11 @@ def test_evaluator_applies_once_and_captures_the_baseline_untouched(tiny_pipe, m
         m = ev.measure(config)
         base_graphs = dict(ev.baseline_graphs.graphs)
         ev.measure(Config(tome=ToMe(0.5, 1)))
+        # the text encoder's and the decode's graphs serve the baseline and both configurations
+        shared = [(p.stats.captures, p.is_installed) for p in ev.pipeline_graphs.parts]
     finally:
         ev.close()
+    assert shared == [(1, False), (1, False)]
     assert applies == [config, Config(tome=ToMe(0.5, 1))]  # one application per measurement
     assert len(m.reference.samples) == 3 and len(m.timing.samples) == 3
     assert len(base_graphs) == 1  # the baseline's one kind, captured before anything was applied
@@ -262,6 +272,44 @@ def test_time_eager_bypasses_the_graphs(tiny_pipe):
     timing = ev.time_eager(2)
     assert len(timing.samples) == 2 and backend.captures == 0
     ev.close()
+
+
+def test_a_decode_in_another_dtype_replays_on_a_copy_that_stays(tiny_pipe):
+    """SDXL pipelines cast the VAE to fp32 around each decode and back: the graph must not read the
+    weights of that cast (new tensors every call, freed after it), but a copy made once."""
+    vae = tiny_pipe.vae
+    z = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = vae.to(torch.float64).decode(z.double(), return_dict=False)[0]
+        vae.to(torch.float32)
+        graphs = PipelineGraphs(tiny_pipe, backend=FakeBackend())
+        try:
+            with graphs.installed():
+                got = []
+                for _ in range(2):
+                    vae.to(torch.float64)  # what the pipeline does before its decode
+                    got.append(vae.decode(z.double(), return_dict=False)[0])
+                    vae.to(torch.float32)  # and after it
+                copies = dict(graphs._copies)
+                same = vae.decode(z, return_dict=False)[0]  # its own dtype: no copy, its own graph
+        finally:
+            graphs.close()
+    assert list(copies) == [torch.float64] and copies[torch.float64] is not vae
+    torch.testing.assert_close(got[0], want, rtol=0, atol=0)
+    torch.testing.assert_close(got[1], want, rtol=0, atol=0)
+    assert same.dtype == torch.float32 and not graphs._copies
+    assert "decode" not in vars(vae)
+
+
+def test_a_capture_that_fails_is_a_graph_unsupported_with_the_reason(tiny_pipe):
+    class Refusing(FakeBackend):
+        def capture(self, run, generators, slots):
+            raise RuntimeError("operation not permitted when stream is capturing\nmore")
+
+    acc = Accelerated(tiny_pipe, Config(deepcache=DeepCache(2, 0)), exec="graphs", graph_backend=Refusing())
+    with acc, pytest.raises(GraphUnsupported, match=r"CLIPTextModel\.forward failed: operation not permitted"):
+        generate(acc, PROMPT, 4)
+    assert "forward" not in vars(tiny_pipe.text_encoder) and "forward" not in vars(tiny_pipe.unet)
 
 
 # --- bad input -----------------------------------------------------------------------------------
