@@ -18,6 +18,7 @@ from .baseline import Baseline
 from .console import format_result, validation_text
 from .generate import GenerateError, generate, plan_from_params_file, plan_from_study
 from .graphs import check_exec
+from .measure import default_rounds
 from .metrics import DEFAULT_BOUNDS, lpips_available, lpips_weights_path
 from .params_file import add_validations, best_json, check_writable, read_search_params
 from .pipelines import DTYPES, SCHEDULERS
@@ -75,11 +76,12 @@ def cli():
               help="Paired rounds (a baseline call, then a configured call) timed per configuration before the scoring pass; "
                    "speedups come from them  [default: 3 on GPU, 0 on CPU]")
 @click.option("--exec", "exec_mode", type=click.Choice(["eager", "graphs", "compile"]), default=None,
-              help="How the UNet runs while the baseline and every trial are timed: eager, replayed from CUDA graphs "
-                   "(one per step kind), or regional torch.compile with graphs on top  [default: graphs on CUDA, eager on CPU]")
+              help="How the pipeline runs while the baseline and every trial are timed: eager, replayed from CUDA graphs "
+                   "(the UNet one per step kind, the text encoders and the VAE decode one each), or regional torch.compile "
+                   "of the UNet with graphs on top  [default: graphs on CUDA, eager on CPU]")
 @click.option("--scored-repeats", type=click.IntRange(0), default=None,
               help="Paired rounds in all for a configuration that passes the speed gate and is scored: its speedup "
-                   "can become the result, so it is timed more precisely  [default: 10 on GPU, 0 on CPU]")
+                   "can become the result, so it is timed more precisely  [default: on GPU 10 eager, 5 in a graph mode; 0 on CPU]")
 @click.option("--mode", type=click.Choice(["target", "max", "pareto"]), default=None,
               help="target: least loss among configs at least --target-speedup fast; max: most speedup; pareto: the "
                    "front of speedup and loss (two objectives)  [default: target with --target-speedup, else max]")
@@ -277,13 +279,14 @@ def check_run_options(o: dict) -> tuple[pipelines.PipeSpec, RunOptions]:
         check_exec(exec_mode, device)
     except ValueError as e:
         raise Failure(str(e)) from None
+    rounds = default_rounds(device, exec_mode)
     opts = RunOptions(
         scheduler=o["scheduler"], device=device, dtype=dtype, steps=o["steps"] or (20 if tiny else 50),
         guidance=o["guidance"], height=o["height"], width=o["width"], batch_size=o["batch_size"],
         prompt_spec=prompt_spec, num_samples=num_samples, clip_model=o["clip_model"] or default_clip[0],
         clip_pretrained=_pretrained(o["clip_pretrained"], default_clip[1] if o["clip_model"] is None else None),
-        repeats=o["repeats"] if o["repeats"] is not None else (3 if gpu else 0),
-        scored_repeats=o["scored_repeats"] if o["scored_repeats"] is not None else (10 if gpu else 0),
+        repeats=o["repeats"] if o["repeats"] is not None else rounds[0],
+        scored_repeats=o["scored_repeats"] if o["scored_repeats"] is not None else rounds[1],
         goal=goal, methods=methods, n_trials=o["n_trials"], storage=o["storage"], study_name=o["study_name"],
         seed=o["seed"], output=o["output"], heartbeat=o["heartbeat"], progress=o["progress"], retime_every=o["retime_every"],
         warm_start=o["warm_start"], speed_gate=o["speed_gate"], images_per_trial=o["images_per_trial"], artifact_dir=o["artifact_dir"],
@@ -347,7 +350,7 @@ def best(storage, study_name, as_json):
               help="The run's --prompts  [default: as the study stored it]")
 @click.option("--device", default=None, help="cuda, cuda:N or cpu  [default: cuda if available]")
 @click.option("--repeats", type=click.IntRange(0), default=None, help="As for run  [default: 3 on GPU, 0 on CPU]")
-@click.option("--scored-repeats", type=click.IntRange(0), default=None, help="As for run  [default: 10 on GPU, 0 on CPU]")
+@click.option("--scored-repeats", type=click.IntRange(0), default=None, help="As for run  [default: on GPU 10 eager, 5 in a graph mode; 0 on CPU]")
 @click.option("--output", default="search_params.json", show_default=True, type=click.Path(dir_okay=False),
               help="Add the result to this file's entries of the study's trials (none is created).")
 def validate_command(storage, study_name, num_prompts, trial_number, front, prompt_spec, device, repeats,

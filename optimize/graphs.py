@@ -28,6 +28,9 @@ kind's graph, capturing it the first time. Three rules make replay compute what 
 
 A kind is captured per input shape too: T-GATE halves the batch at its gate, a short last batch has
 fewer images. The graphs live as long as the configuration: :meth:`StepGraphs.close` frees them.
+The rest of the pipeline that launches many small kernels (the text encoders, the VAE decode) is
+replayed by :class:`PipelineGraphs`, one graph per input shape, shared by every configuration of a
+study; the scheduler and the pipeline's own loop stay eager.
 
 Example:
     >>> graphs = StepGraphs(pipe.unet)                           # doctest: +SKIP

@@ -43,6 +43,17 @@ from .accelerators import Accelerated, Config
 from .graphs import PipelineGraphs, StepGraphs
 
 
+def default_rounds(device: str, exec_mode: str) -> tuple[int, int]:
+    """The defaults of ``--repeats`` and ``--scored-repeats``: (paired rounds before the speed gate,
+    paired rounds in all for a scored configuration). None on a CPU (the scoring pass is the timing).
+    On a GPU eagerly 3 and 10: the host's launch jitter is in every call, and 10 rounds hold P1 (the
+    same configuration twice in one run) within 1%. Replayed from graphs a call's spread is 0.1-2%
+    and 3 rounds already hold it within about 1%, so a scored configuration gets 5 (docs/benchmarks.md, P1)."""
+    if not str(device).startswith("cuda"):
+        return 0, 0
+    return (3, 10) if exec_mode == "eager" else (3, 5)
+
+
 @dataclass
 class Timing:
     best: float  # seconds per image: the floor (module docstring), the statistic speedups use

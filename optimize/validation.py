@@ -27,7 +27,7 @@ import optuna
 
 from .accelerators import Config
 from .console import Echo, validation_text
-from .measure import Evaluator
+from .measure import Evaluator, default_rounds
 from .metrics import ClipScorer, FidelityScorer, MetricError, lpips_available, score_loss
 from .prompts import PromptsError, load_heldout, load_prompts, prompts_hash
 from .storage import StorageError, open_storage, set_trial_system_attr_after
@@ -265,10 +265,10 @@ def validate_study(storage_url: str, study_name: str | None, *, n: int | None = 
         echo(f"note: the study was measured on {record.fingerprint.device}, this is {device_name(device)}: "
              "the held-out speedup is this device's")
     pipe, scorer, settings, exec_mode = _load(record, Baseline.load(study), device)
-    gpu = device.startswith("cuda")
+    rounds = default_rounds(device, exec_mode)
     validator = Validator(pipe, scorer, heldout, settings, record.goal, device, exec_mode=exec_mode,
-                          repeats=(3 if gpu else 0) if repeats is None else repeats,
-                          scored_repeats=(10 if gpu else 0) if scored_repeats is None else scored_repeats)
+                          repeats=rounds[0] if repeats is None else repeats,
+                          scored_repeats=rounds[1] if scored_repeats is None else scored_repeats)
     try:
         results = validate_trials(study, trials, validator, echo)
     finally:

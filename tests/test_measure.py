@@ -123,3 +123,11 @@ def test_a_scored_configuration_gets_more_paired_rounds_than_a_gated_one(tiny_pi
         ev.measure(Config(deepcache=DeepCache(3, 0)), gate=stop)
     assert "".join(log) == "C" + "BC" * 2  # gated: no top-up, no scoring pass
     assert not tiny_pipe.unet._forward_pre_hooks
+
+
+def test_default_rounds_follow_the_device_and_the_mode():
+    from optimize.measure import default_rounds
+
+    assert default_rounds("cpu", "eager") == (0, 0)
+    assert default_rounds("cuda", "eager") == (3, 10)
+    assert default_rounds("cuda:1", "graphs") == (3, 5) == default_rounds("cuda", "compile")
