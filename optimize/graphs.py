@@ -28,9 +28,9 @@ kind's graph, capturing it the first time. Three rules make replay compute what 
 
 A kind is captured per input shape too: T-GATE halves the batch at its gate, a short last batch has
 fewer images. The graphs live as long as the configuration: :meth:`StepGraphs.close` frees them.
-The rest of the pipeline that launches many small kernels (the text encoders, the VAE decode) is
-replayed by :class:`PipelineGraphs`, one graph per input shape, shared by every configuration of a
-study; the scheduler and the pipeline's own loop stay eager.
+The text encoders are replayed by :class:`PipelineGraphs`, one graph per input shape, shared by
+every configuration of a study; it also keeps the schedule on the host, so no step waits for the
+GPU. The scheduler's arithmetic, the pipeline's own loop and the VAE decode stay eager.
 
 Example:
     >>> graphs = StepGraphs(pipe.unet)                           # doctest: +SKIP
@@ -129,21 +129,18 @@ class GraphStats:
 
 
 class StepGraphs:
-    """One CUDA graph per step kind and input shape, replacing ``module.forward`` (or another method,
-    ``attr``) while installed.
+    """One CUDA graph per step kind and input shape, replacing ``module.forward`` while installed.
 
     ``kind`` returns a hashable label of the coming step from the methods' own state (called once per
     UNet call, before the step); ``slots`` is the state handed between kinds (module docstring);
     ``generators`` the random generators a step draws from; ``capture_allowed`` may refuse a capture
     (the untouched pipeline's graphs must be captured untouched). ``backend`` defaults to CUDA.
-    ``forward``: what the graphs capture, if not the method the module has when installed.
     """
 
     def __init__(self, module, kind: Callable[[], Hashable] = lambda: (), slots: Callable[[], Sequence[Slot]] = list,
                  generators: Callable[[], Sequence] = list, backend=None,
-                 capture_allowed: Callable[[], str | None] = lambda: None, record_kinds: bool = False,
-                 attr: str = "forward", forward: Callable | None = None):
-        self.module, self.attr, self._own_forward = module, attr, forward
+                 capture_allowed: Callable[[], str | None] = lambda: None, record_kinds: bool = False):
+        self.module = module
         self.kind, self.slots, self.generators = kind, slots, generators
         self.capture_allowed = capture_allowed
         self.backend = backend if backend is not None else CudaBackend()
@@ -161,20 +158,19 @@ class StepGraphs:
     def install(self) -> "StepGraphs":
         if self._forward is not None:
             raise RuntimeError("graphs already installed")
-        self._previous = self.module.__dict__.get(self.attr, _MISSING)
-        # whatever forward the module has now (its own, normally)
-        self._forward = self._own_forward or getattr(self.module, self.attr)
-        self.module.__dict__[self.attr] = self
+        self._previous = self.module.__dict__.get("forward", _MISSING)
+        self._forward = self.module.forward  # whatever forward the module has now (its own, normally)
+        self.module.__dict__["forward"] = self
         return self
 
     def uninstall(self) -> None:
         if self._forward is None:
             return
-        if self.module.__dict__.get(self.attr) is self:
+        if self.module.__dict__.get("forward") is self:
             if self._previous is _MISSING:
-                del self.module.__dict__[self.attr]
+                del self.module.__dict__["forward"]
             else:
-                self.module.__dict__[self.attr] = self._previous
+                self.module.__dict__["forward"] = self._previous
         self._forward, self._previous = None, _MISSING
 
     @contextmanager
@@ -211,7 +207,10 @@ class StepGraphs:
         if graph is None:
             graph = self.graphs[key] = self._capture(leaves, spec)
         for buffer, x in zip(graph.inputs, tensors):
-            buffer.copy_(x)
+            if x.device != buffer.device:  # a host timestep (PipelineGraphs): pinned, so no synchronize
+                buffer.copy_(x.pin_memory() if buffer.is_cuda else x, non_blocking=True)
+            else:
+                buffer.copy_(x)
         for entries, reads in zip(state, graph.reads):
             for k, captured in reads.items():
                 if entries[k] is not captured:  # another graph wrote it last
@@ -238,7 +237,11 @@ class StepGraphs:
         if refused:
             raise GraphUnsupported(refused)
         start = time.perf_counter()
-        static = [x.clone() if isinstance(x, torch.Tensor) else x for x in leaves]
+        # a CPU tensor for a module on the GPU (the host schedule's timestep) gets a buffer there
+        device = next(iter(self.module.parameters()), torch.empty(0)).device if isinstance(self.module, torch.nn.Module) \
+            else torch.device("cpu")
+        static = [(x.to(device, copy=True) if x.device.type == "cpu" else x.clone()) if isinstance(x, torch.Tensor)
+                  else x for x in leaves]
         args, kwargs = tree_unflatten(static, spec)
         forward = self._forward
 
@@ -260,7 +263,7 @@ class StepGraphs:
         except GraphUnsupported:
             raise
         except Exception as e:  # e.g. a host synchronize inside the step: the trial fails with why
-            raise GraphUnsupported(f"capturing {type(self.module).__name__}.{self.attr} failed: "
+            raise GraphUnsupported(f"capturing {type(self.module).__name__}.forward failed: "
                                    f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from e
         inputs = [x for x in static if isinstance(x, torch.Tensor)]
         graph = _Graph(handle, inputs, output, [_change(b, slot.get()) for slot, b in zip(slots, before)],
@@ -271,15 +274,19 @@ class StepGraphs:
 
 
 class PipelineGraphs:
-    """The pipeline's other launch-bound parts under graphs: each text encoder's ``forward`` and the
-    VAE's ``decode``, one graph per input shape. No acceleration touches them, so one instance serves
-    the untouched pipeline and every configuration of a study (their captures are reused).
+    """The rest of the pipeline in a graph mode: each text encoder's ``forward`` replayed from one graph
+    per input shape, and the denoising schedule kept on the host. No acceleration touches either, so
+    one instance serves the untouched pipeline and every configuration of a study.
 
-    At 1024 on SDXL these are a third of DeepCache's time in graph mode: prompt encoding 56 ms eager,
-    the decode 116 ms (docs/benchmarks.md). SDXL pipelines cast the VAE to fp32 around every decode
-    (``force_upcast``) and back to fp16 after it, so the fp32 weights are new tensors on every call;
-    a graph must read weights that stay, so a decode in another dtype than the VAE had when installed
-    runs on a private copy in that dtype, made once (the same values: fp16 to fp32 is exact).
+    * Prompt encoding is launch-bound: 16.9 ms eager vs 2.5 ms graphed on SD1.5, 39 vs 12 ms for
+      SDXL's two encoders (H200, docs/benchmarks.md). The VAE decode is not: graphed it took what it
+      takes eagerly (SDXL 1024: 121.9 vs 122.1 ms), so it stays eager.
+    * The schedule on the host: diffusers puts the timesteps on the GPU, and DDIM's ``step`` indexes
+      its CPU table with that GPU timestep and tests ``prev_timestep >= 0``: a synchronize every
+      step, after which the host's Python for the next step runs while the GPU idles. With the
+      timesteps on the CPU (``set_timesteps`` without a device) the host runs ahead of the replays;
+      the UNet graphs take the timestep into their input buffer without a synchronize. The values
+      are the same, so is the output.
 
     Installing is re-entrant: the baseline's calls inside a configuration's measurement share it.
     """
@@ -288,8 +295,8 @@ class PipelineGraphs:
         self.pipe = pipe
         self.backend = backend
         self.parts: list[StepGraphs] = []
-        self._copies: dict = {}
         self._depth = 0
+        self._scheduler = None
 
     @property
     def stats(self) -> GraphStats:
@@ -300,44 +307,36 @@ class PipelineGraphs:
             out.capture_seconds += part.stats.capture_seconds
         return out
 
-    def _build(self) -> None:
-        pipe = self.pipe
-        for name in ("text_encoder", "text_encoder_2"):
-            encoder = getattr(pipe, name, None)
-            if encoder is not None:
-                self.parts.append(StepGraphs(encoder, backend=self.backend))
-        vae = getattr(pipe, "vae", None)
-        if vae is not None:
-            dtype, decode = vae.dtype, vae.decode
-
-            def run(*args, **kwargs):
-                if vae.dtype == dtype:
-                    return decode(*args, **kwargs)
-                return self._copy(vae).decode(*args, **kwargs)
-
-            self.parts.append(StepGraphs(vae, kind=lambda: vae.dtype, backend=self.backend, attr="decode",
-                                         forward=run))
-
-    def _copy(self, vae):
-        copy = self._copies.get(vae.dtype)
-        if copy is None:
-            import torch
-
-            with torch.device(vae.device):
-                copy = type(vae).from_config(vae.config).to(vae.dtype)
-            copy.load_state_dict(vae.state_dict())
-            copy.requires_grad_(False).eval()
-            copy = self._copies[vae.dtype] = copy
-        return copy
-
     def install(self) -> "PipelineGraphs":
         if self._depth == 0:
             if not self.parts:
-                self._build()
+                self.parts = [StepGraphs(encoder, backend=self.backend)
+                              for encoder in (getattr(self.pipe, n, None) for n in ("text_encoder", "text_encoder_2"))
+                              if encoder is not None]
             for part in self.parts:
                 part.install()
+            self._host_schedule()
         self._depth += 1
         return self
+
+    def _host_schedule(self) -> None:
+        import functools
+
+        scheduler = getattr(self.pipe, "scheduler", None)
+        if scheduler is None or "set_timesteps" in scheduler.__dict__:
+            return
+        original = scheduler.set_timesteps
+
+        @functools.wraps(original)  # retrieve_timesteps reads its signature
+        def set_timesteps(*args, **kwargs):
+            if len(args) >= 2:
+                args = (args[0], None, *args[2:])
+            else:
+                kwargs["device"] = None
+            return original(*args, **kwargs)
+
+        scheduler.__dict__["set_timesteps"] = set_timesteps
+        self._scheduler = scheduler
 
     def uninstall(self) -> None:
         if self._depth == 0:
@@ -346,6 +345,9 @@ class PipelineGraphs:
         if self._depth == 0:
             for part in self.parts:
                 part.uninstall()
+            if self._scheduler is not None:
+                self._scheduler.__dict__.pop("set_timesteps", None)
+                self._scheduler = None
 
     @contextmanager
     def installed(self):
@@ -356,12 +358,12 @@ class PipelineGraphs:
             self.uninstall()
 
     def close(self) -> None:
-        """Uninstall and free every graph and copy."""
-        self._depth = 1
+        """Uninstall and free every graph."""
+        self._depth = min(self._depth, 1)
         self.uninstall()
         for part in self.parts:
             part.close()
-        self.parts, self._copies = [], {}
+        self.parts = []
 
 
 def _entries(value) -> dict:
@@ -391,10 +393,6 @@ def _change(before, after):
 
 
 def _hashable(x):
-    import torch
-
-    if isinstance(x, torch.Generator):  # a new one every pipeline call (the VAE's decode takes one and
-        return ("generator", str(x.device))  # draws nothing); one a step drew from is registered instead
     try:
         hash(x)
         return x
