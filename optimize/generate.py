@@ -227,7 +227,7 @@ def generate(plan: Plan, prompts: list[str], output: str, num_images: int = 1,
     except InvalidConfig as e:
         raise GenerateError(f"{plan.origin}: {e}") from None
     if plan.exec != "eager" and accelerated:
-        yield f"running the UNet in {plan.exec} mode, as the configuration was timed"
+        yield f"running in {plan.exec} mode (UNet and text encoders replayed from CUDA graphs), as the configuration was timed"
         if plan.exec == "compile":
             compile_blocks(pipe.unet)
     with accelerate(pipe, config, seed=plan.seed, exec=plan.exec if accelerated else "eager") as run:
