@@ -128,7 +128,27 @@ class GraphStats:
     kinds: list = field(default_factory=list)  # the key of every call, in order (tests read it)
 
 
-class StepGraphs:
+class _Installable:
+    """``with x.installed():`` around ``install`` / ``uninstall``."""
+
+    def install(self):
+        raise NotImplementedError
+
+    def uninstall(self) -> None:
+        raise NotImplementedError
+
+    @contextmanager
+    def installed(self):
+        """Installed for the block (StepGraphs: the module's calls go to the graphs, whatever forward
+        it has now)."""
+        self.install()
+        try:
+            yield self
+        finally:
+            self.uninstall()
+
+
+class StepGraphs(_Installable):
     """One CUDA graph per step kind and input shape, replacing ``module.forward`` while installed.
 
     ``kind`` returns a hashable label of the coming step from the methods' own state (called once per
@@ -172,15 +192,6 @@ class StepGraphs:
             else:
                 self.module.__dict__["forward"] = self._previous
         self._forward, self._previous = None, _MISSING
-
-    @contextmanager
-    def installed(self):
-        """Route the module's calls to the graphs for the block, whatever forward it has now."""
-        self.install()
-        try:
-            yield self
-        finally:
-            self.uninstall()
 
     def close(self) -> None:
         """Uninstall and free every graph (their memory returns to the allocator)."""
@@ -273,7 +284,7 @@ class StepGraphs:
         return graph
 
 
-class PipelineGraphs:
+class PipelineGraphs(_Installable):
     """The rest of the pipeline in a graph mode: each text encoder's ``forward`` replayed from one graph
     per input shape, and the denoising schedule kept on the host. No acceleration touches either, so
     one instance serves the untouched pipeline and every configuration of a study.
@@ -348,14 +359,6 @@ class PipelineGraphs:
             if self._scheduler is not None:
                 self._scheduler.__dict__.pop("set_timesteps", None)
                 self._scheduler = None
-
-    @contextmanager
-    def installed(self):
-        self.install()
-        try:
-            yield self
-        finally:
-            self.uninstall()
 
     def close(self) -> None:
         """Uninstall and free every graph."""
