@@ -365,7 +365,8 @@ def accelerate(pipe, params: Config | Mapping[str, Any], seed: int = 0, exec: st
             images = fast(prompts, num_inference_steps=50).images
 
     Leaving the block restores the pipeline exactly. ``exec="graphs"`` replays every UNet step from
-    CUDA graphs (one per step kind, :mod:`optimize.graphs`), as a study with ``--exec graphs`` timed it.
+    CUDA graphs (one per step kind, :mod:`optimize.graphs`) and the text encoders too, with the
+    schedule on the host, as a study with ``--exec graphs`` timed it.
     """
     config = params if isinstance(params, Config) else Config.from_params(params)
     return Accelerated(pipe, config, seed=seed, exec=exec)
