@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from optimize.accelerators import Accelerated, Config, DeepCache, TGate, ToMe  # noqa: E402
 from optimize.graphs import PipelineGraphs, compile_blocks  # noqa: E402
 from optimize.measure import Evaluator, GenerationSettings  # noqa: E402
-from optimize.pipelines import default_guidance, is_xl, load_pipeline, resolve_pipe  # noqa: E402
+from optimize.pipelines import default_guidance, is_xl, load_pipeline, native_size, resolve_pipe  # noqa: E402
 from optimize.files import atomic_write  # noqa: E402
 
 PROMPT = "a photograph of an astronaut riding a horse"
@@ -88,7 +88,7 @@ def run_equal(pipe, args, xl):
 
 
 def evaluator(pipe, args, exec_mode, prompts=1, rounds=None):
-    size = int(pipe.unet.config.sample_size * pipe.vae_scale_factor)
+    size = native_size(pipe)
     settings = GenerationSettings(args.steps, args.guidance, size, size, args.batch, 42)
     return Evaluator(pipe, _NoScore(), [PROMPT] * max(prompts, args.batch), settings,
                      repeats=args.calls if rounds is None else rounds, exec=exec_mode)
@@ -211,53 +211,47 @@ def _cuda_ms(fn, n=5) -> float:
 
 @torch.no_grad()
 def run_breakdown(pipe, args, xl):
-    """Where an eager call's time goes outside the denoising loop: prompt encoding and the VAE decode as
-    the pipeline runs it (SDXL's VAE config says ``force_upcast``: the pipeline decodes in fp32)."""
-    size = int(pipe.unet.config.sample_size * pipe.vae_scale_factor)
-    lat = torch.randn(args.batch, pipe.unet.config.in_channels, size // pipe.vae_scale_factor,
-                      size // pipe.vae_scale_factor, device="cuda", dtype=torch.float16)
+    """Where an eager call's time goes outside the denoising loop: prompt encoding (eager and replayed
+    from graphs) and the VAE decode, alone and as the pipeline runs it (SDXL's VAE config says
+    ``force_upcast``: the pipeline casts the VAE to fp32 around the decode)."""
+    size, sample, device = native_size(pipe), pipe.unet.config.sample_size, pipe.device
+    lat = torch.randn(args.batch, pipe.unet.config.in_channels, sample, sample, device=device, dtype=torch.float16)
     upcast = bool(getattr(pipe.vae.config, "force_upcast", False))
-    rows = {"encode_prompt_ms": _cuda_ms(lambda: pipe.encode_prompt(prompt=PROMPT, device="cuda", num_images_per_prompt=args.batch,
-                                        do_classifier_free_guidance=True, negative_prompt="")),
-            "vae_force_upcast": upcast,
-            "vae_decode_fp16_ms": _cuda_ms(lambda: pipe.vae.decode(lat / pipe.vae.config.scaling_factor))}
+
+    def encode():
+        return pipe.encode_prompt(prompt=PROMPT, device=device, num_images_per_prompt=args.batch,
+                                  do_classifier_free_guidance=True, negative_prompt="")
+
+    def decode(fp32=False, cast=False):  # cast: the VAE to fp32 and back around it, as SDXL pipelines do
+        if cast:
+            pipe.vae.to(torch.float32)
+        out = pipe.vae.decode((lat.float() if fp32 else lat) / pipe.vae.config.scaling_factor, return_dict=False)[0]
+        if cast:
+            pipe.vae.to(torch.float16)
+        return out
+
+    rows = {"encode_prompt_ms": _cuda_ms(encode), "vae_force_upcast": upcast, "vae_decode_fp16_ms": _cuda_ms(decode)}
     if upcast:
         pipe.vae.to(torch.float32)
-        rows["vae_decode_fp32_ms"] = _cuda_ms(lambda: pipe.vae.decode(lat.float() / pipe.vae.config.scaling_factor))
+        rows["vae_decode_fp32_ms"] = _cuda_ms(lambda: decode(fp32=True))
         pipe.vae.to(torch.float16)
-    emb = pipe.encode_prompt(prompt=PROMPT, device="cuda", num_images_per_prompt=args.batch,
-                                        do_classifier_free_guidance=True, negative_prompt="")
+    emb = encode()
     cond = torch.cat([emb[1], emb[0]])
     x = torch.cat([lat] * 2)
     kw = {}
     if xl:
         pooled = torch.cat([emb[3], emb[2]])
-        ids = torch.tensor([[size, size, 0, 0, size, size]] * x.shape[0], device="cuda", dtype=torch.float16)
+        ids = torch.tensor([[size, size, 0, 0, size, size]] * x.shape[0], device=device, dtype=torch.float16)
         kw["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": ids}
-    t = torch.tensor(500, device="cuda")
+    t = torch.tensor(500, device=device)
     rows["unet_step_eager_ms"] = _cuda_ms(lambda: pipe.unet(x, t, cond, **kw), n=10)
-
-    def decode():  # as the pipeline runs it: SDXL's upcast around the decode included
-        if upcast and xl:
-            pipe.vae.to(torch.float32)
-        out = pipe.vae.decode((lat.float() if upcast and xl else lat) / pipe.vae.config.scaling_factor,
-                              return_dict=False)[0]
-        if upcast and xl:
-            pipe.vae.to(torch.float16)
-        return out
-
-    def encode():
-        return pipe.encode_prompt(prompt=PROMPT, device="cuda", num_images_per_prompt=args.batch,
-                                  do_classifier_free_guidance=True, negative_prompt="")
-
-    rows["decode_as_pipeline_eager_ms"] = _cuda_ms(decode)
-    want = encode()
+    rows["decode_as_pipeline_eager_ms"] = _cuda_ms(lambda: decode(fp32=upcast and xl, cast=upcast and xl))
     graphs = PipelineGraphs(pipe)
     with graphs.installed():  # the text encoders replayed from graphs (optimize.graphs)
         rows["encode_prompt_graphs_ms"] = _cuda_ms(encode)
         got = encode()
     graphs.close()
-    rows["graphed_encode_equal"] = all(bool(torch.equal(a, b)) for a, b in zip(got, want) if a is not None)
+    rows["graphed_encode_equal"] = all(bool(torch.equal(a, b)) for a, b in zip(got, emb) if a is not None)
     return rows
 
 

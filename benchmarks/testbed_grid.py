@@ -22,14 +22,14 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import optimize  # noqa: E402
 from optimize import testbed  # noqa: E402
 from optimize.pipelines import load_pipeline, resolve_pipe  # noqa: E402
+from optimize.report import measured_trials  # noqa: E402
 from optimize.study import SCORE_LOSS, SPEEDUP, Goal, goal_of, is_feasible, open_study, study_result  # noqa: E402
 
 
 def rows_of(study, goal: Goal):
     """(label, params) of the baseline, the pick and the most lossy infeasible trial."""
     best, _ = study_result(study, goal)
-    done = [t for t in study.trials if t.state.name == "COMPLETE" and t.user_attrs.get(SPEEDUP) is not None]
-    bad = [t for t in done if not is_feasible(t)]
+    bad = [t for t in measured_trials(study) if not is_feasible(t)]
     worst = max(bad, key=lambda t: t.user_attrs.get(SCORE_LOSS, 0.0), default=None)
     rows = [("baseline", None)]
     for tag, t in (("pick", best), ("infeasible", worst)):
@@ -51,7 +51,6 @@ def main() -> int:
     study = open_study(args.storage, args.study)
     goal = goal_of(study)
     pipe = load_pipeline(resolve_pipe("tiny"), "ddim", "cpu", "fp32")
-    pipe.set_progress_bar_config(disable=True)
     caps = testbed.captions("heldout")[: args.captions]
     kwargs = dict(num_inference_steps=args.steps, guidance_scale=7.5, output_type="np")
     strips, labels = [np.concatenate([np.asarray(testbed.render(c)) for c in caps], axis=1)], ["ground truth"]

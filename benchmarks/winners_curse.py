@@ -48,10 +48,9 @@ def one_study(seed: int, args, confidence: float | None, workdir: str) -> dict:
         row["pick"] = None
         return row
     val = Validation.of(best)
-    data = val.as_dict() if val else None
     row.update(pick=best.user_attrs.get("config"), in_sample=best.user_attrs.get(SCORE_LOSS),
-               held_out=(data or {}).get("loss"), held_out_interval=(data or {}).get("loss_interval"),
-               within_bound_held_out=(data or {}).get("within_bound"))
+               held_out=val and val.loss, held_out_interval=val and val.loss_interval,
+               within_bound_held_out=val and val.within_bound)
     return row
 
 

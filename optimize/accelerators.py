@@ -182,7 +182,7 @@ class Accelerated:
         self._snapshot: dict[int, tuple[Any, dict[str, Any]]] | None = None
         self._deepcache = None
         self.graphs: StepGraphs | None = None
-        # graph modes: the text encoders' and the VAE's graphs; shared when given (a study's), else own
+        # graph modes: the text encoders' graphs and the host schedule; shared when given (a study's), else own
         self._shared_pipeline_graphs = pipeline_graphs is not None
         self.pipeline_graphs = pipeline_graphs
         self._pipeline_installed = False

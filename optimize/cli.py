@@ -19,13 +19,13 @@ from .console import format_result, validation_text
 from .generate import GenerateError, generate, plan_from_params_file, plan_from_study
 from .graphs import check_exec
 from .measure import default_rounds
-from .metrics import DEFAULT_BOUNDS, lpips_available, lpips_weights_path
+from .metrics import DEFAULT_BOUNDS, DEFAULT_MODEL, TESTBED_MODEL, TINY_MODEL, lpips_available, lpips_weights_path
 from .params_file import add_validations, best_json, check_writable, read_search_params
 from .pipelines import DTYPES, SCHEDULERS
 from .report import measured_trials, write_report
 from .runner import Interrupted, RunError, RunFailure, RunOptions, run_search
 from .storage import DEFAULT_STORAGE, StorageError, check_storage_url, open_storage, redact
-from .study import CONFIG, Goal, StudyError, goal_of, open_study, pick_study, study_result
+from .study import CONFIG, DEFAULT_SEED, Goal, StudyError, goal_of, open_study, pick_study, study_result
 from .validation import ValidationError, validate_study
 from .workers import follow_launcher, launch
 
@@ -106,7 +106,7 @@ def cli():
 @click.option("--n-trials", type=click.IntRange(1), default=20, show_default=True, help="Trials to add in this run.")
 @click.option("--storage", default=DEFAULT_STORAGE, show_default=True, help="Optuna storage URL.")
 @click.option("--study", "study_name", default=None, help="[default: derived from model, scheduler, steps and goal]")
-@click.option("--seed", type=int, default=42, show_default=True)
+@click.option("--seed", type=int, default=DEFAULT_SEED, show_default=True)
 @click.option("--output", default="search_params.json", show_default=True, type=click.Path(dir_okay=False))
 @click.option("--heartbeat", type=click.IntRange(1), default=60, show_default=True,
               help="Seconds between trial heartbeats; a trial silent for twice that is retried.")
@@ -133,7 +133,9 @@ def run(**o):
     spec, opts = check_run_options(o)
     if len(opts.devices) > 1:
         code = launch(spec, opts, lambda device, n, index: worker_argv(o, device, n, index), echo=click.echo)
-        sys.exit(code or _validate_launched(spec, opts))
+        if not code:
+            _validate_launched(spec, opts)
+        sys.exit(code)
     if o["worker_index"] is not None:
         follow_launcher()
     run_search(spec, opts, echo=click.echo)
@@ -162,7 +164,7 @@ def worker_argv(o: dict, device: str, n_trials: int, index: int) -> list[str]:
                    "--validate", "0"]
 
 
-def _validate_launched(spec, opts: RunOptions) -> int:
+def _validate_launched(spec, opts: RunOptions) -> None:
     """After the workers of ``--workers`` / ``--gpus``: the held-out validation of the study's pick, here
     on the first device (the workers were told not to: it would run once per worker)."""
     from .runner import planned_validation, study_name_for
@@ -173,15 +175,14 @@ def _validate_launched(spec, opts: RunOptions) -> int:
     if note:
         click.echo(note)
     if not n or study_result(study, opts.goal)[0] is None:
-        return 0
+        return
     try:
         study, results = validate_study(opts.storage, name, n=n, device=opts.devices[0], prompts=opts.prompt_spec,
                                         repeats=opts.repeats, scored_repeats=opts.scored_repeats, echo=click.echo)
     except ValidationError as e:
         click.echo(f"optimize-sd: warning: held-out validation failed: {e}", err=True)
-        return 0
+        return
     _report_validations(study, results, opts.output)
-    return 0
 
 
 def _devices(o: dict) -> tuple[str, ...]:
@@ -271,8 +272,8 @@ def check_run_options(o: dict) -> tuple[pipelines.PipeSpec, RunOptions]:
     num_samples = o["num_samples"] if o["num_samples"] is not None else (8 if tiny else 32)
     _check_inputs(o, prompt_spec, num_samples, methods)
     # Random-weight pipelines get a random-weight scorer of the real size: its cost is real, its scores not.
-    default_clip = (("testbed-clip", "testbed") if spec.kind == "tiny" else ("tiny-clip", None) if tiny
-                    else ("ViT-g-14", None if spec.kind == "random" else "laion2b_s34b_b88k"))
+    default_clip = (TESTBED_MODEL if spec.kind == "tiny" else TINY_MODEL if tiny
+                    else (DEFAULT_MODEL[0], None if spec.kind == "random" else DEFAULT_MODEL[1]))
     gpu = device.startswith("cuda")
     exec_mode = o["exec_mode"] or ("graphs" if gpu else "eager")
     try:

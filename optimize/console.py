@@ -114,8 +114,7 @@ def format_best(study_name: str, goal: Goal, trial: FrozenTrial | None, baseline
 
 def loss_text(goal: Goal, attrs: dict[str, Any]) -> str:
     """The loss a study is bounded on, as people read it: ``ssim_loss +0.0312``, ``psnr 27.10 dB``."""
-    loss = goal.loss(attrs)
-    return f"psnr {goal.shown(loss):.2f} dB" if goal.loss_metric == "psnr" else f"{goal.loss_name} {loss:+.4f}"
+    return loss_with_interval(goal, goal.loss(attrs), None)
 
 
 def front_line(trial: FrozenTrial, goal: Goal) -> str:

@@ -12,6 +12,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import re
@@ -20,6 +21,8 @@ import stat
 import tempfile
 import time
 from typing import Any
+
+from .processes import pid_alive
 
 STALE_AFTER = 15 * 60  # seconds: no write takes that long, so a temporary file this old is a dead writer's
 
@@ -56,18 +59,9 @@ def atomic_write(path: str, data) -> None:
         raise
 
 
+@functools.lru_cache(maxsize=None)  # fixed for a process's life
 def _host() -> str:
     return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname()) or "host"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # another user's process: alive
-        pass
-    return True
 
 
 def remove_stale_temporaries(path: str) -> list[str]:
@@ -89,7 +83,7 @@ def remove_stale_temporaries(path: str) -> list[str]:
         tmp = os.path.join(directory, name)
         try:
             st = os.lstat(tmp)
-            dead = m["pid"] is not None and m["host"] == _host() and not _alive(int(m["pid"]))
+            dead = m["pid"] is not None and m["host"] == _host() and not pid_alive(int(m["pid"]))
             if stat.S_ISREG(st.st_mode) and (dead or time.time() - st.st_mtime > STALE_AFTER):
                 os.unlink(tmp)
                 removed.append(tmp)

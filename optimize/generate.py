@@ -27,11 +27,9 @@ from .graphs import check_exec, compile_blocks
 from .baseline import Baseline
 from .files import atomic_write
 from .params_file import read_entry
-from .prompts import MAX_PROMPT_CHARS, shorten
+from .prompts import PromptsError, check_length, shorten
 from .storage import StorageError
-from .study import StudyError, StudyRecord, best_feasible, goal_of, is_feasible, open_study
-
-DEFAULT_SEED = 42  # optimize-sd run's default; search_params.json entries do not store the seed
+from .study import DEFAULT_SEED, StudyError, StudyRecord, best_feasible, goal_of, is_feasible, open_study
 
 
 class GenerateError(ValueError):
@@ -158,7 +156,7 @@ def plan_from_study(storage_url: str, study_name: str | None = None, trial_numbe
     plan = _plan(origin, str(fp.pipe), fp.scheduler, fp.steps, fp.guidance,
                  fp.height or (baseline.height if baseline else None),
                  fp.width or (baseline.width if baseline else None), fp.dtype, dict(trial.params),
-                 (DEFAULT_SEED if fp.seed is None else fp.seed) if seed is None else seed, device, fp.exec)
+                 fp.run_seed if seed is None else seed, device, fp.exec)
     return Plan(**{**plan.__dict__, "notes": tuple(notes) + plan.notes})
 
 
@@ -205,10 +203,11 @@ def generate(plan: Plan, prompts: list[str], output: str, num_images: int = 1,
 
     if not prompts or any(not p.strip() for p in prompts):
         raise GenerateError("give at least one non-empty prompt")
-    for i, prompt in enumerate(prompts, 1):
-        if len(prompt) > MAX_PROMPT_CHARS:
-            raise GenerateError(f"prompt {i}: a prompt may have at most {MAX_PROMPT_CHARS} characters (CLIP reads "
-                                f"the first 77 tokens), this one is {shorten(prompt, 40)!r}")
+    try:
+        for i, prompt in enumerate(prompts, 1):
+            check_length(prompt, f"prompt {i}")
+    except PromptsError as e:
+        raise GenerateError(str(e)) from None
     fmt = _check_output(output)
     paths = iter(output_paths(output, len(prompts) * num_images))
     config = plan.config if accelerated else Config()

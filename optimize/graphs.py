@@ -249,8 +249,8 @@ class StepGraphs(_Installable):
             raise GraphUnsupported(refused)
         start = time.perf_counter()
         # a CPU tensor for a module on the GPU (the host schedule's timestep) gets a buffer there
-        device = next(iter(self.module.parameters()), torch.empty(0)).device if isinstance(self.module, torch.nn.Module) \
-            else torch.device("cpu")
+        param = next(self.module.parameters(), None)
+        device = param.device if param is not None else torch.device("cpu")
         static = [(x.to(device, copy=True) if x.device.type == "cpu" else x.clone()) if isinstance(x, torch.Tensor)
                   else x for x in leaves]
         args, kwargs = tree_unflatten(static, spec)

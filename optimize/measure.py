@@ -194,7 +194,7 @@ class Evaluator:
             pipe.unet, backend=graph_backend,
             capture_allowed=lambda: ("the baseline's graphs are captured on the untouched pipeline only"
                                      if getattr(pipe, "_optimize_sd_applied", False) else None))
-        # text encoders and VAE decode: one set of graphs for the baseline and every configuration
+        # the text encoders' graphs and the host schedule: one set for the baseline and every configuration
         self.pipeline_graphs = None if exec == "eager" else PipelineGraphs(pipe, backend=graph_backend)
 
     def _batches(self):
@@ -292,7 +292,7 @@ class Evaluator:
             self.exec, self.baseline_graphs = mode, graphs
 
     def close(self) -> None:
-        """Free the baseline's graphs and the text encoders' and the VAE's."""
+        """Free the baseline's graphs and the text encoders'."""
         if self.baseline_graphs is not None:
             self.baseline_graphs.close()
         if self.pipeline_graphs is not None:

@@ -13,6 +13,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import errno
 import fcntl
@@ -136,7 +137,7 @@ def check_writable(path: str) -> None:
     replaced), or a directory where this process cannot create files (the file's, or the nearest one
     that exists where it is still to be made). ``run`` checks this before anything loads; a file made
     read-only later is refused by :func:`update_search_params`."""
-    if os.path.exists(path) and not os.access(path, os.W_OK):
+    if _read_only(path):
         raise ParamsFileError(f"{path} is read-only: make it writable or pass another --output")
     directory = os.path.dirname(os.path.abspath(path))
     while not os.path.exists(directory):  # created on the first write
@@ -148,15 +149,26 @@ def check_writable(path: str) -> None:
                               "pass another --output")
 
 
+def _read_only(path: str) -> bool:
+    return os.path.exists(path) and not os.access(path, os.W_OK)
+
+
+@contextlib.contextmanager
+def _locked(path: str):
+    """Hold the lock every writer of ``path`` takes (a ``.NAME.lock`` file beside it)."""
+    lock_path = os.path.join(os.path.dirname(os.path.abspath(path)), "." + os.path.basename(path) + ".lock")
+    with open(lock_path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 def update_search_params(path: str, key: str, entry: dict[str, Any]) -> None:
     """Set ``key`` in the JSON file at ``path``, keeping every other key (locked, atomic). A read-only
     file is :class:`PermissionError`: it is not replaced."""
-    if os.path.exists(path) and not os.access(path, os.W_OK):
+    if _read_only(path):
         raise PermissionError(errno.EACCES, "the file is read-only", path)
-    lock_path = os.path.join(os.path.dirname(os.path.abspath(path)), "." + os.path.basename(path) + ".lock")
-    os.makedirs(os.path.dirname(lock_path), exist_ok=True)
-    with open(lock_path, "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with _locked(path):
         data = read_search_params(path)
         data[key] = entry
         atomic_write_json(path, data)
@@ -169,9 +181,7 @@ def add_validations(path: str, study_name: str, validations: dict[int, dict[str,
     created. Returns the keys changed."""
     if not os.path.exists(path):
         return []
-    lock_path = os.path.join(os.path.dirname(os.path.abspath(path)), "." + os.path.basename(path) + ".lock")
-    with open(lock_path, "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with _locked(path):
         data, changed = read_search_params(path), []
         for key, entry in data.items():
             if not isinstance(entry, dict) or entry.get("study") != study_name:

@@ -4,7 +4,7 @@
 or ``tiny`` / ``tiny-xl``, which need no model hub: ``tiny`` is the trained testbed pipeline shipped
 in the package (:mod:`optimize.testbed`, a diffusers directory loaded with ``from_pretrained`` like any
 other), ``tiny-xl`` a small SDXL pipeline built from configs with random weights and a real CLIP
-tokenizer (:func:`build_tiny_pipeline` builds the random-weight SD one too, for tests).
+tokenizer (:func:`build_tiny_xl_pipeline`).
 
 Example:
     >>> spec = resolve_pipe("tiny")
@@ -118,7 +118,8 @@ def check_loadable(spec: PipeSpec) -> None:
     """Refuse (:class:`PipelineError`), before anything is created or loaded, a pipeline that cannot
     load: a local directory without a component its model_index.json names or the weights of one, or a
     hub id that is neither in the local cache nor downloadable (the hub offline). A cached hub snapshot
-    is checked as a directory; tiny and random-weight pipelines are built, not loaded."""
+    is checked as a directory; tiny-xl and random-weight pipelines are built, not loaded (tiny is the
+shipped testbed directory)."""
     if spec.kind == "dir":
         _check_pipeline_dir(spec.source, spec.name, spec.is_xl)
     elif spec.kind == "hub":
@@ -178,7 +179,7 @@ def load_pipeline(spec: PipeSpec, scheduler: str = "ddim", device: str = "cpu", 
     import torch
 
     if spec.kind == "tiny-xl":
-        pipe = build_tiny_pipeline(xl=True)
+        pipe = build_tiny_xl_pipeline()
         if dtype != "fp32":
             pipe.to(dtype=torch_dtype(dtype))
     elif spec.kind == "random":
@@ -263,6 +264,13 @@ def default_guidance(xl: bool) -> float:
     return 5.0 if xl else 7.5
 
 
+def device_name(device: str) -> str:
+    """The GPU's name (what a study records it was measured on), or ``cpu``."""
+    import torch
+
+    return torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu"
+
+
 def resolve_device(device: str | None) -> str:
     """``device`` checked (``cpu``, ``cuda`` or ``cuda:N`` with a GPU there), or the default: cuda
     where there is one, else cpu."""
@@ -330,37 +338,27 @@ def _text_config(hidden: int, projection: int):
     )
 
 
-def build_tiny_pipeline(xl: bool = False, seed: int = 0):
-    """A small SD (or SDXL) pipeline with random weights and the real architecture's block layout.
+def build_tiny_xl_pipeline(seed: int = 0):
+    """A small SDXL pipeline with random weights and the real architecture's block layout (``tiny-xl``).
 
-    The UNet keeps the block pattern of the real model (SD: attention at full resolution; SDXL: none
-    there), three DeepCache layers per block, and cross-attention everywhere T-GATE expects it, so
-    every acceleration takes the same code paths as on the full-size model. Images are 32x32.
+    The UNet keeps the block pattern of the real model (no attention at full resolution), three
+    DeepCache layers per block, and cross-attention everywhere T-GATE expects it, so every
+    acceleration takes the same code paths as on the full-size model. Images are 32x32.
     """
     import torch
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
-    unet_kwargs = dict(
+    unet = UNet2DConditionModel(
         sample_size=16, in_channels=4, out_channels=4, layers_per_block=2,
         block_out_channels=(32, 64, 64), norm_num_groups=32, attention_head_dim=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 1, 2), use_linear_projection=True,
+        cross_attention_dim=64, addition_embed_type="text_time", addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=32 + 6 * 8,
     )
-    if xl:
-        unet = UNet2DConditionModel(
-            **unet_kwargs,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-            transformer_layers_per_block=(1, 1, 2), use_linear_projection=True,
-            cross_attention_dim=64, addition_embed_type="text_time", addition_time_embed_dim=8,
-            projection_class_embeddings_input_dim=32 + 6 * 8,
-        )
-    else:
-        unet = UNet2DConditionModel(
-            **unet_kwargs,
-            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-            cross_attention_dim=32,
-        )
     vae = AutoencoderKL(
         block_out_channels=(32, 64), in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=32,
         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
@@ -371,23 +369,11 @@ def build_tiny_pipeline(xl: bool = False, seed: int = 0):
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
         set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading",
     )
-    if xl:
-        from diffusers import StableDiffusionXLPipeline
-        from transformers import CLIPTextModel, CLIPTextModelWithProjection
-
-        return StableDiffusionXLPipeline(
-            vae=vae, unet=unet, scheduler=scheduler,
-            text_encoder=CLIPTextModel(_text_config(32, 32)), tokenizer=clip_tokenizer(),
-            text_encoder_2=CLIPTextModelWithProjection(_text_config(32, 32)),
-            tokenizer_2=clip_tokenizer(pad_token="!"),
-        )
-    from diffusers import StableDiffusionPipeline
-    from transformers import CLIPTextModel
-
-    return StableDiffusionPipeline(
-        vae=vae, unet=unet, scheduler=scheduler, text_encoder=CLIPTextModel(_text_config(32, 32)),
-        tokenizer=clip_tokenizer(), safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False,
+    return StableDiffusionXLPipeline(
+        vae=vae, unet=unet, scheduler=scheduler,
+        text_encoder=CLIPTextModel(_text_config(32, 32)), tokenizer=clip_tokenizer(),
+        text_encoder_2=CLIPTextModelWithProjection(_text_config(32, 32)),
+        tokenizer_2=clip_tokenizer(pad_token="!"),
     )
 
 

@@ -50,6 +50,17 @@ def _stat(pid: int) -> tuple[str, int] | None:
         return None
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists on this machine (one of another user's counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: another user's process
+        pass
+    return True
+
+
 def is_gone(owner: Any) -> bool:
     """Whether the process ``owner`` (an :func:`identity`) has surely ended. False when it cannot be
     told here: another machine, or nothing usable recorded."""
@@ -58,15 +69,9 @@ def is_gone(owner: Any) -> bool:
     pid = owner.get("pid")
     if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:  # kill(0 or less) would signal a group
         return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+    if not pid_alive(pid):
         return True
-    except PermissionError:
-        pass  # a process of another user has the pid: compare start times below
-    except OSError:
-        return False
-    stat = _stat(pid)
+    stat = _stat(pid)  # a process (maybe another user's) has the pid: compare start times
     if stat is None:
         return False
     state, start = stat

@@ -31,15 +31,20 @@ class PromptsError(ValueError):
     """Prompts that cannot be read or are empty."""
 
 
+def _is_named(spec: str) -> bool:
+    """A source that is not a file: ``coco``, ``coco:<dataset>``, ``builtin``, ``testbed``."""
+    return spec in NAMED or spec.startswith("coco:")
+
+
 def check_spec(spec: str) -> None:
     """Cheap checks run before anything loads: the file exists and has a known format."""
-    if spec in NAMED or spec.startswith("coco:"):
+    if _is_named(spec):
         return
     if not os.path.isfile(spec):
         raise PromptsError(f"prompts file {spec!r} does not exist (or use 'coco', 'coco:<dataset>' or 'builtin')")
     if not os.access(spec, os.R_OK):
         raise PromptsError(f"prompts file {spec!r} is not readable")
-    if os.path.splitext(spec)[1].lower() not in (".txt", ".json", ".csv"):
+    if os.path.splitext(spec)[1].lower() not in _UNITS:
         raise PromptsError(f"prompts file {spec!r}: use a .txt, .json or .csv file")
 
 
@@ -76,9 +81,14 @@ def _numbered(spec: str, count: int) -> tuple[list[tuple[int, str]], str]:
 
 def _check_lengths(spec: str, unit: str, numbered: list[tuple[int, str]]) -> None:
     for i, prompt in numbered:
-        if len(prompt) > MAX_PROMPT_CHARS:
-            raise PromptsError(f"{spec!r} {unit} {i}: a prompt may have at most {MAX_PROMPT_CHARS} characters (CLIP "
-                               f"reads the first 77 tokens), this one is {shorten(prompt, 40)!r}")
+        check_length(prompt, f"{spec!r} {unit} {i}")
+
+
+def check_length(prompt: str, where: str) -> None:
+    """Refuse a prompt longer than :data:`MAX_PROMPT_CHARS`, naming ``where`` it is."""
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise PromptsError(f"{where}: a prompt may have at most {MAX_PROMPT_CHARS} characters (CLIP reads the first "
+                           f"77 tokens), this one is {shorten(prompt, 40)!r}")
 
 
 def shorten(text: str, limit: int = 80) -> str:
@@ -99,9 +109,11 @@ def load_heldout(spec: str, num_samples: int, n: int) -> list[str]:
         raise PromptsError("--validate needs at least 1 held-out prompt")
     numbered, unit = _numbered(spec, num_samples + 2 * n)  # a margin for repeats left out
     search = {p for _, p in numbered[:num_samples]}
+    seen = set(search)
     heldout: list[tuple[int, str]] = []
     for i, p in numbered[num_samples:]:
-        if p not in search and p not in (q for _, q in heldout):
+        if p not in seen:
+            seen.add(p)
             heldout.append((i, p))
         if len(heldout) == n:
             _check_lengths(spec, unit, heldout)
@@ -113,9 +125,7 @@ def load_heldout(spec: str, num_samples: int, n: int) -> list[str]:
 
 def prompt_source(spec: str) -> str:
     """``spec`` as a study stores it, to find the same prompts later: a file by its absolute path."""
-    if spec in NAMED or spec.startswith("coco:"):
-        return spec
-    return os.path.abspath(spec)
+    return spec if _is_named(spec) else os.path.abspath(spec)
 
 
 def prompts_hash(prompts: list[str]) -> str:

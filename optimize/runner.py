@@ -100,12 +100,9 @@ def study_name_for(spec: pipelines.PipeSpec, opts: RunOptions) -> str:
 
 def fingerprint_for(spec, opts: RunOptions, prompts: list[str]) -> Fingerprint:
     """The settings this run's baseline is (or was) measured with."""
-    import torch
-
-    device_name = torch.cuda.get_device_name(opts.device) if opts.device.startswith("cuda") else "cpu"
     return Fingerprint(
         pipe=spec.source, scheduler=opts.scheduler, steps=opts.steps, guidance=opts.guidance,
-        height=opts.height, width=opts.width, dtype=opts.dtype, device=device_name,
+        height=opts.height, width=opts.width, dtype=opts.dtype, device=pipelines.device_name(opts.device),
         batch_size=opts.batch_size, prompts=prompts_hash(prompts), num_samples=len(prompts),
         seed=opts.seed, clip=f"{opts.clip_model}/{opts.clip_pretrained}",
         exec=None if opts.exec_mode == "eager" else opts.exec_mode,
@@ -489,6 +486,7 @@ class Search:
             self.echo(note)
         if not n:
             return
+        self.evaluator.close()  # its graphs: the held-out measurement captures its own
         try:
             validator = validation.Validator(
                 self.pipe, self.evaluator.scorer, load_heldout(opts.prompt_spec, opts.num_samples, n), self.settings,
@@ -504,8 +502,7 @@ class Search:
         except Exception as e:  # noqa: BLE001 - the search's result stands without it
             self.write(f"optimize-sd: warning: held-out validation failed: {type(e).__name__}: {first_line(e)}", err=True)
             return
-        self.study = validation.reloaded(self.study)
-        self.save_best(*self.result())
+        self.study = validation.reloaded(self.study)  # finish() writes the result with the validation
 
     def finish(self) -> None:
         """The study's result: written to search_params.json at the end of every run, whether or not a

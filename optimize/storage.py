@@ -279,15 +279,24 @@ def _read_only(url: str, u, connect_args: dict[str, Any]):
     return u
 
 
+def _chain(e: BaseException | None):
+    """``e`` and the exceptions behind it (``__cause__``, else ``__context__``), each once."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        yield e
+        e = e.__cause__ or e.__context__
+
+
+def rdb(storage):
+    """The RDBStorage itself: ``storage``, or the one Optuna's cache wraps."""
+    return getattr(storage, "_backend", storage)
+
+
 def _no_tables(e: BaseException) -> bool:
     """Whether a read-only open failed because the database has no Optuna tables (an empty file, say):
     the database's own words, wherever Optuna wrapped them."""
-    texts, seen = [], set()
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        texts.append(str(getattr(e, "orig", None) or e).lower())
-        e = e.__cause__ or e.__context__
-    text = " ".join(texts)
+    text = " ".join(str(getattr(x, "orig", None) or x).lower() for x in _chain(e))
     return ("no such table" in text or ("relation" in text and "does not exist" in text)
             or "readonly database" in text or "read-only transaction" in text)
 
@@ -371,7 +380,6 @@ def set_trial_system_attr_after(storage, trial_id: int, key: str, value: Any) ->
     """Set a system attr of a trial in any state, a finished one included (Optuna refuses to change
     those; a held-out validation is added to a completed trial afterwards). ``storage``: an RDBStorage
     or Optuna's cache around one. A study loaded before the call still shows the old attrs: load it again."""
-    from optuna.storages._rdb import models
     from sqlalchemy.exc import IntegrityError
 
     table = models.TrialSystemAttributeModel.__table__
@@ -379,7 +387,7 @@ def set_trial_system_attr_after(storage, trial_id: int, key: str, value: Any) ->
     where = (table.c.trial_id == trial_id) & (table.c.key == key)
     for attempt in range(2):  # an insert racing another process's insert of the same key becomes an update
         try:
-            with getattr(storage, "_backend", storage).engine.begin() as conn:
+            with rdb(storage).engine.begin() as conn:
                 if not conn.execute(table.update().where(where).values(value_json=text)).rowcount:
                     conn.execute(table.insert().values(trial_id=trial_id, key=key, value_json=text))
             return
@@ -397,23 +405,11 @@ def storage_errors() -> tuple[type[BaseException], ...]:
 
 def storage_cause(e: BaseException) -> BaseException | None:
     """The storage error behind ``e``, if any (Optuna may raise another error while handling one)."""
-    seen = set()
-    while e is not None and id(e) not in seen:
-        if isinstance(e, storage_errors()):
-            return e
-        seen.add(id(e))
-        e = e.__cause__ or e.__context__
-    return None
+    return next((x for x in _chain(e) if isinstance(x, storage_errors())), None)
 
 
 def first_line(e: BaseException) -> str:
     """The database's own words for ``e`` (Optuna wraps them in a generic message), first line only."""
-    seen, cause = set(), e
-    while cause is not None and id(cause) not in seen:
-        if getattr(cause, "orig", None) is not None:
-            e = cause.orig
-            break
-        seen.add(id(cause))
-        cause = cause.__cause__ or cause.__context__
+    e = next((x.orig for x in _chain(e) if getattr(x, "orig", None) is not None), e)
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__

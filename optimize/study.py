@@ -266,6 +266,9 @@ class Goal:
         return stored if self.confidence is None else {**stored, CONFIDENCE: self.confidence}
 
 
+DEFAULT_SEED = 42  # optimize-sd run's default; search_params.json entries do not store the seed
+
+
 # --- the study record ----------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Fingerprint:
@@ -287,6 +290,11 @@ class Fingerprint:
     seed: int | None = None
     clip: str | None = None  # ``model/pretrained``
     exec: str | None = None  # execution mode; None: eager (also studies from before graph modes)
+
+    @property
+    def run_seed(self) -> int:
+        """The run's ``--seed`` (studies from before it was stored ran with the default)."""
+        return DEFAULT_SEED if self.seed is None else self.seed
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Fingerprint":
@@ -394,8 +402,12 @@ def record_constraints(trial: optuna.Trial, values: list[float]) -> None:
 def record_per_prompt(trial: optuna.Trial, values: dict[str, list[float]]) -> None:
     """Store a trial's per-prompt scores (:data:`PER_PROMPT`), rounded to 6 digits: a system attr, so
     optuna-dashboard's table of user attrs stays readable."""
-    rounded = {k: [round(float(x), 6) for x in v] for k, v in values.items()}
-    trial.storage.set_trial_system_attr(trial._trial_id, PER_PROMPT, rounded)
+    trial.storage.set_trial_system_attr(trial._trial_id, PER_PROMPT, {k: rounded(v) for k, v in values.items()})
+
+
+def rounded(values) -> list[float]:
+    """Per-prompt values as studies store them (:data:`PER_PROMPT`): floats rounded to 6 digits."""
+    return [round(float(x), 6) for x in values]
 
 
 @dataclass(frozen=True)

@@ -89,14 +89,13 @@ def speedup_interval(speedup: float, timed: Sequence[float], base: Sequence[floa
     return float(speedup * math.exp(-half)), float(speedup * math.exp(half))
 
 
-def intervals(level: float, base_scores, scores, fidelity: dict[str, Sequence[float]], speedup: float | None = None,
-              timed: Sequence[float] = (), base_times: Sequence[float] = (), paired: bool = False) -> dict:
+def intervals(level: float, base_scores, scores, fidelity: dict[str, Sequence[float]], speedup: float,
+              timed: Sequence[float], base_times: Sequence[float], paired: bool) -> dict:
     """A trial's :data:`optimize.study.INTERVALS`: the level, the number of prompts and an interval per
     attr that has one (score_loss; each fidelity metric, in its own units; speedup)."""
     out: dict = {INTERVAL_LEVEL: level, INTERVAL_N: len(scores)}
     found = {SCORE_LOSS: score_loss_interval(base_scores, scores, level)}
     found.update({k: mean_interval(v, level) for k, v in fidelity.items()})
-    if speedup is not None:
-        found[SPEEDUP] = speedup_interval(speedup, timed, base_times, paired, level)
+    found[SPEEDUP] = speedup_interval(speedup, timed, base_times, paired, level)
     out.update({k: [v[0], v[1]] for k, v in found.items() if v is not None and all(map(math.isfinite, v))})
     return out

@@ -29,10 +29,11 @@ from .accelerators import Config
 from .console import Echo, validation_text
 from .measure import Evaluator, default_rounds
 from .metrics import ClipScorer, FidelityScorer, MetricError, lpips_available, score_loss
+from .pipelines import device_name
 from .prompts import PromptsError, load_heldout, load_prompts, prompts_hash
-from .storage import StorageError, open_storage, set_trial_system_attr_after
+from .storage import StorageError, open_storage, rdb, set_trial_system_attr_after
 from .study import (CLIP_SCORE, CONFIG, INTERVALS, SCORE_LOSS, SPEEDUP, VALIDATION, Goal, StudyError, StudyRecord,
-                    Validation, feasible_front, open_study, study_result)
+                    Validation, feasible_front, open_study, rounded, study_result)
 from .uncertainty import intervals
 
 SEED_OFFSET = 1000  # held-out prompt i is generated with seed + SEED_OFFSET + i
@@ -63,16 +64,6 @@ def planned_size(requested: int | None, num_samples: int, trials: int, rounds: i
 def bound_texts(goal: Goal) -> list[str]:
     """The constraints as people read them, in the order of :meth:`Goal.constraints`."""
     return ([f"speedup >= {goal.target_speedup:g}x"] if goal.mode == "target" else []) + [goal.bound_text()]
-
-
-def _rounded(values) -> list[float]:
-    return [round(float(x), 6) for x in values]
-
-
-def device_name(device: str) -> str:
-    import torch
-
-    return torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu"
 
 
 def stored(trial, prompts: list[str], seed: int) -> Validation | None:
@@ -134,8 +125,8 @@ class Validator:
             loss_interval=list(loss_interval) if loss_interval else None, speedup=speedup,
             speedup_interval=list(speedup_interval) if speedup_interval else None, within_bound=not failed,
             failed=failed, measured=measured,
-            per_prompt={CLIP_SCORE: _rounded(m.scores), **{k: _rounded(v) for k, v in fidelity.items()}},
-            baseline_per_prompt={CLIP_SCORE: _rounded(base.scores)}, device=device_name(self.device),
+            per_prompt={CLIP_SCORE: rounded(m.scores), **{k: rounded(v) for k, v in fidelity.items()}},
+            baseline_per_prompt={CLIP_SCORE: rounded(base.scores)}, device=device_name(self.device),
             time=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
 
     def close(self) -> None:
@@ -165,7 +156,7 @@ def validate_trials(study: optuna.Study, trials, validator: Validator, echo: Ech
 
 def reloaded(study: optuna.Study) -> optuna.Study:
     """The study read afresh (Optuna caches finished trials: a validation stored since is not in its copy)."""
-    return optuna.load_study(study_name=study.study_name, storage=getattr(study._storage, "_backend", study._storage))
+    return optuna.load_study(study_name=study.study_name, storage=rdb(study._storage))
 
 
 # --- optimize-sd validate: a study's pick (or front) on held-out prompts ------------------------------------
@@ -226,7 +217,7 @@ def _load(record: StudyRecord, baseline, device: str):
         steps=fp.steps, height=fp.height or (baseline.height if baseline else size),
         guidance=fp.guidance if fp.guidance is not None else pipelines.default_guidance(pipelines.is_xl(pipe)),
         width=fp.width or (baseline.width if baseline else size), batch_size=fp.batch_size or 1,
-        seed=42 if fp.seed is None else fp.seed)
+        seed=fp.run_seed)
     if exec_mode == "compile":
         compile_blocks(pipe.unet)
     return pipe, scorer, settings, exec_mode
@@ -255,14 +246,15 @@ def validate_study(storage_url: str, study_name: str | None, *, n: int | None = 
         device = pipelines.resolve_device(device)
     except pipelines.PipelineError as e:
         raise ValidationError(str(e)) from None
-    seed = (42 if record.fingerprint.seed is None else record.fingerprint.seed) + SEED_OFFSET
+    seed = record.fingerprint.run_seed + SEED_OFFSET
     if all(stored(t, heldout, seed) for t in trials):  # nothing to measure: no pipeline to load
         for t in trials:
             echo(f"#{t.number} {t.user_attrs.get(CONFIG, '?')}: already validated on these {len(heldout)} held-out "
                  f"prompts (seed {seed})")
         return study, {t.number: stored(t, heldout, seed) for t in trials}
-    if record.fingerprint.device not in (None, device_name(device)):
-        echo(f"note: the study was measured on {record.fingerprint.device}, this is {device_name(device)}: "
+    here = device_name(device)
+    if record.fingerprint.device not in (None, here):
+        echo(f"note: the study was measured on {record.fingerprint.device}, this is {here}: "
              "the held-out speedup is this device's")
     pipe, scorer, settings, exec_mode = _load(record, Baseline.load(study), device)
     rounds = default_rounds(device, exec_mode)

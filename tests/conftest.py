@@ -81,6 +81,6 @@ def no_model(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded")
 
-    for name in ("load_pipeline", "build_tiny_pipeline", "build_random_pipeline"):
+    for name in ("load_pipeline", "build_tiny_xl_pipeline", "build_random_pipeline"):
         monkeypatch.setattr(pipelines, name, refuse)
     monkeypatch.setattr(runner, "ClipScorer", refuse)

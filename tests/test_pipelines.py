@@ -146,7 +146,7 @@ def test_check_loadable_refuses_a_hub_id_neither_cached_nor_downloadable(monkeyp
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(PipelineError, match="not in the local Hugging Face cache and the hub is offline"):
         check_loadable(resolve_pipe("optimize-sd-tests/never-downloaded"))
-    check_loadable(resolve_pipe("tiny"))  # built, not loaded: nothing to check
+    check_loadable(resolve_pipe("tiny"))  # the testbed shipped in the package: nothing to check
     check_loadable(resolve_pipe("sd1.5", random_weights=True))
 
 

@@ -9,6 +9,8 @@ paired difference of per-image scores over 2 standard errors).
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import numpy as np
 import pytest
 import torch
@@ -31,12 +33,6 @@ def _embed(scorer, images, prompts):
     return img / img.norm(dim=-1, keepdim=True), txt / txt.norm(dim=-1, keepdim=True)
 
 
-def _pil(images: np.ndarray):
-    from PIL import Image
-
-    return [Image.fromarray((a * 255).round().astype(np.uint8)) for a in images]
-
-
 @pytest.fixture(scope="module")
 def scorer():
     return testbed.scorer()
@@ -48,10 +44,10 @@ def heldout():
 
 
 @pytest.fixture(scope="module")
-def generated(tiny_pipe):
+def generated(tiny_pipe, heldout):
     """Images of the shipped pipeline (the session's ``tiny`` pipe) for the first held-out captions:
     the baseline and each acceleration configuration of the ordering checks."""
-    caps = testbed.captions("heldout")[:N_PIPE]
+    caps = heldout[:N_PIPE]
     cache = {}
 
     def run(name, params=None):
@@ -59,14 +55,11 @@ def generated(tiny_pipe):
             prompts = caps if params is None else caps[:N_ACCEL]
             kwargs = dict(num_inference_steps=STEPS, guidance_scale=7.5, output_type="np")
             out = []
-            for i in range(0, len(prompts), 8):
-                gen = torch.Generator("cpu").manual_seed(SEED + i)
-                if params is None:
-                    out.append(tiny_pipe(prompts[i : i + 8], generator=gen, **kwargs).images)
-                else:
-                    with optimize.accelerate(tiny_pipe, params) as fast:
-                        out.append(fast(prompts[i : i + 8], generator=gen, **kwargs).images)
-            cache[name] = _pil(np.concatenate(out))
+            with nullcontext(tiny_pipe) if params is None else optimize.accelerate(tiny_pipe, params) as fn:
+                for i in range(0, len(prompts), 8):
+                    out.append(fn(prompts[i : i + 8], generator=torch.Generator("cpu").manual_seed(SEED + i),
+                                  **kwargs).images)
+            cache[name] = tiny_pipe.numpy_to_pil(np.concatenate(out))
         return cache[name]
 
     return caps, run
@@ -135,13 +128,10 @@ def test_harsher_acceleration_loses_more_clip_score(scorer, generated, harsh, mi
 def test_harsher_acceleration_is_further_from_the_baseline(generated, harsh, mild):
     caps, run = generated
     reference = FidelityScorer(run("baseline")[:N_ACCEL])
-    per_image = {}
-    for name, params in (("harsh", harsh), ("mild", mild)):
-        images = run(_label(params), params)
-        per_image[name] = np.array([FidelityScorer([r]).score([im])["psnr"] for r, im in zip(run("baseline"), images)])
+    per_image = {k: reference.per_image(run(_label(p), p))["psnr"] for k, p in (("harsh", harsh), ("mild", mild))}
     diff = per_image["mild"] - per_image["harsh"]
     se = diff.std(ddof=1) / np.sqrt(len(diff))
-    mean = {k: reference.score(run(_label(p), p))["psnr"] for k, p in (("harsh", harsh), ("mild", mild))}
+    mean = {k: v.mean() for k, v in per_image.items()}
     print(f"PSNR {_label(harsh)} {mean['harsh']:.2f} dB vs {_label(mild)} {mean['mild']:.2f} dB: "
           f"difference {diff.mean():.2f} dB = {diff.mean() / max(se, 1e-12):.1f} SE")
     assert diff.mean() > 2 * se
