@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from optimize.accelerators import Accelerated, Config, DeepCache, TGate, ToMe  # noqa: E402
+from optimize.levers import Accelerated, Config, DeepCache, TGate, ToMe  # noqa: E402
 from optimize.graphs import PipelineGraphs, compile_blocks  # noqa: E402
 from optimize.measure import Evaluator, GenerationSettings  # noqa: E402
 from optimize.pipelines import default_guidance, is_xl, load_pipeline, native_size, resolve_pipe  # noqa: E402
@@ -49,8 +49,8 @@ def combos(xl: bool, steps: int) -> list[Config]:
     gate = min(10, steps - 2)
     out = []
     for dc, tome, tgate in itertools.product([False, True], repeat=3):
-        out.append(Config(DeepCache(3, 1) if dc else None, ToMe(0.5, 2 if xl else 1) if tome else None,
-                          TGate(gate, 3, 2, 2) if tgate else None))
+        out.append(Config(deepcache=DeepCache(3, 1) if dc else None, tome=ToMe(0.5, 2 if xl else 1) if tome else None,
+                          tgate=TGate(gate, 3, 2, 2) if tgate else None))
     out.append(Config(deepcache=DeepCache(5, 0), tome=ToMe(0.7, 2), tgate=TGate(min(5, steps - 2), 2, 1, 1)))
     return out
 
@@ -179,7 +179,7 @@ def run_compile(pipe, args, xl):
     gate = min(10, args.steps - 2)
     configs = {f"dc{n}": Config(deepcache=DeepCache(n, 0)) for n in args.dc}
     configs.update({"tome0.5": Config(tome=ToMe(0.5, 2 if xl else 1)), f"tgate{gate}": Config(tgate=TGate(gate, 5, 1, 2)),
-                    "dc5+tome+tgate": Config(DeepCache(5, 0), ToMe(0.5, 2 if xl else 1), TGate(gate, 5, 1, 2))})
+                    "dc5+tome+tgate": Config(deepcache=DeepCache(5, 0), tome=ToMe(0.5, 2 if xl else 1), tgate=TGate(gate, 5, 1, 2))})
     for name, cfg in configs.items():
         try:
             t, b = ev.time(cfg)

@@ -34,7 +34,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from optimize.accelerators import Config, DeepCache, TGate, ToMe, accelerate  # noqa: E402
+from optimize.levers import Config, DeepCache, TGate, ToMe, accelerate  # noqa: E402
 from optimize.measure import Timing  # noqa: E402
 from optimize.pipelines import default_guidance, is_xl, load_pipeline, resolve_pipe  # noqa: E402
 from optimize.files import atomic_write  # noqa: E402
@@ -184,7 +184,7 @@ def run_crashes(pipe, args, xl: bool) -> list[dict]:
             for dc in (None, DeepCache(3, 0)):
                 for tome in (None, ToMe(0.5, md)):
                     for tg in (None, TGate(10, 5, 1, 2)):
-                        cfg = Config(dc, tome, tg)
+                        cfg = Config(deepcache=dc, tome=tome, tgate=tg)
                         if steps != args.crash_steps[0] and not (dc and tg):
                             continue  # other step counts: only the combinations that crashed before
                         try:

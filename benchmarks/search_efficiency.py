@@ -109,7 +109,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import optuna  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
 
-from optimize.accelerators import METHODS, TOME_DOWNSAMPLES, Config, DeepCache, TGate, ToMe  # noqa: E402
+from optimize.levers import METHODS, TOME_DOWNSAMPLES, Config, DeepCache, TGate, ToMe  # noqa: E402
 from optimize.search import SearchSpace, make_sampler, warm_start_params  # noqa: E402
 from optimize.study import Goal, record_constraints  # noqa: E402
 

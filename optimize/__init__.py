@@ -7,7 +7,7 @@ The public Python API applies a found configuration to your own pipeline::
         images = fast("a red fox in the snow", num_inference_steps=50).images
 """
 
-from .accelerators import Accelerated, Config, DeepCache, InvalidConfig, TGate, ToMe, accelerate
+from .levers import Accelerated, Config, DeepCache, InvalidConfig, Schedule, TGate, ToMe, accelerate
 
-__all__ = ["Accelerated", "Config", "DeepCache", "InvalidConfig", "TGate", "ToMe", "accelerate"]
+__all__ = ["Accelerated", "Config", "DeepCache", "InvalidConfig", "Schedule", "TGate", "ToMe", "accelerate"]
 __version__ = "0.1.0"

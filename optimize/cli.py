@@ -12,7 +12,7 @@ import sys
 import click
 
 from . import pipelines, prompts as prompts_mod
-from .accelerators import METHODS
+from .levers import METHODS
 from .artifacts import artifact_dir_for, artifact_store
 from .baseline import Baseline
 from .console import format_result, validation_text
@@ -56,7 +56,8 @@ def cli():
 
 @cli.command()
 @click.option("--pipe", default="sd1.5", show_default=True,
-              help="Preset (sd1.5, sd2.1, sdxl), hub id, local diffusers dir, or tiny / tiny-xl (offline, random weights).")
+              help="Preset (sd1.5, sd2.1, sdxl), hub id, local diffusers dir, tiny (the trained testbed shipped in the package, "
+                   "offline) or tiny-xl (offline, random weights).")
 @click.option("--random-weights", is_flag=True,
               help="Build the preset's full-size architecture with random weights: real speed, meaningless quality.")
 @click.option("--scheduler", type=click.Choice(list(SCHEDULERS)), default="ddim", show_default=True)
@@ -77,7 +78,7 @@ def cli():
                    "speedups come from them  [default: 3 on GPU, 0 on CPU]")
 @click.option("--exec", "exec_mode", type=click.Choice(["eager", "graphs", "compile"]), default=None,
               help="How the pipeline runs while the baseline and every trial are timed: eager, replayed from CUDA graphs "
-                   "(the UNet one per step kind, the text encoders and the VAE decode one each), or regional torch.compile "
+                   "(the UNet one per step kind, the text encoders one per shape; the VAE decode stays eager), or regional torch.compile "
                    "of the UNet with graphs on top  [default: graphs on CUDA, eager on CPU]")
 @click.option("--scored-repeats", type=click.IntRange(0), default=None,
               help="Paired rounds in all for a configuration that passes the speed gate and is scored: its speedup "
@@ -102,7 +103,9 @@ def cli():
               help="After the trials, measure the pick again on this many held-out prompts (after the first "
                    "--num-samples) with fresh seeds; 0: off  [default: max(4, num-samples/4) when that costs at most "
                    "10% of the study, else skipped with a note]")
-@click.option("--methods", default=",".join(METHODS), show_default=True, help="Methods that may switch on.")
+@click.option("--methods", default=",".join(METHODS), show_default=True,
+              help="Levers that may switch on: schedule (another solver and fewer steps than --scheduler and --steps), "
+                   "deepcache, tome, tgate.")
 @click.option("--n-trials", type=click.IntRange(1), default=20, show_default=True, help="Trials to add in this run.")
 @click.option("--storage", default=DEFAULT_STORAGE, show_default=True, help="Optuna storage URL.")
 @click.option("--study", "study_name", default=None, help="[default: derived from model, scheduler, steps and goal]")

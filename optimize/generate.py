@@ -22,7 +22,7 @@ from typing import Any, Iterator
 from optuna.trial import TrialState
 
 from . import pipelines
-from .accelerators import Config, InvalidConfig, accelerate
+from .levers import Config, InvalidConfig, accelerate
 from .graphs import check_exec, compile_blocks
 from .baseline import Baseline
 from .files import atomic_write

@@ -1,12 +1,12 @@
 """Execution modes: run the UNet eagerly, replayed from CUDA graphs, or compiled and replayed.
 
 At batch 1 an SD UNet step on a large GPU is mostly kernel launches: replaying the step from a CUDA
-graph removes them (REFERENCE.md section 7: SD1.5 baseline 2.4x, DeepCache N=5 7.4x the eager
-baseline). A CUDA graph bakes in every decision Python took while it was captured, and the three
-accelerations decide per step in Python (DeepCache: full or partial step; T-GATE: which attention
+graph removes them (docs/benchmarks.md: on an H200 the SD1.5 graph baseline is 2.1-3.0x the eager
+one, DeepCache N=5 7-10x). A CUDA graph bakes in every decision Python took while it was captured,
+and levers decide per step in Python (DeepCache: full or partial step; T-GATE: which attention
 caches or reuses, whether the CFG half is dropped). So :class:`StepGraphs` keeps **one graph per step
-kind**: before each UNet call it asks the methods which kind of step comes (``kind``), and replays that
-kind's graph, capturing it the first time. Three rules make replay compute what eager computes:
+kind**: before each UNet call it asks the levers which kind of step comes (``kind``), and replays that
+kind's graph, capturing it the first time. Four rules make replay compute what eager computes:
 
 * **Static inputs.** Every tensor argument is copied into the graph's own input buffer before a
   replay; the output is cloned out, since the next replay overwrites it.
@@ -331,23 +331,18 @@ class PipelineGraphs(_Installable):
         return self
 
     def _host_schedule(self) -> None:
-        import functools
+        self._scheduler = _schedule_on_host(self.pipe)
 
-        scheduler = getattr(self.pipe, "scheduler", None)
-        if scheduler is None or "set_timesteps" in scheduler.__dict__:
-            return
-        original = scheduler.set_timesteps
-
-        @functools.wraps(original)  # retrieve_timesteps reads its signature
-        def set_timesteps(*args, **kwargs):
-            if len(args) >= 2:
-                args = (args[0], None, *args[2:])
-            else:
-                kwargs["device"] = None
-            return original(*args, **kwargs)
-
-        scheduler.__dict__["set_timesteps"] = set_timesteps
-        self._scheduler = scheduler
+    @contextmanager
+    def host_schedule(self):
+        """The schedule on the host for the scheduler the pipeline has now, for one call: a lever may
+        swap in another solver for the call (optimize.levers.schedule)."""
+        wrapped = _schedule_on_host(self.pipe)
+        try:
+            yield
+        finally:
+            if wrapped is not None:
+                wrapped.__dict__.pop("set_timesteps", None)
 
     def uninstall(self) -> None:
         if self._depth == 0:
@@ -367,6 +362,28 @@ class PipelineGraphs(_Installable):
         for part in self.parts:
             part.close()
         self.parts = []
+
+
+def _schedule_on_host(pipe):
+    """Make ``pipe.scheduler`` put its timesteps on the CPU (PipelineGraphs' docstring says why);
+    returns the scheduler it wrapped, or None (no scheduler, or wrapped already)."""
+    import functools
+
+    scheduler = getattr(pipe, "scheduler", None)
+    if scheduler is None or "set_timesteps" in scheduler.__dict__:
+        return None
+    original = scheduler.set_timesteps
+
+    @functools.wraps(original)  # retrieve_timesteps reads its signature
+    def set_timesteps(*args, **kwargs):
+        if len(args) >= 2:
+            args = (args[0], None, *args[2:])
+        else:
+            kwargs["device"] = None
+        return original(*args, **kwargs)
+
+    scheduler.__dict__["set_timesteps"] = set_timesteps
+    return scheduler
 
 
 def _entries(value) -> dict:

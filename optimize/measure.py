@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .accelerators import Accelerated, Config
+from .levers import Accelerated, Config
 from .graphs import PipelineGraphs, StepGraphs
 
 

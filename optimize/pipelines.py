@@ -43,7 +43,12 @@ SCHEDULERS = {
     "unipc": "UniPCMultistepScheduler",
     "euler": "EulerDiscreteScheduler",
     "pndm": "PNDMScheduler",
+    "dpm++karras": "DPMSolverMultistepScheduler",
 }
+# Settings a name sets over the pipeline's own scheduler config. PNDM's Runge-Kutta warm-up triples the
+# first UNet calls (and moves T-GATE's gate); SD pipelines skip it. Karras sigmas are set either way,
+# since from_config carries them over from a scheduler built with them.
+_SCHEDULER_SETTINGS = {"pndm": {"skip_prk_steps": True}, "dpm++karras": {"use_karras_sigmas": True}}
 DTYPES = ("fp16", "bf16", "fp32")
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
@@ -164,14 +169,17 @@ def torch_dtype(name: str):
     return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[name]
 
 
-def set_scheduler(pipe, name: str) -> None:
-    """Swap the pipeline's scheduler for ``name`` (a key of :data:`SCHEDULERS`), keeping its config."""
+def scheduler_for(scheduler, name: str):
+    """A new scheduler ``name`` (a key of :data:`SCHEDULERS`) built on ``scheduler``'s config."""
     import diffusers
 
     cls = getattr(diffusers, SCHEDULERS[name])
-    # PNDM's Runge-Kutta warm-up triples the first UNet calls (and moves T-GATE's gate); SD pipelines skip it.
-    extra = {"skip_prk_steps": True} if name == "pndm" else {}
-    pipe.scheduler = cls.from_config(pipe.scheduler.config, **extra)
+    return cls.from_config(scheduler.config, **{"use_karras_sigmas": False, **_SCHEDULER_SETTINGS.get(name, {})})
+
+
+def set_scheduler(pipe, name: str) -> None:
+    """Swap the pipeline's scheduler for ``name`` (a key of :data:`SCHEDULERS`), keeping its config."""
+    pipe.scheduler = scheduler_for(pipe.scheduler, name)
 
 
 def load_pipeline(spec: PipeSpec, scheduler: str = "ddim", device: str = "cpu", dtype: str = "fp32"):

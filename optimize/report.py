@@ -25,7 +25,7 @@ from typing import Any
 from optuna.trial import FrozenTrial, TrialState
 
 from . import __version__
-from .accelerators import Config, InvalidConfig
+from .levers import LEVERS, Config, InvalidConfig
 from .artifacts import artifact_dir_for, artifact_store, baseline_image_ids, image_ids, read_png, trial_prefix
 from .baseline import Baseline
 from .console import bracket, fidelity_text, interval_note, loss_text, loss_with_interval, validation_text
@@ -37,7 +37,7 @@ from .study import (CLIP_SCORE, CONFIG, CONSTRAINTS_ATTR, LOSS_INTERVAL, LOSS_TE
 
 MIN_TRIALS_FOR_IMPORTANCE = 5  # PED-ANOVA compares the best 10% of trials with the rest: fewer is noise
 FIGURES = ("pareto", "history", "importance", "methods")
-_SHORT = {"dc": "deepcache", "tome": "tome", "tgate": "tgate"}
+_SHORT = {lever.short: lever.name for lever in LEVERS}  # label prefix -> lever
 
 
 def methods_of(trial: FrozenTrial) -> tuple[str, ...]:

@@ -30,7 +30,7 @@ from optuna.trial import TrialState
 from tqdm.auto import tqdm
 
 from . import console, pipelines, validation
-from .accelerators import Config, max_branch_id
+from .levers import Config, Context
 from .artifacts import (BASELINE_PREFIX, artifact_dir_for, artifact_store, baseline_image_ids, load_baseline_images,
                         trial_prefix, upload_images)
 from .baseline import Baseline, BaselineMismatch, check_fingerprint
@@ -173,7 +173,7 @@ def _open_study(storage, name: str, opts: RunOptions, fingerprint: Fingerprint, 
         if StudyRecord(opts.goal, fingerprint, prompt_source(opts.prompt_spec)).insert_once(storage, study):
             study.set_metric_names(opts.goal.metric_names)  # shown by optuna-dashboard
             if opts.warm_start:  # only the process that created the study: workers would enqueue twice
-                for params in warm_start_params(opts.methods, opts.steps):
+                for params in warm_start_params(opts.methods, Context(steps=opts.steps, scheduler=opts.scheduler)):
                     study.enqueue_trial(params, skip_if_exists=True)
         else:
             _check_existing(study, opts, fingerprint)  # another worker stored its settings first
@@ -427,7 +427,7 @@ class Search:
 
     def build_objective(self) -> None:
         opts = self.opts
-        space = SearchSpace(opts.methods, opts.steps, max_branch_id(self.pipe), self.xl)
+        space = SearchSpace(opts.methods, Context.of(self.pipe, opts.steps, self.settings.guidance, opts.scheduler))
         # the re-timed baseline serves only runs without rounds, where a trial's time is the floor of its
         # scoring pass: as many calls, since a floor over more calls is lower
         retime_calls = max(1, len(self.prompts) // opts.batch_size)

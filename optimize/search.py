@@ -1,28 +1,30 @@
-"""The search: a constrained TPE study over DeepCache / ToMe / T-GATE settings.
+"""The search: a constrained TPE study over the levers' settings (:mod:`optimize.levers`).
 
-Each trial switches every allowed method on or off, samples that method's parameters (one Optuna
-distribution per parameter name, so TPE's grouped multivariate model sees a fixed space), measures the
-configuration against the stored baseline, and records speedup, the losses, time and spread as user
-attrs. Constraints go to the ``constraints`` system attr (:func:`optimize.study.record_constraints`),
-which optuna-dashboard shows and Optuna 5's TPE reads for every trial (infeasible trials rank below
-feasible ones). The goals and the stored keys are :mod:`optimize.study`'s.
+Each trial switches every allowed lever on or off and samples the parameters of those that are on,
+each from the range its ``Params`` declares (one Optuna distribution per parameter name, so TPE's
+grouped multivariate model sees a fixed space per study), measures the configuration against the
+stored baseline, and records speedup, the losses, time and spread as user attrs. Constraints go to
+the ``constraints`` system attr (:func:`optimize.study.record_constraints`), which optuna-dashboard
+shows and Optuna 5's TPE reads for every trial (infeasible trials rank below feasible ones). The goals
+and the stored keys are :mod:`optimize.study`'s.
 
 Example:
-    >>> warm_start_params(("deepcache", "tome"), steps=50)[0]["deepcache.cache_interval"]
+    >>> from optimize.levers import Context
+    >>> warm_start_params(("deepcache", "tome"), Context(steps=50))[0]["deepcache.cache_interval"]
     3
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from .accelerators import TOME_DOWNSAMPLES, Config, DeepCache, TGate, ToMe
 from .baseline import Baseline
+from .levers import LEVERS, Config, Context
 from .metrics import score_loss
 from .study import (BASELINE_SPREAD, BASELINE_TIME, CLIP_SCORE, CONFIG, ERROR, INTERVALS, PER_PROMPT, REUSED_FROM,
                     ROUNDS, SCORE_LOSS, SKIPPED, SPEEDUP, SPEEDUP_EAGER, SPREAD, TIME_MEDIAN, TIME_PER_IMAGE, WORKER,
@@ -32,50 +34,46 @@ from .uncertainty import intervals
 
 @dataclass(frozen=True)
 class SearchSpace:
-    """The ranges searched; at least as wide as the original grid (REFERENCE: DeepCache N 2..5, branch
-    0..3; ToMe ratio 0.1..0.9, max_downsample 1,2,4; T-GATE gate 5..19, sp 2..9, fi 1..5, warm-up 1..3)."""
+    """The levers a study may switch on (``methods``) and the study's context: the reference steps and
+    solver, the UNet's branches, SDXL. Each lever draws from the ranges its ``Params`` declare, in the
+    context the levers before it leave (the schedule's steps bound T-GATE's gate step)."""
 
     methods: tuple[str, ...]
-    steps: int
-    max_branch_id: int
-    xl: bool = False
+    context: Context
 
     def suggest(self, trial: optuna.Trial) -> Config:
-        kwargs: dict[str, Any] = {}
-        if "deepcache" in self.methods and trial.suggest_categorical("deepcache", [False, True]):
-            kwargs["deepcache"] = DeepCache(
-                trial.suggest_int("deepcache.cache_interval", 2, 10),
-                trial.suggest_int("deepcache.cache_branch_id", 0, min(5, self.max_branch_id)),
-            )
-        if "tome" in self.methods and trial.suggest_categorical("tome", [False, True]):
-            # tomesd merges at most 75% of tokens with its default 2x2 stride: ratios above that act as 0.75.
-            # SDXL has no attention at full resolution, so max_downsample=1 would be a no-op there.
-            downsamples = [d for d in TOME_DOWNSAMPLES if not (self.xl and d == 1)]
-            kwargs["tome"] = ToMe(
-                round(trial.suggest_float("tome.ratio", 0.1, 0.9, step=0.05), 2),
-                trial.suggest_categorical("tome.max_downsample", downsamples),
-            )
-        if "tgate" in self.methods and self.steps > 4 and trial.suggest_categorical("tgate", [False, True]):
-            kwargs["tgate"] = TGate(
-                # gate_step >= 4 > warm_up keeps every sampled pair valid with fixed distributions
-                trial.suggest_int("tgate.gate_step", 4, self.steps - 1),
-                trial.suggest_int("tgate.sp_interval", 1, 10),
-                trial.suggest_int("tgate.fi_interval", 1, 5),
-                trial.suggest_int("tgate.warm_up", 0, 3),
-            )
-        return Config(**kwargs)
+        ctx, chosen = self.context, {}
+        for lever in LEVERS:
+            if lever.name not in self.methods:
+                continue
+            params = lever.suggest(trial, ctx)
+            if params is not None:
+                chosen[lever.name] = params
+                ctx = lever.context(params, ctx)
+        return Config(**chosen)
 
 
-def warm_start_params(methods: tuple[str, ...], steps: int) -> list[dict[str, Any]]:
-    """Known-good first trials for a fresh study: DeepCache N=3 and N=5 on branch 0, nothing else on.
+def warm_start_params(methods: tuple[str, ...], context: Context) -> list[dict[str, Any]]:
+    """Known-good first trials for a fresh study: each lever's warm starts (DeepCache N=3 and N=5 on
+    branch 0, the schedule at half the reference's steps), each with every other lever off."""
+    out = []
+    for lever in LEVERS:
+        if lever.name not in methods:
+            continue
+        for params in lever.warm_starts(context):
+            after = lever.context(params, context)
+            entry = {}
+            for other in LEVERS:  # in suggestion order: the switches a trial with this lever on asks for
+                if other is lever:
+                    entry.update({lever.name: True, **{lever.key(k): v for k, v in asdict(params).items()}})
+                elif other.name in methods and other.searchable(after if _after(other, lever) else context):
+                    entry[other.name] = False
+            out.append(entry)
+    return out
 
-    On the search-efficiency benchmark (docs/benchmarks.md) enqueuing these cut the simulated GPU
-    time to reach the best configuration by 25-84%; adding T-GATE variants helped less.
-    """
-    if "deepcache" not in methods:
-        return []
-    off = {m: False for m in methods if m != "deepcache" and not (m == "tgate" and steps <= 4)}
-    return [{"deepcache": True, "deepcache.cache_interval": n, "deepcache.cache_branch_id": 0, **off} for n in (3, 5)]
+
+def _after(other, lever) -> bool:
+    return LEVERS.index(other) > LEVERS.index(lever)
 
 
 def make_sampler(seed: int) -> optuna.samplers.TPESampler:

@@ -25,7 +25,7 @@ from typing import Any
 
 import optuna
 
-from .accelerators import Config
+from .levers import Config
 from .console import Echo, validation_text
 from .measure import Evaluator, default_rounds
 from .metrics import ClipScorer, FidelityScorer, MetricError, lpips_available, score_loss

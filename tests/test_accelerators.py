@@ -11,7 +11,7 @@ from conftest import generate, make_pipe
 
 import optimize
 from optimize import Config, DeepCache, InvalidConfig, TGate, ToMe
-from optimize.accelerators import max_branch_id
+from optimize.levers import Context
 
 STEPS = 12
 PROMPT = ["a red fox in the snow"]
@@ -201,7 +201,7 @@ def test_tome_noop_on_sdxl_refused(tiny_xl_pipe):
 
 
 def test_cache_branch_id_bounded_by_unet(tiny_pipe):
-    top = max_branch_id(tiny_pipe)
+    top = Context.of(tiny_pipe).max_branch_id
     assert top == 3 * len(tiny_pipe.unet.down_blocks) - 1
     too_far = optimize.accelerate(tiny_pipe, {"deepcache.cache_branch_id": top + 1})
     try:
@@ -291,7 +291,7 @@ def test_exit_on_exception_restores(tiny_pipe):
 
 # --- Config --------------------------------------------------------------------------------------
 def test_params_round_trip():
-    full = Config(DeepCache(4, 2), ToMe(0.35, 2), TGate(8, 3, 2, 1))
+    full = Config(deepcache=DeepCache(4, 2), tome=ToMe(0.35, 2), tgate=TGate(8, 3, 2, 1))
     params = full.to_params()
     assert params == {
         "deepcache": True, "deepcache.cache_interval": 4, "deepcache.cache_branch_id": 2,
@@ -314,7 +314,7 @@ def test_from_params_switches():
 
 def test_label():
     assert Config().label() == "baseline"
-    assert Config(DeepCache(3, 0), ToMe(0.5, 2), TGate(10, 5, 1, 2)).label() == (
+    assert Config(deepcache=DeepCache(3, 0), tome=ToMe(0.5, 2), tgate=TGate(10, 5, 1, 2)).label() == (
         "dc(3,b0)+tome(0.5,md2)+tgate(10,sp5,fi1,w2)"
     )
     assert Config(tome=ToMe(0.25, 4)).label() == "tome(0.25,md4)"

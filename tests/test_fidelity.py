@@ -23,7 +23,7 @@ except ImportError:  # tests/ made a package
     from tests.helpers import (goal_opts, load_study, one_error_line, pareto_run, run_args, run_cli, storage_url)
 
 from optimize import params_file, runner
-from optimize.accelerators import Config, DeepCache
+from optimize.levers import Config, DeepCache
 from optimize.metrics import PSNR_CAP, FidelityScorer, lpips_weights_path
 from optimize.artifacts import artifact_dir_for, baseline_image_ids
 from optimize.study import CONSTRAINTS_ATTR, Goal, best_feasible, goal_of, is_feasible, pareto_front

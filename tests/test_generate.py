@@ -23,7 +23,7 @@ except ImportError:  # tests/ made a package
 import optimize
 from optimize import generate as generate_mod
 from optimize import pipelines
-from optimize.accelerators import Config, DeepCache, TGate, ToMe
+from optimize.levers import Config, DeepCache, TGate, ToMe
 from optimize.study import Goal, best_feasible
 
 PROMPT = "a red fox in the snow"

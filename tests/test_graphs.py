@@ -18,7 +18,7 @@ import torch
 from conftest import generate
 
 from optimize import Config, DeepCache, TGate, ToMe
-from optimize.accelerators import Accelerated
+from optimize.levers import Accelerated
 from optimize.graphs import GraphUnsupported, PipelineGraphs, StepGraphs, check_exec
 from optimize.measure import Evaluator, GenerationSettings
 
@@ -102,8 +102,8 @@ def _graphed(pipe, config, backend, record=True):
     for on in itertools.product([False, True], repeat=3)
 ])
 def test_graphed_output_equals_eager(tiny_pipe, deepcache, tome, tgate):
-    config = Config(DeepCache(3, 0) if deepcache else None, ToMe(0.5, 1) if tome else None,
-                    TGATE if tgate else None)
+    config = Config(deepcache=DeepCache(3, 0) if deepcache else None, tome=ToMe(0.5, 1) if tome else None,
+                    tgate=TGATE if tgate else None)
     baseline = generate(tiny_pipe, PROMPT, STEPS)
     with Accelerated(tiny_pipe, config) as eager:
         want = generate(eager, PROMPT, STEPS)

@@ -29,7 +29,7 @@ def test_paired_rounds_interleave_baseline_and_configured_calls(tiny_pipe, monke
     """With repeats, every timed configured call has a baseline call right before it, and the
     speedup is fastest baseline call / fastest configured call of those rounds (not the scoring pass)."""
     from optimize import measure
-    from optimize.accelerators import Config, DeepCache
+    from optimize.levers import Config, DeepCache
     from optimize.metrics import ClipScorer
 
     settings = measure.GenerationSettings(steps=6, guidance=7.5, height=32, width=32)
@@ -75,7 +75,7 @@ def test_every_call_is_cut_at_each_step_and_the_cuts_add_up(tiny_pipe, methods):
     """Each timed call has steps + 1 segments (before the first UNet call, each step, the last step
     with the decode) whatever methods are on; they sum to the call's time; the hook is gone after."""
     from optimize import measure
-    from optimize.accelerators import Config, DeepCache, TGate, ToMe
+    from optimize.levers import Config, DeepCache, TGate, ToMe
     from optimize.metrics import ClipScorer
 
     steps = 6
@@ -98,7 +98,7 @@ def test_a_scored_configuration_gets_more_paired_rounds_than_a_gated_one(tiny_pi
     """The speed gate sees the first ``repeats`` rounds; a configuration it lets through is topped up
     to ``scored_repeats`` rounds before the scoring pass, and its speedup uses all of them."""
     from optimize import measure
-    from optimize.accelerators import Config, DeepCache
+    from optimize.levers import Config, DeepCache
     from optimize.metrics import ClipScorer
 
     settings = measure.GenerationSettings(steps=4, guidance=7.5, height=32, width=32)

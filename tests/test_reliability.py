@@ -460,7 +460,7 @@ def _study_with_a_best(tmp_path) -> int:
     """A study as earlier runs of ``run --max-loss 0.05`` left it (baseline, two feasible trials), made
     without a model; the number of its best trial."""
     from optimize.cli import check_run_options, run
-    from optimize.accelerators import Config, DeepCache
+    from optimize.levers import Config, DeepCache
 
     try:
         from helpers import synthetic_study

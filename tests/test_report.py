@@ -31,7 +31,7 @@ except ImportError:  # tests/ made a package
     from tests.helpers import one_error_line, pareto_run, run_cli, synthetic_study, target_run
 
 from optimize import report
-from optimize.accelerators import Config, DeepCache, TGate, ToMe
+from optimize.levers import Config, DeepCache, TGate, ToMe
 from optimize.study import Goal, best_feasible, goal_of, is_feasible, pareto_front
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -48,7 +48,7 @@ TRIALS = [
     (Config(deepcache=DeepCache(2, 0), tgate=TGate(5, 3, 1, 2)), 1.8, 0.012),  # 4 feasible, dominated by 0
     (Config(tome=ToMe(0.7, 4)), None, None),                            # 5 failed
     (DC, 2.0, 0.010, {"reused_from": 0}),                               # 6 same as 0: not a second front point
-    (Config(DeepCache(4, 2), ToMe(0.3, 1), TGate(7, 2, 2, 0)), 2.4, 0.018),  # 7 feasible, front
+    (Config(deepcache=DeepCache(4, 2), tome=ToMe(0.3, 1), tgate=TGate(7, 2, 2, 0)), 2.4, 0.018),  # 7 feasible, front
     (Config(), 1.01, 0.0),                                              # 8 baseline config: too slow
 ]
 FEASIBLE, INFEASIBLE = [0, 3, 4, 6, 7], [1, 2, 8]
@@ -147,7 +147,7 @@ def test_importances_need_enough_trials(synthetic):
     fig = report.importance_figure(study)
     assert len(fig.data) == 1 and fig.data[0].type == "bar"
     names = set(fig.data[0].y)
-    assert names and names <= set(Config(DeepCache(), ToMe(), TGate()).to_params())
+    assert names and names <= set(Config(deepcache=DeepCache(), tome=ToMe(), tgate=TGate()).to_params())
     few = report.importance_figure(study, min_trials=20)
     assert not few.data
     assert "at least 20 completed trials (this study has 8)" in few.layout.annotations[0].text

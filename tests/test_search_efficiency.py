@@ -20,7 +20,7 @@ import numpy as np
 import optuna
 import pytest
 
-from optimize.accelerators import Config, DeepCache, TGate, ToMe
+from optimize.levers import Config, DeepCache, TGate, ToMe
 from optimize.search import Goal
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -23,7 +23,7 @@ except ImportError:  # tests/ made a package
     from tests.helpers import goal_opts, one_error_line, run_args, run_cli, storage_url, synthetic_study
 
 from optimize import params_file, prompts, report, runner, uncertainty, validation
-from optimize.accelerators import Config, DeepCache
+from optimize.levers import Config, DeepCache
 from optimize.baseline import Baseline
 from optimize.console import trial_line, validation_text
 from optimize.measure import Measurement, Timing
