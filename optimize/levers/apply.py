@@ -76,9 +76,15 @@ class Accelerated:
         """Undo everything :meth:`apply` did; safe to call twice or after a failed apply."""
         if self.applied is None:
             return
+        failed = None
         try:
             for applied in reversed(list(self.applied.values())):  # last applied, first removed
-                applied.remove()
+                try:
+                    applied.remove()
+                except Exception as e:  # noqa: BLE001 - the others are still removed; the first failure is raised
+                    failed = failed or e
+            if failed is not None:
+                raise failed
         finally:
             self.pipe.__dict__.pop("_optimize_sd_applied", None)
             if self.graphs is not None:

@@ -37,9 +37,11 @@ class _Applied(Applied):
         self._snapshot = snapshot
 
     def remove(self) -> None:
-        if "unet_forward" in getattr(self.helper, "function_dict", {}):
-            self.helper.disable()
-        self._snapshot.restore()
+        try:
+            if "unet_forward" in getattr(self.helper, "function_dict", {}):
+                self.helper.disable()
+        finally:
+            self._snapshot.restore()
 
     def reset(self, seed: int) -> None:
         self.helper.cached_output = {}

@@ -40,12 +40,14 @@ class _Applied(Applied):
         self._patched = False
 
     def remove(self) -> None:
-        if self._patched:
-            import tomesd
+        try:
+            if self._patched:
+                import tomesd
 
-            tomesd.remove_patch(self.pipe)
-            self._patched = False
-        self._snapshot.restore()
+                self._patched = False
+                tomesd.remove_patch(self.pipe)
+        finally:
+            self._snapshot.restore()
 
     def reset(self, seed: int) -> None:
         import torch

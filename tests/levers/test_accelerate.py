@@ -1,13 +1,12 @@
-"""optimize.accelerate: effect, reproducibility, exact removal, the library crashes it fixes, validation."""
+"""optimize.accelerate across levers: reproducibility, the library crashes it fixes, validation, life cycle, Config."""
 
 from __future__ import annotations
-
-import itertools
 
 import numpy as np
 import pytest
 import torch
 from conftest import generate, make_pipe
+from contract import assert_clean
 
 import optimize
 from optimize import Config, DeepCache, InvalidConfig, TGate, ToMe
@@ -16,7 +15,6 @@ from optimize.levers import Context
 STEPS = 12
 PROMPT = ["a red fox in the snow"]
 TGATE_12 = {"tgate.gate_step": 6, "tgate.sp_interval": 2, "tgate.fi_interval": 1, "tgate.warm_up": 1}
-LEFTOVER_MODULE_ATTRS = ("forward", "cache", "_tome_info")
 
 
 def _pipe(request, name):
@@ -27,52 +25,7 @@ def _tome_downsample(name):
     return 2 if name == "tiny-xl" else 1  # SDXL has no attention at full resolution
 
 
-def combo_params(name, deepcache, tome, tgate):
-    params = {"deepcache": deepcache, "tome": tome, "tgate": tgate}
-    if deepcache:
-        params.update({"deepcache.cache_interval": 3, "deepcache.cache_branch_id": 0})
-    if tome:
-        params.update({"tome.ratio": 0.5, "tome.max_downsample": _tome_downsample(name)})
-    if tgate:
-        params.update(TGATE_12)
-    return params
-
-
-def assert_clean(pipe):
-    """Nothing the three libraries or our layer add is left on the pipeline."""
-    for mod_name, module in pipe.unet.named_modules():
-        left = set(LEFTOVER_MODULE_ATTRS) & set(vars(module))
-        assert not left, f"unet module {mod_name or '<unet>'} still has instance attributes {sorted(left)}"
-        assert "ToMe" not in type(module).__name__, f"{mod_name} is still a tomesd class"
-    for attr in ("tgate", "deepcache", "_optimize_sd_applied"):
-        assert attr not in vars(pipe), f"pipeline still has {attr!r}"
-
-
-# --- effect / reproducibility / exact removal, every combination ---------------------------------
-@pytest.mark.parametrize("name", ["tiny", "tiny-xl"])
-@pytest.mark.parametrize("deepcache,tome,tgate", [
-    pytest.param(*on, id="+".join(m for m, o in zip(("dc", "tome", "tgate"), on) if o) or "none")
-    for on in itertools.product([False, True], repeat=3)
-])
-def test_combination(request, name, deepcache, tome, tgate):
-    pipe = _pipe(request, name)
-    baseline = generate(pipe, PROMPT, STEPS)
-    params = combo_params(name, deepcache, tome, tgate)
-
-    with optimize.accelerate(pipe, params) as fast:
-        first = generate(fast, PROMPT, STEPS)
-        second = generate(fast, PROMPT, STEPS)
-
-    assert first.shape == baseline.shape and np.isfinite(first).all()
-    if deepcache or tome or tgate:
-        assert not np.array_equal(first, baseline), f"{params} had no effect on the output"
-    else:
-        assert np.array_equal(first, baseline)
-    assert np.array_equal(first, second), "two calls of one configuration differ"
-    assert np.array_equal(generate(pipe, PROMPT, STEPS), baseline), "pipeline not restored exactly"
-    assert_clean(pipe)
-
-
+# --- reproducibility and exact removal (each lever and every pair: contract.py, test_combinations.py) ---
 def test_repeated_apply_remove(tiny_pipe):
     baseline = generate(tiny_pipe, PROMPT, STEPS)
     params = {
@@ -215,6 +168,12 @@ def test_cache_branch_id_bounded_by_unet(tiny_pipe):
     assert np.isfinite(out).all() and not np.array_equal(out, baseline)
 
 
+@pytest.mark.parametrize("params", [None, ["deepcache"], "deepcache", 3])
+def test_params_that_are_no_mapping_refused(tiny_pipe, params):
+    with pytest.raises(InvalidConfig, match="params must be a mapping"):
+        optimize.accelerate(tiny_pipe, params)
+
+
 def test_unknown_parameter_refused():
     with pytest.raises(InvalidConfig, match="deepcache.interval"):
         Config.from_params({"deepcache": True, "deepcache.interval": 3})
@@ -266,15 +225,17 @@ def test_apply_twice_raises_remove_twice_safe(tiny_pipe):
 
 
 def test_failed_apply_restores(tiny_pipe, monkeypatch):
-    import tgate
+    """A library that fails half-way through its own patch: that lever and those applied before it
+    are removed again."""
+    import tomesd
 
-    def broken_loader(pipe, **kwargs):
-        pipe.unet.down_blocks[0].forward = lambda *a, **k: None  # half-done patch, then failure
-        raise RuntimeError("loader failed")
+    def broken_patch(pipe, **kwargs):
+        pipe.unet._tome_info = {"hooks": []}  # half-done patch, then failure
+        raise RuntimeError("patch failed")
 
-    monkeypatch.setattr(tgate, "TgateSDDeepCacheLoader", broken_loader)
+    monkeypatch.setattr(tomesd, "apply_patch", broken_patch)
     baseline = generate(tiny_pipe, PROMPT, 4)
-    with pytest.raises(RuntimeError, match="loader failed"):
+    with pytest.raises(RuntimeError, match="patch failed"):
         optimize.accelerate(tiny_pipe, {"deepcache": True, "tome": True, "tgate": True}).apply()
     assert_clean(tiny_pipe)
     assert np.array_equal(generate(tiny_pipe, PROMPT, 4), baseline)
@@ -294,14 +255,14 @@ def test_params_round_trip():
     full = Config(deepcache=DeepCache(4, 2), tome=ToMe(0.35, 2), tgate=TGate(8, 3, 2, 1))
     params = full.to_params()
     assert params == {
-        "deepcache": True, "deepcache.cache_interval": 4, "deepcache.cache_branch_id": 2,
+        "schedule": False, "deepcache": True, "deepcache.cache_interval": 4, "deepcache.cache_branch_id": 2,
         "tome": True, "tome.ratio": 0.35, "tome.max_downsample": 2,
         "tgate": True, "tgate.gate_step": 8, "tgate.sp_interval": 3, "tgate.fi_interval": 2, "tgate.warm_up": 1,
     }
     assert Config.from_params(params) == full
     for cfg in (Config(), Config(tome=ToMe()), Config(deepcache=DeepCache(), tgate=TGate())):
         assert Config.from_params(cfg.to_params()) == cfg
-    assert Config().to_params() == {"deepcache": False, "tome": False, "tgate": False}
+    assert Config().to_params() == {"schedule": False, "deepcache": False, "tome": False, "tgate": False}
 
 
 def test_from_params_switches():

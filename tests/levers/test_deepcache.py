@@ -1,0 +1,9 @@
+"""The deepcache lever keeps the lever contract (tests/levers/contract.py)."""
+
+from contract import LeverContract
+
+from optimize.levers import BY_NAME
+
+
+class TestDeepCacheContract(LeverContract):
+    lever = BY_NAME["deepcache"]

@@ -1,0 +1,9 @@
+"""The tgate lever keeps the lever contract (tests/levers/contract.py)."""
+
+from contract import LeverContract
+
+from optimize.levers import BY_NAME
+
+
+class TestTGateContract(LeverContract):
+    lever = BY_NAME["tgate"]
