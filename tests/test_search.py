@@ -28,6 +28,7 @@ except ImportError:  # tests/ made a package
                                storage_url, target_run)
 
 from optimize import runner
+from optimize.levers import METHODS, Context
 from optimize.study import CONSTRAINTS_ATTR, Goal, best_feasible, is_feasible
 
 ATTRS = ("speedup", "score_loss", "time_per_image", "spread", "clip_score", "config")
@@ -104,7 +105,7 @@ def test_search_space_respects_methods_and_steps():
     from optimize.search import SearchSpace
 
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
-    space = SearchSpace(("deepcache", "tome"), steps=8, max_branch_id=3)
+    space = SearchSpace(("deepcache", "tome"), Context(steps=8, max_branch_id=3))
     for _ in range(20):
         trial = study.ask()
         config = space.suggest(trial)
@@ -112,10 +113,10 @@ def test_search_space_respects_methods_and_steps():
         if config.deepcache is not None:
             assert 2 <= config.deepcache.cache_interval <= 10 and 0 <= config.deepcache.cache_branch_id <= 3
         study.tell(trial, 1.0)
-    space = SearchSpace(("tgate",), steps=4, max_branch_id=3)
+    space = SearchSpace(("tgate",), Context(steps=4, max_branch_id=3))
     trial = study.ask()
     assert space.suggest(trial).tgate is None and trial.params == {}
-    space = SearchSpace(("tgate",), steps=8, max_branch_id=3)
+    space = SearchSpace(("tgate",), Context(steps=8, max_branch_id=3))
     for _ in range(20):
         trial = study.ask()
         c = space.suggest(trial)
@@ -417,7 +418,7 @@ def test_interrupted_warm_start_trial_is_queued_again(tmp_path, monkeypatch):
 
     monkeypatch.setattr(measure.Evaluator, "measure", ctrl_c_on_dc3)
     monkeypatch.chdir(tmp_path)
-    argv = run_args(tmp_path, "--max-loss", "0.5")
+    argv = run_args(tmp_path, "--max-loss", "0.5", "--methods", "deepcache,tome,tgate")  # DC3 is the first warm start
     code, out, err = run_cli(argv + ["--n-trials", "1"])  # #0 DC3 interrupted, re-queued as #2 behind #1 DC5
     assert code == 130, out + err
     assert "interrupted: 0 completed trials kept, the running one marked failed and queued again; run the same " \
@@ -430,7 +431,7 @@ def test_interrupted_warm_start_trial_is_queued_again(tmp_path, monkeypatch):
 
     trials = load_study(storage_url(tmp_path)).trials
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE, TrialState.FAIL, TrialState.FAIL]
-    dc3 = warm_start_params(("deepcache", "tome", "tgate"), 8)[0]
+    dc3 = warm_start_params(("deepcache", "tome", "tgate"), Context(steps=8, scheduler="ddim"))[0]
     assert [trials[n].params for n in (0, 2, 3)] == [dc3] * 3
     assert [trials[n].system_attrs.get("retry_history") for n in (0, 2, 3)] == [None, [0], [0, 2]]
     assert trials[2].system_attrs["failed_trial"] == trials[3].system_attrs["failed_trial"] == 0
@@ -441,28 +442,38 @@ def test_interrupted_warm_start_trial_is_queued_again(tmp_path, monkeypatch):
 def test_warm_start_params_follow_the_methods():
     from optimize.search import warm_start_params
 
-    assert warm_start_params(("tome", "tgate"), 20) == []
-    first, second = warm_start_params(("deepcache", "tome", "tgate"), 20)
+    ctx = Context(steps=20, scheduler="dpm++")
+    assert warm_start_params(("tome", "tgate"), ctx) == []
+    first, second = warm_start_params(("deepcache", "tome", "tgate"), ctx)
     assert first == {"deepcache": True, "deepcache.cache_interval": 3, "deepcache.cache_branch_id": 0,
                      "tome": False, "tgate": False}
     assert second["deepcache.cache_interval"] == 5
-    assert warm_start_params(("deepcache",), 20)[0] == {"deepcache": True, "deepcache.cache_interval": 3,
-                                                        "deepcache.cache_branch_id": 0}
+    assert warm_start_params(("deepcache",), ctx)[0] == {"deepcache": True, "deepcache.cache_interval": 3,
+                                                         "deepcache.cache_branch_id": 0}
+    # the schedule: the reference's own solver at half its steps, every other lever off
+    half, *dc = warm_start_params(METHODS, ctx)
+    assert half == {"schedule": True, "schedule.solver": "dpm++", "schedule.steps": 10, "deepcache": False,
+                    "tome": False, "tgate": False}
+    assert dc == [{"schedule": False, **d} for d in (first, second)]
+    # at 8 reference steps the schedule's 4 leave T-GATE (>= 5 steps) out of that trial
+    assert warm_start_params(("schedule", "tgate"), Context(steps=8, scheduler="ddim")) == [
+        {"schedule": True, "schedule.solver": "ddim", "schedule.steps": 4}]
 
 
 def test_new_study_starts_with_known_good_configs_once(tmp_path, monkeypatch):
     from optimize.search import warm_start_params
 
     monkeypatch.chdir(tmp_path)
-    argv = run_args(tmp_path, "--max-loss", "0.5", "--n-trials", "2")
+    argv = run_args(tmp_path, "--max-loss", "0.5", "--n-trials", "3")
     code, out, err = run_cli(argv)
     assert code == 0, out + err
     study = load_study(storage_url(tmp_path))
-    assert [t.params for t in study.trials] == warm_start_params(("deepcache", "tome", "tgate"), 8)
+    warm = warm_start_params(METHODS, Context(steps=8, scheduler="ddim"))
+    assert len(warm) == 3 and [t.params for t in study.trials] == warm  # the schedule's, DeepCache N=3, N=5
     code, out, err = run_cli(argv[:-1] + ["1"])  # resumed: nothing enqueued again
     assert code == 0, out + err
     study = load_study(storage_url(tmp_path))
-    assert len(study.trials) == 3 and "fixed_params" not in study.trials[2].system_attrs
+    assert len(study.trials) == 4 and "fixed_params" not in study.trials[3].system_attrs
 
 
 def test_no_warm_start(tmp_path, monkeypatch):

@@ -23,7 +23,7 @@ except ImportError:  # tests/ made a package
     from tests.helpers import goal_opts, one_error_line, run_args, run_cli, storage_url, synthetic_study
 
 from optimize import params_file, prompts, report, runner, uncertainty, validation
-from optimize.levers import Config, DeepCache
+from optimize.levers import Config, Context, DeepCache
 from optimize.baseline import Baseline
 from optimize.console import trial_line, validation_text
 from optimize.measure import Measurement, Timing
@@ -160,7 +160,7 @@ def test_the_objective_stores_per_prompt_scores_intervals_and_decides_on_the_upp
     for confidence in (None, LEVEL):
         goal = Goal("max", None, bound, confidence=confidence)
         study = optuna.create_study(direction="maximize")
-        objective = Objective(_FakeEvaluator(scores), baseline, goal, SearchSpace(("deepcache",), 8, 3))
+        objective = Objective(_FakeEvaluator(scores), baseline, goal, SearchSpace(("deepcache",), Context(steps=8, max_branch_id=3)))
         study.optimize(objective, n_trials=1)
         (t,) = study.trials
         assert t.state == TrialState.COMPLETE
