@@ -22,7 +22,7 @@ from typing import Any, Iterator
 from optuna.trial import TrialState
 
 from . import pipelines
-from .levers import Config, InvalidConfig, accelerate
+from .levers import Config, Context, InvalidConfig, accelerate
 from .graphs import check_exec, compile_blocks
 from .baseline import Baseline
 from .files import atomic_write
@@ -212,7 +212,11 @@ def generate(plan: Plan, prompts: list[str], output: str, num_images: int = 1,
     paths = iter(output_paths(output, len(prompts) * num_images))
     config = plan.config if accelerated else Config()
     yield from plan.notes
-    yield f"{plan.origin}: {config.label()} ({plan.spec.source}, {plan.scheduler}, {plan.steps} steps, {plan.device})"
+    runs = config.context(Context(steps=plan.steps, scheduler=plan.scheduler))  # the schedule lever's, if on
+    reference = "" if (runs.steps, runs.scheduler) == (plan.steps, plan.scheduler) else \
+        f" instead of the reference's {plan.scheduler}, {plan.steps} steps"
+    yield (f"{plan.origin}: {config.label()} ({plan.spec.source}, {runs.scheduler}, {runs.steps} steps{reference}, "
+           f"{plan.device})")
     try:
         pipe = pipelines.load_pipeline(plan.spec, plan.scheduler, plan.device, plan.dtype)
     except pipelines.PipelineError as e:
@@ -241,8 +245,8 @@ def generate(plan: Plan, prompts: list[str], output: str, num_images: int = 1,
             seconds = time.perf_counter() - start
             for image in images:
                 path = next(paths)
-                info = {"prompt": prompt, "seed": seed, "steps": plan.steps, "guidance": guidance,
-                        "scheduler": plan.scheduler, "pipe": plan.spec.source, "config": config.label(),
+                info = {"prompt": prompt, "seed": seed, "steps": runs.steps, "guidance": guidance,
+                        "scheduler": runs.scheduler, "pipe": plan.spec.source, "config": config.label(),
                         "params": config.to_params(), "origin": plan.origin}
                 atomic_write(path, _encode(image, fmt, info))
                 yield f"wrote {path} ({width}x{height}, seed {seed}, {seconds:.1f} s for {len(images)} image(s)): {shorten(prompt)}"

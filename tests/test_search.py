@@ -278,7 +278,8 @@ def test_dashboard_sees_constraints(which, tmp_path_factory):
 # --- 9. a killed worker's trial is retried -------------------------------------------------------------
 
 # A trial lasts a few seconds here, so the worker is surely mid-trial when it is killed.
-SLOW = ["--pipe", "tiny", "--steps", "12", "--num-samples", "3", "--clip-model", "tiny-clip", "--no-progress"]  # see helpers.SMALL
+SLOW = ["--pipe", "tiny", "--steps", "12", "--num-samples", "3", "--clip-model", "tiny-clip", "--no-progress",
+        "--methods", "deepcache,tome,tgate"]  # see helpers.SMALL
 
 
 def _env() -> dict:
@@ -418,7 +419,7 @@ def test_interrupted_warm_start_trial_is_queued_again(tmp_path, monkeypatch):
 
     monkeypatch.setattr(measure.Evaluator, "measure", ctrl_c_on_dc3)
     monkeypatch.chdir(tmp_path)
-    argv = run_args(tmp_path, "--max-loss", "0.5", "--methods", "deepcache,tome,tgate")  # DC3 is the first warm start
+    argv = run_args(tmp_path, "--max-loss", "0.5")
     code, out, err = run_cli(argv + ["--n-trials", "1"])  # #0 DC3 interrupted, re-queued as #2 behind #1 DC5
     assert code == 130, out + err
     assert "interrupted: 0 completed trials kept, the running one marked failed and queued again; run the same " \
@@ -464,7 +465,7 @@ def test_new_study_starts_with_known_good_configs_once(tmp_path, monkeypatch):
     from optimize.search import warm_start_params
 
     monkeypatch.chdir(tmp_path)
-    argv = run_args(tmp_path, "--max-loss", "0.5", "--n-trials", "3")
+    argv = run_args(tmp_path, "--max-loss", "0.5", "--methods", ",".join(METHODS), "--n-trials", "3")
     code, out, err = run_cli(argv)
     assert code == 0, out + err
     study = load_study(storage_url(tmp_path))

@@ -33,7 +33,8 @@ from optimize.workers import split_trials
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(optimize.__file__)))
 # A trial lasts a few seconds here, so a worker is surely mid-trial when it is signalled.
-SLOW = ["--pipe", "tiny", "--steps", "12", "--num-samples", "3", "--clip-model", "tiny-clip", "--no-progress"]  # see helpers.SMALL
+SLOW = ["--pipe", "tiny", "--steps", "12", "--num-samples", "3", "--clip-model", "tiny-clip", "--no-progress",
+        "--methods", "deepcache,tome,tgate"]  # see helpers.SMALL
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

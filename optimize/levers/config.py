@@ -103,7 +103,13 @@ class Config:
     def validate(self, pipe=None, num_inference_steps: int | None = None, guidance_scale: float | None = None) -> None:
         """Raise :class:`InvalidConfig` for values the libraries crash on or silently ignore; with a
         pipeline, steps and guidance, also for what only they decide (the UNet's branches, SDXL)."""
-        ctx = Context.of(pipe, num_inference_steps, guidance_scale)
+        self.context(Context.of(pipe, num_inference_steps, guidance_scale), validate=True)
+
+    def context(self, ctx: Context, validate: bool = False) -> Context:
+        """The context a call runs in once the levers that are on have changed it: a call made with
+        ``Context(steps=50, scheduler="ddim")`` runs the schedule lever's solver and steps."""
         for lever, params in self.items():
-            lever.validate(params, ctx)
+            if validate:
+                lever.validate(params, ctx)
             ctx = lever.context(params, ctx)
+        return ctx

@@ -1,0 +1,116 @@
+#!/usr/bin/env python
+"""The sampling schedule's landscape on the trained testbed: for each solver and step count, the CLIP
+score loss, the PSNR against the reference's images and the speedup against the reference (DDIM,
+``--steps`` steps), on held-out captions the search never sees, with the caching levers for scale.
+
+Each configuration is measured as the optimizer measures a trial (:class:`optimize.measure.Evaluator`,
+eager): applied, one warm-up call, ``--rounds`` paired rounds of a reference call and a configured
+call on the first caption (speedup = reference floor / configured floor, with the paired interval
+of :mod:`optimize.uncertainty`), then one pass over every caption whose images are scored. Seeds are
+per caption, the same for every configuration. The UNet calls per image are counted too: on a shared
+CPU that is the steadier measure of the work saved.
+
+    python benchmarks/schedule_landscape.py --out benchmarks/results/schedule_landscape_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from optimize.levers import Config, DeepCache, Schedule  # noqa: E402
+from optimize.measure import Evaluator, GenerationSettings  # noqa: E402
+from optimize.metrics import FidelityScorer, score_loss  # noqa: E402
+from optimize.pipelines import load_pipeline, resolve_pipe  # noqa: E402
+from optimize.prompts import load_heldout  # noqa: E402
+from optimize.uncertainty import mean_interval, score_loss_interval, speedup_interval  # noqa: E402
+
+
+def configurations(solvers, steps_list, reference_steps):
+    out = [Config(deepcache=DeepCache(3, 0)), Config(deepcache=DeepCache(5, 0))]
+    for solver in solvers:
+        for steps in steps_list:
+            if steps < reference_steps:
+                out.append(Config(schedule=Schedule(solver, steps)))
+    return out
+
+
+def unet_calls(config: Config, steps: int) -> float:
+    """UNet evaluations per image: the schedule's steps; DeepCache's partial steps count as the share of
+    the UNet they run is not known here, so they count as calls too (its saving is in the timing)."""
+    return config.schedule.steps if config.schedule else steps
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=50, help="the reference's DDIM steps")
+    ap.add_argument("--captions", type=int, default=32, help="held-out captions scored per configuration")
+    ap.add_argument("--rounds", type=int, default=5, help="paired timing rounds per configuration")
+    ap.add_argument("--solvers", default="ddim,dpm++,dpm++karras,unipc,euler")
+    ap.add_argument("--step-counts", default="10,15,20,25,30")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--level", type=float, default=0.9)
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args(argv)
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    pipe = load_pipeline(resolve_pipe("tiny"), "ddim", "cpu", "fp32")
+    from optimize import testbed
+
+    scorer = testbed.scorer()
+    # held out: the captions after the 8 a default tiny study searches on
+    prompts = load_heldout("testbed", 8, args.captions)
+    settings = GenerationSettings(steps=args.steps, guidance=7.5, height=64, width=64, seed=42)
+    evaluator = Evaluator(pipe, scorer, prompts, settings, repeats=args.rounds, scored_repeats=args.rounds)
+    t0 = time.time()
+    reference = evaluator.measure(Config(), paired=False)
+    fidelity = FidelityScorer(reference.images)
+    rows = []
+    configs = configurations(args.solvers.split(","), [int(s) for s in args.step_counts.split(",")], args.steps)
+    for i, config in enumerate(configs):
+        m = evaluator.measure(config)
+        per = fidelity.per_image(m.images)
+        speedup = m.reference.best / m.timing.best
+        row = {
+            "config": config.label(), "params": config.to_params(),
+            "unet_calls_ratio": args.steps / unet_calls(config, args.steps),
+            "speedup": speedup,
+            "speedup_interval": speedup_interval(speedup, m.timing.samples, m.reference.samples, True, args.level),
+            "score_loss": score_loss(reference.clip_score, m.clip_score),
+            "score_loss_interval": score_loss_interval(reference.scores, m.scores, args.level),
+            "psnr": float(per["psnr"].mean()), "psnr_interval": mean_interval(per["psnr"], args.level),
+            "ssim": float(per["ssim"].mean()),
+            "spread": m.timing.spread, "baseline_spread": m.reference.spread,
+        }
+        rows.append(row)
+        print(f"[{i + 1}/{len(configs)} {time.time() - t0:.0f}s] {row['config']:<22} {speedup:5.2f}x "
+              f"[{row['speedup_interval'][0]:.2f}, {row['speedup_interval'][1]:.2f}] calls {row['unet_calls_ratio']:.2f}x "
+              f"loss {row['score_loss']:+.4f} psnr {row['psnr']:.1f}", flush=True)
+    result = {"reference": f"ddim {args.steps}", "captions": len(prompts), "rounds": args.rounds,
+              "level": args.level, "reference_clip": reference.clip_score,
+              "reference_ms_per_image": 1000 * reference.timing.best, "threads": args.threads,
+              "seconds": time.time() - t0, "rows": rows}
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"| configuration | UNet calls | speedup (eager, {args.level:.0%}) | CLIP loss ({args.level:.0%}) | PSNR dB |")
+    print("|---|---|---|---|---|")
+    for r in sorted(rows, key=lambda r: -r["speedup"]):
+        lo, hi = r["speedup_interval"]
+        llo, lhi = r["score_loss_interval"]
+        print(f"| {r['config']} | {r['unet_calls_ratio']:.2f}x fewer | {r['speedup']:.2f}x [{lo:.2f}, {hi:.2f}] | "
+              f"{r['score_loss']:+.4f} [{llo:+.4f}, {lhi:+.4f}] | {r['psnr']:.1f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
