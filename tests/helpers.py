@@ -157,17 +157,11 @@ TINY_FINGERPRINT = {
 
 
 def _distributions():
-    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+    """The distributions a search of TINY_FINGERPRINT's settings draws from (the levers' declared ranges)."""
+    from optimize.levers import LEVERS, Context
 
-    switch = CategoricalDistribution([False, True])
-    return {
-        "deepcache": switch, "deepcache.cache_interval": IntDistribution(2, 10),
-        "deepcache.cache_branch_id": IntDistribution(0, 5),
-        "tome": switch, "tome.ratio": FloatDistribution(0.1, 0.9, step=0.05),
-        "tome.max_downsample": CategoricalDistribution([1, 2, 4, 8]),
-        "tgate": switch, "tgate.gate_step": IntDistribution(4, 7), "tgate.sp_interval": IntDistribution(1, 10),
-        "tgate.fi_interval": IntDistribution(1, 5), "tgate.warm_up": IntDistribution(0, 3),
-    }
+    ctx = Context(steps=TINY_FINGERPRINT["steps"], max_branch_id=5, scheduler="ddim")
+    return {k: v for lever in LEVERS for k, v in lever.distributions(ctx).items()}
 
 
 def synthetic_study(url: str, name: str, goal, trials, fingerprint: dict | None = None,

@@ -77,10 +77,9 @@ class Int:
 
     def check(self, name: str, value, ctx: Context) -> None:
         low, high = _resolve(self.low, ctx), _resolve(self.high, ctx)
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise InvalidConfig(f"{name} must be an integer, got {value!r}")
-        if (low is not None and value < low) or (high is not None and value > high):
-            raise InvalidConfig(f"{name} must be {_interval(low, high)}, got {value!r}")
+        if (isinstance(value, bool) or not isinstance(value, int) or (low is not None and value < low)
+                or (high is not None and value > high)):
+            raise InvalidConfig(f"{name} must be an integer {_interval(low, high)}, got {value!r}")
 
     def bounds(self, ctx: Context) -> tuple[int, int]:
         return _resolve(self.low, ctx), _resolve(self.high, ctx)
@@ -91,6 +90,11 @@ class Int:
     def grid(self, ctx: Context) -> list[int]:
         low, high = self.bounds(ctx)
         return list(range(low, high + 1))
+
+    def distribution(self, ctx: Context):
+        from optuna.distributions import IntDistribution
+
+        return IntDistribution(*self.bounds(ctx))
 
 
 @dataclass(frozen=True)
@@ -121,6 +125,11 @@ class Float:
         n = int(round((high - low) / self.step))
         return [round(low + i * self.step, 6) for i in range(n + 1)]
 
+    def distribution(self, ctx: Context):
+        from optuna.distributions import FloatDistribution
+
+        return FloatDistribution(_resolve(self.low, ctx), _resolve(self.high, ctx), step=self.step)
+
 
 @dataclass(frozen=True)
 class Choice:
@@ -138,6 +147,11 @@ class Choice:
 
     def grid(self, ctx: Context) -> list:
         return list(_resolve(self.options, ctx))
+
+    def distribution(self, ctx: Context):
+        from optuna.distributions import CategoricalDistribution
+
+        return CategoricalDistribution(list(_resolve(self.options, ctx)))
 
 
 def _interval(low, high) -> str:
@@ -223,6 +237,13 @@ class Lever:
             return None
         return self.Params(**{f.name: f.metadata["search"].suggest(trial, self.key(f.name), ctx)
                               for f in fields(self.Params)})
+
+    def distributions(self, ctx: Context) -> dict:
+        """The Optuna distribution of the switch and of each field, as :meth:`suggest` draws them."""
+        from optuna.distributions import CategoricalDistribution
+
+        return {self.name: CategoricalDistribution([False, True]),
+                **{self.key(f.name): f.metadata["search"].distribution(ctx) for f in fields(self.Params)}}
 
     def warm_starts(self, ctx: Context) -> list:
         """Known-good settings to try first in a fresh study (each alone)."""
