@@ -24,7 +24,7 @@ from .params_file import add_validations, best_json, check_writable, read_search
 from .pipelines import DTYPES, SCHEDULERS
 from .report import measured_trials, write_report
 from .runner import Interrupted, RunError, RunFailure, RunOptions, run_search
-from .storage import DEFAULT_STORAGE, StorageError, check_storage_url, open_storage, redact
+from .storage import DEFAULT_STORAGE, StorageError, check_storage_url, open_storage, redact, scrub
 from .study import CONFIG, DEFAULT_SEED, Goal, StudyError, goal_of, open_study, pick_study, study_result
 from .validation import ValidationError, validate_study
 from .workers import follow_launcher, launch
@@ -461,6 +461,9 @@ def main(argv=None) -> None:
     # Optuna flags the features this tool relies on (heartbeat, grouped TPE) as experimental on every use.
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*experimental.*")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    global _STORAGE_URLS
+    _STORAGE_URLS = _storage_urls(argv)
     try:
         code = cli.main(args=argv, prog_name="optimize-sd", standalone_mode=False)
     except (click.exceptions.Abort, KeyboardInterrupt):
@@ -478,7 +481,18 @@ def main(argv=None) -> None:
     sys.exit(code if isinstance(code, int) else 0)
 
 
+_STORAGE_URLS: list[str] = []  # this command's --storage values, whose passwords no error line may show
+
+
+def _storage_urls(argv: list[str]) -> list[str]:
+    urls = [v for flag, v in zip(argv, argv[1:]) if flag == "--storage"]
+    return urls + [a.partition("=")[2] for a in argv if a.startswith("--storage=")]
+
+
 def _fail(message: str, code: int) -> None:
+    # Every message redacts the URL it names; this also catches a driver's words that quote a password.
+    for url in _STORAGE_URLS:
+        message = scrub(message, url)
     click.echo(f"optimize-sd: error: {message}", err=True)
     sys.exit(code)
 

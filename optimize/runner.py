@@ -223,7 +223,7 @@ def prepare_study(spec: pipelines.PipeSpec, opts: RunOptions, echo: console.Echo
     try:
         study, n_before = _open_study(storage, name, opts, fingerprint, echo)
     except storage_errors() as e:
-        raise RunFailure(f"storage {redact(opts.storage)} failed: {first_line(e)}") from None
+        raise RunFailure(f"storage {redact(opts.storage)} failed: {first_line(e, opts.storage)}") from None
     return prompts, storage, fingerprint, study, n_before
 
 
@@ -413,7 +413,7 @@ class Search:
                                                                       self.fingerprint, echo, save)
             images = baseline_images(study, self.store, self.directory, self.evaluator, measured, echo, save)
         except storage_errors() as e:
-            raise RunFailure(f"storage {redact(self.opts.storage)} failed: {first_line(e)}") from None
+            raise RunFailure(f"storage {redact(self.opts.storage)} failed: {first_line(e, self.opts.storage)}") from None
         b = self.baseline
         echo(f"baseline ({self.opts.exec_mode}): {1000 * b.time_per_image:.1f} ms/image (±{100 * b.spread:.0f}%), "
              f"CLIP {b.clip_score:.3f}")
@@ -456,7 +456,7 @@ class Search:
             if cause is None:
                 raise
             self.bar.close()
-            raise RunFailure(f"storage {redact(opts.storage)} failed: {first_line(cause)}; completed trials are kept "
+            raise RunFailure(f"storage {redact(opts.storage)} failed: {first_line(cause, opts.storage)}; completed trials are kept "
                              "and a running trial is retried when the study next runs") from None
         self.bar.close()
 
@@ -473,7 +473,7 @@ class Search:
                 return ""
             return _queued_again(self.storage.requeue(self.study, trial))
         except storage_errors() as e:  # the line still goes out
-            return f" (not queued again: storage failed: {first_line(e)})"
+            return f" (not queued again: storage failed: {first_line(e, self.opts.storage)})"
 
     def validate(self) -> None:
         """Held-out re-validation of the pick (:mod:`optimize.validation`), stored on it and in
@@ -500,7 +500,7 @@ class Search:
                        else f"optimize-sd: warning: held-out validation not run: {e}", err=opts.validate is not None)
             return
         except Exception as e:  # noqa: BLE001 - the search's result stands without it
-            self.write(f"optimize-sd: warning: held-out validation failed: {type(e).__name__}: {first_line(e)}", err=True)
+            self.write(f"optimize-sd: warning: held-out validation failed: {type(e).__name__}: {first_line(e, opts.storage)}", err=True)
             return
         self.study = validation.reloaded(self.study)  # finish() writes the result with the validation
 

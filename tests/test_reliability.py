@@ -98,13 +98,33 @@ def test_locked_sqlite_file(tmp_path, monkeypatch, no_model):
     storage.open_storage(f"sqlite:///{db}")  # still a good database
 
 
-def test_corrupt_sqlite_file(tmp_path, monkeypatch, no_model):
+def _command(command, url, tmp_path, monkeypatch):
+    """``run`` (small, into ``tmp_path``) or a reader (best, report, generate, dashboard) on ``url``."""
+    if command.startswith("run"):
+        return _run(tmp_path, monkeypatch, *command.split()[1:], url=url)
+    monkeypatch.chdir(tmp_path)
+    return run_cli([command, "--storage", url, *READERS[command]])
+
+
+@pytest.mark.parametrize("command", ["run", "best", "report"])
+def test_corrupt_sqlite_file(command, tmp_path, monkeypatch, no_model):
+    """The readers name the cause as run does, not the "exception ... during the commit" Optuna's
+    read-only open wraps it in."""
     db = tmp_path / "s.db"
     junk = b"these are not the tables you are looking for\n" * 100
     db.write_bytes(junk)
-    line = one_error_line(*_run(tmp_path, monkeypatch, url=f"sqlite:///{db}"))
-    assert "file is not a database" in line and "left untouched" in line
+    line = one_error_line(*_command(command, f"sqlite:///{db}", tmp_path, monkeypatch))
+    assert "file is not a database" in line and "left untouched" in line, line
+    assert "during the commit" not in line
     assert db.read_bytes() == junk
+
+
+@pytest.mark.parametrize("command", ["best", "report"])
+def test_readers_name_an_unreachable_postgresql_server(command, tmp_path, monkeypatch, no_model):
+    pytest.importorskip("psycopg2")
+    line = one_error_line(*_command(command, "postgresql://u@127.0.0.1:1/db", tmp_path, monkeypatch))
+    assert "cannot open storage postgresql://u@127.0.0.1:1/db" in line and "Connection refused" in line, line
+    assert "during the commit" not in line
 
 
 PASSWORD = "secretpw"
@@ -128,6 +148,40 @@ def test_password_is_never_shown(url, needle, command, tmp_path, monkeypatch, no
     assert needle in line, line
     assert PASSWORD not in out + err
     assert storage.redact(url).count("***") == 1 and PASSWORD not in storage.redact(url)
+
+
+# A password with an unescaped "@" and ":" in it, in the query string, or behind a mistyped scheme: no
+# part of it may show (SQLAlchemy ends a password at its first "@" and takes the rest for the host, which
+# the driver's error then names).
+PIECES = ("alpha", "bravo", "charlie")
+
+
+@pytest.mark.parametrize("url,needle", [
+    ("postgresql://u@127.0.0.1:1/studies?password=alphabravocharlie",
+     "cannot open storage postgresql://u@127.0.0.1:1/studies?password=***: connection to server at \"127.0.0.1\""),
+    ("postgresql:/u:alphabravocharlie@127.0.0.1:1/studies", "unsupported storage 'postgresql:/u:***@127.0.0.1:1/studies'"),
+    ("postgresql://u:alpha@bravo:charlie@127.0.0.1:1/studies",
+     "cannot open storage postgresql://u:***@127.0.0.1:1/studies: connection to server at \"127.0.0.1\""),
+    ("postgresql://u:alpha:bravo@charlie@127.0.0.1:1/studies?sslpassword=alpha",
+     "cannot open storage postgresql://u:***@127.0.0.1:1/studies?sslpassword=***: connection to server"),
+])
+@pytest.mark.parametrize("command", ["run", "run --workers 2", "best", "report", "generate", "dashboard"])
+def test_password_written_any_way_is_never_shown(url, needle, command, tmp_path, monkeypatch, no_model):
+    pytest.importorskip("psycopg2")
+    line = one_error_line(*_command(command, url, tmp_path, monkeypatch))
+    assert needle in line, line
+    assert not any(piece in line for piece in PIECES), line
+    assert not any(piece in storage.redact(url) for piece in PIECES)
+
+
+def test_driver_errors_are_scrubbed_of_the_password():
+    """A driver's words may quote the URL, a DSN or the host part a mistyped password became."""
+    url = "postgresql://u:alpha@bravo@db/studies"
+    text = ('could not translate host name "bravo@db" to address; dsn "host=db password=alpha@bravo"; '
+            "url postgresql://u:alpha@bravo@db/studies")
+    scrubbed = storage.scrub(text, url)
+    assert not any(piece in scrubbed for piece in PIECES), scrubbed
+    assert storage.first_line(RuntimeError(text), url) == scrubbed
 
 
 @pytest.mark.parametrize("url", ["sqlite:///:memory:", "sqlite://", "sqlite:///file::memory:?uri=true"])
