@@ -162,6 +162,8 @@ def _read_file(path: str) -> list[str]:
 
 def _read_coco(source: str, num_samples: int) -> list[str]:
     """First caption of the first ``num_samples`` validation images of a COCO-schema dataset."""
+    if not os.path.isdir(source):
+        _check_hub_dataset(source)  # before datasets, slow to import, loads
     import datasets
 
     try:
@@ -176,3 +178,20 @@ def _read_coco(source: str, num_samples: int) -> list[str]:
         raise PromptsError(f"{source}: validation split has no 'captions' column")
     rows = split.select(range(min(num_samples, len(split))))[column]
     return [row[0] if isinstance(row, list) and row else row for row in rows]
+
+
+def _check_hub_dataset(source: str) -> None:
+    """Without network, datasets retries for about 40 s (eleven lines) before it gives up: one quick
+    request to the hub first, and one line if it cannot give the dataset."""
+    from . import hub
+
+    flag = os.environ.get("HF_DATASETS_OFFLINE")  # as datasets reads it: its own variable, else the hub's
+    if (flag.upper() in ("1", "ON", "YES", "TRUE") if flag is not None else hub.offline()):
+        return
+    reason = hub.unavailable(source, "dataset")
+    if reason is None:
+        return
+    cached = (" (it is in the local cache: HF_HUB_OFFLINE=1 reads it from there)"
+              if hub.cached(source, "dataset") is not None else "")
+    raise PromptsError(f"cannot load COCO captions from {source!r}: {reason}{cached}; "
+                       "with no network, use --prompts builtin or a prompts file")

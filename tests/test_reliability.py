@@ -366,6 +366,45 @@ def test_pipeline_that_cannot_load_leaves_no_study(components, needle, workers, 
     assert not (tmp_path / "s.db").exists()
 
 
+def _as_a_newcomer(tmp_path, *argv) -> tuple[int, str, float]:
+    """``optimize-sd run ARGV`` in a fresh process as a newcomer runs it: none of the offline variables
+    these tests set, a hub that refuses every connection (no network); (exit code, stderr, seconds)."""
+    import sys
+    import time
+
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    env.update(HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path / "hf-home"),
+               PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    start = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "optimize.cli", "run", "--no-progress", "--storage",
+                           storage_url(tmp_path), "--output", str(tmp_path / "p.json"), *argv],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    return done.returncode, done.stderr, time.monotonic() - start
+
+
+@pytest.mark.slow  # a fresh interpreter per case: imports alone take seconds on a small machine
+@pytest.mark.parametrize("argv,needle", [
+    (["--pipe", "./missing-dir"], "--pipe ./missing-dir: no such directory"),
+    (["--pipe", "missing/dir/"], "--pipe missing/dir/: no such directory"),
+    (["--pipe", "no-such-org/no-such-model"],
+     "could not load pipeline no-such-org/no-such-model: no-such-org/no-such-model is not in the local Hugging Face "
+     "cache and the hub at http://127.0.0.1:9 cannot be reached"),
+    (["--pipe", "tiny", "--prompts", "coco"],
+     "cannot load COCO captions from 'phiyodr/coco2017': the hub at http://127.0.0.1:9 cannot be reached"),
+])
+def test_without_network_a_bad_pipe_or_coco_fails_fast_and_leaves_no_study(argv, needle, tmp_path):
+    """The pipe is checked first and named (a path is never taken for a hub id); COCO without network is
+    one line pointing to the offline prompts, not a minute of datasets' retries; no database is made."""
+    code, err, seconds = _as_a_newcomer(tmp_path, *argv)
+    assert code == 2 and err.count("\n") == 1 and err.startswith(ERROR_PREFIX), err
+    assert needle in err, err
+    if "coco" in argv:
+        assert "use --prompts builtin or a prompts file" in err
+    assert "Retrying" not in err and seconds < 30, seconds  # datasets' retries alone sleep 23 s
+    assert not (tmp_path / "s.db").exists() and not (tmp_path / "studies").exists()
+
+
 # --- disk full while writing search_params.json -------------------------------------------------------------
 
 OLD = {"some:other:key": {"params": {}, "speedup": 1.0}}
