@@ -415,8 +415,9 @@ class Search:
         except storage_errors() as e:
             raise RunFailure(f"storage {redact(self.opts.storage)} failed: {first_line(e, self.opts.storage)}") from None
         b = self.baseline
-        echo(f"baseline ({self.opts.exec_mode}): {1000 * b.time_per_image:.1f} ms/image (±{100 * b.spread:.0f}%), "
-             f"CLIP {b.clip_score:.3f}")
+        if self.measured_stored():  # else build_objective says which time this run divides by
+            echo(f"baseline ({self.opts.exec_mode}): {1000 * b.time_per_image:.1f} ms/image (±{100 * b.spread:.0f}%), "
+                 f"CLIP {b.clip_score:.3f}")
         self.eager_time = None
         if self.opts.exec_mode != "eager":  # every speedup is also shown against the eager baseline
             eager = self.evaluator.time_eager(max(1, self.opts.repeats))
@@ -436,6 +437,25 @@ class Search:
                                    speed_gate=opts.speed_gate, fidelity=self.fidelity, eager_time=self.eager_time)
         self.key = search_params_key(self.spec, opts)
         self.worker = worker_label(opts)
+        if not self.measured_stored():
+            self.show_reference()
+
+    def measured_stored(self) -> bool:
+        """Whether this process measured the stored baseline (its time is then the one used)."""
+        return self.reference is not None and self.reference == self.baseline.time_per_image
+
+    def show_reference(self) -> None:
+        """The baseline a resumed run (or a worker whose baseline lost the race) divides by: never the
+        stored time, measured elsewhere or earlier, but the one timed here before the first trial (paired
+        calls beside each trial with ``--repeats``)."""
+        b, mode = self.baseline, self.opts.exec_mode
+        if self.opts.repeats:
+            self.echo(f"baseline ({mode}): CLIP {b.clip_score:.3f} (stored); each trial's speedup is against the "
+                      f"baseline calls timed beside it on this device (stored time: {1000 * b.time_per_image:.1f} ms/image)")
+            return
+        used = self.objective.reference_time()  # timed now rather than at the first trial, so the line can say it
+        self.echo(f"baseline ({mode}): {1000 * used:.1f} ms/image, timed now on this device for the speedups "
+                  f"(stored: {1000 * b.time_per_image:.1f} ms/image), CLIP {b.clip_score:.3f} (stored)")
 
     def optimize(self) -> None:
         """``opts.n_trials`` trials; Ctrl-C or SIGTERM is :class:`Interrupted`, a lost storage :class:`RunFailure`."""

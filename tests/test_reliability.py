@@ -329,6 +329,46 @@ def test_generate_refuses_a_prompt_too_long(tmp_path, monkeypatch, no_model):
     assert len(line) < 300 and sorted(os.listdir(tmp_path)) == ["sp.json"]
 
 
+# --- the baseline a run shows ---------------------------------------------------------------------------------
+
+STALE = 99.0  # seconds per image: a stored baseline time no run on this machine measures
+
+
+@pytest.mark.slow  # two tiny runs
+@pytest.mark.parametrize("case", ["resumed", "another worker stored its baseline first"])
+def test_the_baseline_shown_is_the_one_the_speedups_divide_by(case, tmp_path, monkeypatch):
+    """A resumed run, or a worker whose baseline lost the race, divides by a time measured here before
+    its first trial: that is the time its baseline line shows, not the stored one (measured earlier, or
+    by the other worker)."""
+    import re
+
+    from optimize.baseline import Baseline
+    from optimize.study import BASELINE_TIME
+
+    argv = ["--n-trials", "1", "--no-warm-start", "--validate", "0"]
+    if case == "resumed":
+        assert _run(tmp_path, monkeypatch, *argv)[0] == 0
+        study = load_study(storage_url(tmp_path))
+        stored = dict(study.user_attrs["baseline"], time_per_image=STALE)
+        study.set_user_attr("baseline", stored)
+    else:
+        real = Baseline.insert_once
+
+        def the_other_first(self, storage_, study):
+            real(Baseline(**{**self.__dict__, "time_per_image": STALE}), storage_, study)
+            return False
+
+        monkeypatch.setattr(Baseline, "insert_once", the_other_first)
+    code, out, err = _run(tmp_path, monkeypatch, *argv)
+    assert code == 0, err
+    trial = load_study(storage_url(tmp_path)).trials[-1]
+    shown = re.findall(r"^baseline \(eager\): ([\d.]+) ms/image", out, re.M)
+    assert shown == [f"{1000 * trial.user_attrs[BASELINE_TIME]:.1f}"], out
+    assert f"(stored: {1000 * STALE:.1f} ms/image)" in out
+    if case != "resumed":
+        assert "another worker stored the baseline first" in out
+
+
 # --- a pipeline that cannot load ----------------------------------------------------------------------------
 
 
