@@ -71,6 +71,12 @@ class HeartbeatStorage(RDBStorage):
     def set_trial_state_values(self, trial_id: int, state: TrialState, values=None) -> bool:
         if state != TrialState.RUNNING:
             return super().set_trial_state_values(trial_id, state, values)
+        # Optuna's contract first: a finished trial cannot run again (UpdateFinishedTrialError), one that
+        # runs already is not taken (False), and neither gets a heartbeat row.
+        current = self._trial_state(trial_id)
+        self.check_trial_is_updatable(trial_id, current)
+        if current != TrialState.WAITING:
+            return False
         # A queued trial being popped: its heartbeat before it runs (a row on a trial still waiting, or
         # one another process pops first, is harmless); its owner only once it is this process's.
         self.record_heartbeat(trial_id)
@@ -79,6 +85,15 @@ class HeartbeatStorage(RDBStorage):
         if self.owner_key:
             self.set_trial_system_attr(trial_id, self.owner_key, identity())
         return True
+
+    def _trial_state(self, trial_id: int) -> TrialState:
+        from optuna.storages._rdb.storage import _create_scoped_session
+
+        with _create_scoped_session(self.scoped_session) as session:
+            row = session.query(models.TrialModel.state).filter(models.TrialModel.trial_id == trial_id).one_or_none()
+        if row is None:
+            raise KeyError(f"no trial with trial_id {trial_id}")
+        return row[0]
 
     def _claim(self, trial_id: int) -> bool:
         """WAITING -> RUNNING in one conditional UPDATE. Optuna reads the state, then writes it: on SQLite
