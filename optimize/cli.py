@@ -16,6 +16,7 @@ from .accelerators import METHODS
 from .artifacts import artifact_dir_for, artifact_store
 from .baseline import Baseline
 from .console import format_result, validation_text
+from .files import check_output
 from .generate import GenerateError, generate, plan_from_params_file, plan_from_study
 from .graphs import check_exec
 from .measure import default_rounds
@@ -32,6 +33,10 @@ from .workers import follow_launcher, launch
 EXIT_USAGE = 2  # bad input, or a study that cannot be used: nothing was run
 EXIT_FAILURE = 1  # a fault during a run (RunFailure), or ``best`` without a feasible trial
 EXIT_INTERRUPTED = 130
+
+
+# torch's generators take 64-bit seeds: a larger one failed only once the study existed
+SEEDS = click.IntRange(-(2**63), 2**63 - 1)
 
 
 class Failure(click.ClickException):
@@ -106,7 +111,7 @@ def cli():
 @click.option("--n-trials", type=click.IntRange(1), default=20, show_default=True, help="Trials to add in this run.")
 @click.option("--storage", default=DEFAULT_STORAGE, show_default=True, help="Optuna storage URL.")
 @click.option("--study", "study_name", default=None, help="[default: derived from model, scheduler, steps and goal]")
-@click.option("--seed", type=int, default=DEFAULT_SEED, show_default=True)
+@click.option("--seed", type=SEEDS, default=DEFAULT_SEED, show_default=True)
 @click.option("--output", default="search_params.json", show_default=True, type=click.Path(dir_okay=False))
 @click.option("--heartbeat", type=click.IntRange(1), default=60, show_default=True,
               help="Seconds between trial heartbeats; a trial silent for twice that is retried.")
@@ -394,6 +399,7 @@ def report_command(storage, study_name, output, top, artifact_dir):
     """Write a self-contained HTML report of a study: Pareto plot, history, importances, images of the
     baseline, the best and Pareto trials, top trials."""
     try:
+        check_output(output, "-o")
         study = open_study(storage, study_name)
         write_report(study, output, storage, top, artifact_dir)
     except (StudyError, OSError) as e:
@@ -413,7 +419,7 @@ def report_command(storage, study_name, output, top, artifact_dir):
 @click.option("--params", "params_file", default=None, type=click.Path(dir_okay=False),
               help="Take the settings from this search_params.json instead of a study.")
 @click.option("--key", default=None, help="Entry of --params  [default: its only entry]")
-@click.option("--seed", type=int, default=None, help="[default: the study's seed; 42 with --params]")
+@click.option("--seed", type=SEEDS, default=None, help="[default: the study's seed; 42 with --params]")
 @click.option("--num-images", type=click.IntRange(1), default=1, show_default=True, help="Images per prompt.")
 @click.option("--device", default=None, help="cuda, cuda:N or cpu  [default: cuda if available]")
 @click.option("--baseline", "no_accel", is_flag=True, help="Generate without the acceleration, for comparison.")
@@ -421,6 +427,7 @@ def generate_command(prompts, output, storage, study_name, trial_number, params_
                      no_accel):
     """Generate images with a study's best (or chosen) settings applied."""
     try:
+        check_output(output, "-o")  # before any model loads
         if params_file is not None:
             if storage is not None or study_name is not None or trial_number is not None:
                 raise GenerateError("--params takes the settings from the file: leave out --storage, --study and --trial")

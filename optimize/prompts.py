@@ -56,9 +56,9 @@ def load_prompts(spec: str, num_samples: int) -> list[str]:
     numbered, unit = _numbered(spec, num_samples)
     if not numbered:
         raise PromptsError(f"no prompts in {spec!r}")
+    _check_lengths(spec, unit, numbered[:num_samples])  # first: a file with no line breaks is one huge prompt
     if len(numbered) < num_samples:
-        raise PromptsError(f"{spec!r} has {len(numbered)} prompts, fewer than --num-samples {num_samples}")
-    _check_lengths(spec, unit, numbered[:num_samples])
+        raise PromptsError(f"{spec!r} has {counted(len(numbered), 'prompt')}, fewer than --num-samples {num_samples}")
     return [p for _, p in numbered[:num_samples]]
 
 
@@ -99,6 +99,11 @@ def shorten(text: str, limit: int = 80) -> str:
     """
     head = " ".join(text[:limit + 1].split())  # line breaks and runs of spaces as one space
     return head if len(text) <= limit else f"{head[:limit].rstrip()} ... ({len(text)} characters)"
+
+
+def counted(n: int, noun: str) -> str:
+    """``n`` and ``noun``, plural unless ``n`` is 1: ``counted(1, "trial")`` is ``'1 trial'``."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def load_heldout(spec: str, num_samples: int, n: int) -> list[str]:

@@ -38,7 +38,7 @@ from .measure import Evaluator, GenerationSettings
 from .graphs import compile_blocks
 from .metrics import ClipScorer, FidelityScorer, MetricError, lpips_available, lpips_weights_path, score_loss
 from .params_file import run_entry, search_params_key, update_search_params
-from .prompts import PromptsError, load_heldout, load_prompts, prompt_source, prompts_hash
+from .prompts import PromptsError, counted, load_heldout, load_prompts, prompt_source, prompts_hash
 from .search import Objective, SearchSpace, make_sampler, warm_start_params
 from .storage import (MAX_RETRY, StorageError, first_line, from_queue, insert_study_system_attr_once, open_storage,
                       redact, storage_cause, storage_errors)
@@ -295,12 +295,12 @@ def fidelity_scorer(baseline_images, opts: RunOptions, echo) -> FidelityScorer:
                 raise RunError(f"cannot load LPIPS from {lpips_weights_path()}: {type(e).__name__}: "
                                f"{first_line(e)}") from None
             echo(f"note: LPIPS not recorded: cannot load {lpips_weights_path()} ({type(e).__name__}: "
-                 f"{first_line(e)}); PSNR and SSIM are")
+                 f"{first_line(e)}); PSNR and SSIM are recorded")
     elif opts.goal.loss_metric == "lpips":  # checked before anything loaded; the file went away since
         raise RunError(f"--loss-metric lpips needs torchvision's AlexNet weights at {lpips_weights_path()}")
     else:
         echo(f"note: LPIPS not recorded: torchvision's AlexNet weights are not at {lpips_weights_path()} "
-             "(they are not downloaded during a run); PSNR and SSIM are")
+             "(they are not downloaded during a run); PSNR and SSIM are recorded")
     return FidelityScorer(baseline_images, opts.device)
 
 
@@ -357,7 +357,7 @@ class Search:
                 try:
                     step()
                 except KeyboardInterrupt:  # optimize() says what became of the running trial itself
-                    raise Interrupted(f"interrupted {during}: {self.completed()} completed trials kept; "
+                    raise Interrupted(f"interrupted {during}: {counted(self.completed(), 'completed trial')} kept; "
                                       "run the same command to resume") from None
         finally:
             signal.signal(signal.SIGTERM, previous)
@@ -371,7 +371,7 @@ class Search:
     def open(self) -> None:
         opts, echo = self.opts, self.echo
         self.prompts, self.storage, self.fingerprint, self.study, n_before = prepare_study(self.spec, opts, echo)
-        echo(f"study {self.study.study_name} ({redact(opts.storage)}): {n_before} trials so far, adding {opts.n_trials}")
+        echo(f"study {self.study.study_name} ({redact(opts.storage)}): {counted(n_before, 'trial')} so far, adding {opts.n_trials}")
         if self.spec.kind in ("random", "tiny-xl") or opts.clip_pretrained is None:
             echo("note: random weights (pipeline or CLIP model): speed is real, CLIP scores and losses are meaningless")
 
@@ -469,7 +469,7 @@ class Search:
                            gc_after_trial=True)
         except KeyboardInterrupt:
             self.bar.close()
-            raise Interrupted(f"interrupted: {self.completed()} completed trials kept, the running one marked "
+            raise Interrupted(f"interrupted: {counted(self.completed(), 'completed trial')} kept, the running one marked "
                               f"failed{self.queue_interrupted()}; run the same command to resume") from None
         except Exception as e:
             cause = storage_cause(e)

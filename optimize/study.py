@@ -141,10 +141,10 @@ class Goal:
             raise ValueError("--mode target needs --target-speedup")
         if self.mode != "target" and self.target_speedup is not None:
             raise ValueError(f"--target-speedup implies --mode target, not {self.mode}")
+        if self.mode == "target" and not math.isfinite(self.target_speedup):  # nan is not "not greater than 1"
+            raise ValueError(f"--target-speedup must be a finite number, got {self.target_speedup}")
         if self.mode == "target" and not self.target_speedup > 1:
             raise ValueError("--target-speedup must be greater than 1")
-        if self.mode == "target" and not math.isfinite(self.target_speedup):
-            raise ValueError("--target-speedup must be a finite number")
         if self.loss_metric == "psnr":
             if not 0 < self.max_loss <= PSNR_CAP:
                 raise ValueError(f"--max-loss with --loss-metric psnr is the minimum PSNR in dB: must be in (0, {PSNR_CAP:g}]")

@@ -791,3 +791,122 @@ def test_postgresql_goes_away_during_a_run(tmp_path, monkeypatch):
     trials = study.trials
     assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE]
     assert trials[2].system_attrs["failed_trial"] == 1 and trials[2].params == trials[1].params
+
+
+# --- small gaps ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["run", "generate"])
+def test_a_seed_beyond_64_bits_is_refused_before_anything(command, tmp_path, monkeypatch, no_model):
+    """torch's generators take 64-bit seeds: a larger one failed only once the study existed."""
+    seed = str(2**64)
+    if command == "run":
+        code, out, err = _run(tmp_path, monkeypatch, "--seed", seed)
+    else:
+        monkeypatch.chdir(tmp_path)
+        code, out, err = run_cli(["generate", "a cat", "--seed", seed])
+    line = one_error_line(code, out, err)
+    assert f"--seed" in line and seed in line and "9223372036854775807" in line, line
+    assert os.listdir(tmp_path) == []
+
+
+def test_target_speedup_nan_is_not_a_finite_number(tmp_path, monkeypatch, no_model):
+    line = one_error_line(*_run(tmp_path, monkeypatch, "--target-speedup", "nan"))
+    assert "--target-speedup must be a finite number, got nan" in line, line
+
+
+@pytest.mark.parametrize("entries,key,needle", [
+    ({"tiny:ddim:8:max:0.05": {"pipe": "tiny"}}, None, "[tiny:ddim:8:max:0.05]: missing params"),
+    ({"a": {"pipe": "tiny"}, "b": [1]}, None, "[a, b]: missing params"),
+    ({"a": {"pipe": "tiny"}, "b": {"pipe": "tiny", "params": {}}}, "a", "[a]: missing params"),
+])
+def test_generate_names_an_entry_without_params(entries, key, needle, tmp_path, monkeypatch, no_model):
+    """It said "has 0 entries"."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sp.json").write_text(json.dumps(entries))
+    line = one_error_line(*run_cli(["generate", "--params", "sp.json", *(["--key", key] if key else []), "a cat"]))
+    assert f"sp.json {needle}" in line, line
+    assert "0 entries" not in line
+
+
+def test_a_huge_one_line_prompt_file_is_too_long_not_too_short(tmp_path, monkeypatch, no_model):
+    """A 10 MB file without line breaks is one prompt: say it is too long, not that the file "has 1
+    prompts" for --num-samples 2."""
+    (tmp_path / "p.txt").write_text("x" * 10_000_000)
+    line = one_error_line(*_run(tmp_path, monkeypatch, "--prompts", "p.txt", "--num-samples", "2"))
+    assert "'p.txt' line 1: a prompt may have at most 1000 characters" in line, line
+    (tmp_path / "p.txt").write_text("a cat\n")
+    line = one_error_line(*_run(tmp_path, monkeypatch, "--prompts", "p.txt", "--num-samples", "2"))
+    assert "'p.txt' has 1 prompt, fewer than --num-samples 2" in line, line
+
+
+def test_the_lpips_note_says_what_is_recorded(monkeypatch):
+    """It read as cut off: "...; PSNR and SSIM are"."""
+    import numpy as np
+    from PIL import Image
+
+    monkeypatch.setattr(runner, "lpips_available", lambda: False)
+    lines = []
+    opts = runner.RunOptions(**{**_OPTS, "goal": runner.Goal("max", None, 0.15, "ssim")})
+    runner.fidelity_scorer([Image.fromarray(np.zeros((8, 8, 3), np.uint8))], opts, lambda line, err=False: lines.append(line))
+    assert len(lines) == 1 and lines[0].startswith("note: LPIPS not recorded") and lines[0].endswith(
+        "; PSNR and SSIM are recorded"), lines
+
+
+_OPTS = dict(scheduler="ddim", device="cpu", dtype="fp32", steps=8, guidance=None, height=None, width=None, batch_size=1,
+             prompt_spec="builtin", num_samples=2, clip_model="tiny-clip", clip_pretrained=None, repeats=0,
+             scored_repeats=0, goal=None, methods=("deepcache",), n_trials=1, storage="sqlite:///s.db",
+             study_name=None, seed=42, output="sp.json", heartbeat=60, progress=False)
+
+
+@pytest.mark.parametrize("command", ["report", "generate"])
+def test_report_or_generate_into_a_read_only_folder_names_the_file(command, tmp_path, monkeypatch, read_only, no_model):
+    """Refused before the study is read or a model loads, naming the output, not a temporary file."""
+    from helpers import synthetic_study
+    from optimize.study import Goal
+
+    monkeypatch.chdir(tmp_path)
+    synthetic_study(storage_url(tmp_path), "s", Goal("max", None, 0.05), [])
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    read_only(locked)
+    out = "locked/r.html" if command == "report" else "locked/x.png"
+    argv = ["report", "--storage", storage_url(tmp_path), "-o", out] if command == "report" else [
+        "generate", "a cat", "--storage", storage_url(tmp_path), "-o", out]
+    line = one_error_line(*run_cli(argv))
+    assert f"cannot write {out}: directory {locked} is not writable; pass another -o" in line, line
+    assert ".tmp" not in line and os.listdir(locked) == []
+
+
+def test_an_atomic_write_that_cannot_start_names_the_file(tmp_path, read_only):
+    from optimize.files import atomic_write
+
+    read_only(tmp_path)
+    with pytest.raises(OSError) as e:
+        atomic_write(str(tmp_path / "r.html"), "<html>")
+    assert str(e.value).startswith(f"cannot write {tmp_path / 'r.html'}: ") and ".tmp" not in str(e.value)
+
+
+def test_a_mode_444_search_params_file_is_refused_even_for_root(tmp_path, monkeypatch, no_model):
+    """The README promises a read-only file is never replaced; root passes os.access, so the mode bits
+    decide."""
+    output = tmp_path / "search_params.json"
+    output.write_text(json.dumps(OLD))
+    output.chmod(0o444)
+    line = one_error_line(*_run(tmp_path, monkeypatch, "--output", output))
+    assert f"{output} is read-only: make it writable or pass another --output" in line, line
+    assert json.loads(output.read_text()) == OLD
+
+
+def test_the_demos_artifacts_are_git_ignored():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if subprocess.run(["git", "-C", root, "rev-parse"], capture_output=True).returncode != 0:
+        pytest.skip("not a git checkout")
+    for path in ("studies/optimize-sd-artifacts/x.png", "studies/artifacts/x.png", "studies/optimize-sd.db"):
+        assert subprocess.run(["git", "-C", root, "check-ignore", "-q", path]).returncode == 0, path
+
+
+def test_the_readme_tells_cpu_users_of_the_cpu_build():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "README.md"), encoding="utf-8") as f:
+        assert "--index-url https://download.pytorch.org/whl/cpu" in f.read()
