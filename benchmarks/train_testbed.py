@@ -368,6 +368,15 @@ def main(argv=None) -> int:
                                    requires_safety_checker=False)
     pipe.to("cpu", torch.float16)
     pipe.save_pretrained(pipe_dir, safe_serialization=True)
+    # Weights stored in fp16 (half the size), loaded in fp32 by a plain from_pretrained: diffusers does so
+    # for the UNet and VAE, transformers follows the config's dtype, which must then say float32 too.
+    te_config = os.path.join(pipe_dir, "text_encoder", "config.json")
+    with open(te_config) as f:
+        config = json.load(f)
+    config.update({k: "float32" for k in ("dtype", "torch_dtype") if k in config})
+    with open(te_config, "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+        f.write("\n")
     # transformers writes the fast tokenizer's tokenizer.json (3.6 MB); CLIP's vocab.json + merges.txt
     # (1.5 MB) load to the same tokenizer with CLIPTokenizer.from_pretrained.
     import shutil

@@ -16,6 +16,7 @@ from .levers import METHODS
 from .artifacts import artifact_dir_for, artifact_store
 from .baseline import Baseline
 from .console import format_result, validation_text
+from .files import check_output
 from .generate import GenerateError, generate, plan_from_params_file, plan_from_study
 from .graphs import check_exec
 from .measure import default_rounds
@@ -24,7 +25,7 @@ from .params_file import add_validations, best_json, check_writable, read_search
 from .pipelines import DTYPES, SCHEDULERS
 from .report import measured_trials, write_report
 from .runner import Interrupted, RunError, RunFailure, RunOptions, run_search
-from .storage import DEFAULT_STORAGE, StorageError, check_storage_url, open_storage, redact
+from .storage import DEFAULT_STORAGE, StorageError, check_storage_url, open_storage, redact, scrub
 from .study import CONFIG, DEFAULT_SEED, Goal, StudyError, goal_of, open_study, pick_study, study_result
 from .validation import ValidationError, validate_study
 from .workers import follow_launcher, launch
@@ -32,6 +33,10 @@ from .workers import follow_launcher, launch
 EXIT_USAGE = 2  # bad input, or a study that cannot be used: nothing was run
 EXIT_FAILURE = 1  # a fault during a run (RunFailure), or ``best`` without a feasible trial
 EXIT_INTERRUPTED = 130
+
+
+# torch's generators take 64-bit seeds: a larger one failed only once the study existed
+SEEDS = click.IntRange(-(2**63), 2**63 - 1)
 
 
 class Failure(click.ClickException):
@@ -109,7 +114,7 @@ def cli():
 @click.option("--n-trials", type=click.IntRange(1), default=20, show_default=True, help="Trials to add in this run.")
 @click.option("--storage", default=DEFAULT_STORAGE, show_default=True, help="Optuna storage URL.")
 @click.option("--study", "study_name", default=None, help="[default: derived from model, scheduler, steps and goal]")
-@click.option("--seed", type=int, default=DEFAULT_SEED, show_default=True)
+@click.option("--seed", type=SEEDS, default=DEFAULT_SEED, show_default=True)
 @click.option("--output", default="search_params.json", show_default=True, type=click.Path(dir_okay=False))
 @click.option("--heartbeat", type=click.IntRange(1), default=60, show_default=True,
               help="Seconds between trial heartbeats; a trial silent for twice that is retried.")
@@ -397,6 +402,7 @@ def report_command(storage, study_name, output, top, artifact_dir):
     """Write a self-contained HTML report of a study: Pareto plot, history, importances, images of the
     baseline, the best and Pareto trials, top trials."""
     try:
+        check_output(output, "-o")
         study = open_study(storage, study_name)
         write_report(study, output, storage, top, artifact_dir)
     except (StudyError, OSError) as e:
@@ -416,7 +422,7 @@ def report_command(storage, study_name, output, top, artifact_dir):
 @click.option("--params", "params_file", default=None, type=click.Path(dir_okay=False),
               help="Take the settings from this search_params.json instead of a study.")
 @click.option("--key", default=None, help="Entry of --params  [default: its only entry]")
-@click.option("--seed", type=int, default=None, help="[default: the study's seed; 42 with --params]")
+@click.option("--seed", type=SEEDS, default=None, help="[default: the study's seed; 42 with --params]")
 @click.option("--num-images", type=click.IntRange(1), default=1, show_default=True, help="Images per prompt.")
 @click.option("--device", default=None, help="cuda, cuda:N or cpu  [default: cuda if available]")
 @click.option("--baseline", "no_accel", is_flag=True, help="Generate without the acceleration, for comparison.")
@@ -424,6 +430,7 @@ def generate_command(prompts, output, storage, study_name, trial_number, params_
                      no_accel):
     """Generate images with a study's best (or chosen) settings applied."""
     try:
+        check_output(output, "-o")  # before any model loads
         if params_file is not None:
             if storage is not None or study_name is not None or trial_number is not None:
                 raise GenerateError("--params takes the settings from the file: leave out --storage, --study and --trial")
@@ -464,6 +471,9 @@ def main(argv=None) -> None:
     # Optuna flags the features this tool relies on (heartbeat, grouped TPE) as experimental on every use.
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*experimental.*")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    global _STORAGE_URLS
+    _STORAGE_URLS = _storage_urls(argv)
     try:
         code = cli.main(args=argv, prog_name="optimize-sd", standalone_mode=False)
     except (click.exceptions.Abort, KeyboardInterrupt):
@@ -481,7 +491,18 @@ def main(argv=None) -> None:
     sys.exit(code if isinstance(code, int) else 0)
 
 
+_STORAGE_URLS: list[str] = []  # this command's --storage values, whose passwords no error line may show
+
+
+def _storage_urls(argv: list[str]) -> list[str]:
+    urls = [v for flag, v in zip(argv, argv[1:]) if flag == "--storage"]
+    return urls + [a.partition("=")[2] for a in argv if a.startswith("--storage=")]
+
+
 def _fail(message: str, code: int) -> None:
+    # Every message redacts the URL it names; this also catches a driver's words that quote a password.
+    for url in _STORAGE_URLS:
+        message = scrub(message, url)
     click.echo(f"optimize-sd: error: {message}", err=True)
     sys.exit(code)
 

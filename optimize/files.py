@@ -41,8 +41,11 @@ def atomic_write(path: str, data) -> None:
         os.umask(umask)
         mode = 0o666 & ~umask
     remove_stale_temporaries(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.{_host()}.{os.getpid()}.", suffix=".tmp",
-                               dir=directory)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.{_host()}.{os.getpid()}.", suffix=".tmp",
+                                   dir=directory)
+    except OSError as e:  # the message named the temporary file, which the user never asked for
+        raise WriteError(e.errno, f"cannot write {path}: {e.strerror} (directory {os.path.dirname(path) or '.'})") from None
     try:
         with os.fdopen(fd, "w", encoding="utf-8") if callable(data) else os.fdopen(fd, "wb") as f:
             if callable(data):
@@ -57,6 +60,39 @@ def atomic_write(path: str, data) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+class WriteError(OSError):
+    """A file that cannot be written, said in one line that names it (``str`` is the message alone)."""
+
+    def __str__(self) -> str:
+        return self.strerror or super().__str__()
+
+
+def read_only(path: str) -> bool:
+    """Whether an existing file is read-only: not writable for this process, or without any write bit
+    in its mode (root may write any file; a file made read-only means "do not replace me" to root too)."""
+    try:
+        return not os.access(path, os.W_OK) or not os.stat(path).st_mode & 0o222
+    except OSError:
+        return False
+
+
+def check_output(path: str, option: str) -> None:
+    """Refuse (:class:`WriteError`), before anything is computed, an output file that cannot be written:
+    a read-only file, or a directory where this process cannot create files (the file's, or the nearest
+    one that exists where it is still to be made). ``option`` names the option that chose ``path``."""
+    import errno
+
+    if os.path.exists(path) and read_only(path):
+        raise WriteError(errno.EACCES, f"{path} is read-only: make it writable or pass another {option}")
+    directory = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(directory):  # created on the first write
+        directory = os.path.dirname(directory)
+    if not os.path.isdir(directory):
+        raise WriteError(errno.ENOTDIR, f"cannot write {path}: {directory} is not a directory")
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise WriteError(errno.EACCES, f"cannot write {path}: directory {directory} is not writable; pass another {option}")
 
 
 @functools.lru_cache(maxsize=None)  # fixed for a process's life

@@ -22,7 +22,7 @@ import os
 from dataclasses import dataclass, fields
 from typing import Any
 
-from .files import atomic_write_json
+from .files import atomic_write_json, read_only
 from .storage import StorageError, redact
 from .study import (CLIP_SCORE, CONFIDENCE, CONFIG, ENTRY_LEVEL, FIDELITY, INTERVAL_LEVEL, INTERVALS, LOSS_INTERVAL, SCORE_LOSS,
                     SPEEDUP, SPEEDUP_EAGER, SPEEDUP_INTERVAL, SPREAD, TIME_PER_IMAGE, VALIDATION, Goal, Validation)
@@ -150,7 +150,7 @@ def check_writable(path: str) -> None:
 
 
 def _read_only(path: str) -> bool:
-    return os.path.exists(path) and not os.access(path, os.W_OK)
+    return os.path.exists(path) and read_only(path)  # its mode bits too: root is not stopped by them
 
 
 @contextlib.contextmanager
@@ -199,7 +199,13 @@ def read_entry(path: str, key: str | None = None) -> tuple[str, Entry]:
     """Entry ``key`` of the file at ``path`` (its only entry if ``key`` is None): ``(key, entry)``."""
     if not os.path.isfile(path):
         raise ParamsFileError(f"--params {path}: no such file")
-    entries = {k: v for k, v in read_search_params(path).items() if isinstance(v, dict) and "params" in v}
+    data = read_search_params(path)
+    entries = {k: v for k, v in data.items() if isinstance(v, dict) and "params" in v}
+    # keys whose value is no entry (no params): named as such, not counted as "0 entries"
+    broken = [k for k in data if k not in entries] if key is None and not entries else [key] if key in data else []
+    if broken and key not in entries:
+        raise ParamsFileError(f"{path} [{', '.join(sorted(broken))}]: missing params (an entry as optimize-sd run "
+                              "writes it has them)")
     if key is None:
         if len(entries) != 1:
             raise ParamsFileError(f"{path} has {len(entries)} entries: choose one with --key "

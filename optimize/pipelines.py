@@ -25,6 +25,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 
+from . import hub
 from .prompts import shorten
 
 PRESETS = {
@@ -106,12 +107,21 @@ def resolve_pipe(name: str, random_weights: bool = False) -> PipeSpec:
         if cls not in SUPPORTED_CLASSES:
             raise PipelineError(f"{name}: pipeline class {cls!r} is not supported (use one of {', '.join(SUPPORTED_CLASSES)})")
         return PipeSpec(name, os.path.abspath(name), "dir", cls == "StableDiffusionXLPipeline")
+    if _path_like(name) and not os.path.exists(name):  # never asked of the hub as an id
+        raise PipelineError(f"--pipe {name}: no such directory")
     if _HUB_ID.match(name) and not os.path.exists(name):
         return PipeSpec(name, name, "hub", None)
     raise PipelineError(
         f"unknown pipeline {name!r}: use a preset ({', '.join(list(PRESETS) + list(TINY))}), a hub id "
         "(org/name) or a local diffusers directory"
     )
+
+
+def _path_like(name: str) -> bool:
+    """A name written as a path (``./dir``, ``../dir``, ``/abs``, ``~/dir``, ``a/b/c``, ``dir/``), which a
+    hub id (``org/name``, neither starting with a dot) never is."""
+    return (name.startswith((".", "/", "~", os.sep)) or name.endswith(("/", os.sep)) or name.count("/") > 1
+            or (os.sep != "/" and os.sep in name))
 
 
 # Weight files of a model component (a folder with a config.json: UNet, VAE, text encoders); the others
@@ -128,16 +138,17 @@ shipped testbed directory)."""
     if spec.kind == "dir":
         _check_pipeline_dir(spec.source, spec.name, spec.is_xl)
     elif spec.kind == "hub":
-        from huggingface_hub import constants, snapshot_download
-
-        try:
-            snapshot = snapshot_download(spec.source, local_files_only=True)
-        except Exception:  # noqa: BLE001 - not cached (or a broken cache): the hub may still have it
-            if constants.HF_HUB_OFFLINE:
-                raise PipelineError(f"{spec.name}: {spec.source} is not in the local Hugging Face cache and the hub "
-                                    "is offline (HF_HUB_OFFLINE): download it first or pass a local directory") from None
+        snapshot = hub.cached(spec.source)
+        if snapshot is not None:
+            _check_pipeline_dir(snapshot, f"{spec.name} (cached at {snapshot})", spec.is_xl, cached=True)
             return
-        _check_pipeline_dir(snapshot, f"{spec.name} (cached at {snapshot})", spec.is_xl, cached=True)
+        if hub.offline():
+            raise PipelineError(f"{spec.name}: {spec.source} is not in the local Hugging Face cache and the hub "
+                                "is offline (HF_HUB_OFFLINE): download it first or pass a local directory")
+        reason = hub.unavailable(spec.source)  # one quick request, not diffusers' minute of retries
+        if reason is not None:
+            raise PipelineError(f"could not load pipeline {spec.name}: {spec.source} is not in the local Hugging Face "
+                                f"cache and {reason}; pass a local directory, or download it where the hub is reachable")
 
 
 def _check_pipeline_dir(directory: str, name: str, xl: bool | None, cached: bool = False) -> None:

@@ -56,9 +56,9 @@ def load_prompts(spec: str, num_samples: int) -> list[str]:
     numbered, unit = _numbered(spec, num_samples)
     if not numbered:
         raise PromptsError(f"no prompts in {spec!r}")
+    _check_lengths(spec, unit, numbered[:num_samples])  # first: a file with no line breaks is one huge prompt
     if len(numbered) < num_samples:
-        raise PromptsError(f"{spec!r} has {len(numbered)} prompts, fewer than --num-samples {num_samples}")
-    _check_lengths(spec, unit, numbered[:num_samples])
+        raise PromptsError(f"{spec!r} has {counted(len(numbered), 'prompt')}, fewer than --num-samples {num_samples}")
     return [p for _, p in numbered[:num_samples]]
 
 
@@ -99,6 +99,11 @@ def shorten(text: str, limit: int = 80) -> str:
     """
     head = " ".join(text[:limit + 1].split())  # line breaks and runs of spaces as one space
     return head if len(text) <= limit else f"{head[:limit].rstrip()} ... ({len(text)} characters)"
+
+
+def counted(n: int, noun: str) -> str:
+    """``n`` and ``noun``, plural unless ``n`` is 1: ``counted(1, "trial")`` is ``'1 trial'``."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def load_heldout(spec: str, num_samples: int, n: int) -> list[str]:
@@ -162,6 +167,8 @@ def _read_file(path: str) -> list[str]:
 
 def _read_coco(source: str, num_samples: int) -> list[str]:
     """First caption of the first ``num_samples`` validation images of a COCO-schema dataset."""
+    if not os.path.isdir(source):
+        _check_hub_dataset(source)  # before datasets, slow to import, loads
     import datasets
 
     try:
@@ -176,3 +183,20 @@ def _read_coco(source: str, num_samples: int) -> list[str]:
         raise PromptsError(f"{source}: validation split has no 'captions' column")
     rows = split.select(range(min(num_samples, len(split))))[column]
     return [row[0] if isinstance(row, list) and row else row for row in rows]
+
+
+def _check_hub_dataset(source: str) -> None:
+    """Without network, datasets retries for about 40 s (eleven lines) before it gives up: one quick
+    request to the hub first, and one line if it cannot give the dataset."""
+    from . import hub
+
+    flag = os.environ.get("HF_DATASETS_OFFLINE")  # as datasets reads it: its own variable, else the hub's
+    if (flag.upper() in ("1", "ON", "YES", "TRUE") if flag is not None else hub.offline()):
+        return
+    reason = hub.unavailable(source, "dataset")
+    if reason is None:
+        return
+    cached = (" (it is in the local cache: HF_HUB_OFFLINE=1 reads it from there)"
+              if hub.cached(source, "dataset") is not None else "")
+    raise PromptsError(f"cannot load COCO captions from {source!r}: {reason}{cached}; "
+                       "with no network, use --prompts builtin or a prompts file")

@@ -386,6 +386,7 @@ def image_grid_html(study, goal: Goal | None = None, storage_url: str | None = N
                 "is on another machine): run writes them beside the storage, or in --artifact-dir.</p>")
     esc = html.escape
     head = "".join(f"<th>{esc(c['title'])}<br><small>{esc(c['detail'])}</small></th>" for c in columns)
+    captions = grid_prompts(study, len(columns[0]["images"]))
     body = []
     for i in range(len(columns[0]["images"])):
         cells = []
@@ -396,8 +397,27 @@ def image_grid_html(study, goal: Goal | None = None, storage_url: str | None = N
             else:
                 src = "data:image/png;base64," + base64.b64encode(png).decode("ascii")
                 cells.append(f"<td><img class=\"grid\" src=\"{src}\" alt=\"{esc(c['title'])}, prompt {i}\"></td>")
-        body.append(f"<tr><th>prompt {i}</th>{''.join(cells)}</tr>")
+        caption = f"<br><small class=\"prompt\">{esc(captions[i])}</small>" if captions else ""
+        body.append(f"<tr><th>prompt {i}{caption}</th>{''.join(cells)}</tr>")
     return f"<table id=\"image-grid\"><tr><th></th>{head}</tr>{''.join(body)}</table>"
+
+
+def grid_prompts(study, n: int) -> list[str] | None:
+    """The first ``n`` prompts of the study, to caption the grid's rows, where they can be read here
+    without network and are those the study used (same hash): the built-in or testbed captions, a file
+    still at its path. None otherwise (COCO: the report never downloads)."""
+    from .prompts import PromptsError, load_prompts, prompts_hash
+
+    record = StudyRecord.load(study)
+    fp = record.fingerprint if record else None
+    source = record.prompt_source if record else None
+    if fp is None or not source or source.startswith("coco") or not fp.num_samples:
+        return None
+    try:
+        prompts = load_prompts(source, fp.num_samples)
+    except (PromptsError, OSError):
+        return None
+    return prompts[:n] if prompts_hash(prompts) == fp.prompts else None
 
 
 _STYLE = """
@@ -410,6 +430,8 @@ tr.infeasible { color: #888; } code { font-size: .95em; } .note { color: #a15c00
 pre { background: #f5f5f5; padding: .6em; overflow-x: auto; }
 img.grid { width: 160px; height: auto; image-rendering: pixelated; } #image-grid td, #image-grid th { vertical-align: top; }
 #section-top, #section-images { overflow-x: auto; }
+#top-trials code { overflow-wrap: anywhere; } #top-trials td, #top-trials th { padding: .3em .35em; }
+#image-grid small.prompt { font-weight: normal; display: block; max-width: 12em; }
 """
 
 

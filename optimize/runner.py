@@ -38,7 +38,7 @@ from .measure import Evaluator, GenerationSettings
 from .graphs import compile_blocks
 from .metrics import ClipScorer, FidelityScorer, MetricError, lpips_available, lpips_weights_path, score_loss
 from .params_file import run_entry, search_params_key, update_search_params
-from .prompts import PromptsError, load_heldout, load_prompts, prompt_source, prompts_hash
+from .prompts import PromptsError, counted, load_heldout, load_prompts, prompt_source, prompts_hash
 from .search import Objective, SearchSpace, make_sampler, warm_start_params
 from .storage import (MAX_RETRY, StorageError, first_line, from_queue, insert_study_system_attr_once, open_storage,
                       redact, storage_cause, storage_errors)
@@ -223,7 +223,7 @@ def prepare_study(spec: pipelines.PipeSpec, opts: RunOptions, echo: console.Echo
     try:
         study, n_before = _open_study(storage, name, opts, fingerprint, echo)
     except storage_errors() as e:
-        raise RunFailure(f"storage {redact(opts.storage)} failed: {first_line(e)}") from None
+        raise RunFailure(f"storage {redact(opts.storage)} failed: {first_line(e, opts.storage)}") from None
     return prompts, storage, fingerprint, study, n_before
 
 
@@ -295,12 +295,12 @@ def fidelity_scorer(baseline_images, opts: RunOptions, echo) -> FidelityScorer:
                 raise RunError(f"cannot load LPIPS from {lpips_weights_path()}: {type(e).__name__}: "
                                f"{first_line(e)}") from None
             echo(f"note: LPIPS not recorded: cannot load {lpips_weights_path()} ({type(e).__name__}: "
-                 f"{first_line(e)}); PSNR and SSIM are")
+                 f"{first_line(e)}); PSNR and SSIM are recorded")
     elif opts.goal.loss_metric == "lpips":  # checked before anything loaded; the file went away since
         raise RunError(f"--loss-metric lpips needs torchvision's AlexNet weights at {lpips_weights_path()}")
     else:
         echo(f"note: LPIPS not recorded: torchvision's AlexNet weights are not at {lpips_weights_path()} "
-             "(they are not downloaded during a run); PSNR and SSIM are")
+             "(they are not downloaded during a run); PSNR and SSIM are recorded")
     return FidelityScorer(baseline_images, opts.device)
 
 
@@ -357,7 +357,7 @@ class Search:
                 try:
                     step()
                 except KeyboardInterrupt:  # optimize() says what became of the running trial itself
-                    raise Interrupted(f"interrupted {during}: {self.completed()} completed trials kept; "
+                    raise Interrupted(f"interrupted {during}: {counted(self.completed(), 'completed trial')} kept; "
                                       "run the same command to resume") from None
         finally:
             signal.signal(signal.SIGTERM, previous)
@@ -371,7 +371,7 @@ class Search:
     def open(self) -> None:
         opts, echo = self.opts, self.echo
         self.prompts, self.storage, self.fingerprint, self.study, n_before = prepare_study(self.spec, opts, echo)
-        echo(f"study {self.study.study_name} ({redact(opts.storage)}): {n_before} trials so far, adding {opts.n_trials}")
+        echo(f"study {self.study.study_name} ({redact(opts.storage)}): {counted(n_before, 'trial')} so far, adding {opts.n_trials}")
         if self.spec.kind in ("random", "tiny-xl") or opts.clip_pretrained is None:
             echo("note: random weights (pipeline or CLIP model): speed is real, CLIP scores and losses are meaningless")
 
@@ -413,10 +413,11 @@ class Search:
                                                                       self.fingerprint, echo, save)
             images = baseline_images(study, self.store, self.directory, self.evaluator, measured, echo, save)
         except storage_errors() as e:
-            raise RunFailure(f"storage {redact(self.opts.storage)} failed: {first_line(e)}") from None
+            raise RunFailure(f"storage {redact(self.opts.storage)} failed: {first_line(e, self.opts.storage)}") from None
         b = self.baseline
-        echo(f"baseline ({self.opts.exec_mode}): {1000 * b.time_per_image:.1f} ms/image (±{100 * b.spread:.0f}%), "
-             f"CLIP {b.clip_score:.3f}")
+        if self.measured_stored():  # else build_objective says which time this run divides by
+            echo(f"baseline ({self.opts.exec_mode}): {1000 * b.time_per_image:.1f} ms/image (±{100 * b.spread:.0f}%), "
+                 f"CLIP {b.clip_score:.3f}")
         self.eager_time = None
         if self.opts.exec_mode != "eager":  # every speedup is also shown against the eager baseline
             eager = self.evaluator.time_eager(max(1, self.opts.repeats))
@@ -436,6 +437,25 @@ class Search:
                                    speed_gate=opts.speed_gate, fidelity=self.fidelity, eager_time=self.eager_time)
         self.key = search_params_key(self.spec, opts)
         self.worker = worker_label(opts)
+        if not self.measured_stored():
+            self.show_reference()
+
+    def measured_stored(self) -> bool:
+        """Whether this process measured the stored baseline (its time is then the one used)."""
+        return self.reference is not None and self.reference == self.baseline.time_per_image
+
+    def show_reference(self) -> None:
+        """The baseline a resumed run (or a worker whose baseline lost the race) divides by: never the
+        stored time, measured elsewhere or earlier, but the one timed here before the first trial (paired
+        calls beside each trial with ``--repeats``)."""
+        b, mode = self.baseline, self.opts.exec_mode
+        if self.opts.repeats:
+            self.echo(f"baseline ({mode}): CLIP {b.clip_score:.3f} (stored); each trial's speedup is against the "
+                      f"baseline calls timed beside it on this device (stored time: {1000 * b.time_per_image:.1f} ms/image)")
+            return
+        used = self.objective.reference_time()  # timed now rather than at the first trial, so the line can say it
+        self.echo(f"baseline ({mode}): {1000 * used:.1f} ms/image, timed now on this device for the speedups "
+                  f"(stored: {1000 * b.time_per_image:.1f} ms/image), CLIP {b.clip_score:.3f} (stored)")
 
     def optimize(self) -> None:
         """``opts.n_trials`` trials; Ctrl-C or SIGTERM is :class:`Interrupted`, a lost storage :class:`RunFailure`."""
@@ -449,14 +469,14 @@ class Search:
                            gc_after_trial=True)
         except KeyboardInterrupt:
             self.bar.close()
-            raise Interrupted(f"interrupted: {self.completed()} completed trials kept, the running one marked "
+            raise Interrupted(f"interrupted: {counted(self.completed(), 'completed trial')} kept, the running one marked "
                               f"failed{self.queue_interrupted()}; run the same command to resume") from None
         except Exception as e:
             cause = storage_cause(e)
             if cause is None:
                 raise
             self.bar.close()
-            raise RunFailure(f"storage {redact(opts.storage)} failed: {first_line(cause)}; completed trials are kept "
+            raise RunFailure(f"storage {redact(opts.storage)} failed: {first_line(cause, opts.storage)}; completed trials are kept "
                              "and a running trial is retried when the study next runs") from None
         self.bar.close()
 
@@ -473,7 +493,7 @@ class Search:
                 return ""
             return _queued_again(self.storage.requeue(self.study, trial))
         except storage_errors() as e:  # the line still goes out
-            return f" (not queued again: storage failed: {first_line(e)})"
+            return f" (not queued again: storage failed: {first_line(e, self.opts.storage)})"
 
     def validate(self) -> None:
         """Held-out re-validation of the pick (:mod:`optimize.validation`), stored on it and in
@@ -500,7 +520,7 @@ class Search:
                        else f"optimize-sd: warning: held-out validation not run: {e}", err=opts.validate is not None)
             return
         except Exception as e:  # noqa: BLE001 - the search's result stands without it
-            self.write(f"optimize-sd: warning: held-out validation failed: {type(e).__name__}: {first_line(e)}", err=True)
+            self.write(f"optimize-sd: warning: held-out validation failed: {type(e).__name__}: {first_line(e, opts.storage)}", err=True)
             return
         self.study = validation.reloaded(self.study)  # finish() writes the result with the validation
 

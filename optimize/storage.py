@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 from typing import Any
 
 import optuna
@@ -70,6 +71,12 @@ class HeartbeatStorage(RDBStorage):
     def set_trial_state_values(self, trial_id: int, state: TrialState, values=None) -> bool:
         if state != TrialState.RUNNING:
             return super().set_trial_state_values(trial_id, state, values)
+        # Optuna's contract first: a finished trial cannot run again (UpdateFinishedTrialError), one that
+        # runs already is not taken (False), and neither gets a heartbeat row.
+        current = self._trial_state(trial_id)
+        self.check_trial_is_updatable(trial_id, current)
+        if current != TrialState.WAITING:
+            return False
         # A queued trial being popped: its heartbeat before it runs (a row on a trial still waiting, or
         # one another process pops first, is harmless); its owner only once it is this process's.
         self.record_heartbeat(trial_id)
@@ -78,6 +85,15 @@ class HeartbeatStorage(RDBStorage):
         if self.owner_key:
             self.set_trial_system_attr(trial_id, self.owner_key, identity())
         return True
+
+    def _trial_state(self, trial_id: int) -> TrialState:
+        from optuna.storages._rdb.storage import _create_scoped_session
+
+        with _create_scoped_session(self.scoped_session) as session:
+            row = session.query(models.TrialModel.state).filter(models.TrialModel.trial_id == trial_id).one_or_none()
+        if row is None:
+            raise KeyError(f"no trial with trial_id {trial_id}")
+        return row[0]
 
     def _claim(self, trial_id: int) -> bool:
         """WAITING -> RUNNING in one conditional UPDATE. Optuna reads the state, then writes it: on SQLite
@@ -144,25 +160,77 @@ def from_queue(trial: FrozenTrial) -> bool:
 
 
 def redact(url: str) -> str:
-    """``url`` with its password hidden, for messages and files; also a URL SQLAlchemy cannot parse
-    (a port that is not a number, say), whose password is whatever follows the user name up to the last
-    ``@``."""
-    from sqlalchemy.engine import make_url
-
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # noqa: BLE001 - malformed: hide by hand rather than show a password
-        return _redact_by_hand(url)
-
-
-def _redact_by_hand(url: str) -> str:
-    """``scheme://user:***@rest``: everything between the user's ``:`` and the last ``@`` is hidden
-    (more than the password where the rest holds an ``@``, never less)."""
-    scheme, sep, rest = url.partition("://")
+    """``url`` with its password hidden, for messages and files, however the URL is written: worked out
+    by hand, never by a parser that a mistyped URL would defeat. Everything between the user's ``:`` and
+    the last ``@`` is hidden (more than the password where the rest holds an ``@``, never less: a password
+    may hold an unescaped ``@``, ``:`` or ``/``), with any scheme (``postgresql:/u:pw@host`` too), and so
+    is the value of every query parameter named like a password (``?password=``, ``?sslpassword=``)."""
+    match = _SCHEME.match(url)
+    prefix, rest = (match.group(), url[match.end():]) if match else ("", url)
     userinfo, at, host = rest.rpartition("@")
-    if not sep or not at or ":" not in userinfo:
+    if at and ":" in userinfo:
+        rest = f"{userinfo.split(':', 1)[0]}:***@{host}"
+    return _QUERY_SECRET.sub(r"\1***", prefix + rest)
+
+
+_SCHEME = re.compile(r"[A-Za-z][\w+.-]*:/+")
+_QUERY_SECRET = re.compile(r"([?&;][^=&;#]*pass[^=&;#]*=)[^&;#]*", re.IGNORECASE)
+_DSN_SECRET = re.compile(r"(\bpass\w*\s*=\s*)(?!\*\*\*(?:[\s,;&:]|$))('(?:[^'\\]|\\.)*'|[^\s,;&]+)", re.IGNORECASE)
+_URL_IN_TEXT = re.compile(r"[A-Za-z][\w+.-]*:/+[^\s'\"]*[^\s'\":,.;)]")  # not the ":" or "," after it
+
+
+def _secrets(url: str) -> list[str]:
+    """Every spelling of the passwords in ``url`` (as written, percent-decoded, as SQLAlchemy parsed it)
+    and their pieces, longest first."""
+    from urllib.parse import parse_qsl, unquote
+
+    found = set()
+    match = _SCHEME.match(url)
+    userinfo, at, _ = (url[match.end():] if match else url).rpartition("@")
+    if at and ":" in userinfo:
+        found.add(userinfo.split(":", 1)[1])
+    for key, value in parse_qsl(url.partition("?")[2], keep_blank_values=True):
+        if "pass" in key.lower():
+            found.add(value)
+    try:
+        from sqlalchemy.engine import make_url
+
+        found.add(make_url(url).password or "")
+    except Exception:  # noqa: BLE001 - unparsable: the by-hand readings above stand
+        pass
+    found |= {unquote(s) for s in found}
+    # and its pieces between the characters that end a URL's parts, which a driver may quote alone (a
+    # host name "bravo@db"); pieces under 3 characters would garble every message and hide nearly nothing
+    found |= {p for s in found for p in re.split(r"[@:/?#&=]", s) if len(p) >= 3}
+    return sorted((s for s in found if s), key=len, reverse=True)
+
+
+def scrub(text: str, url: str | None) -> str:
+    """``text`` (a driver's error, say, which may echo the URL, its host part or a DSN) with no password
+    of ``url`` left in it, and every URL or ``password=`` in it redacted."""
+    text = _URL_IN_TEXT.sub(lambda m: redact(m.group()), text)
+    text = _DSN_SECRET.sub(r"\1***", text)
+    for secret in _secrets(url) if url else ():
+        text = text.replace(secret, "***")
+    return text
+
+
+def hand_parsed(url: str) -> str:
+    """``url`` as its writer meant it where the password holds an unescaped ``@``, ``:`` or ``/``: the
+    user's ``:`` to the last ``@`` before the query is the password, percent-encoded here. SQLAlchemy
+    would end the password at its first ``@`` and take the rest for the host, so a connection error would
+    name part of the password as the host."""
+    from urllib.parse import quote, unquote
+
+    head, q, query = url.partition("?")
+    match = _SCHEME.match(head)
+    if not match:
         return url
-    return f"{scheme}://{userinfo.split(':', 1)[0]}:***@{host}"
+    userinfo, at, host = head[match.end():].rpartition("@")
+    if not at or ":" not in userinfo:
+        return url
+    user, _, password = userinfo.partition(":")
+    return f"{match.group()}{user}:{quote(unquote(password), safe='')}@{host}{q}{query}"
 
 
 def check_storage_url(url: str) -> None:
@@ -180,12 +248,12 @@ def _engine_url(url: str):
     if "://" not in url or scheme not in SCHEMES:
         raise StorageError(f"unsupported storage {redact(url)!r}: use sqlite:///PATH, postgresql://... or mysql://...")
     try:
-        u = make_url(url)
+        u = make_url(url if scheme == "sqlite" else hand_parsed(url))
     except Exception as e:  # noqa: BLE001 - e.g. a port that is not a number
-        raise StorageError(f"malformed storage URL {redact(url)!r}: {str(e).replace(url, redact(url))}") from None
+        raise StorageError(f"malformed storage URL {redact(url)!r}: {scrub(str(e), url)}") from None
     if u.get_backend_name() == "sqlite" and _in_memory(u):
-        raise StorageError(f"{url!r} is an in-memory database, gone when the process ends: a study must outlive "
-                           "it; use sqlite:///PATH")
+        raise StorageError(f"{redact(url)!r} is an in-memory database, gone when the process ends: a study must "
+                           "outlive it; use sqlite:///PATH")
     if u.drivername == "postgresql":
         for driver in ("psycopg", "psycopg2"):
             if importlib.util.find_spec(driver) is not None:
@@ -196,7 +264,7 @@ def _engine_url(url: str):
     except ImportError as e:
         raise StorageError(f"{scheme} storage needs its database driver ({e})") from None
     except Exception as e:  # noqa: BLE001 - unknown driver name after '+'
-        raise StorageError(f"unsupported storage {redact(url)!r}: {e}") from None
+        raise StorageError(f"unsupported storage {redact(url)!r}: {scrub(str(e), url)}") from None
     return u
 
 
@@ -332,11 +400,10 @@ def _is_creation_race(e: Exception) -> bool:
 
 
 def _explain(url: str, e: BaseException) -> str:
-    """One line: what failed, the database's own words, and what to do."""
-    orig = getattr(e, "orig", None)
-    text = str(orig if orig is not None else e).strip()
-    first = text.splitlines()[0].strip() if text else type(e).__name__
-    low = text.lower()
+    """One line: what failed, the database's own words (wherever Optuna wrapped them: its read-only open
+    raises "An exception is raised during the commit ..." around them), and what to do."""
+    first = first_line(e, url)
+    low = first.lower()
     hint = ""
     if "database is locked" in low:
         hint = "another process holds a lock on the file: retry once it is released; for many workers use PostgreSQL"
@@ -408,8 +475,9 @@ def storage_cause(e: BaseException) -> BaseException | None:
     return next((x for x in _chain(e) if isinstance(x, storage_errors())), None)
 
 
-def first_line(e: BaseException) -> str:
-    """The database's own words for ``e`` (Optuna wraps them in a generic message), first line only."""
+def first_line(e: BaseException, url: str | None = None) -> str:
+    """The database's own words for ``e`` (Optuna wraps them in a generic message), first line only,
+    with no password of ``url`` (or of any URL or DSN it quotes) in it."""
     e = next((x.orig for x in _chain(e) if getattr(x, "orig", None) is not None), e)
     text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
+    return scrub(text.splitlines()[0].strip(), url) if text else type(e).__name__

@@ -42,7 +42,8 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from .metrics import LOSS_METRICS, PSNR_CAP
-from .storage import StorageError, insert_study_user_attr_once, open_storage, redact
+from .storage import (StorageError, first_line, insert_study_user_attr_once, open_storage, redact,
+                      storage_errors)
 
 # --- stored keys ---------------------------------------------------------------------------------
 STUDY_ATTR = "optimize_sd"  # study user attr: StudyRecord.as_dict()
@@ -140,10 +141,10 @@ class Goal:
             raise ValueError("--mode target needs --target-speedup")
         if self.mode != "target" and self.target_speedup is not None:
             raise ValueError(f"--target-speedup implies --mode target, not {self.mode}")
+        if self.mode == "target" and not math.isfinite(self.target_speedup):  # nan is not "not greater than 1"
+            raise ValueError(f"--target-speedup must be a finite number, got {self.target_speedup}")
         if self.mode == "target" and not self.target_speedup > 1:
             raise ValueError("--target-speedup must be greater than 1")
-        if self.mode == "target" and not math.isfinite(self.target_speedup):
-            raise ValueError("--target-speedup must be a finite number")
         if self.loss_metric == "psnr":
             if not 0 < self.max_loss <= PSNR_CAP:
                 raise ValueError(f"--max-loss with --loss-metric psnr is the minimum PSNR in dB: must be in (0, {PSNR_CAP:g}]")
@@ -365,14 +366,17 @@ def pick_study(storage_url: str, name: str | None) -> optuna.Study:
     except StorageError as e:
         raise StudyError(str(e)) from None
     shown = redact(storage_url)
-    summaries = optuna.get_all_study_summaries(storage, include_best_trial=False)
-    if not summaries:
-        raise StudyError(f"no study in {shown}")
-    if name is None:
-        name = max(summaries, key=lambda s: _last_activity(storage, s)).study_name
-    elif name not in {s.study_name for s in summaries}:
-        raise StudyError(f"no study {name!r} in {shown} (have: {', '.join(s.study_name for s in summaries)})")
-    return optuna.load_study(study_name=name, storage=storage)
+    try:
+        summaries = optuna.get_all_study_summaries(storage, include_best_trial=False)
+        if not summaries:
+            raise StudyError(f"no study in {shown}")
+        if name is None:
+            name = max(summaries, key=lambda s: _last_activity(storage, s)).study_name
+        elif name not in {s.study_name for s in summaries}:
+            raise StudyError(f"no study {name!r} in {shown} (have: {', '.join(s.study_name for s in summaries)})")
+        return optuna.load_study(study_name=name, storage=storage)
+    except storage_errors() as e:  # the server went away after the open: its own words, as run says them
+        raise StudyError(f"storage {shown} failed: {first_line(e, storage_url)}") from None
 
 
 def _last_activity(storage, summary) -> _dt.datetime:

@@ -39,6 +39,7 @@ from optuna.trial import TrialState
 
 from . import console
 from .baseline import Baseline
+from .prompts import counted
 from .runner import RunOptions, prepare_study
 from .storage import redact
 from .study import study_result
@@ -110,7 +111,7 @@ class _Worker:
     def describe_exit(self) -> str:
         code = self.proc.returncode
         if code == 0:
-            return f"worker {self.label} finished its {self.n_trials} trials"
+            return f"worker {self.label} finished its {counted(self.n_trials, 'trial')}"
         if code is not None and code < 0:
             name = signal.Signals(-code).name
             return (f"worker {self.label} was killed ({name}); its running trial is retried by the next trial a worker "
@@ -134,7 +135,7 @@ def launch(spec, opts: RunOptions, worker_argv: Callable[[str, int, int], list[s
     devices = list(opts.devices)
     shares = [n for n in split_trials(opts.n_trials, len(devices)) if n > 0]
     devices = devices[: len(shares)]
-    echo(f"study {study.study_name} ({redact(opts.storage)}): {n_before} trials so far, adding {opts.n_trials} "
+    echo(f"study {study.study_name} ({redact(opts.storage)}): {counted(n_before, 'trial')} so far, adding {opts.n_trials} "
          f"with {len(devices)} workers on {', '.join(devices)}")
     if len(shares) < len(opts.devices):
         echo(f"note: --n-trials {opts.n_trials} is fewer than the {len(opts.devices)} devices: "
@@ -214,7 +215,7 @@ def _stop(workers: list[_Worker]) -> None:
 def _summary(study, opts: RunOptions, n_before: int, workers: list[_Worker], interrupted: bool, echo) -> int:
     trials = study.get_trials(deepcopy=False)
     added = Counter(t.state.name.lower() for t in trials[n_before:])
-    echo(f"study {study.study_name}: {len(trials)} trials ({len(trials) - n_before} added: "
+    echo(f"study {study.study_name}: {counted(len(trials), 'trial')} ({len(trials) - n_before} added: "
          + ", ".join(f"{n} {state}" for state, n in sorted(added.items())) + ")")
     baseline = Baseline.load(study)
     if baseline is not None:
@@ -222,7 +223,7 @@ def _summary(study, opts: RunOptions, n_before: int, workers: list[_Worker], int
     codes = [w.proc.returncode for w in workers]
     if interrupted:
         done = sum(1 for t in trials if t.state == TrialState.COMPLETE)
-        echo(f"interrupted: {done} completed trials kept, running ones marked failed; run the same command to resume",
+        echo(f"interrupted: {counted(done, 'completed trial')} kept, running ones marked failed; run the same command to resume",
              err=True)
         return 130
     failed = [c for c in codes if c != 0]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from types import SimpleNamespace
 
 import numpy as np
@@ -41,9 +42,17 @@ def test_resolve_hub_id():
     assert spec.slug == "some-org-my_model.v2"
 
 
-@pytest.mark.parametrize("name", ["not-a-model", "a/b/c", "", "org/na me"])
+@pytest.mark.parametrize("name", ["not-a-model", "", "org/na me"])
 def test_resolve_unknown(name):
     with pytest.raises(PipelineError, match="unknown pipeline"):
+        resolve_pipe(name)
+
+
+@pytest.mark.parametrize("name", ["./missing-dir", "../missing", "/no/such/dir", "~/nope", "a/b/c", "org/name/"])
+def test_a_path_that_does_not_exist_is_no_such_directory_not_a_hub_id(name):
+    """diffusers took ``./missing-dir`` (it matches org/name) for a hub id: "Repo id must use
+    alphanumeric chars", after the study was made."""
+    with pytest.raises(PipelineError, match=f"^--pipe {re.escape(name)}: no such directory$"):
         resolve_pipe(name)
 
 

@@ -98,13 +98,33 @@ def test_locked_sqlite_file(tmp_path, monkeypatch, no_model):
     storage.open_storage(f"sqlite:///{db}")  # still a good database
 
 
-def test_corrupt_sqlite_file(tmp_path, monkeypatch, no_model):
+def _command(command, url, tmp_path, monkeypatch):
+    """``run`` (small, into ``tmp_path``) or a reader (best, report, generate, dashboard) on ``url``."""
+    if command.startswith("run"):
+        return _run(tmp_path, monkeypatch, *command.split()[1:], url=url)
+    monkeypatch.chdir(tmp_path)
+    return run_cli([command, "--storage", url, *READERS[command]])
+
+
+@pytest.mark.parametrize("command", ["run", "best", "report"])
+def test_corrupt_sqlite_file(command, tmp_path, monkeypatch, no_model):
+    """The readers name the cause as run does, not the "exception ... during the commit" Optuna's
+    read-only open wraps it in."""
     db = tmp_path / "s.db"
     junk = b"these are not the tables you are looking for\n" * 100
     db.write_bytes(junk)
-    line = one_error_line(*_run(tmp_path, monkeypatch, url=f"sqlite:///{db}"))
-    assert "file is not a database" in line and "left untouched" in line
+    line = one_error_line(*_command(command, f"sqlite:///{db}", tmp_path, monkeypatch))
+    assert "file is not a database" in line and "left untouched" in line, line
+    assert "during the commit" not in line
     assert db.read_bytes() == junk
+
+
+@pytest.mark.parametrize("command", ["best", "report"])
+def test_readers_name_an_unreachable_postgresql_server(command, tmp_path, monkeypatch, no_model):
+    pytest.importorskip("psycopg2")
+    line = one_error_line(*_command(command, "postgresql://u@127.0.0.1:1/db", tmp_path, monkeypatch))
+    assert "cannot open storage postgresql://u@127.0.0.1:1/db" in line and "Connection refused" in line, line
+    assert "during the commit" not in line
 
 
 PASSWORD = "secretpw"
@@ -128,6 +148,40 @@ def test_password_is_never_shown(url, needle, command, tmp_path, monkeypatch, no
     assert needle in line, line
     assert PASSWORD not in out + err
     assert storage.redact(url).count("***") == 1 and PASSWORD not in storage.redact(url)
+
+
+# A password with an unescaped "@" and ":" in it, in the query string, or behind a mistyped scheme: no
+# part of it may show (SQLAlchemy ends a password at its first "@" and takes the rest for the host, which
+# the driver's error then names).
+PIECES = ("alpha", "bravo", "charlie")
+
+
+@pytest.mark.parametrize("url,needle", [
+    ("postgresql://u@127.0.0.1:1/studies?password=alphabravocharlie",
+     "cannot open storage postgresql://u@127.0.0.1:1/studies?password=***: connection to server at \"127.0.0.1\""),
+    ("postgresql:/u:alphabravocharlie@127.0.0.1:1/studies", "unsupported storage 'postgresql:/u:***@127.0.0.1:1/studies'"),
+    ("postgresql://u:alpha@bravo:charlie@127.0.0.1:1/studies",
+     "cannot open storage postgresql://u:***@127.0.0.1:1/studies: connection to server at \"127.0.0.1\""),
+    ("postgresql://u:alpha:bravo@charlie@127.0.0.1:1/studies?sslpassword=alpha",
+     "cannot open storage postgresql://u:***@127.0.0.1:1/studies?sslpassword=***: connection to server"),
+])
+@pytest.mark.parametrize("command", ["run", "run --workers 2", "best", "report", "generate", "dashboard"])
+def test_password_written_any_way_is_never_shown(url, needle, command, tmp_path, monkeypatch, no_model):
+    pytest.importorskip("psycopg2")
+    line = one_error_line(*_command(command, url, tmp_path, monkeypatch))
+    assert needle in line, line
+    assert not any(piece in line for piece in PIECES), line
+    assert not any(piece in storage.redact(url) for piece in PIECES)
+
+
+def test_driver_errors_are_scrubbed_of_the_password():
+    """A driver's words may quote the URL, a DSN or the host part a mistyped password became."""
+    url = "postgresql://u:alpha@bravo@db/studies"
+    text = ('could not translate host name "bravo@db" to address; dsn "host=db password=alpha@bravo"; '
+            "url postgresql://u:alpha@bravo@db/studies")
+    scrubbed = storage.scrub(text, url)
+    assert not any(piece in scrubbed for piece in PIECES), scrubbed
+    assert storage.first_line(RuntimeError(text), url) == scrubbed
 
 
 @pytest.mark.parametrize("url", ["sqlite:///:memory:", "sqlite://", "sqlite:///file::memory:?uri=true"])
@@ -275,6 +329,46 @@ def test_generate_refuses_a_prompt_too_long(tmp_path, monkeypatch, no_model):
     assert len(line) < 300 and sorted(os.listdir(tmp_path)) == ["sp.json"]
 
 
+# --- the baseline a run shows ---------------------------------------------------------------------------------
+
+STALE = 99.0  # seconds per image: a stored baseline time no run on this machine measures
+
+
+@pytest.mark.slow  # two tiny runs
+@pytest.mark.parametrize("case", ["resumed", "another worker stored its baseline first"])
+def test_the_baseline_shown_is_the_one_the_speedups_divide_by(case, tmp_path, monkeypatch):
+    """A resumed run, or a worker whose baseline lost the race, divides by a time measured here before
+    its first trial: that is the time its baseline line shows, not the stored one (measured earlier, or
+    by the other worker)."""
+    import re
+
+    from optimize.baseline import Baseline
+    from optimize.study import BASELINE_TIME
+
+    argv = ["--n-trials", "1", "--no-warm-start", "--validate", "0"]
+    if case == "resumed":
+        assert _run(tmp_path, monkeypatch, *argv)[0] == 0
+        study = load_study(storage_url(tmp_path))
+        stored = dict(study.user_attrs["baseline"], time_per_image=STALE)
+        study.set_user_attr("baseline", stored)
+    else:
+        real = Baseline.insert_once
+
+        def the_other_first(self, storage_, study):
+            real(Baseline(**{**self.__dict__, "time_per_image": STALE}), storage_, study)
+            return False
+
+        monkeypatch.setattr(Baseline, "insert_once", the_other_first)
+    code, out, err = _run(tmp_path, monkeypatch, *argv)
+    assert code == 0, err
+    trial = load_study(storage_url(tmp_path)).trials[-1]
+    shown = re.findall(r"^baseline \(eager\): ([\d.]+) ms/image", out, re.M)
+    assert shown == [f"{1000 * trial.user_attrs[BASELINE_TIME]:.1f}"], out
+    assert f"(stored: {1000 * STALE:.1f} ms/image)" in out
+    if case != "resumed":
+        assert "another worker stored the baseline first" in out
+
+
 # --- a pipeline that cannot load ----------------------------------------------------------------------------
 
 
@@ -310,6 +404,45 @@ def test_pipeline_that_cannot_load_leaves_no_study(components, needle, workers, 
     assert f"could not load pipeline {pipe}: {needle}" in line, line
     assert "save the whole pipeline there (save_pretrained)" in line
     assert not (tmp_path / "s.db").exists()
+
+
+def _as_a_newcomer(tmp_path, *argv) -> tuple[int, str, float]:
+    """``optimize-sd run ARGV`` in a fresh process as a newcomer runs it: none of the offline variables
+    these tests set, a hub that refuses every connection (no network); (exit code, stderr, seconds)."""
+    import sys
+    import time
+
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    env.update(HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path / "hf-home"),
+               PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    start = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "optimize.cli", "run", "--no-progress", "--storage",
+                           storage_url(tmp_path), "--output", str(tmp_path / "p.json"), *argv],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    return done.returncode, done.stderr, time.monotonic() - start
+
+
+@pytest.mark.slow  # a fresh interpreter per case: imports alone take seconds on a small machine
+@pytest.mark.parametrize("argv,needle", [
+    (["--pipe", "./missing-dir"], "--pipe ./missing-dir: no such directory"),
+    (["--pipe", "missing/dir/"], "--pipe missing/dir/: no such directory"),
+    (["--pipe", "no-such-org/no-such-model"],
+     "could not load pipeline no-such-org/no-such-model: no-such-org/no-such-model is not in the local Hugging Face "
+     "cache and the hub at http://127.0.0.1:9 cannot be reached"),
+    (["--pipe", "tiny", "--prompts", "coco"],
+     "cannot load COCO captions from 'phiyodr/coco2017': the hub at http://127.0.0.1:9 cannot be reached"),
+])
+def test_without_network_a_bad_pipe_or_coco_fails_fast_and_leaves_no_study(argv, needle, tmp_path):
+    """The pipe is checked first and named (a path is never taken for a hub id); COCO without network is
+    one line pointing to the offline prompts, not a minute of datasets' retries; no database is made."""
+    code, err, seconds = _as_a_newcomer(tmp_path, *argv)
+    assert code == 2 and err.count("\n") == 1 and err.startswith(ERROR_PREFIX), err
+    assert needle in err, err
+    if "coco" in argv:
+        assert "use --prompts builtin or a prompts file" in err
+    assert "Retrying" not in err and seconds < 30, seconds  # datasets' retries alone sleep 23 s
+    assert not (tmp_path / "s.db").exists() and not (tmp_path / "studies").exists()
 
 
 # --- disk full while writing search_params.json -------------------------------------------------------------
@@ -658,3 +791,122 @@ def test_postgresql_goes_away_during_a_run(tmp_path, monkeypatch):
     trials = study.trials
     assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE]
     assert trials[2].system_attrs["failed_trial"] == 1 and trials[2].params == trials[1].params
+
+
+# --- small gaps ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["run", "generate"])
+def test_a_seed_beyond_64_bits_is_refused_before_anything(command, tmp_path, monkeypatch, no_model):
+    """torch's generators take 64-bit seeds: a larger one failed only once the study existed."""
+    seed = str(2**64)
+    if command == "run":
+        code, out, err = _run(tmp_path, monkeypatch, "--seed", seed)
+    else:
+        monkeypatch.chdir(tmp_path)
+        code, out, err = run_cli(["generate", "a cat", "--seed", seed])
+    line = one_error_line(code, out, err)
+    assert f"--seed" in line and seed in line and "9223372036854775807" in line, line
+    assert os.listdir(tmp_path) == []
+
+
+def test_target_speedup_nan_is_not_a_finite_number(tmp_path, monkeypatch, no_model):
+    line = one_error_line(*_run(tmp_path, monkeypatch, "--target-speedup", "nan"))
+    assert "--target-speedup must be a finite number, got nan" in line, line
+
+
+@pytest.mark.parametrize("entries,key,needle", [
+    ({"tiny:ddim:8:max:0.05": {"pipe": "tiny"}}, None, "[tiny:ddim:8:max:0.05]: missing params"),
+    ({"a": {"pipe": "tiny"}, "b": [1]}, None, "[a, b]: missing params"),
+    ({"a": {"pipe": "tiny"}, "b": {"pipe": "tiny", "params": {}}}, "a", "[a]: missing params"),
+])
+def test_generate_names_an_entry_without_params(entries, key, needle, tmp_path, monkeypatch, no_model):
+    """It said "has 0 entries"."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sp.json").write_text(json.dumps(entries))
+    line = one_error_line(*run_cli(["generate", "--params", "sp.json", *(["--key", key] if key else []), "a cat"]))
+    assert f"sp.json {needle}" in line, line
+    assert "0 entries" not in line
+
+
+def test_a_huge_one_line_prompt_file_is_too_long_not_too_short(tmp_path, monkeypatch, no_model):
+    """A 10 MB file without line breaks is one prompt: say it is too long, not that the file "has 1
+    prompts" for --num-samples 2."""
+    (tmp_path / "p.txt").write_text("x" * 10_000_000)
+    line = one_error_line(*_run(tmp_path, monkeypatch, "--prompts", "p.txt", "--num-samples", "2"))
+    assert "'p.txt' line 1: a prompt may have at most 1000 characters" in line, line
+    (tmp_path / "p.txt").write_text("a cat\n")
+    line = one_error_line(*_run(tmp_path, monkeypatch, "--prompts", "p.txt", "--num-samples", "2"))
+    assert "'p.txt' has 1 prompt, fewer than --num-samples 2" in line, line
+
+
+def test_the_lpips_note_says_what_is_recorded(monkeypatch):
+    """It read as cut off: "...; PSNR and SSIM are"."""
+    import numpy as np
+    from PIL import Image
+
+    monkeypatch.setattr(runner, "lpips_available", lambda: False)
+    lines = []
+    opts = runner.RunOptions(**{**_OPTS, "goal": runner.Goal("max", None, 0.15, "ssim")})
+    runner.fidelity_scorer([Image.fromarray(np.zeros((8, 8, 3), np.uint8))], opts, lambda line, err=False: lines.append(line))
+    assert len(lines) == 1 and lines[0].startswith("note: LPIPS not recorded") and lines[0].endswith(
+        "; PSNR and SSIM are recorded"), lines
+
+
+_OPTS = dict(scheduler="ddim", device="cpu", dtype="fp32", steps=8, guidance=None, height=None, width=None, batch_size=1,
+             prompt_spec="builtin", num_samples=2, clip_model="tiny-clip", clip_pretrained=None, repeats=0,
+             scored_repeats=0, goal=None, methods=("deepcache",), n_trials=1, storage="sqlite:///s.db",
+             study_name=None, seed=42, output="sp.json", heartbeat=60, progress=False)
+
+
+@pytest.mark.parametrize("command", ["report", "generate"])
+def test_report_or_generate_into_a_read_only_folder_names_the_file(command, tmp_path, monkeypatch, read_only, no_model):
+    """Refused before the study is read or a model loads, naming the output, not a temporary file."""
+    from helpers import synthetic_study
+    from optimize.study import Goal
+
+    monkeypatch.chdir(tmp_path)
+    synthetic_study(storage_url(tmp_path), "s", Goal("max", None, 0.05), [])
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    read_only(locked)
+    out = "locked/r.html" if command == "report" else "locked/x.png"
+    argv = ["report", "--storage", storage_url(tmp_path), "-o", out] if command == "report" else [
+        "generate", "a cat", "--storage", storage_url(tmp_path), "-o", out]
+    line = one_error_line(*run_cli(argv))
+    assert f"cannot write {out}: directory {locked} is not writable; pass another -o" in line, line
+    assert ".tmp" not in line and os.listdir(locked) == []
+
+
+def test_an_atomic_write_that_cannot_start_names_the_file(tmp_path, read_only):
+    from optimize.files import atomic_write
+
+    read_only(tmp_path)
+    with pytest.raises(OSError) as e:
+        atomic_write(str(tmp_path / "r.html"), "<html>")
+    assert str(e.value).startswith(f"cannot write {tmp_path / 'r.html'}: ") and ".tmp" not in str(e.value)
+
+
+def test_a_mode_444_search_params_file_is_refused_even_for_root(tmp_path, monkeypatch, no_model):
+    """The README promises a read-only file is never replaced; root passes os.access, so the mode bits
+    decide."""
+    output = tmp_path / "search_params.json"
+    output.write_text(json.dumps(OLD))
+    output.chmod(0o444)
+    line = one_error_line(*_run(tmp_path, monkeypatch, "--output", output))
+    assert f"{output} is read-only: make it writable or pass another --output" in line, line
+    assert json.loads(output.read_text()) == OLD
+
+
+def test_the_demos_artifacts_are_git_ignored():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if subprocess.run(["git", "-C", root, "rev-parse"], capture_output=True).returncode != 0:
+        pytest.skip("not a git checkout")
+    for path in ("studies/optimize-sd-artifacts/x.png", "studies/artifacts/x.png", "studies/optimize-sd.db"):
+        assert subprocess.run(["git", "-C", root, "check-ignore", "-q", path]).returncode == 0, path
+
+
+def test_the_readme_tells_cpu_users_of_the_cpu_build():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "README.md"), encoding="utf-8") as f:
+        assert "--index-url https://download.pytorch.org/whl/cpu" in f.read()

@@ -533,3 +533,29 @@ def test_dashboard_renders_in_chromium(browser, target, tmp_path):
     finally:
         server.shutdown()
         server.server_close()
+
+
+@pytest.mark.slow  # the shared 4-trial search
+def test_image_rows_are_captioned_with_their_prompts(target, tmp_path):
+    """Each row of the grid shows its prompt (the study's own, read back where that needs no network)."""
+    from optimize.prompts import load_prompts
+
+    html_text = report.build_report_html(target.study(), target.storage, 10, None)
+    grid = html_text[html_text.index('id="image-grid"'):]
+    for prompt in load_prompts("testbed", 2):
+        assert f'<small class="prompt">{html.escape(prompt)}</small>' in grid, prompt
+
+
+@needs_chromium
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_the_trial_table_fits_1400_pixels(browser, synthetic, target, tmp_path):
+    """The top-trials table (long configurations, intervals, fidelity and held-out columns) scrolled
+    sideways in a 1400 px window."""
+    for label, (study, url) in (("synthetic", synthetic[::-1]), ("search", (target.study(), target.storage))):
+        path = tmp_path / f"report-{label}.html"
+        report.write_report(study, str(path), url)
+        page = browser.open(path.as_uri(), width=1400)
+        sizes = page.evaluate("(() => { const s = document.getElementById('section-top'); "
+                              "return [s.scrollWidth, s.clientWidth]; })()")
+        assert sizes[0] <= sizes[1], (label, sizes)

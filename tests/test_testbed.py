@@ -135,3 +135,20 @@ def test_harsher_acceleration_is_further_from_the_baseline(generated, harsh, mil
     print(f"PSNR {_label(harsh)} {mean['harsh']:.2f} dB vs {_label(mild)} {mean['mild']:.2f} dB: "
           f"difference {diff.mean():.2f} dB = {diff.mean() / max(se, 1e-12):.1f} SE")
     assert diff.mean() > 2 * se
+
+
+def test_plain_from_pretrained_loads_one_dtype_and_runs(tiny_pipe):
+    """docs/testbed.md loads the directory with no dtype: every component must come out in one dtype
+    (the text encoder's config said float16 while diffusers loads the UNet and VAE in float32: "mat1 and
+    mat2 must have the same dtype"), with the very weights ``--pipe tiny`` loads."""
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(testbed.pipeline_dir())
+    modules = {name: m for name, m in pipe.components.items() if isinstance(m, torch.nn.Module)}
+    assert {name: next(m.parameters()).dtype for name, m in modules.items()} == dict.fromkeys(modules, torch.float32)
+    for name, module in modules.items():
+        mine, theirs = module.state_dict(), getattr(tiny_pipe, name).state_dict()
+        assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine), name
+    image = pipe("a red circle", num_inference_steps=1, output_type="np",
+                 generator=torch.Generator("cpu").manual_seed(0)).images
+    assert image.shape == (1, 64, 64, 3) and np.isfinite(image).all()
