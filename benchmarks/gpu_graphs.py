@@ -6,7 +6,7 @@ mode, memory over apply/remove cycles, capture cost in a scored trial, and regio
     python benchmarks/gpu_graphs.py --pipe sdxl --steps 30 --parts equal,e2e --equal-steps 20 --out DIR
 
 Every speed number names its regime. ``e2e`` times through the optimizer's own protocol
-(``optimize.measure.Evaluator``): the eager baseline with ``time_eager`` (warm-up, then ``--calls``
+(``optimize.measure.evaluator.Evaluator``): the eager baseline with ``time_eager`` (warm-up, then ``--calls``
 calls, per-step floor) and each configuration in graph mode with ``Evaluator.time`` (paired rounds
 against the graph-mode baseline). "vs eager" = eager baseline floor / configuration floor.
 """
@@ -29,10 +29,10 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from optimize.levers import Accelerated, Config, DeepCache, TGate, ToMe  # noqa: E402
-from optimize.graphs import PipelineGraphs, compile_blocks  # noqa: E402
-from optimize.measure import Evaluator, GenerationSettings  # noqa: E402
-from optimize.pipelines import default_guidance, is_xl, load_pipeline, native_size, resolve_pipe  # noqa: E402
-from optimize.files import atomic_write  # noqa: E402
+from optimize.runtime.graphs import PipelineGraphs, compile_blocks  # noqa: E402
+from optimize.measure.evaluator import Evaluator, GenerationSettings  # noqa: E402
+from optimize.runtime.pipelines import default_guidance, is_xl, load_pipeline, native_size, resolve_pipe  # noqa: E402
+from optimize.study.files import atomic_write  # noqa: E402
 
 PROMPT = "a photograph of an astronaut riding a horse"
 PARTS = ("equal", "e2e", "p1", "memory", "overhead", "compile", "breakdown")
@@ -247,7 +247,7 @@ def run_breakdown(pipe, args, xl):
     rows["unet_step_eager_ms"] = _cuda_ms(lambda: pipe.unet(x, t, cond, **kw), n=10)
     rows["decode_as_pipeline_eager_ms"] = _cuda_ms(lambda: decode(fp32=upcast and xl, cast=upcast and xl))
     graphs = PipelineGraphs(pipe)
-    with graphs.installed():  # the text encoders replayed from graphs (optimize.graphs)
+    with graphs.installed():  # the text encoders replayed from graphs (optimize.runtime.graphs)
         rows["encode_prompt_graphs_ms"] = _cuda_ms(encode)
         got = encode()
     graphs.close()

@@ -4,7 +4,7 @@ harness overhead (P2), leaks and crash checks, in one run.
     python benchmarks/gpu_speed.py --pipe sd1.5 --out benchmarks/results          # GPU
     python benchmarks/gpu_speed.py --pipe tiny --steps 12 --quick --out /tmp/r     # CPU smoke test
 
-The landscape and P1 (``p1opt``) time through the optimizer's own protocol (``optimize.measure``):
+The landscape and P1 (``p1opt``) time through the optimizer's own protocol (``optimize.measure.evaluator``):
 per configuration apply, one untimed warm-up call, then ``--calls`` paired rounds of one baseline call
 and one configured call; speedup = baseline floor / configured floor (the floor: per step, the fastest
 time seen across the rounds, summed; CUDA events cut every call at each UNet call). Rows also give
@@ -35,9 +35,9 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from optimize.levers import Config, DeepCache, TGate, ToMe, accelerate  # noqa: E402
-from optimize.measure import Timing  # noqa: E402
-from optimize.pipelines import default_guidance, is_xl, load_pipeline, resolve_pipe  # noqa: E402
-from optimize.files import atomic_write  # noqa: E402
+from optimize.measure.evaluator import Timing  # noqa: E402
+from optimize.runtime.pipelines import default_guidance, is_xl, load_pipeline, resolve_pipe  # noqa: E402
+from optimize.study.files import atomic_write  # noqa: E402
 
 PROMPT = "a photograph of an astronaut riding a horse"
 
@@ -109,9 +109,9 @@ def landscape_configs(steps: int, xl: bool, quick: bool) -> list[Config]:
 
 
 def evaluator(pipe, args, prompts: int = 1, rounds: int | None = None):
-    from optimize.measure import Evaluator, GenerationSettings
-    from optimize.metrics import ClipScorer
-    from optimize.prompts import load_prompts
+    from optimize.measure.evaluator import Evaluator, GenerationSettings
+    from optimize.measure.metrics import ClipScorer
+    from optimize.measure.prompts import load_prompts
 
     size = int(pipe.unet.config.sample_size * pipe.vae_scale_factor)
     settings = GenerationSettings(args.steps, args.guidance, size, size, args.batch, 42)
@@ -292,8 +292,8 @@ def run_overhead(pipe, args, xl: bool) -> dict:
     scoring pass alone (its paired timing rounds would only make the fraction smaller)."""
     import optuna
 
-    from optimize.metrics import ClipScorer, FidelityScorer
-    from optimize.search import record_constraints
+    from optimize.measure.metrics import ClipScorer, FidelityScorer
+    from optimize.study.record import record_constraints
 
     cfg = three_methods(args, xl, 3)
     n = args.overhead_prompts

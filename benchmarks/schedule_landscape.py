@@ -3,10 +3,10 @@
 score loss, the PSNR against the reference's images and the speedup against the reference (DDIM,
 ``--steps`` steps), on held-out captions the search never sees, with the caching levers for scale.
 
-Each configuration is measured as the optimizer measures a trial (:class:`optimize.measure.Evaluator`,
+Each configuration is measured as the optimizer measures a trial (:class:`optimize.measure.evaluator.Evaluator`,
 eager): applied, one warm-up call, ``--rounds`` paired rounds of a reference call and a configured
 call on the first caption (speedup = reference floor / configured floor, with the paired interval
-of :mod:`optimize.uncertainty`), then one pass over every caption whose images are scored. Seeds are
+of :mod:`optimize.measure.uncertainty`), then one pass over every caption whose images are scored. Seeds are
 per caption, the same for every configuration. The UNet calls per image are counted too: on a shared
 CPU that is the steadier measure of the work saved.
 
@@ -26,11 +26,11 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from optimize.levers import Config, DeepCache, Schedule  # noqa: E402
-from optimize.measure import Evaluator, GenerationSettings  # noqa: E402
-from optimize.metrics import FidelityScorer, score_loss  # noqa: E402
-from optimize.pipelines import load_pipeline, resolve_pipe  # noqa: E402
-from optimize.prompts import load_heldout  # noqa: E402
-from optimize.uncertainty import mean_interval, score_loss_interval, speedup_interval  # noqa: E402
+from optimize.measure.evaluator import Evaluator, GenerationSettings  # noqa: E402
+from optimize.measure.metrics import FidelityScorer, score_loss  # noqa: E402
+from optimize.runtime.pipelines import load_pipeline, resolve_pipe  # noqa: E402
+from optimize.measure.prompts import load_heldout  # noqa: E402
+from optimize.measure.uncertainty import mean_interval, score_loss_interval, speedup_interval  # noqa: E402
 
 
 def configurations(solvers, steps_list, reference_steps):
@@ -64,9 +64,9 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(args.threads)
     pipe = load_pipeline(resolve_pipe("tiny"), "ddim", "cpu", "fp32")
-    from optimize import testbed
+    from optimize.measure.metrics import testbed_scorer
 
-    scorer = testbed.scorer()
+    scorer = testbed_scorer()
     # held out: the captions after the 8 a default tiny study searches on
     prompts = load_heldout("testbed", 8, args.captions)
     settings = GenerationSettings(steps=args.steps, guidance=7.5, height=64, width=64, seed=42)

@@ -4,7 +4,7 @@ Nothing here runs a pipeline or touches a GPU. Every "trial" is answered by a *r
 built from the latency landscape measured on an H200 (``results/sd1.5-50steps-bs1-landscape.csv``:
 SD1.5, 512x512, 50 DDIM steps, batch 1, fp16) and from a quality model written down in
 ``benchmarks/quality_model.md``. It costs microseconds and answers like a trial of
-``optimize.search.Objective``: observed speedup (true speedup with timing noise), score loss, and the
+``optimize.search.objective.Objective``: observed speedup (true speedup with timing noise), score loss, and the
 GPU-seconds the trial would have taken. All numbers it prints are **simulated**.
 
     python benchmarks/search_efficiency.py                 # the full benchmark (docs/benchmarks.md)
@@ -12,7 +12,7 @@ GPU-seconds the trial would have taken. All numbers it prints are **simulated**.
 
 What is simulated
 -----------------
-* **Configurations**: the samplers draw from ``optimize.search.SearchSpace(METHODS, steps=50,
+* **Configurations**: the samplers draw from ``optimize.search.objective.SearchSpace(METHODS, steps=50,
   max_branch_id=11)``, exactly the space a real SD1.5 study samples (DeepCache N 2..10, branch 0..5;
   ToMe ratio 0.1..0.9 step 0.05, max_downsample 1/2/4/8; T-GATE gate 4..49, sp 1..10, fi 1..5,
   warm-up 0..3; each method on or off). GPSampler gets the same distributions in a fixed
@@ -34,7 +34,7 @@ What is simulated
   loss is a deterministic function of the configuration (prompt-sampling error is part of the
   model's uncertainty, not of the replay).
 * **GPU-seconds of a trial** = measured time per image x images generated. The optimizer's protocol
-  (``optimize.measure``): 1 warm-up + ``--repeats`` timed calls + one call per prompt, plus the
+  (``optimize.measure.evaluator``): 1 warm-up + ``--repeats`` timed calls + one call per prompt, plus the
   baseline measured once and re-timed (warm-up + 3 calls) every 10 measured trials. The original
   grid's protocol (REFERENCE section 2): one call per prompt, one warm-up for the whole run. A
   configuration proposed again costs nothing (the optimizer reuses the measurement).
@@ -50,7 +50,7 @@ every method here) on *measured* values.
 
 Metric
 ------
-A search "has it" at the first trial after which its best feasible result (``optimize.study.
+A search "has it" at the first trial after which its best feasible result (``optimize.study.record.
 best_feasible``'s order on measured values) is truly good, judged on the model's noise-free values:
 
 * max mode (most speedup, loss <= bound): true loss <= bound and true speedup >= (1 - tol) x S*,
@@ -111,7 +111,7 @@ from optuna.trial import TrialState  # noqa: E402
 
 from optimize.levers import METHODS, TOME_DOWNSAMPLES, Config, DeepCache, TGate, ToMe  # noqa: E402
 from optimize.search import SearchSpace, make_sampler, warm_start_params  # noqa: E402
-from optimize.study import Goal, record_constraints  # noqa: E402
+from optimize.study.record import Goal, record_constraints  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 LANDSCAPE = os.path.join(HERE, "results", "sd1.5-50steps-bs1-landscape.csv")

@@ -21,9 +21,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import optimize  # noqa: E402
 from optimize import testbed  # noqa: E402
-from optimize.pipelines import load_pipeline, resolve_pipe  # noqa: E402
-from optimize.report import measured_trials  # noqa: E402
-from optimize.study import SCORE_LOSS, SPEEDUP, Goal, goal_of, is_feasible, open_study, study_result  # noqa: E402
+from optimize.runtime.pipelines import load_pipeline, resolve_pipe  # noqa: E402
+from optimize.app.report import measured_trials  # noqa: E402
+from optimize.study.record import SCORE_LOSS, SPEEDUP, Goal, goal_of, is_feasible, open_study, study_result  # noqa: E402
 
 
 def rows_of(study, goal: Goal):

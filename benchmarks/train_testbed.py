@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Train the testbed: a small Stable Diffusion pipeline and an open_clip scorer on the synthetic world
-of optimize.testbed.world, within a wall-clock budget, with diffusers / transformers / open_clip classes.
+of optimize.runtime.testbed.world, within a wall-clock budget, with diffusers / transformers / open_clip classes.
 
 Stages (each gets a share of ``--minutes``, measured by the wall clock at every step):
   0. data: render a fixed training set (train split, jittered) as one uint8 tensor on the device;
@@ -49,7 +49,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from optimize.testbed import world  # noqa: E402
+from optimize.runtime.testbed import world  # noqa: E402
 
 CLIP_NAME = "testbed-clip"
 MAX_MB = 25.0
@@ -215,7 +215,7 @@ def main(argv=None) -> int:
     cap_idx = torch.as_tensor(codes[:, 5], device=dev)
     import open_clip
 
-    from optimize.pipelines import clip_tokenizer
+    from optimize.runtime.pipelines import clip_tokenizer
 
     tokenizer = clip_tokenizer()
     empty = len(train_caps)
@@ -381,7 +381,7 @@ def main(argv=None) -> int:
     # (1.5 MB) load to the same tokenizer with CLIPTokenizer.from_pretrained.
     import shutil
 
-    from optimize.pipelines import clip_tokenizer_dir
+    from optimize.runtime.pipelines import clip_tokenizer_dir
 
     tok_dir = os.path.join(pipe_dir, "tokenizer")
     if os.path.exists(os.path.join(tok_dir, "tokenizer.json")):

@@ -8,6 +8,7 @@ The public Python API applies a found configuration to your own pipeline::
 """
 
 from .levers import Accelerated, Config, DeepCache, InvalidConfig, Schedule, TGate, ToMe, accelerate
+from .runtime import testbed  # `from optimize import testbed`: the offline model, as docs/testbed.md shows
 
-__all__ = ["Accelerated", "Config", "DeepCache", "InvalidConfig", "Schedule", "TGate", "ToMe", "accelerate"]
+__all__ = ["Accelerated", "Config", "DeepCache", "InvalidConfig", "Schedule", "TGate", "ToMe", "accelerate", "testbed"]
 __version__ = "0.1.0"

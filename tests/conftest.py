@@ -24,7 +24,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from optimize.pipelines import load_pipeline, resolve_pipe  # noqa: E402
+from optimize.runtime.pipelines import load_pipeline, resolve_pipe  # noqa: E402
 
 # The tiny models are dominated by per-op overhead: on a small (often shared) CPU one thread is much
 # faster than several competing ones. Override with OPTIMIZE_TEST_THREADS.

@@ -1,4 +1,4 @@
-"""A CPU stand-in for CUDA graphs (tests of optimize.graphs and of every lever's step kinds).
+"""A CPU stand-in for CUDA graphs (tests of optimize.runtime.graphs and of every lever's step kinds).
 
 A CUDA graph replays kernels and runs no Python. The fake backend emulates that as closely as a CPU
 allows: a capture runs the step once (the levers' Python runs, as at a real capture); a replay

@@ -1,6 +1,6 @@
 """Shared helpers for tests/test_search.py and tests/test_cli.py.
 
-``run_cli`` calls ``optimize.cli.main`` in-process and returns ``(exit code, stdout, stderr)``;
+``run_cli`` calls ``optimize.app.cli.main`` in-process and returns ``(exit code, stdout, stderr)``;
 ``shared_run`` runs a small search once per test session (cached here, so both test modules reuse it)
 and hands back where its storage, study and output live. Tests that use a shared run must only read it.
 """
@@ -31,7 +31,7 @@ def run_cli(argv) -> tuple[int, str, str]:
 
     Exceptions other than SystemExit propagate (an uncaught traceback is a bug the test should see).
     """
-    from optimize.cli import main
+    from optimize.app.cli import main
 
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -57,8 +57,8 @@ def run_args(directory, *extra, small=SMALL) -> list[str]:
 def goal_opts(steps: int = 8, target: float | None = None, max_loss: float = 0.02, scheduler: str = "ddim",
               mode: str | None = None, loss_metric: str = "clip"):
     """The (spec, opts) pair that runner.study_name_for / params_file.search_params_key read."""
-    from optimize.pipelines import resolve_pipe
-    from optimize.study import Goal
+    from optimize.runtime.pipelines import resolve_pipe
+    from optimize.study.record import Goal
 
     goal = Goal(mode or ("target" if target is not None else "max"), target, max_loss, loss_metric)
     return resolve_pipe("tiny"), SimpleNamespace(scheduler=scheduler, steps=steps, goal=goal, exec_mode="eager")
@@ -105,7 +105,7 @@ def shared_run(tmp_path_factory, key: str, extra: list[str], *, target: float | 
     if prewrite is not None:
         with open(output, "w") as f:
             json.dump(prewrite, f)
-    from optimize.runner import study_name_for
+    from optimize.app.runner import study_name_for
 
     name = study_name_for(*goal_opts(target=target, max_loss=max_loss, mode=mode, loss_metric=loss_metric))
     with pytest.MonkeyPatch.context() as mp:
@@ -171,8 +171,8 @@ def synthetic_study(url: str, name: str, goal, trials, fingerprint: dict | None 
     ``trials``: ``(config, speedup, score_loss[, extra user attrs])`` per trial (``config`` an
     ``optimize.Config``); ``speedup=None`` makes a failed trial. Constraints are stored as the search stores them.
     """
-    from optimize.baseline import Baseline
-    from optimize.study import CONSTRAINTS_ATTR, STUDY_ATTR
+    from optimize.study.baseline import Baseline
+    from optimize.study.record import CONSTRAINTS_ATTR, STUDY_ATTR
     from optuna.trial import TrialState, create_trial
 
     dists = _distributions()

@@ -1,7 +1,7 @@
 """``optimize-sd`` as a user meets it: bad input fails fast with one line, a study made with other
 settings is refused before anything loads, ``search_params.json`` is kept consistent, ``best`` reports.
 
-Runs are in-process (``optimize.cli.main``); the two 4-trial searches are shared with test_search.py.
+Runs are in-process (``optimize.app.cli.main``); the two 4-trial searches are shared with test_search.py.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ except ImportError:  # tests/ made a package
     from tests.helpers import one_error_line, goal_opts, load_study, run_args, run_cli, storage_url
 
 from optimize import params_file, pipelines, runner
-from optimize.study import Goal, best_feasible
+from optimize.study.record import Goal, best_feasible
 
 
 # --- 7. bad input -------------------------------------------------------------------------------------

@@ -24,9 +24,10 @@ except ImportError:  # tests/ made a package
 
 from optimize import params_file, runner
 from optimize.levers import Config, DeepCache
-from optimize.metrics import PSNR_CAP, FidelityScorer, lpips_weights_path
-from optimize.artifacts import artifact_dir_for, baseline_image_ids
-from optimize.study import CONSTRAINTS_ATTR, Goal, best_feasible, goal_of, is_feasible, pareto_front
+from optimize.measure.metrics import FidelityScorer, lpips_weights_path
+from optimize.study.record import PSNR_CAP
+from optimize.study.artifacts import artifact_dir_for, baseline_image_ids
+from optimize.study.record import CONSTRAINTS_ATTR, Goal, best_feasible, goal_of, is_feasible, pareto_front
 
 
 @pytest.fixture
@@ -58,8 +59,8 @@ def fake_lpips(tmp_path_factory, monkeypatch):
 @pytest.fixture(scope="module")
 def measured(tiny_pipe):
     """The baseline configuration measured twice and DeepCache once, on two prompts."""
-    from optimize.measure import Evaluator, GenerationSettings
-    from optimize.metrics import ClipScorer
+    from optimize.measure.evaluator import Evaluator, GenerationSettings
+    from optimize.measure.metrics import ClipScorer
 
     settings = GenerationSettings(steps=6, guidance=7.5, height=32, width=32)
     ev = Evaluator(tiny_pipe, ClipScorer("tiny-clip", None), ["a red fox", "a boat on a lake"], settings)

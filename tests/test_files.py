@@ -1,4 +1,4 @@
-"""optimize.files: a failed write leaves the old file, with its permissions, and no temporary file."""
+"""optimize.study.files: a failed write leaves the old file, with its permissions, and no temporary file."""
 
 from __future__ import annotations
 

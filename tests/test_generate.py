@@ -24,7 +24,7 @@ import optimize
 from optimize import generate as generate_mod
 from optimize import pipelines
 from optimize.levers import Config, DeepCache, TGate, ToMe
-from optimize.study import Goal, best_feasible
+from optimize.study.record import Goal, best_feasible
 
 PROMPT = "a red fox in the snow"
 PARAMS = {"deepcache": True, "deepcache.cache_interval": 3, "deepcache.cache_branch_id": 0, "tome": False,
@@ -220,7 +220,7 @@ def test_a_configuration_found_in_graph_mode_needs_cuda_to_generate(tmp_path):
     """generate runs a configuration in the mode it was timed in: graphs on a CPU is one clear error."""
     import json
 
-    from optimize.generate import GenerateError, plan_from_params_file
+    from optimize.app.generate import GenerateError, plan_from_params_file
 
     path = tmp_path / "search_params.json"
     path.write_text(json.dumps({"k": {"pipe": "tiny", "scheduler": "ddim", "steps": 4, "dtype": "fp32",

@@ -1,4 +1,4 @@
-"""optimize.graphs on CPU: which graph each UNet call replays, the state handed between step kinds,
+"""optimize.runtime.graphs on CPU: which graph each UNet call replays, the state handed between step kinds,
 re-capture on new shapes, one application per measurement, and graphed output == eager output, on the
 fake backend of tests/fakegraphs.py.
 """
@@ -15,8 +15,8 @@ from fakegraphs import FakeBackend
 
 from optimize import Config, DeepCache, InvalidConfig, TGate, ToMe
 from optimize.levers import Accelerated
-from optimize.graphs import GraphUnsupported, PipelineGraphs, StepGraphs, check_exec
-from optimize.measure import Evaluator, GenerationSettings
+from optimize.runtime.graphs import GraphUnsupported, PipelineGraphs, StepGraphs, check_exec
+from optimize.measure.evaluator import Evaluator, GenerationSettings
 
 STEPS = 8
 PROMPT = ["a red fox in the snow"]

@@ -1,4 +1,4 @@
-"""optimize.measure: the paired timing protocol on the tiny pipeline, with scripted call times where
+"""optimize.measure.evaluator: the paired timing protocol on the tiny pipeline, with scripted call times where
 the numbers must be exact (which calls are timed, in which order, and which of them a speedup uses)."""
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ def test_paired_rounds_interleave_baseline_and_configured_calls(tiny_pipe, monke
     speedup is fastest baseline call / fastest configured call of those rounds (not the scoring pass)."""
     from optimize import measure
     from optimize.levers import Config, DeepCache
-    from optimize.metrics import ClipScorer
+    from optimize.measure.metrics import ClipScorer
 
     settings = measure.GenerationSettings(steps=6, guidance=7.5, height=32, width=32)
     ev = measure.Evaluator(tiny_pipe, ClipScorer("tiny-clip", None), ["a red fox", "a cat", "a boat"], settings,
@@ -60,7 +60,7 @@ def test_paired_rounds_interleave_baseline_and_configured_calls(tiny_pipe, monke
 def test_floor_takes_the_fastest_time_of_each_segment():
     """A call disturbed in one step and another disturbed in another step give the undisturbed
     time together, which neither whole call shows."""
-    from optimize.measure import Timing, floor
+    from optimize.measure.evaluator import Timing, floor
 
     calls = [[0.1, 1.0, 0.2, 0.3], [0.1, 0.2, 0.9, 0.3], [0.4, 0.2, 0.2, 0.3]]
     t = Timing.from_samples([sum(c) for c in calls], calls)
@@ -76,7 +76,7 @@ def test_every_call_is_cut_at_each_step_and_the_cuts_add_up(tiny_pipe, methods):
     with the decode) whatever methods are on; they sum to the call's time; the hook is gone after."""
     from optimize import measure
     from optimize.levers import Config, DeepCache, TGate, ToMe
-    from optimize.metrics import ClipScorer
+    from optimize.measure.metrics import ClipScorer
 
     steps = 6
     settings = measure.GenerationSettings(steps=steps, guidance=7.5, height=32, width=32)
@@ -99,7 +99,7 @@ def test_a_scored_configuration_gets_more_paired_rounds_than_a_gated_one(tiny_pi
     to ``scored_repeats`` rounds before the scoring pass, and its speedup uses all of them."""
     from optimize import measure
     from optimize.levers import Config, DeepCache
-    from optimize.metrics import ClipScorer
+    from optimize.measure.metrics import ClipScorer
 
     settings = measure.GenerationSettings(steps=4, guidance=7.5, height=32, width=32)
     ev = measure.Evaluator(tiny_pipe, ClipScorer("tiny-clip", None), ["a red fox", "a cat"], settings,
@@ -126,7 +126,7 @@ def test_a_scored_configuration_gets_more_paired_rounds_than_a_gated_one(tiny_pi
 
 
 def test_default_rounds_follow_the_device_and_the_mode():
-    from optimize.measure import default_rounds
+    from optimize.measure.evaluator import default_rounds
 
     assert default_rounds("cpu", "eager") == (0, 0)
     assert default_rounds("cuda", "eager") == (3, 10)

@@ -1,4 +1,4 @@
-"""optimize.metrics: the CLIP score on the tiny pipeline and the relative score loss (fidelity against
+"""optimize.measure.metrics: the CLIP score on the tiny pipeline and the relative score loss (fidelity against
 the baseline images is in tests/test_fidelity.py)."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from optimize.metrics import ClipScorer, MetricError, score_loss
+from optimize.measure.metrics import ClipScorer, MetricError, score_loss
 
 
 def test_clip_score_tiny(tiny_pipe):

@@ -1,4 +1,4 @@
-"""optimize.params_file: search_params.json keeps other keys, refuses (never overwrites) a file that
+"""optimize.app.params_file: search_params.json keeps other keys, refuses (never overwrites) a file that
 is not a JSON object, and is replaced atomically. The entries a run writes are checked in
 tests/test_cli.py, reading them back in tests/test_generate.py."""
 

@@ -1,4 +1,4 @@
-"""optimize.pipelines: resolving --pipe, loading local directories, schedulers, the offline tokenizer."""
+"""optimize.runtime.pipelines: resolving --pipe, loading local directories, schedulers, the offline tokenizer."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from conftest import generate, make_pipe
 
-from optimize.pipelines import (
+from optimize.runtime.pipelines import (
     PRESETS, SCHEDULERS, PipelineError, clip_tokenizer, is_xl, load_pipeline, resolve_pipe, set_scheduler,
 )
 
@@ -133,7 +133,7 @@ def test_check_loadable_accepts_a_saved_pipeline_and_names_what_is_missing(saved
     """Checked before a study is created: a directory missing a component's weights, or a component."""
     import shutil
 
-    from optimize.pipelines import check_loadable
+    from optimize.runtime.pipelines import check_loadable
 
     name, _, target = saved
     check_loadable(resolve_pipe(str(target)))
@@ -150,7 +150,7 @@ def test_check_loadable_accepts_a_saved_pipeline_and_names_what_is_missing(saved
 def test_check_loadable_refuses_a_hub_id_neither_cached_nor_downloadable(monkeypatch):
     from huggingface_hub import constants
 
-    from optimize.pipelines import check_loadable
+    from optimize.runtime.pipelines import check_loadable
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(PipelineError, match="not in the local Hugging Face cache and the hub is offline"):

@@ -1,4 +1,4 @@
-"""optimize.prompts (built-in, files, COCO schema through datasets); metrics are in tests/test_metrics.py."""
+"""optimize.measure.prompts (built-in, files, COCO schema through datasets); metrics are in tests/test_metrics.py."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from optimize.prompts import PromptsError, load_prompts, prompts_hash
+from optimize.measure.prompts import PromptsError, load_prompts, prompts_hash
 
 
 # --- built-in and files --------------------------------------------------------------------------
@@ -103,7 +103,7 @@ def test_prompt_longer_than_the_limit_is_refused_naming_where(tmp_path, name, co
 
 
 def test_shorten():
-    from optimize.prompts import shorten
+    from optimize.runtime.text import shorten
 
     assert shorten("a cat") == "a cat"
     assert shorten("a\n  cat") == "a cat"

@@ -22,7 +22,7 @@ except ImportError:  # tests/ made a package
     from tests.helpers import ERROR_PREFIX, one_error_line, SMALL, load_study, run_args, run_cli, storage_url
 
 from optimize import pipelines, prompts, runner, storage
-from optimize.study import STUDY_ATTR
+from optimize.study.record import STUDY_ATTR
 
 
 def _run(tmp_path, monkeypatch, *extra, url=None):
@@ -231,8 +231,8 @@ def _stored_study(tmp_path, name: str, extra: list[str]) -> optuna.Study:
     """A study as ``run ... --study NAME EXTRA`` leaves it, without running a model."""
     from dataclasses import asdict
 
-    from optimize.baseline import Baseline
-    from optimize.cli import check_run_options, run
+    from optimize.study.baseline import Baseline
+    from optimize.app.cli import check_run_options, run
 
     params = run.make_context("run", run_args(tmp_path, "--study", name, *extra)[1:]).params
     spec, opts = check_run_options(params)
@@ -342,8 +342,8 @@ def test_the_baseline_shown_is_the_one_the_speedups_divide_by(case, tmp_path, mo
     by the other worker)."""
     import re
 
-    from optimize.baseline import Baseline
-    from optimize.study import BASELINE_TIME
+    from optimize.study.baseline import Baseline
+    from optimize.study.record import BASELINE_TIME
 
     argv = ["--n-trials", "1", "--no-warm-start", "--validate", "0"]
     if case == "resumed":
@@ -530,7 +530,7 @@ def test_disk_full_simulated(tmp_path, monkeypatch):
 
 def test_disk_full_then_space_again(tmp_path, monkeypatch):
     """The writes during the run fail; the last try, at the end, succeeds: exit 0, the best is saved."""
-    from optimize.study import Goal, best_feasible
+    from optimize.study.record import Goal, best_feasible
 
     out_path = tmp_path / "search_params.json"
     out_path.write_text(json.dumps(OLD))
@@ -592,7 +592,7 @@ def test_unwritable_output_is_refused_before_anything_loads(what, workers, tmp_p
 def _study_with_a_best(tmp_path) -> int:
     """A study as earlier runs of ``run --max-loss 0.05`` left it (baseline, two feasible trials), made
     without a model; the number of its best trial."""
-    from optimize.cli import check_run_options, run
+    from optimize.app.cli import check_run_options, run
     from optimize.levers import Config, DeepCache
 
     try:
@@ -863,7 +863,7 @@ _OPTS = dict(scheduler="ddim", device="cpu", dtype="fp32", steps=8, guidance=Non
 def test_report_or_generate_into_a_read_only_folder_names_the_file(command, tmp_path, monkeypatch, read_only, no_model):
     """Refused before the study is read or a model loads, naming the output, not a temporary file."""
     from helpers import synthetic_study
-    from optimize.study import Goal
+    from optimize.study.record import Goal
 
     monkeypatch.chdir(tmp_path)
     synthetic_study(storage_url(tmp_path), "s", Goal("max", None, 0.05), [])
@@ -879,7 +879,7 @@ def test_report_or_generate_into_a_read_only_folder_names_the_file(command, tmp_
 
 
 def test_an_atomic_write_that_cannot_start_names_the_file(tmp_path, read_only):
-    from optimize.files import atomic_write
+    from optimize.study.files import atomic_write
 
     read_only(tmp_path)
     with pytest.raises(OSError) as e:

@@ -32,7 +32,7 @@ except ImportError:  # tests/ made a package
 
 from optimize import report
 from optimize.levers import Config, DeepCache, TGate, ToMe
-from optimize.study import Goal, best_feasible, goal_of, is_feasible, pareto_front
+from optimize.study.record import Goal, best_feasible, goal_of, is_feasible, pareto_front
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GOAL = Goal("target", 1.5, 0.02)
@@ -538,7 +538,7 @@ def test_dashboard_renders_in_chromium(browser, target, tmp_path):
 @pytest.mark.slow  # the shared 4-trial search
 def test_image_rows_are_captioned_with_their_prompts(target, tmp_path):
     """Each row of the grid shows its prompt (the study's own, read back where that needs no network)."""
-    from optimize.prompts import load_prompts
+    from optimize.measure.prompts import load_prompts
 
     html_text = report.build_report_html(target.study(), target.storage, 10, None)
     grid = html_text[html_text.index('id="image-grid"'):]

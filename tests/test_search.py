@@ -29,7 +29,7 @@ except ImportError:  # tests/ made a package
 
 from optimize import runner
 from optimize.levers import METHODS, Context
-from optimize.study import CONSTRAINTS_ATTR, Goal, best_feasible, is_feasible
+from optimize.study.record import CONSTRAINTS_ATTR, Goal, best_feasible, is_feasible
 
 ATTRS = ("speedup", "score_loss", "time_per_image", "spread", "clip_score", "config")
 
@@ -487,7 +487,7 @@ def test_no_warm_start(tmp_path, monkeypatch):
 # --- images per trial, as optuna-dashboard shows them ---------------------------------------------------
 
 def test_dashboard_shows_trial_and_baseline_images(tmp_path, monkeypatch):
-    from optimize.artifacts import artifact_dir_for
+    from optimize.study.artifacts import artifact_dir_for
 
     monkeypatch.chdir(tmp_path)
     argv = run_args(tmp_path, "--max-loss", "0.5", "--n-trials", "2", "--images-per-trial", "1")

@@ -21,7 +21,7 @@ import optuna
 import pytest
 
 from optimize.levers import Config, DeepCache, TGate, ToMe
-from optimize.search import Goal
+from optimize.study.record import Goal
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -51,7 +51,7 @@ def quick(tmp_path_factory):
 
 
 def _random_configs(n: int, seed: int = 0) -> list[Config]:
-    """Configurations exactly as a real SD1.5 study samples them (optimize.search.SearchSpace)."""
+    """Configurations exactly as a real SD1.5 study samples them (optimize.search.objective.SearchSpace)."""
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
     configs = []

@@ -1,9 +1,9 @@
 """Optuna's own storage contract (``optuna.testing.pytest_storages.StorageTestCase``) run against the
-storage a run opens (:func:`optimize.storage.open_storage`, with the owner record), on SQLite and on
+storage a run opens (:func:`optimize.study.storage.open_storage`, with the owner record), on SQLite and on
 PostgreSQL (tests/pgserver.py).
 
 One deliberate deviation, named here and checked for what it is: a trial created to run now carries
-its process in the system attr ``owner`` (:data:`optimize.study.OWNER`). It stays a system attr rather
+its process in the system attr ``owner`` (:data:`optimize.study.record.OWNER`). It stays a system attr rather
 than moving beside Optuna's heartbeats (``trial_heartbeats``, one timestamp column): it is written in
 the same transaction that creates the trial, so no running trial is ever without it, yet it needs no
 table or column of ours in a schema that Optuna migrates (alembic) and other tools read, and it is
@@ -27,9 +27,9 @@ try:
 except ImportError:  # tests/ made a package
     from tests.pgserver import fresh_database, require_server
 
-from optimize.processes import identity
-from optimize.storage import open_storage
-from optimize.study import OWNER
+from optimize.study.processes import identity
+from optimize.study.storage import open_storage
+from optimize.study.record import OWNER
 
 # one fresh database per case: about a second each to create Optuna's tables
 pytestmark = pytest.mark.slow

@@ -1,11 +1,11 @@
-"""optimize.study: the goal's constraint arithmetic (every feasibility check of the search relies on it)
+"""optimize.study.record: the goal's constraint arithmetic (every feasibility check of the search relies on it)
 and the study record's stored form."""
 
 from __future__ import annotations
 
 import pytest
 
-from optimize.study import STUDY_ATTR, Fingerprint, Goal, StudyRecord
+from optimize.study.record import STUDY_ATTR, Fingerprint, Goal, StudyRecord
 
 
 def test_goal_constraints_and_values():

@@ -1,4 +1,4 @@
-"""Quality checks of the shipped testbed (optimize.testbed; its world is tested in test_testbed_world.py): the trained scorer, the trained pipeline
+"""Quality checks of the shipped testbed (optimize.runtime.testbed; its world is tested in test_testbed_world.py): the trained scorer, the trained pipeline
 and the accelerations' effect on it, on the CPU, with the weights in the package.
 
 Each check can fail: the scorer must retrieve held-out renders from their captions, the pipeline's
@@ -17,8 +17,9 @@ import torch
 
 import optimize
 from optimize import testbed
-from optimize.metrics import FidelityScorer
-from optimize.testbed import world
+from optimize.measure.metrics import FidelityScorer
+from optimize.runtime.testbed import world
+from optimize.measure.metrics import testbed_scorer
 
 STEPS = 20  # --pipe tiny's default
 N_SCORER, N_PIPE, N_ACCEL = 32, 32, 24
@@ -35,7 +36,7 @@ def _embed(scorer, images, prompts):
 
 @pytest.fixture(scope="module")
 def scorer():
-    return testbed.scorer()
+    return testbed_scorer()
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""optimize.testbed's synthetic world: deterministic captions, a held-out split of colour-shape pairs
+"""optimize.runtime.testbed's synthetic world: deterministic captions, a held-out split of colour-shape pairs
 never seen in training, captions that parse back to their scenes, renders that show their colour."""
 
 from __future__ import annotations
@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 
 from optimize import testbed
-from optimize.testbed import world
+from optimize.runtime.testbed import world
+from optimize.measure.metrics import testbed_scorer
 
 
 def test_world_round_trip_and_split():
@@ -29,4 +30,4 @@ def test_missing_weights_are_one_clear_error(monkeypatch, tmp_path):
     with pytest.raises(FileNotFoundError, match="testbed pipeline is missing"):
         testbed.pipeline_dir()
     with pytest.raises(FileNotFoundError, match="testbed CLIP weights are missing"):
-        testbed.scorer()
+        testbed_scorer()

@@ -24,11 +24,11 @@ except ImportError:  # tests/ made a package
 
 from optimize import params_file, prompts, report, runner, uncertainty, validation
 from optimize.levers import Config, Context, DeepCache
-from optimize.baseline import Baseline
-from optimize.console import trial_line, validation_text
-from optimize.measure import Measurement, Timing
+from optimize.study.baseline import Baseline
+from optimize.app.console import trial_line, validation_text
+from optimize.measure.evaluator import Measurement, Timing
 from optimize.search import Objective, SearchSpace
-from optimize.study import (CONSTRAINTS_ATTR, INTERVALS, PER_PROMPT, SCORE_LOSS, SPEEDUP, STUDY_ATTR, VALIDATION,
+from optimize.study.record import (CONSTRAINTS_ATTR, INTERVALS, PER_PROMPT, SCORE_LOSS, SPEEDUP, STUDY_ATTR, VALIDATION,
                             Goal, StudyRecord, Validation, best_feasible, is_feasible)
 
 LEVEL = 0.9
@@ -234,7 +234,7 @@ def _synthetic(tmp_path):
                {INTERVALS: {"level": LEVEL, "n": 4, SCORE_LOSS: [0.004, 0.016], SPEEDUP: [1.9, 2.1]}}),
               (Config(deepcache=DeepCache(5, 0)), 2.5, 0.030)]
     study = synthetic_study(f"sqlite:///{tmp_path / 's.db'}", "synth", goal, trials)
-    from optimize.storage import set_trial_system_attr_after
+    from optimize.study.storage import set_trial_system_attr_after
 
     set_trial_system_attr_after(study._storage, study.trials[0]._trial_id, VALIDATION, _validation(False).as_dict())
     return goal, validation.reloaded(study)

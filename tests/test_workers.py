@@ -27,9 +27,9 @@ except ImportError:  # tests/ made a package
     from tests.pgserver import fresh_database, require_server
 
 import optimize
-from optimize.study import CONSTRAINTS_ATTR, OWNER
-from optimize.storage import open_storage
-from optimize.workers import split_trials
+from optimize.study.record import CONSTRAINTS_ATTR, OWNER
+from optimize.study.storage import open_storage
+from optimize.app.workers import split_trials
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(optimize.__file__)))
 # A trial lasts a few seconds here, so a worker is surely mid-trial when it is signalled.
@@ -106,7 +106,7 @@ class Watch:
 def _start(directory, argv) -> tuple[subprocess.Popen, str]:
     log_path = os.path.join(str(directory), "launcher.log")
     log = open(log_path, "w")
-    proc = subprocess.Popen([sys.executable, "-m", "optimize.cli", *argv], cwd=str(directory), stdout=log,
+    proc = subprocess.Popen([sys.executable, "-m", "optimize.app.cli", *argv], cwd=str(directory), stdout=log,
                             stderr=subprocess.STDOUT, env=_env())
     log.close()
     return proc, log_path
@@ -153,7 +153,7 @@ def test_split_trials():
 
 def test_worker_argv_keeps_every_setting():
     """A worker parses to the launcher's options, but for its device, share, index and progress bar."""
-    from optimize.cli import check_run_options, run, worker_argv
+    from optimize.app.cli import check_run_options, run, worker_argv
 
     argv = ["--pipe", "sd1.5", "--steps", "8", "--num-samples", "2", "--target-speedup", "1.5", "--max-loss", "0.03",
             "--methods", "tome,deepcache", "--seed", "7", "--study", "s", "--random-weights", "--workers", "3",
@@ -189,7 +189,7 @@ def test_gpus_and_workers_errors(args, needle, tmp_path):
 
 
 def test_sampler_seeds_differ_per_slot_and_run():
-    from optimize.runner import sampler_seed
+    from optimize.app.runner import sampler_seed
 
     seeds = {sampler_seed(42, n, slot) for n in (0, 5) for slot in range(4)}
     assert len(seeds) == 8
@@ -201,7 +201,7 @@ def test_identical_runs_at_once_get_different_seeds(tmp_path, monkeypatch):
     database hands each a different slot, so their samplers differ; the same command on a fresh study
     gets the first one's seed again (what --seed reproduces)."""
     from optimize import runner
-    from optimize.cli import check_run_options, run
+    from optimize.app.cli import check_run_options, run
 
     seeds = []
     real = runner.make_sampler
@@ -225,7 +225,7 @@ def test_identical_runs_at_once_get_different_seeds(tmp_path, monkeypatch):
 
 RACE = """
 import sys, time
-from optimize.storage import insert_study_user_attr_once, open_storage
+from optimize.study.storage import insert_study_user_attr_once, open_storage
 import optuna
 url, start = sys.argv[1], float(sys.argv[2])
 while time.time() < start:
@@ -258,10 +258,10 @@ def test_fresh_database_opened_by_many_processes(url, tmp_path):
 DIES_RUNNING = """
 import os, signal, sys
 import optuna
-from optimize.storage import open_storage
+from optimize.study.storage import open_storage
 url, record_owner = sys.argv[1], sys.argv[2] == "owner"
 if record_owner:  # the process is recorded as a run records it
-    from optimize.study import OWNER
+    from optimize.study.record import OWNER
     storage = open_storage(url, heartbeat_interval=1, owner_key=OWNER)
 else:
     storage = open_storage(url, heartbeat_interval=1)
@@ -316,7 +316,7 @@ def test_trial_killed_before_its_first_heartbeat_is_retried(url, tmp_path):
 def test_a_gone_process_is_told_from_a_live_one():
     """Gone: no such pid, a zombie, or the pid reused by a process started at another time. Alive:
     this process. Not decided here (False): a process recorded on another machine."""
-    from optimize.processes import identity, is_gone
+    from optimize.study.processes import identity, is_gone
 
     me = identity()
     assert me["pid"] == os.getpid() and me["host"] and me["machine"]
@@ -337,7 +337,7 @@ def test_dead_process_trials_are_retried_at_once_other_machines_wait(url, tmp_pa
     """Trials whose process is recorded on this machine and gone are stale at once; a trial recorded
     on another machine waits for its heartbeat to go stale. Retries get the usual bookkeeping and no
     owner of their own until they run."""
-    from optimize.processes import identity
+    from optimize.study.processes import identity
 
     numbers = _die_running(url, tmp_path, owner=True)
     storage = open_storage(url, heartbeat_interval=60, owner_key=OWNER)
@@ -409,7 +409,7 @@ def test_two_workers_one_study(url, tmp_path, monkeypatch, one_thread):
     # search_params.json holds the study's best
     import json
 
-    from optimize.study import Goal, best_feasible
+    from optimize.study.record import Goal, best_feasible
 
     best = best_feasible(study, Goal("max", None, 0.05))
     with open(tmp_path / "search_params.json") as f:

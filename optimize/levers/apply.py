@@ -15,7 +15,7 @@ from __future__ import annotations
 from contextlib import ExitStack
 from typing import Any, Mapping
 
-from ..graphs import EXEC_MODES, PipelineGraphs, StepGraphs
+from ..runtime.graphs import EXEC_MODES, PipelineGraphs, StepGraphs
 from .base import Applied, InvalidConfig
 from .config import Config
 
@@ -127,7 +127,7 @@ class Accelerated:
 
     # -- graph modes: what the levers decide per step, and what they hand between steps ----------
     def _step_kind(self) -> tuple:
-        """The coming step's kind, read from the levers' own state (see optimize.graphs)."""
+        """The coming step's kind, read from the levers' own state (see optimize.runtime.graphs)."""
         kinds = ((name, applied.step_kind()) for name, applied in (self.applied or {}).items())
         return tuple((name, kind) for name, kind in kinds if kind is not None)
 
@@ -149,7 +149,7 @@ def accelerate(pipe, params: Config | Mapping[str, Any], seed: int = 0, exec: st
 
     Leaving the block restores the pipeline exactly. With the schedule lever on, each call runs the
     configuration's solver and steps, whatever ``num_inference_steps`` says. ``exec="graphs"`` replays
-    every UNet step from CUDA graphs (one per step kind, :mod:`optimize.graphs`) and the text encoders
+    every UNet step from CUDA graphs (one per step kind, :mod:`optimize.runtime.graphs`) and the text encoders
     too, with the schedule on the host, as a study with ``--exec graphs`` timed it.
     """
     config = params if isinstance(params, Config) else Config.from_params(params)

@@ -8,7 +8,7 @@ A *lever* is one module of this package holding:
 * a :class:`Lever` subclass: its stored name (``deepcache`` switches it, ``deepcache.cache_interval``
   holds a field), a short label, and :meth:`Lever.apply`;
 * an :class:`Applied` subclass: what ``apply`` returns, with an exact, idempotent :meth:`Applied.remove`,
-  the per-call :meth:`Applied.reset`, its part of the graph step kind (:mod:`optimize.graphs`), and the
+  the per-call :meth:`Applied.reset`, its part of the graph step kind (:mod:`optimize.runtime.graphs`), and the
   call hooks of a lever that changes the call itself.
 
 The registry (:data:`optimize.levers.LEVERS`) is the only list of levers; nothing outside a lever's
@@ -191,7 +191,7 @@ class Applied:
         return None
 
     def slots(self) -> list:
-        """State handed from one UNet step to the next (:class:`optimize.graphs.Slot`)."""
+        """State handed from one UNet step to the next (:class:`optimize.runtime.graphs.Slot`)."""
         return []
 
     def generators(self) -> list:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..graphs import dict_slot
+from ..runtime.graphs import dict_slot
 from .base import Applied, Context, Int, Lever, Snapshot, param
 
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from ..pipelines import SCHEDULERS, scheduler_for
+from ..runtime.pipelines import SCHEDULERS, scheduler_for
 from .base import Applied, Choice, Context, Int, Lever, param
 
 

@@ -21,8 +21,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from types import MethodType
 
-from ..graphs import attr_slot
-from ..pipelines import default_guidance
+from ..runtime.graphs import attr_slot
+from ..runtime.pipelines import default_guidance
 from .base import Applied, Context, InvalidConfig, Int, Lever, Snapshot, param
 
 # T-GATE's cache and gate need a few steps: gate_step >= 4 > warm_up keeps every sampled pair valid

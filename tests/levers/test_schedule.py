@@ -18,7 +18,7 @@ from fakegraphs import FakeBackend  # noqa: E402
 
 import optimize  # noqa: E402
 from optimize.levers import Accelerated, Config, Schedule  # noqa: E402
-from optimize.pipelines import scheduler_for  # noqa: E402
+from optimize.runtime.pipelines import scheduler_for  # noqa: E402
 
 
 def _unet_calls(pipe):
@@ -80,7 +80,7 @@ def test_graph_modes_keep_the_solvers_schedule_on_the_host(tiny_pipe):
 def test_paired_baseline_calls_run_the_reference_schedule(tiny_pipe):
     """In a graph mode the configuration stays applied for the whole measurement and the baseline calls
     between its calls go to the untouched pipeline: they must run the reference's steps and solver."""
-    from optimize.measure import Evaluator, GenerationSettings
+    from optimize.measure.evaluator import Evaluator, GenerationSettings
 
     settings = GenerationSettings(steps=12, guidance=7.5, height=64, width=64, seed=0)
     evaluator = Evaluator(tiny_pipe, None, PROMPT, settings, repeats=2, exec="graphs", graph_backend=FakeBackend())

@@ -3,7 +3,7 @@
 Every key optimize-sd stores in an Optuna study is spelt here, once:
 
 * the study user attr :data:`STUDY_ATTR` holds a :class:`StudyRecord` (goal, constraint names,
-  :class:`Fingerprint` of the settings); the baseline's own attr is :mod:`optimize.baseline`'s;
+  :class:`Fingerprint` of the settings); the baseline's own attr is :mod:`optimize.study.baseline`'s;
 * each trial records its measurement as user attrs (:data:`SPEEDUP`, :data:`SCORE_LOSS`, ...) and its
   constraints under the system attr :data:`CONSTRAINTS_ATTR`, where optuna-dashboard shows feasibility
   and Optuna 5's TPE reads it; a running trial's process is its system attr :data:`OWNER`;
@@ -13,7 +13,7 @@ Every key optimize-sd stores in an Optuna study is spelt here, once:
   re-validation under the system attr :data:`VALIDATION` (a :class:`Validation`).
 
 Optuna's own keys of its queue and retry bookkeeping (``fixed_params``, ``failed_trial``,
-``retry_history``) are spelt in :mod:`optimize.storage`, beside the re-queuing that writes them
+``retry_history``) are spelt in :mod:`optimize.study.storage`, beside the re-queuing that writes them
 (that module sits below this one).
 
 Three goals, each under a bound on a loss (``--loss-metric``: relative CLIP score loss by default;
@@ -41,7 +41,6 @@ from typing import Any, NamedTuple
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from .metrics import LOSS_METRICS, PSNR_CAP
 from .storage import (StorageError, first_line, insert_study_user_attr_once, open_storage, redact,
                       storage_errors)
 
@@ -64,6 +63,10 @@ SPREAD = "spread"  # interquartile range / median of the timed calls
 BASELINE_TIME = "baseline_time"  # the baseline time the speedup divides
 CLIP_SCORE = "clip_score"
 PSNR, SSIM, LPIPS = "psnr", "ssim", "lpips"  # against the baseline images (the names metrics.FidelityScorer gives)
+LOSS_METRICS = ("clip", PSNR, SSIM, LPIPS)
+# The bound each metric gets without --max-loss. psnr's is a minimum in dB; the others bound a loss.
+DEFAULT_BOUNDS = {"clip": 0.02, PSNR: 25.0, SSIM: 0.15, LPIPS: 0.15}
+PSNR_CAP = 100.0  # dB: identical images (infinite PSNR) and anything closer than 8 bits can show count as this
 FIDELITY = (PSNR, SSIM, LPIPS)
 ROUNDS = "rounds"  # paired rounds timed, when there were any
 BASELINE_SPREAD = "baseline_spread"  # spread of the paired baseline calls
@@ -274,7 +277,7 @@ DEFAULT_SEED = 42  # optimize-sd run's default; search_params.json entries do no
 @dataclass(frozen=True)
 class Fingerprint:
     """The settings a study's baseline was measured with; a run with other settings is refused
-    (:func:`optimize.baseline.check_fingerprint` compares the dicts). Fields a study from an older
+    (:func:`optimize.study.baseline.check_fingerprint` compares the dicts). Fields a study from an older
     version lacks are None."""
 
     pipe: str | None = None
@@ -417,7 +420,7 @@ def rounded(values) -> list[float]:
 @dataclass(frozen=True)
 class Validation:
     """A configuration measured again on prompts the search never saw, with fresh seeds (the trial
-    system attr :data:`VALIDATION`; :mod:`optimize.validation` makes it). Losses and intervals are in
+    system attr :data:`VALIDATION`; :mod:`optimize.app.validation` makes it). Losses and intervals are in
     the units of the trial's attrs of the same name; ``loss`` is the study's bounded loss (-PSNR for psnr)."""
 
     n: int  # held-out prompts

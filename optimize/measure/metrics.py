@@ -3,7 +3,7 @@
 ``score = 100 * max(cos(image, text), 0)`` per image, images through open_clip's preprocessing, text
 through its tokenizer, both embeddings L2-normalised, scored in batches of 16. The default model is
 ViT-g-14 ``laion2b_s34b_b88k``; ``testbed-clip`` with pretrained ``testbed`` is the small trained model
-shipped with the package (:mod:`optimize.testbed`, the default scorer of ``--pipe tiny``); ``tiny-clip``
+shipped with the package (:mod:`optimize.runtime.testbed`, the default scorer of ``--pipe tiny``); ``tiny-clip``
 is a small random-weight model for offline runs of random-weight pipelines.
 
 Example:
@@ -19,10 +19,11 @@ import logging
 import os
 
 import numpy as np
+from ..study.record import PSNR_CAP
 
 DEFAULT_MODEL = ("ViT-g-14", "laion2b_s34b_b88k")
 TINY_MODEL = ("tiny-clip", None)
-TESTBED_MODEL = ("testbed-clip", "testbed")  # the shipped trained scorer (see optimize.testbed)
+TESTBED_MODEL = ("testbed-clip", "testbed")  # the shipped trained scorer (see optimize.runtime.testbed)
 _CONFIGS = os.path.join(os.path.dirname(__file__), "configs")
 _BATCH = 16
 
@@ -39,12 +40,12 @@ class ClipScorer:
         import open_clip
         import torch
 
-        from .pipelines import torch_dtype
+        from ..runtime.pipelines import torch_dtype
 
         if model == TINY_MODEL[0]:
             open_clip.add_model_config(_CONFIGS)
         elif model == TESTBED_MODEL[0]:
-            from . import testbed
+            from ..runtime import testbed
 
             testbed.register_clip_config()
             if pretrained == TESTBED_MODEL[1]:
@@ -123,10 +124,6 @@ def score_loss(base: float, score: float) -> float:
 # PSNR and SSIM always (torchmetrics' functional metrics), LPIPS (AlexNet) when torchvision's AlexNet
 # weights are in the local torch cache: they cannot be downloaded during a run.
 
-LOSS_METRICS = ("clip", "psnr", "ssim", "lpips")
-# The bound each metric gets without --max-loss. psnr's is a minimum in dB; the others bound a loss.
-DEFAULT_BOUNDS = {"clip": 0.02, "psnr": 25.0, "ssim": 0.15, "lpips": 0.15}
-PSNR_CAP = 100.0  # dB: identical images (infinite PSNR) and anything closer than 8 bits can show count as this
 LPIPS_NET = "alexnet"
 _FIDELITY_BATCH = 8
 
@@ -206,3 +203,12 @@ class FidelityScorer:
         if lpips:
             out["lpips"] = torch.cat(lpips).double().numpy()
         return out
+
+
+def testbed_scorer(device: str = "cpu", dtype: str = "fp32") -> ClipScorer:
+    """A :class:`ClipScorer` on the testbed's trained open_clip model (:mod:`optimize.runtime.testbed`),
+    loaded with ``open_clip.create_model_and_transforms("testbed-clip", pretrained=<the shipped file>)``."""
+    from ..runtime import testbed
+
+    testbed.clip_weights()  # a missing file is one clear error, not open_clip's
+    return ClipScorer(testbed.CLIP_NAME, testbed.CLIP_PRETRAINED, device=device, dtype=dtype)

@@ -17,6 +17,7 @@ import csv
 import hashlib
 import json
 import os
+from ..runtime.text import shorten
 
 COCO_DATASET = "phiyodr/coco2017"
 _BUILTIN = os.path.join(os.path.dirname(__file__), "builtin_prompts.txt")
@@ -69,7 +70,7 @@ def _numbered(spec: str, count: int) -> tuple[list[tuple[int, str]], str]:
     if spec == "builtin":
         prompts, unit = _read_txt(_BUILTIN), "line"
     elif spec == "testbed":
-        from .testbed import captions
+        from ..runtime.testbed import captions
 
         prompts, unit = captions("heldout"), "caption"
     elif spec == "coco" or spec.startswith("coco:"):
@@ -89,16 +90,6 @@ def check_length(prompt: str, where: str) -> None:
     if len(prompt) > MAX_PROMPT_CHARS:
         raise PromptsError(f"{where}: a prompt may have at most {MAX_PROMPT_CHARS} characters (CLIP reads the first "
                            f"77 tokens), this one is {shorten(prompt, 40)!r}")
-
-
-def shorten(text: str, limit: int = 80) -> str:
-    """``text`` cut to about ``limit`` characters for a message, saying how long it was.
-
-    >>> shorten("a red fox " * 20, 20)
-    'a red fox a red fox ... (200 characters)'
-    """
-    head = " ".join(text[:limit + 1].split())  # line breaks and runs of spaces as one space
-    return head if len(text) <= limit else f"{head[:limit].rstrip()} ... ({len(text)} characters)"
 
 
 def counted(n: int, noun: str) -> str:
@@ -188,7 +179,7 @@ def _read_coco(source: str, num_samples: int) -> list[str]:
 def _check_hub_dataset(source: str) -> None:
     """Without network, datasets retries for about 40 s (eleven lines) before it gives up: one quick
     request to the hub first, and one line if it cannot give the dataset."""
-    from . import hub
+    from ..runtime import hub
 
     flag = os.environ.get("HF_DATASETS_OFFLINE")  # as datasets reads it: its own variable, else the hub's
     if (flag.upper() in ("1", "ON", "YES", "TRUE") if flag is not None else hub.offline()):

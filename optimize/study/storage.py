@@ -6,7 +6,7 @@ re-queued by the next worker that starts a trial (:class:`HeartbeatStorage`: at 
 is recorded on this machine and gone). Many processes may open a fresh database at once:
 tables are created once, and attrs that must be set once (the study's settings, its baseline) are
 inserted, never overwritten (:func:`insert_study_user_attr_once`). ``search_params.json`` is
-:mod:`optimize.params_file`, the images :mod:`optimize.artifacts`.
+:mod:`optimize.app.params_file`, the images :mod:`optimize.study.artifacts`.
 
 Example:
     >>> redact("postgresql://me:secret@db/studies")
@@ -52,7 +52,7 @@ class HeartbeatStorage(RDBStorage):
     runs: a process killed between creating (or popping) a trial and that thread's first write left the
     trial RUNNING for good. Here a created trial gets its first heartbeat in the same transaction, and a
     queued one just before it is popped. ``owner_key`` names the trial system attr that records the
-    running process (:func:`optimize.processes.identity`); retries never inherit it.
+    running process (:func:`optimize.study.processes.identity`); retries never inherit it.
     """
 
     def __init__(self, url: str, *, owner_key: str | None = None, **kwargs):

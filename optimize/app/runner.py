@@ -2,14 +2,14 @@
 
 Order matters: everything that can be checked against the stored study (goal, baseline fingerprint)
 is checked before the pipeline loads. Several of these runs may share one study (``--workers``,
-``--gpus``, several machines: see :mod:`optimize.workers`); study, settings and baseline are then
+``--gpus``, several machines: see :mod:`optimize.app.workers`); study, settings and baseline are then
 created once, and each run times the baseline on its own device.
 
 The library never exits or prints by itself: errors are the plain exceptions below (the command line
 turns them into exit codes), progress lines go to an ``echo(line, err=False)`` callback.
 
 Example:
-    >>> spec, opts = check_run_options(...)          # doctest: +SKIP  (optimize.cli)
+    >>> spec, opts = check_run_options(...)          # doctest: +SKIP
     >>> run_search(spec, opts, echo=print)            # doctest: +SKIP
 """
 
@@ -29,20 +29,21 @@ import optuna
 from optuna.trial import TrialState
 from tqdm.auto import tqdm
 
-from . import console, pipelines, validation
-from .levers import Config, Context
-from .artifacts import (BASELINE_PREFIX, artifact_dir_for, artifact_store, baseline_image_ids, load_baseline_images,
+from . import console, validation
+from ..runtime import pipelines
+from ..levers import Config, Context
+from ..study.artifacts import (BASELINE_PREFIX, artifact_dir_for, artifact_store, baseline_image_ids, load_baseline_images,
                         trial_prefix, upload_images)
-from .baseline import Baseline, BaselineMismatch, check_fingerprint
-from .measure import Evaluator, GenerationSettings
-from .graphs import compile_blocks
-from .metrics import ClipScorer, FidelityScorer, MetricError, lpips_available, lpips_weights_path, score_loss
+from ..study.baseline import Baseline, BaselineMismatch, check_fingerprint
+from ..measure.evaluator import Evaluator, GenerationSettings
+from ..runtime.graphs import compile_blocks
+from ..measure.metrics import ClipScorer, FidelityScorer, MetricError, lpips_available, lpips_weights_path, score_loss
 from .params_file import run_entry, search_params_key, update_search_params
-from .prompts import PromptsError, counted, load_heldout, load_prompts, prompt_source, prompts_hash
-from .search import Objective, SearchSpace, make_sampler, warm_start_params
-from .storage import (MAX_RETRY, StorageError, first_line, from_queue, insert_study_system_attr_once, open_storage,
+from ..measure.prompts import PromptsError, counted, load_heldout, load_prompts, prompt_source, prompts_hash
+from ..search import Objective, SearchSpace, make_sampler, warm_start_params
+from ..study.storage import (MAX_RETRY, StorageError, first_line, from_queue, insert_study_system_attr_once, open_storage,
                       redact, storage_cause, storage_errors)
-from .study import OWNER, SAMPLER_SLOT, WORKER, Fingerprint, Goal, StudyRecord, goal_of, study_result
+from ..study.record import OWNER, SAMPLER_SLOT, WORKER, Fingerprint, Goal, StudyRecord, goal_of, study_result
 
 
 class RunError(Exception):
@@ -89,7 +90,7 @@ class RunOptions:
     images_per_trial: int = 4  # uploaded as artifacts, shown per trial by optuna-dashboard
     artifact_dir: str | None = None
     devices: tuple[str, ...] = ()  # --workers / --gpus: one worker process per entry
-    exec_mode: str = "eager"  # --exec: eager, graphs or compile (optimize.graphs)
+    exec_mode: str = "eager"  # --exec: eager, graphs or compile (optimize.runtime.graphs)
     validate: int | None = None  # --validate: held-out prompts for the pick (0: none; None: the default size, if cheap)
 
 
@@ -111,7 +112,7 @@ def fingerprint_for(spec, opts: RunOptions, prompts: list[str]) -> Fingerprint:
 
 def planned_validation(opts: RunOptions, study: optuna.Study) -> tuple[int, str]:
     """How many held-out prompts the pick of ``study`` is validated on after a run with ``opts``, and the
-    note to print (:func:`optimize.validation.planned_size`), whether one process ran the trials or many."""
+    note to print (:func:`optimize.app.validation.planned_size`), whether one process ran the trials or many."""
     trials = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
     return validation.planned_size(opts.validate, opts.num_samples, trials, opts.scored_repeats if opts.repeats else 0)
 
@@ -496,7 +497,7 @@ class Search:
             return f" (not queued again: storage failed: {first_line(e, self.opts.storage)})"
 
     def validate(self) -> None:
-        """Held-out re-validation of the pick (:mod:`optimize.validation`), stored on it and in
+        """Held-out re-validation of the pick (:mod:`optimize.app.validation`), stored on it and in
         search_params.json. A failure is a warning: the trials and the saved result stand."""
         opts, (best, _) = self.opts, self.result()
         if best is None:

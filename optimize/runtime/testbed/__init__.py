@@ -1,5 +1,5 @@
 """A real model to optimize offline: a small text-to-image pipeline and CLIP scorer trained on a
-synthetic world of captioned shapes (see :mod:`optimize.testbed.world` and docs/testbed.md).
+synthetic world of captioned shapes (see :mod:`optimize.runtime.testbed.world` and docs/testbed.md).
 
 Public API::
 
@@ -9,7 +9,8 @@ Public API::
     >>> testbed.render(testbed.captions("heldout")[0]).size
     (64, 64)
     >>> testbed.pipeline_dir()                       # a StableDiffusionPipeline directory  # doctest: +SKIP
-    >>> testbed.scorer()                             # a ClipScorer on the trained open_clip model  # doctest: +SKIP
+    >>> from optimize.measure.metrics import testbed_scorer
+    >>> testbed_scorer()                             # a ClipScorer on the trained open_clip model  # doctest: +SKIP
 
 Both models were trained by ``benchmarks/train_testbed.py``; the weights ship inside the package
 (``optimize/testbed/weights/``): ``pipeline/`` (diffusers, fp16 safetensors) and ``clip/`` (an open_clip
@@ -55,14 +56,5 @@ def register_clip_config() -> None:
         open_clip.add_model_config(clip_dir())
 
 
-def scorer(device: str = "cpu", dtype: str = "fp32"):
-    """A :class:`optimize.metrics.ClipScorer` on the trained open_clip model, loaded with
-    ``open_clip.create_model_and_transforms("testbed-clip", pretrained=<the shipped file>)``."""
-    from ..metrics import ClipScorer
-
-    clip_weights()  # a missing file is one clear error, not open_clip's
-    return ClipScorer(CLIP_NAME, CLIP_PRETRAINED, device=device, dtype=dtype)
-
-
 __all__ = ["Scene", "captions", "clip_dir", "clip_weights", "colour_of", "parse", "pipeline_dir", "render",
-           "register_clip_config", "scenes", "scorer"]
+           "register_clip_config", "scenes"]

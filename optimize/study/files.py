@@ -101,7 +101,7 @@ def _host() -> str:
 
 
 def remove_stale_temporaries(path: str) -> list[str]:
-    """Remove the temporary files that writes of ``path`` left behind, as :mod:`optimize.files` names
+    """Remove the temporary files that writes of ``path`` left behind, as :mod:`optimize.study.files` names
     them (also those of versions that did not name the writer, by age alone); return what was removed.
     A live writer's file is kept; so is every other file."""
     directory = os.path.dirname(os.path.abspath(path))

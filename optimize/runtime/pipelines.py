@@ -2,7 +2,7 @@
 
 ``--pipe`` accepts a preset (``sd1.5``, ``sd2.1``, ``sdxl``), a hub id, a local diffusers directory,
 or ``tiny`` / ``tiny-xl``, which need no model hub: ``tiny`` is the trained testbed pipeline shipped
-in the package (:mod:`optimize.testbed`, a diffusers directory loaded with ``from_pretrained`` like any
+in the package (:mod:`optimize.runtime.testbed`, a diffusers directory loaded with ``from_pretrained`` like any
 other), ``tiny-xl`` a small SDXL pipeline built from configs with random weights and a real CLIP
 tokenizer (:func:`build_tiny_xl_pipeline`).
 
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from . import hub
-from .prompts import shorten
+from .text import shorten
 
 PRESETS = {
     "sd1.5": "stable-diffusion-v1-5/stable-diffusion-v1-5",

@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 from optuna.trial import FrozenTrial, TrialState
 
-from .study import (BASELINE_TIME, CLIP_SCORE, CONFIG, ERROR, FAIL_REASON, INTERVAL_LEVEL, INTERVAL_N, INTERVALS, LPIPS,
+from ..study.record import (BASELINE_TIME, CLIP_SCORE, CONFIG, ERROR, FAIL_REASON, INTERVAL_LEVEL, INTERVAL_N, INTERVALS, LPIPS,
                     PSNR, REUSED_FROM, SCORE_LOSS, SKIPPED, SPEEDUP, SPEEDUP_EAGER, SPREAD, SSIM, TIME_PER_IMAGE, Goal,
                     Validation, is_feasible)
 
@@ -145,7 +145,7 @@ def format_front(study_name: str, goal: Goal, front: list[FrozenTrial], best: Fr
 
 
 def format_result(study_name: str, goal: Goal, best: FrozenTrial | None, front: list[FrozenTrial], baseline) -> str:
-    """What a finished run and ``best`` print (:func:`optimize.study.study_result` gives ``best`` and
+    """What a finished run and ``best`` print (:func:`optimize.study.record.study_result` gives ``best`` and
     ``front``): the best feasible trial, or a pareto study's feasible front."""
     if goal.mode == "pareto":
         return format_front(study_name, goal, front, best)

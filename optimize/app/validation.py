@@ -3,9 +3,9 @@
 A study's best trial is the best of many noisy measurements on the same prompts, so its own numbers
 flatter it. After the trials of a run, the pick (the best feasible trial; a pareto study's fastest
 feasible one, what ``generate`` uses) is generated again on ``N`` prompts disjoint from the search's
-(:func:`optimize.prompts.load_heldout`: the COCO captions, file lines or built-in captions after the
+(:func:`optimize.measure.prompts.load_heldout`: the COCO captions, file lines or built-in captions after the
 first ``--num-samples``) with fresh seeds (the study's seed + :data:`SEED_OFFSET`), beside the
-untouched pipeline on the same prompts and seeds. The result, a :class:`optimize.study.Validation`
+untouched pipeline on the same prompts and seeds. The result, a :class:`optimize.study.record.Validation`
 (losses with their paired intervals, speedup, whether the study's constraints hold out of sample), is
 stored on the trial (system attr ``validation``) and in search_params.json; a pick that breaks the
 bound out of sample is flagged in one line. ``optimize-sd validate`` does the same on an existing study
@@ -25,16 +25,16 @@ from typing import Any
 
 import optuna
 
-from .levers import Config
+from ..levers import Config
 from .console import Echo, validation_text
-from .measure import Evaluator, default_rounds
-from .metrics import ClipScorer, FidelityScorer, MetricError, lpips_available, score_loss
-from .pipelines import device_name
-from .prompts import PromptsError, load_heldout, load_prompts, prompts_hash
-from .storage import StorageError, open_storage, rdb, set_trial_system_attr_after
-from .study import (CLIP_SCORE, CONFIG, INTERVALS, SCORE_LOSS, SPEEDUP, VALIDATION, Goal, StudyError, StudyRecord,
+from ..measure.evaluator import Evaluator, default_rounds
+from ..measure.metrics import ClipScorer, FidelityScorer, MetricError, lpips_available, score_loss
+from ..runtime.pipelines import device_name
+from ..measure.prompts import PromptsError, load_heldout, load_prompts, prompts_hash
+from ..study.storage import StorageError, open_storage, rdb, set_trial_system_attr_after
+from ..study.record import (CLIP_SCORE, CONFIG, INTERVALS, SCORE_LOSS, SPEEDUP, VALIDATION, Goal, StudyError, StudyRecord,
                     Validation, feasible_front, open_study, rounded, study_result)
-from .uncertainty import intervals
+from ..measure.uncertainty import intervals
 
 SEED_OFFSET = 1000  # held-out prompt i is generated with seed + SEED_OFFSET + i
 BUDGET = 0.10  # the share of a study's pipeline calls a default validation may cost
@@ -193,10 +193,10 @@ def heldout_for(record: StudyRecord, source: str | None, n: int) -> list[str]:
 
 def _load(record: StudyRecord, baseline, device: str):
     """The study's pipeline, its CLIP scorer and generation settings on ``device``, and the exec mode."""
-    from . import pipelines
+    from ..runtime import pipelines
     from .generate import GenerateError, spec_from_source
-    from .graphs import check_exec, compile_blocks
-    from .measure import GenerationSettings
+    from ..runtime.graphs import check_exec, compile_blocks
+    from ..measure.evaluator import GenerationSettings
 
     fp = record.fingerprint
     exec_mode = fp.exec or "eager"
@@ -228,8 +228,8 @@ def validate_study(storage_url: str, study_name: str | None, *, n: int | None = 
                    repeats: int | None = None, scored_repeats: int | None = None, echo: Echo):
     """``optimize-sd validate``: load the study's pipeline and settings, validate its pick (or ``front``,
     or trial ``trial_number``) on ``n`` held-out prompts. Returns ``(study read afresh, {number: validation})``."""
-    from . import pipelines
-    from .baseline import Baseline
+    from ..runtime import pipelines
+    from ..study.baseline import Baseline
 
     try:
         study = open_study(storage_url, study_name)  # read-only: finds and checks it, creates nothing

@@ -1,87 +1,26 @@
-"""The search: a constrained TPE study over the levers' settings (:mod:`optimize.levers`).
-
-Each trial switches every allowed lever on or off and samples the parameters of those that are on,
-each from the range its ``Params`` declares (one Optuna distribution per parameter name, so TPE's
-grouped multivariate model sees a fixed space per study), measures the configuration against the
-stored baseline, and records speedup, the losses, time and spread as user attrs. Constraints go to
-the ``constraints`` system attr (:func:`optimize.study.record_constraints`), which optuna-dashboard
-shows and Optuna 5's TPE reads for every trial (infeasible trials rank below feasible ones). The goals
-and the stored keys are :mod:`optimize.study`'s.
-
-Example:
-    >>> from optimize.levers import Context
-    >>> warm_start_params(("deepcache", "tome"), Context(steps=50))[0]["deepcache.cache_interval"]
-    3
+"""The objective a trial runs: suggest a configuration from the search space, measure it against the
+stored baseline, record speedup, losses, time, spread and intervals as user attrs, and the constraints
+where optuna-dashboard shows them and Optuna 5's TPE reads them (infeasible trials rank below feasible
+ones). The speed gate skips scoring a configuration too slow to matter. The goals and the stored keys
+are :mod:`optimize.study.record`'s.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
 from typing import Any
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from .baseline import Baseline
-from .levers import LEVERS, Config, Context
-from .metrics import score_loss
-from .study import (BASELINE_SPREAD, BASELINE_TIME, CLIP_SCORE, CONFIG, ERROR, INTERVALS, PER_PROMPT, REUSED_FROM,
-                    ROUNDS, SCORE_LOSS, SKIPPED, SPEEDUP, SPEEDUP_EAGER, SPREAD, TIME_MEDIAN, TIME_PER_IMAGE, WORKER,
-                    Goal, best_feasible, record_constraints, record_per_prompt)
-from .uncertainty import intervals
-
-
-@dataclass(frozen=True)
-class SearchSpace:
-    """The levers a study may switch on (``methods``) and the study's context: the reference steps and
-    solver, the UNet's branches, SDXL. Each lever draws from the ranges its ``Params`` declare, in the
-    context the levers before it leave (the schedule's steps bound T-GATE's gate step)."""
-
-    methods: tuple[str, ...]
-    context: Context
-
-    def suggest(self, trial: optuna.Trial) -> Config:
-        ctx, chosen = self.context, {}
-        for lever in LEVERS:
-            if lever.name not in self.methods:
-                continue
-            params = lever.suggest(trial, ctx)
-            if params is not None:
-                chosen[lever.name] = params
-                ctx = lever.context(params, ctx)
-        return Config(**chosen)
-
-
-def warm_start_params(methods: tuple[str, ...], context: Context) -> list[dict[str, Any]]:
-    """Known-good first trials for a fresh study: each lever's warm starts (DeepCache N=3 and N=5 on
-    branch 0, the schedule at half the reference's steps), each with every other lever off."""
-    out = []
-    for lever in LEVERS:
-        if lever.name not in methods:
-            continue
-        for params in lever.warm_starts(context):
-            after = lever.context(params, context)
-            entry = {}
-            for other in LEVERS:  # in suggestion order: the switches a trial with this lever on asks for
-                if other is lever:
-                    entry.update({lever.name: True, **{lever.key(k): v for k, v in asdict(params).items()}})
-                elif other.name in methods and other.searchable(after if _after(other, lever) else context):
-                    entry[other.name] = False
-            out.append(entry)
-    return out
-
-
-def _after(other, lever) -> bool:
-    return LEVERS.index(other) > LEVERS.index(lever)
-
-
-def make_sampler(seed: int) -> optuna.samplers.TPESampler:
-    # constant_liar: trials still running in other workers count as bad guesses, so parallel workers
-    # do not all propose the neighbourhood of the same good trial. No constraints_func (deprecated in
-    # Optuna 5): TPE reads every trial's constraints from the attr record_constraints writes, in all modes.
-    return optuna.samplers.TPESampler(multivariate=True, group=True, seed=seed, n_startup_trials=8,
-                                      constant_liar=True)
+from ..levers import Config
+from ..measure.metrics import score_loss
+from ..measure.uncertainty import intervals
+from ..study.baseline import Baseline
+from ..study.record import (BASELINE_SPREAD, BASELINE_TIME, CLIP_SCORE, CONFIG, ERROR, INTERVALS, PER_PROMPT,
+                            REUSED_FROM, ROUNDS, SCORE_LOSS, SKIPPED, SPEEDUP, SPEEDUP_EAGER, SPREAD, TIME_MEDIAN,
+                            TIME_PER_IMAGE, WORKER, Goal, best_feasible, record_constraints, record_per_prompt)
+from .space import SearchSpace
 
 
 class SpeedGate(Exception):
@@ -108,7 +47,7 @@ class Objective:
     """Optuna objective: suggest, measure, compare with the baseline, record.
 
     With timed repeats (the GPU default) each measurement pairs its calls with baseline calls made
-    seconds apart (:mod:`optimize.measure`) and its speedup comes from those. Without them, speedups
+    seconds apart (:mod:`optimize.measure.evaluator`) and its speedup comes from those. Without them, speedups
     divide by a *reference* baseline time re-measured in this process every ``retime_every``
     measured trials (and at the start of a resumed run), so slow drift of the machine cancels;
     ``reference`` seeds it (a baseline just measured in this process needs no re-timing). Either

@@ -12,7 +12,7 @@ A trial and the baseline are generated from the same prompts with the same seeds
 * speedup: from the timed calls. With paired rounds (a baseline call, then a configured call) the
   interval of the mean log ratio of the rounds; without rounds (the CPU default) Welch's interval of
   the difference of the two sides' mean log times. The point estimate stays the floor ratio
-  (:mod:`optimize.measure`); the interval is put around it, on the log scale, with the half-width the
+  (:mod:`optimize.measure.evaluator`); the interval is put around it, on the log scale, with the half-width the
   calls' spread gives: it says how much the number could move in another set of calls.
 
 Every interval is two-sided at ``level`` (0.9: 5% on each side) with Student's t quantile at n - 1
@@ -32,7 +32,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .study import INTERVAL_LEVEL, INTERVAL_N, SCORE_LOSS, SPEEDUP
+from ..study.record import INTERVAL_LEVEL, INTERVAL_N, SCORE_LOSS, SPEEDUP
 
 Interval = tuple[float, float]
 
@@ -91,7 +91,7 @@ def speedup_interval(speedup: float, timed: Sequence[float], base: Sequence[floa
 
 def intervals(level: float, base_scores, scores, fidelity: dict[str, Sequence[float]], speedup: float,
               timed: Sequence[float], base_times: Sequence[float], paired: bool) -> dict:
-    """A trial's :data:`optimize.study.INTERVALS`: the level, the number of prompts and an interval per
+    """A trial's :data:`optimize.study.record.INTERVALS`: the level, the number of prompts and an interval per
     attr that has one (score_loss; each fidelity metric, in its own units; speedup)."""
     out: dict = {INTERVAL_LEVEL: level, INTERVAL_N: len(scores)}
     found = {SCORE_LOSS: score_loss_interval(base_scores, scores, level)}

@@ -22,9 +22,9 @@ import os
 from dataclasses import dataclass, fields
 from typing import Any
 
-from .files import atomic_write_json, read_only
-from .storage import StorageError, redact
-from .study import (CLIP_SCORE, CONFIDENCE, CONFIG, ENTRY_LEVEL, FIDELITY, INTERVAL_LEVEL, INTERVALS, LOSS_INTERVAL, SCORE_LOSS,
+from ..study.files import atomic_write_json, read_only
+from ..study.storage import StorageError, redact
+from ..study.record import (CLIP_SCORE, CONFIDENCE, CONFIG, ENTRY_LEVEL, FIDELITY, INTERVAL_LEVEL, INTERVALS, LOSS_INTERVAL, SCORE_LOSS,
                     SPEEDUP, SPEEDUP_EAGER, SPEEDUP_INTERVAL, SPREAD, TIME_PER_IMAGE, VALIDATION, Goal, Validation)
 
 REQUIRED = ("pipe", "scheduler", "steps", "dtype")  # what generate needs of an entry
@@ -33,7 +33,7 @@ REQUIRED = ("pipe", "scheduler", "steps", "dtype")  # what generate needs of an 
 @dataclass(frozen=True)
 class Entry:
     """What ``generate`` takes from an entry: the settings it was found with and its params, as stored
-    (checked by :mod:`optimize.generate`, which says what is wrong with them)."""
+    (checked by :mod:`optimize.app.generate`, which says what is wrong with them)."""
 
     pipe: Any
     scheduler: Any

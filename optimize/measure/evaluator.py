@@ -23,7 +23,7 @@ disturbed they were (docs/benchmarks.md, P1).
 Without repeats (the CPU default) there are no rounds: the scoring pass's calls are the timing, and
 the caller supplies the baseline time.
 
-In a graph mode (``exec="graphs"`` or ``"compile"``, :mod:`optimize.graphs`) both sides replay CUDA
+In a graph mode (``exec="graphs"`` or ``"compile"``, :mod:`optimize.runtime.graphs`) both sides replay CUDA
 graphs. A configuration is applied once per measurement, so its graphs are captured once (in the
 warm-up call); the paired baseline calls route the UNet to the untouched pipeline's own graphs, which
 were captured before anything was applied: a replay runs none of the configuration's Python, so the
@@ -39,8 +39,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .levers import Accelerated, Config
-from .graphs import PipelineGraphs, StepGraphs
+from ..levers import Accelerated, Config
+from ..runtime.graphs import PipelineGraphs, StepGraphs
 
 
 def default_rounds(device: str, exec_mode: str) -> tuple[int, int]:

@@ -8,11 +8,11 @@ per device and waits for them:
   ``--device``), with ``--n-trials`` split evenly between the workers (the first ones get the
   remainder), so the command adds exactly ``--n-trials`` trials to the study;
 * each worker's sampler seed is derived from ``--seed``, the trial count and a slot the database hands
-  to every process that opens the study (:func:`optimize.runner.sampler_slot`), so no two workers, nor
+  to every process that opens the study (:func:`optimize.app.runner.sampler_slot`), so no two workers, nor
   two commands started together, propose the same start-up configurations (TPE's constant liar keeps
   them apart later);
 * the baseline is measured by whichever workers find none stored; the first one stored is kept (see
-  :func:`optimize.runner.ensure_baseline`), and every worker times the baseline on its own device;
+  :func:`optimize.app.runner.ensure_baseline`), and every worker times the baseline on its own device;
 * worker output comes back line by line, prefixed ``[w<i> <device>]``;
 * Ctrl-C or SIGTERM is forwarded to every worker (each marks its running trial failed and exits);
   a second one kills them (their trials are retried when the study next runs: at once on this machine,
@@ -38,11 +38,11 @@ from typing import Callable
 from optuna.trial import TrialState
 
 from . import console
-from .baseline import Baseline
-from .prompts import counted
+from ..study.baseline import Baseline
+from ..measure.prompts import counted
 from .runner import RunOptions, prepare_study
-from .storage import redact
-from .study import study_result
+from ..study.storage import redact
+from ..study.record import study_result
 
 LAUNCHER_ENV = "OPTIMIZE_SD_LAUNCHER_PID"
 
@@ -72,7 +72,7 @@ def follow_launcher() -> None:
 
 
 def _package_root() -> str:
-    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 class _Worker:

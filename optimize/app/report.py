@@ -24,14 +24,14 @@ from typing import Any
 
 from optuna.trial import FrozenTrial, TrialState
 
-from . import __version__
-from .levers import LEVERS, Config, InvalidConfig
-from .artifacts import artifact_dir_for, artifact_store, baseline_image_ids, image_ids, read_png, trial_prefix
-from .baseline import Baseline
+from .. import __version__
+from ..levers import LEVERS, Config, InvalidConfig
+from ..study.artifacts import artifact_dir_for, artifact_store, baseline_image_ids, image_ids, read_png, trial_prefix
+from ..study.baseline import Baseline
 from .console import bracket, fidelity_text, interval_note, loss_text, loss_with_interval, validation_text
-from .files import atomic_write
-from .storage import redact
-from .study import (CLIP_SCORE, CONFIG, CONSTRAINTS_ATTR, LOSS_INTERVAL, LOSS_TEXT, LPIPS, PSNR, REUSED_FROM,
+from ..study.files import atomic_write
+from ..study.storage import redact
+from ..study.record import (CLIP_SCORE, CONFIG, CONSTRAINTS_ATTR, LOSS_INTERVAL, LOSS_TEXT, LPIPS, PSNR, REUSED_FROM,
                     INTERVALS, SCORE_LOSS, SPEEDUP, SPEEDUP_INTERVAL, SPREAD, SSIM, TIME_PER_IMAGE, VALIDATION, Goal, StudyRecord,
                     Validation, feasible_front, goal_of, is_feasible, pareto_front, rank_key, study_result)
 
@@ -406,7 +406,7 @@ def grid_prompts(study, n: int) -> list[str] | None:
     """The first ``n`` prompts of the study, to caption the grid's rows, where they can be read here
     without network and are those the study used (same hash): the built-in or testbed captions, a file
     still at its path. None otherwise (COCO: the report never downloads)."""
-    from .prompts import PromptsError, load_prompts, prompts_hash
+    from ..measure.prompts import PromptsError, load_prompts, prompts_hash
 
     record = StudyRecord.load(study)
     fp = record.fingerprint if record else None

@@ -21,15 +21,16 @@ from typing import Any, Iterator
 
 from optuna.trial import TrialState
 
-from . import pipelines
-from .levers import Config, Context, InvalidConfig, accelerate
-from .graphs import check_exec, compile_blocks
-from .baseline import Baseline
-from .files import atomic_write
+from ..runtime import pipelines
+from ..levers import Config, Context, InvalidConfig, accelerate
+from ..runtime.graphs import check_exec, compile_blocks
+from ..study.baseline import Baseline
+from ..study.files import atomic_write
 from .params_file import read_entry
-from .prompts import PromptsError, check_length, shorten
-from .storage import StorageError
-from .study import DEFAULT_SEED, StudyError, StudyRecord, best_feasible, goal_of, is_feasible, open_study
+from ..measure.prompts import PromptsError, check_length
+from ..runtime.text import shorten
+from ..study.storage import StorageError
+from ..study.record import DEFAULT_SEED, StudyError, StudyRecord, best_feasible, goal_of, is_feasible, open_study
 
 
 class GenerateError(ValueError):
@@ -53,7 +54,7 @@ class Plan:
     params: dict[str, Any]
     config: Config
     notes: tuple[str, ...] = ()
-    exec: str = "eager"  # the execution mode the configuration was found in (optimize.graphs)
+    exec: str = "eager"  # the execution mode the configuration was found in (optimize.runtime.graphs)
 
 
 def spec_from_source(source: str) -> pipelines.PipeSpec:
