@@ -20,8 +20,10 @@ between minutes (calls seconds apart share it), equal counts on both sides keep 
 equally biased. ``spread`` = interquartile range / median of the whole configured calls shows how
 disturbed they were (docs/benchmarks.md, P1).
 
-Without repeats (the CPU default) there are no rounds: the scoring pass's calls are the timing, and
-the caller supplies the baseline time.
+Every device gets paired rounds: on a loaded CPU a baseline timed in another minute reads the load
+as acceleration (the untouched pipeline measured 0.35x that way), while calls seconds apart share it.
+Without repeats (only the study's own baseline, ``paired=False``) the scoring pass's calls are the
+timing.
 
 In a graph mode (``exec="graphs"`` or ``"compile"``, :mod:`optimize.graphs`) both sides replay CUDA
 graphs. A configuration is applied once per measurement, so its graphs are captured once (in the
@@ -45,13 +47,25 @@ from .graphs import PipelineGraphs, StepGraphs
 
 def default_rounds(device: str, exec_mode: str) -> tuple[int, int]:
     """The defaults of ``--repeats`` and ``--scored-repeats``: (paired rounds before the speed gate,
-    paired rounds in all for a scored configuration). None on a CPU (the scoring pass is the timing).
-    On a GPU eagerly 3 and 10: the host's launch jitter is in every call, and 10 rounds hold P1 (the
-    same configuration twice in one run) within 1%. Replayed from graphs a call's spread is 0.1-2%
-    and 3 rounds already hold it within about 1%, so a scored configuration gets 5 (docs/benchmarks.md, P1)."""
+    paired rounds in all for a scored configuration). On a GPU eagerly 3 and 10: the host's launch
+    jitter is in every call, and 10 rounds hold P1 (the same configuration twice in one run) within 1%.
+    Replayed from graphs a call's spread is 0.1-2% and 3 rounds already hold it within about 1%, so a
+    scored configuration gets 5 (docs/benchmarks.md, P1). On a CPU (eager) 2 and 6, measured on a
+    loaded 2-core machine (docs/benchmarks.md, "CPU timing")."""
     if not str(device).startswith("cuda"):
-        return 0, 0
+        return 2, 6
     return (3, 10) if exec_mode == "eager" else (3, 5)
+
+
+def pin_cpu_threads(device: str) -> None:
+    """On a CPU, time with one intra-op thread. On a shared machine a second thread waits at every
+    operator's barrier for a core another process holds: at load 7 on 2 cores a 20-step call of the
+    testbed took 36-56 s with torch's 2 threads and 1.2-3.0 s with one (docs/benchmarks.md, "CPU timing").
+    Both sides of every paired round run alike, so speedups stay the acceleration's own."""
+    if not str(device).startswith("cuda"):
+        import torch
+
+        torch.set_num_threads(1)
 
 
 @dataclass
@@ -311,11 +325,6 @@ class Evaluator:
             for _ in range(calls):
                 series.add(*self._call(run, first, 0)[1:], len(first))
         return series
-
-    def time_only(self, config: Config, calls: int) -> Timing:
-        """Time ``config`` without scoring: warm-up, then ``calls`` timed calls on the first batch."""
-        with self._holding(config):
-            return self._solo(config, max(1, calls)).timing()
 
     def _rounds(self, config: Config, paired: bool) -> tuple["_Series", "_Series"]:
         timed, base = self._solo(config, 0 if paired else self.repeats), _Series()

@@ -34,7 +34,7 @@ from .accelerators import Config, max_branch_id
 from .artifacts import (BASELINE_PREFIX, artifact_dir_for, artifact_store, baseline_image_ids, load_baseline_images,
                         trial_prefix, upload_images)
 from .baseline import Baseline, BaselineMismatch, check_fingerprint
-from .measure import Evaluator, GenerationSettings
+from .measure import Evaluator, GenerationSettings, pin_cpu_threads
 from .graphs import compile_blocks
 from .metrics import ClipScorer, FidelityScorer, MetricError, lpips_available, lpips_weights_path, score_loss
 from .params_file import run_entry, search_params_key, update_search_params
@@ -42,7 +42,11 @@ from .prompts import PromptsError, load_heldout, load_prompts, prompt_source, pr
 from .search import Objective, SearchSpace, make_sampler, warm_start_params
 from .storage import (MAX_RETRY, StorageError, first_line, from_queue, insert_study_system_attr_once, open_storage,
                       redact, storage_cause, storage_errors)
-from .study import OWNER, SAMPLER_SLOT, WORKER, Fingerprint, Goal, StudyRecord, goal_of, study_result
+from .study import (BASELINE_TIME, OWNER, REUSED_FROM, SAMPLER_SLOT, WORKER, Fingerprint, Goal, StudyRecord, goal_of,
+                    study_result)
+
+
+LOAD_SWING = 2.0  # the untouched pipeline's slowest / fastest time before a run notes that the load changed
 
 
 class RunError(Exception):
@@ -83,7 +87,6 @@ class RunOptions:
     output: str
     heartbeat: int
     progress: bool
-    retime_every: int = 10
     warm_start: bool = True
     speed_gate: bool = True
     images_per_trial: int = 4  # uploaded as artifacts, shown per trial by optuna-dashboard
@@ -229,18 +232,17 @@ def prepare_study(spec: pipelines.PipeSpec, opts: RunOptions, echo: console.Echo
 
 def ensure_baseline(study: optuna.Study, storage, evaluator: Evaluator, fingerprint: Fingerprint, echo,
                     save_images=lambda images: None):
-    """The study's baseline, this process's reference time (None: re-time before the first trial) and
-    the baseline images this process measured (None if it measured none).
+    """The study's baseline and the baseline images this process measured (None if it measured none).
 
     A study without a baseline gets one measured here. Workers that start together on a fresh study
     each measure it on their own device (in parallel: no worker waits for another); the first stored
-    is kept by the database's unique constraint, and the others use its CLIP scores with the time they
-    measured on their own device, which is all a same-device speedup needs.
+    is kept by the database's unique constraint, and the others use its CLIP scores. No trial divides
+    by the stored time: each times the baseline beside itself, on its own device (paired rounds).
     """
     baseline = Baseline.load(study)
     if baseline is not None:
         echo("reusing the stored baseline")
-        return baseline, None, None  # re-timed on this device before the first trial
+        return baseline, None
     s = evaluator.settings
     echo(f"measuring baseline on {len(evaluator.prompts)} prompts ({s.steps} steps, {s.width}x{s.height})")
     try:
@@ -252,12 +254,12 @@ def ensure_baseline(study: optuna.Study, storage, evaluator: Evaluator, fingerpr
     if measured.insert_once(storage, study):
         StudyRecord.set_fingerprint(study, fingerprint)
         save_images(m.images)
-        return measured, measured.time_per_image, m.images
+        return measured, m.images
     stored = Baseline.load(study)
     _check_fingerprint(stored.fingerprint, fingerprint)
     echo(f"another worker stored the baseline first: using its CLIP score {stored.clip_score:.3f} "
-         f"(measured here: {measured.clip_score:.3f}) and the time measured on this device")
-    return stored, measured.time_per_image, m.images
+         f"(measured here: {measured.clip_score:.3f})")
+    return stored, m.images
 
 
 def baseline_images(study: optuna.Study, store, directory: str, evaluator: Evaluator, measured, echo,
@@ -343,6 +345,7 @@ class Search:
         self.store = None
         self.study = None
         self.running = None  # the trial this process runs, while it runs one
+        self.baseline_times: list[float] = []  # the untouched pipeline's time beside each trial of this run
 
     def run(self) -> None:
         """The steps in order. A scheduler's pre-emption (SIGTERM) ends any of them like Ctrl-C: one line
@@ -378,6 +381,7 @@ class Search:
     def load(self) -> None:
         """The pipeline, the CLIP scorer, the evaluator and where images go."""
         opts = self.opts
+        pin_cpu_threads(opts.device)
         try:
             pipe = pipelines.load_pipeline(self.spec, opts.scheduler, opts.device, opts.dtype)
             scorer = ClipScorer(opts.clip_model, opts.clip_pretrained, opts.device, opts.dtype)
@@ -401,16 +405,16 @@ class Search:
 
     def get_baseline(self) -> None:
         """The stored baseline (or one measured now), its images and the fidelity scorer holding them.
-        A stored baseline's time is re-measured on this device before the first trial: the machine may
-        have changed since, or this may be another worker's GPU."""
+        No trial divides by the stored baseline's time: each times the untouched pipeline beside itself
+        (paired rounds), since the machine's load may have changed since, or this may be another worker's GPU."""
         study, echo = self.study, self.echo
 
         def save(images) -> None:
             self.save_images(images, study, BASELINE_PREFIX, None)
 
         try:
-            self.baseline, self.reference, measured = ensure_baseline(study, self.storage, self.evaluator,
-                                                                      self.fingerprint, echo, save)
+            self.baseline, measured = ensure_baseline(study, self.storage, self.evaluator, self.fingerprint, echo,
+                                                      save)
             images = baseline_images(study, self.store, self.directory, self.evaluator, measured, echo, save)
         except storage_errors() as e:
             raise RunFailure(f"storage {redact(self.opts.storage)} failed: {first_line(e)}") from None
@@ -428,12 +432,8 @@ class Search:
     def build_objective(self) -> None:
         opts = self.opts
         space = SearchSpace(opts.methods, opts.steps, max_branch_id(self.pipe), self.xl)
-        # the re-timed baseline serves only runs without rounds, where a trial's time is the floor of its
-        # scoring pass: as many calls, since a floor over more calls is lower
-        retime_calls = max(1, len(self.prompts) // opts.batch_size)
-        self.objective = Objective(self.evaluator, self.baseline, opts.goal, space, retime_every=opts.retime_every,
-                                   reference=self.reference, retime_calls=retime_calls,
-                                   speed_gate=opts.speed_gate, fidelity=self.fidelity, eager_time=self.eager_time)
+        self.objective = Objective(self.evaluator, self.baseline, opts.goal, space, speed_gate=opts.speed_gate,
+                                   fidelity=self.fidelity, eager_time=self.eager_time)
         self.key = search_params_key(self.spec, opts)
         self.worker = worker_label(opts)
 
@@ -552,12 +552,30 @@ class Search:
         self.running = None
         self.bar.update(1)
         self.write(console.trial_line(trial, self.opts.goal))
+        self.note_load(trial)
         if trial.state == TrialState.FAIL:
             free_memory()
         best, front = self.result()
         if trial.state == TrialState.COMPLETE and best is not None and (
                 best.number == trial.number or any(t.number == trial.number for t in front)):
             self.save_best(best, front)
+
+    def note_load(self, trial) -> None:
+        """One note per run once the untouched pipeline's time, beside this run's trials and when the study's
+        baseline was measured, spans more than :data:`LOAD_SWING`: the machine's load changed (a shared CPU
+        gave 220 to 4,763 ms/image for the same settings). Speedups are paired ratios and stay comparable
+        across runs; times per image are not."""
+        a = trial.user_attrs
+        if BASELINE_TIME not in a or REUSED_FROM in a or self.baseline_times is None:
+            return
+        self.baseline_times.append(a[BASELINE_TIME])
+        times = self.baseline_times + [self.baseline.time_per_image]
+        if max(times) > LOAD_SWING * min(times):
+            self.write(f"note: the untouched pipeline took {1000 * min(times):.0f} to {1000 * max(times):.0f} ms/image "
+                       f"in this study (its stored baseline: {1000 * self.baseline.time_per_image:.0f} ms): the machine's "
+                       "load changed; speedups are paired ratios (each trial's own baseline calls) and stay comparable, "
+                       "times per image do not")
+            self.baseline_times = None  # said once
 
     def result(self):
         return study_result(self.study, self.opts.goal)

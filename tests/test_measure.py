@@ -126,8 +126,11 @@ def test_a_scored_configuration_gets_more_paired_rounds_than_a_gated_one(tiny_pi
 
 
 def test_default_rounds_follow_the_device_and_the_mode():
+    """Every device times in paired rounds, the CPU too (docs/benchmarks.md, "CPU timing"): a scored
+    configuration gets more rounds than the speed gate judges, and enough for an interval."""
     from optimize.measure import default_rounds
 
-    assert default_rounds("cpu", "eager") == (0, 0)
+    gate, scored = default_rounds("cpu", "eager")
+    assert 1 <= gate < scored and scored >= 2
     assert default_rounds("cuda", "eager") == (3, 10)
     assert default_rounds("cuda:1", "graphs") == (3, 5) == default_rounds("cuda", "compile")

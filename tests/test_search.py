@@ -584,21 +584,50 @@ def test_trial_speedup_comes_from_its_paired_baseline_calls(tmp_path, monkeypatc
         assert a["rounds"] == 3  # scored trials are topped up to --scored-repeats
 
 
-def test_without_rounds_the_baseline_is_retimed_with_as_many_calls_as_a_scoring_pass(tmp_path, monkeypatch):
-    """On CPU (no rounds) a trial's time is the floor over its scoring pass; the re-timed baseline
-    must be a floor over as many calls, or the lower floor of more calls would favour one side."""
+def test_on_the_cpu_default_every_trial_is_a_paired_ratio_and_a_resumed_run_times_no_baseline_of_its_own(
+        tmp_path, monkeypatch):
+    """Without --repeats on a CPU every measured trial carries paired rounds and its speedup is the ratio of
+    its own baseline calls to its configured calls, in every run: a resumed run divides by no re-timed
+    baseline, so the trials of both runs rank on the same footing. A stored baseline whose time is far from
+    this run's (the machine's load changed) is one note, and moves no speedup."""
     from optimize import measure
 
-    calls = []
-    original = measure.Evaluator.time_only
+    gate, scored = measure.default_rounds("cpu", "eager")
+    paired = []  # per measurement: the baseline floor of its paired rounds (None: unpaired)
+    original = measure.Evaluator.measure
 
-    def time_only(self, config, n):
-        calls.append(n)
-        return original(self, config, n)
+    def record(self, *args, **kwargs):
+        try:
+            m = original(self, *args, **kwargs)
+        except Exception:
+            paired.append("gated")
+            raise
+        paired.append(m.reference.best if m.reference is not None else None)
+        return m
 
-    monkeypatch.setattr(measure.Evaluator, "time_only", time_only)
+    monkeypatch.setattr(measure.Evaluator, "measure", record)
     monkeypatch.chdir(tmp_path)
-    code, out, err = run_cli(run_args(tmp_path, "--max-loss", "0.5", "--n-trials", "2", "--retime-every", "1",
-                                      "--num-samples", "5", "--no-warm-start"))
+    argv = run_args(tmp_path, "--max-loss", "0.5", "--n-trials", "2")
+    code, out, err = run_cli(argv)
     assert code == 0, out + err
-    assert calls and set(calls) == {5}
+    study = load_study(storage_url(tmp_path))
+    stored = study.user_attrs["baseline"]
+    # the stored baseline as if measured while the machine was 50x slower
+    study.set_user_attr("baseline", {**stored, "time_per_image": 50 * stored["time_per_image"]})
+    study.enqueue_trial({"deepcache": True, "deepcache.cache_interval": 4, "deepcache.cache_branch_id": 0,
+                         "tome": False, "tgate": False})
+    code, out2, err = run_cli(argv[:-2] + ["--n-trials", "1"])
+    assert code == 0, out2 + err
+    assert "reusing the stored baseline" in out2
+    assert out2.count("note: the untouched pipeline took") == 1 and "load changed" in out2
+    study = load_study(storage_url(tmp_path))
+    trials = study.trials
+    assert paired[0] is None and len(paired) == 1 + len(trials) == 4  # run 1's baseline, then the trials
+    for t, reference in zip(trials, paired[1:]):
+        a = t.user_attrs
+        assert t.state in (TrialState.COMPLETE, TrialState.PRUNED)
+        assert a["rounds"] == (scored if t.state == TrialState.COMPLETE else gate)
+        assert a["speedup"] == pytest.approx(a["baseline_time"] / a["time_per_image"])
+        if reference != "gated":
+            assert a["baseline_time"] == reference  # timed beside the trial
+        assert a["speedup"] < 20  # not divided by the stored (50x slow) baseline time
