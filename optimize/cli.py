@@ -74,7 +74,7 @@ def cli():
 @click.option("--clip-pretrained", default=None, help="open_clip weights, or none for random  [default: laion2b_s34b_b88k; tiny, random weights: none]")
 @click.option("--repeats", type=click.IntRange(1), default=None,
               help="Paired rounds (a baseline call, then a configured call) timed per configuration before the scoring pass; "
-                   "the speed gate judges them  [default: 3 on GPU, 2 on CPU]")
+                   "the speed gate judges them  [default: 3]")
 @click.option("--exec", "exec_mode", type=click.Choice(["eager", "graphs", "compile"]), default=None,
               help="How the pipeline runs while the baseline and every trial are timed: eager, replayed from CUDA graphs "
                    "(the UNet one per step kind, the text encoders and the VAE decode one each), or regional torch.compile "
@@ -348,7 +348,7 @@ def best(storage, study_name, as_json):
 @click.option("--prompts", "prompt_spec", default=None,
               help="The run's --prompts  [default: as the study stored it]")
 @click.option("--device", default=None, help="cuda, cuda:N or cpu  [default: cuda if available]")
-@click.option("--repeats", type=click.IntRange(1), default=None, help="As for run  [default: 3 on GPU, 2 on CPU]")
+@click.option("--repeats", type=click.IntRange(1), default=None, help="As for run  [default: 3]")
 @click.option("--scored-repeats", type=click.IntRange(1), default=None, help="As for run  [default: on GPU 10 eager, 5 in a graph mode; 6 on CPU]")
 @click.option("--output", default="search_params.json", show_default=True, type=click.Path(dir_okay=False),
               help="Add the result to this file's entries of the study's trials (none is created).")
