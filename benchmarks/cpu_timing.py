@@ -2,7 +2,7 @@
 """How many paired rounds a CPU speedup needs: the optimizer's own timing (``Evaluator.time``: warm-up,
 then paired rounds of one untouched call and one configured call) on the trained testbed, eager.
 
-    python benchmarks/cpu_timing.py --out benchmarks/results/cpu-timing.json
+    python benchmarks/cpu_timing.py --rounds 10 --counts 2,3,4,6,8,10 --out benchmarks/results/cpu-timing.json
 
 Three things, each read at several round counts n (the first n rounds of one measurement, as P1 on
 the GPU does):
@@ -13,7 +13,10 @@ the GPU does):
   speedup falls inside A's interval (what a held-out re-measurement of a pick is checked against).
 * **DeepCache N=3 vs N=5** in the same run: whether the order comes out right (N=5 skips more).
 
-Every call, its per-step times and the load average around each measurement are written to ``--out``.
+Each is read with the CPU's statistic (``geomean``: the ratio of the two sides' geometric means, the
+mean paired log ratio) and with the GPU's (``floor``: per-step fastest times, summed). Every call,
+its per-step times and the load average around each measurement are written to ``--out``;
+``--summarize JSON`` prints the tables again from such a file.
 """
 
 from __future__ import annotations
@@ -47,10 +50,11 @@ def measure(ev: Evaluator, name: str, rounds: int) -> dict:
             "timed_segments": timed.segments, "base_segments": base.segments}
 
 
-def at(m: dict, n: int) -> dict:
-    """The speedup of the first ``n`` rounds of measurement ``m``, as the optimizer computes it."""
-    timed = Timing.from_samples(m["timed"][:n], m["timed_segments"][:n])
-    base = Timing.from_samples(m["base"][:n], m["base_segments"][:n])
+def at(m: dict, n: int, statistic: str = "geomean") -> dict:
+    """The speedup of the first ``n`` rounds of measurement ``m``, as the optimizer computes it on a CPU
+    (``geomean``), or from the per-step floors (``floor``, the GPU's statistic)."""
+    timed = Timing.from_samples(m["timed"][:n], m["timed_segments"][:n], statistic)
+    base = Timing.from_samples(m["base"][:n], m["base_segments"][:n], statistic)
     speedup = base.best / timed.best
     interval = speedup_interval(speedup, timed.samples, base.samples, True, LEVEL)
     ratios = [b / c for b, c in zip(base.samples, timed.samples)]
@@ -58,11 +62,12 @@ def at(m: dict, n: int) -> dict:
             "base_ms": 1000 * base.best, "spread": timed.spread}
 
 
-def table(runs: list[dict], counts: list[int]) -> dict:
-    out: dict = {"baseline_vs_baseline": [], "p1": [], "order": []}
+def table(runs: list[dict], counts: list[int], statistic: str) -> dict:
+    out: dict = {"statistic": statistic, "baseline_vs_baseline": [], "p1": [], "order": []}
+    at_ = lambda m, n: at(m, n, statistic)  # noqa: E731
     bb = [m for m in runs if m["config"] == "baseline"]
     for n in counts:
-        rows = [at(m, n) for m in bb]
+        rows = [at_(m, n) for m in bb]
         out["baseline_vs_baseline"].append({
             "rounds": n, "speedups": [r["speedup"] for r in rows], "intervals": [r["interval"] for r in rows],
             "worst_off_1": max(abs(math.log(r["speedup"])) for r in rows),
@@ -73,7 +78,7 @@ def table(runs: list[dict], counts: list[int]) -> dict:
         if len(pair) < 2:
             continue
         for n in counts:
-            a, b = at(pair[0], n), at(pair[1], n)
+            a, b = at_(pair[0], n), at_(pair[1], n)
             out["p1"].append({"config": name, "rounds": n, "a": a["speedup"], "b": b["speedup"],
                               "a_interval": a["interval"], "b_interval": b["interval"],
                               "diff": abs(a["speedup"] - b["speedup"]) / ((a["speedup"] + b["speedup"]) / 2),
@@ -81,13 +86,14 @@ def table(runs: list[dict], counts: list[int]) -> dict:
                               "a_in_b": b["interval"] is not None and b["interval"][0] <= a["speedup"] <= b["interval"][1]})
     dc3, dc5 = [m for m in runs if m["config"] == "dc3"], [m for m in runs if m["config"] == "dc5"]
     for n in counts:
-        pairs = [(at(x, n)["speedup"], at(y, n)["speedup"]) for x, y in zip(dc3, dc5)]
+        pairs = [(at_(x, n)["speedup"], at_(y, n)["speedup"]) for x, y in zip(dc3, dc5)]
         out["order"].append({"rounds": n, "dc3_dc5": pairs, "dc5_faster": sum(y > x for x, y in pairs), "of": len(pairs)})
     return out
 
 
 def show(summary: dict) -> None:
     fmt = lambda i: "-" if i is None else f"[{i[0]:.2f}, {i[1]:.2f}]"  # noqa: E731
+    print(f"statistic: {summary['statistic']}")
     print("baseline vs baseline (true 1.00x):")
     for r in summary["baseline_vs_baseline"]:
         cells = ", ".join(f"{s:.2f}x {fmt(i)}" for s, i in zip(r["speedups"], r["intervals"]))
@@ -108,8 +114,14 @@ def main() -> None:
     p.add_argument("--baseline-repeats", type=int, default=3, help="baseline-vs-baseline measurements")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "cpu-timing.json"))
+    p.add_argument("--summarize", metavar="JSON", help="only print the tables of an earlier --out")
     args = p.parse_args()
     counts = [int(c) for c in args.counts.split(",") if int(c) <= args.rounds]
+    if args.summarize:
+        data = json.load(open(args.summarize))
+        for statistic in ("geomean", "floor"):
+            show(table(data["runs"], counts, statistic))
+        return
 
     import torch
 
@@ -128,8 +140,9 @@ def main() -> None:
         r = at(runs[-1], args.rounds)
         print(f"{name}: {r['speedup']:.2f}x {r['interval']} baseline {r['base_ms']:.0f} ms/image, "
               f"{runs[-1]['seconds']:.0f} s, load {runs[-1]['load_before']:.2f}", flush=True)
-    summary = table(runs, counts)
-    show(summary)
+    summary = {s: table(runs, counts, s) for s in ("geomean", "floor")}
+    for s in summary.values():
+        show(s)
     meta = {"date": time.strftime("%Y-%m-%d"), "cpus": os.cpu_count(), "torch": torch.__version__,
             "torch_threads": torch.get_num_threads(), "steps": args.steps, "size": size, "rounds": args.rounds,
             "exec": "eager", "level": LEVEL, "wall_s": round(time.perf_counter() - start, 1)}
