@@ -20,7 +20,11 @@ import optuna
 # The cheapest settings that still exercise every method (T-GATE needs more than 4 steps).
 # Plumbing tests score with the random tiny-clip model: losses stay near 0 whatever the shipped testbed
 # weights are, so trials are feasible; the testbed's quality is checked in test_testbed.py.
-SMALL = ["--pipe", "tiny", "--steps", "8", "--num-samples", "2", "--clip-model", "tiny-clip", "--no-progress"]
+DEFAULT_TIMING = ["--pipe", "tiny", "--steps", "8", "--num-samples", "2", "--clip-model", "tiny-clip", "--no-progress"]
+# Plumbing tests time in the fewest paired rounds and score every trial (the CPU defaults, 3 gate and 6
+# scored rounds with the speed gate on, would multiply their calls); tests of the timing pass DEFAULT_TIMING
+# or their own --repeats / --speed-gate (the last of a repeated option wins).
+SMALL = DEFAULT_TIMING + ["--repeats", "1", "--scored-repeats", "2", "--no-speed-gate"]
 
 
 def run_cli(argv) -> tuple[int, str, str]:

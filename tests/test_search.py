@@ -21,11 +21,11 @@ import pytest
 from optuna.trial import TrialState
 
 try:
-    from helpers import (goal_opts, load_study, max_run, pareto_run, run_args, run_cli, sqlite_rows, storage_url,
-                         target_run)
+    from helpers import (DEFAULT_TIMING, goal_opts, load_study, max_run, pareto_run, run_args, run_cli, sqlite_rows,
+                         storage_url, target_run)
 except ImportError:  # tests/ made a package
-    from tests.helpers import (goal_opts, load_study, max_run, pareto_run, run_args, run_cli, sqlite_rows,
-                               storage_url, target_run)
+    from tests.helpers import (DEFAULT_TIMING, goal_opts, load_study, max_run, pareto_run, run_args, run_cli,
+                               sqlite_rows, storage_url, target_run)
 
 from optimize import runner
 from optimize.study import CONSTRAINTS_ATTR, Goal, best_feasible, is_feasible
@@ -515,7 +515,7 @@ def test_no_images_when_asked_for_none(tmp_path, monkeypatch):
 
 def test_speed_gate_skips_scoring_of_configs_too_slow_for_the_target(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    argv = run_args(tmp_path, "--target-speedup", "50", "--repeats", "1", "--n-trials", "3")
+    argv = run_args(tmp_path, "--target-speedup", "50", "--repeats", "1", "--speed-gate", "--n-trials", "3")
     code, out, err = run_cli(argv)
     assert code == 0, out + err
     trials = load_study(storage_url(tmp_path)).trials
@@ -535,7 +535,7 @@ def test_speed_gate_skips_scoring_of_configs_too_slow_for_the_target(tmp_path, m
 
 def test_speed_gate_in_max_mode_only_skips_configs_slower_than_the_best(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    argv = run_args(tmp_path, "--max-loss", "0.5", "--repeats", "1", "--n-trials", "2")
+    argv = run_args(tmp_path, "--max-loss", "0.5", "--repeats", "1", "--speed-gate", "--n-trials", "2")
     code, out, err = run_cli(argv)  # the two warm-start configurations (DeepCache N=3, 5)
     assert code == 0, out + err
     study = load_study(storage_url(tmp_path))
@@ -607,7 +607,7 @@ def test_on_the_cpu_default_every_trial_is_a_paired_ratio_and_a_resumed_run_time
 
     monkeypatch.setattr(measure.Evaluator, "measure", record)
     monkeypatch.chdir(tmp_path)
-    argv = run_args(tmp_path, "--max-loss", "0.5", "--n-trials", "2")
+    argv = run_args(tmp_path, "--max-loss", "0.5", "--n-trials", "2", small=DEFAULT_TIMING)
     code, out, err = run_cli(argv)
     assert code == 0, out + err
     study = load_study(storage_url(tmp_path))
