@@ -584,6 +584,7 @@ def test_trial_speedup_comes_from_its_paired_baseline_calls(tmp_path, monkeypatc
         assert a["rounds"] == 3  # scored trials are topped up to --scored-repeats
 
 
+@pytest.mark.slow  # three trials at the CPU default of 6 paired rounds: 30-60 s on a loaded 2-core machine
 def test_on_the_cpu_default_every_trial_is_a_paired_ratio_and_a_resumed_run_times_no_baseline_of_its_own(
         tmp_path, monkeypatch):
     """Without --repeats on a CPU every measured trial carries paired rounds and its speedup is the ratio of
