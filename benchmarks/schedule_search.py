@@ -5,8 +5,8 @@ runs them, for each arm and seed, and reads back each study's pick and its held-
 
 Arms: ``joint`` (every lever, the default ``--methods``) and ``caching`` (``--methods
 deepcache,tome,tgate``). Every study: ``optimize-sd run --pipe tiny --max-loss 0.02`` with the same
-trial budget and seed, timed in paired rounds (``--repeats``/``--scored-repeats``), and its pick
-validated on held-out captions with fresh seeds (``--validate``).
+trial budget and seed, timed in the tool's default paired rounds, and its pick validated on held-out
+captions with fresh seeds (``--validate``).
 
     python benchmarks/schedule_search.py --seeds 0,1,2,3,4 --n-trials 12 --out benchmarks/results/schedule_search_cpu.json
 """
@@ -29,7 +29,8 @@ def run_study(arm: str, seed: int, args, workdir: str) -> dict:
     output = os.path.join(workdir, f"{arm}-{seed}.json")
     cmd = [sys.executable, "-m", "optimize.app.cli", "run", "--pipe", "tiny", "--max-loss", str(args.max_loss),
            "--methods", ARMS[arm], "--n-trials", str(args.n_trials), "--seed", str(seed),
-           "--repeats", str(args.repeats), "--scored-repeats", str(args.scored_repeats),
+           *(["--repeats", str(args.repeats)] if args.repeats else []),
+           *(["--scored-repeats", str(args.scored_repeats)] if args.scored_repeats else []),
            "--validate", str(args.validate), "--storage", storage, "--output", output, "--no-progress",
            "--images-per-trial", "0", "--study", f"{arm}-{seed}"]
     start = time.time()
@@ -51,8 +52,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", default="0,1,2,3,4")
     ap.add_argument("--n-trials", type=int, default=12)
     ap.add_argument("--max-loss", type=float, default=0.02)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--scored-repeats", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=None, help="[default: the tool's]")
+    ap.add_argument("--scored-repeats", type=int, default=None, help="[default: the tool's]")
     ap.add_argument("--validate", type=int, default=16)
     ap.add_argument("--arms", default="joint,caching")
     ap.add_argument("--out", required=True)

@@ -76,7 +76,8 @@ def maxrun(tmp_path_factory):
 @pytest.fixture
 def no_model(monkeypatch):
     """Loading a pipeline or a CLIP model is an error in these tests: they must fail before that."""
-    from optimize import pipelines, runner
+    from optimize.runtime import pipelines
+    from optimize.app import runner
 
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded")

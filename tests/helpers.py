@@ -20,10 +20,14 @@ import optuna
 # The cheapest settings that still exercise every method (T-GATE needs more than 4 steps).
 # Plumbing tests score with the random tiny-clip model: losses stay near 0 whatever the shipped testbed
 # weights are, so trials are feasible; the testbed's quality is checked in test_testbed.py.
-# The plumbing tests keep the three caching levers and their two warm starts, so that trial counts and
-# orders stay what they test; the schedule lever's own runs are in tests/test_schedule_search.py.
-SMALL = ["--pipe", "tiny", "--steps", "8", "--num-samples", "2", "--clip-model", "tiny-clip", "--no-progress",
-         "--methods", "deepcache,tome,tgate"]
+DEFAULT_TIMING = ["--pipe", "tiny", "--steps", "8", "--num-samples", "2", "--clip-model", "tiny-clip", "--no-progress",
+                  "--methods", "deepcache,tome,tgate"]
+# Plumbing tests keep the three caching levers and their two warm starts, so that trial counts and
+# orders stay what they test (the schedule lever's own runs are in tests/test_schedule_search.py); they
+# time in the fewest paired rounds and score every trial (the CPU defaults, 3 gate and 6 scored rounds
+# with the speed gate on, would multiply their calls); tests of the timing pass DEFAULT_TIMING or their
+# own --repeats / --speed-gate (the last of a repeated option wins).
+SMALL = DEFAULT_TIMING + ["--repeats", "1", "--scored-repeats", "2", "--no-speed-gate"]
 
 
 def run_cli(argv) -> tuple[int, str, str]:

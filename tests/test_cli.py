@@ -18,7 +18,11 @@ try:
 except ImportError:  # tests/ made a package
     from tests.helpers import one_error_line, goal_opts, load_study, run_args, run_cli, storage_url
 
-from optimize import params_file, pipelines, runner
+from optimize.app import params_file
+
+from optimize.runtime import pipelines
+
+from optimize.app import runner
 from optimize.study.record import Goal, best_feasible
 
 

@@ -22,7 +22,9 @@ try:
 except ImportError:  # tests/ made a package
     from tests.helpers import (goal_opts, load_study, one_error_line, pareto_run, run_args, run_cli, storage_url)
 
-from optimize import params_file, runner
+from optimize.app import params_file
+
+from optimize.app import runner
 from optimize.levers import Config, DeepCache
 from optimize.measure.metrics import FidelityScorer, lpips_weights_path
 from optimize.study.record import PSNR_CAP
@@ -144,7 +146,7 @@ def test_baseline_images_kept_without_trial_images(ssim_run):
 
 
 def _count_baseline_measurements(monkeypatch):
-    from optimize import measure
+    from optimize.measure import evaluator as measure
 
     calls = []
     original = measure.Evaluator.measure
@@ -332,7 +334,7 @@ def test_generate_uses_the_fastest_feasible_trial_of_a_pareto_study(pareto, tmp_
 
 
 def test_report_of_a_pareto_study_shows_the_image_grid(pareto, tmp_path):
-    from optimize import report
+    from optimize.app import report
 
     study = pareto.study()
     goal = goal_of(study)

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from optimize import files
+from optimize.study import files
 
 
 def test_atomic_write_keeps_the_old_file_on_failure(tmp_path, monkeypatch):
@@ -40,7 +40,7 @@ def test_atomic_write_json_not_serialisable(tmp_path):
 
 _WRITER = """
 import sys, time
-from optimize import files
+from optimize.study import files
 
 def stuck(f):
     f.write("half of it")

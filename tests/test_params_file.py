@@ -10,7 +10,11 @@ import os
 
 import pytest
 
-from optimize import files, params_file, storage
+from optimize.study import files
+
+from optimize.app import params_file
+
+from optimize.study import storage
 
 
 def test_update_search_params_keeps_other_keys(tmp_path):

@@ -21,7 +21,13 @@ try:
 except ImportError:  # tests/ made a package
     from tests.helpers import ERROR_PREFIX, one_error_line, SMALL, load_study, run_args, run_cli, storage_url
 
-from optimize import pipelines, prompts, runner, storage
+from optimize.runtime import pipelines
+
+from optimize.measure import prompts
+
+from optimize.app import runner
+
+from optimize.study import storage
 from optimize.study.record import STUDY_ATTR
 
 
@@ -612,7 +618,7 @@ def _study_with_a_best(tmp_path) -> int:
 def test_best_is_saved_at_the_end_of_every_run(case, tmp_path, monkeypatch):
     """No trial of this run becomes the best (its one trial fails): the study's best is written all the
     same, and "saved" is printed only once it was. A failed write is one line and exit 1, the study kept."""
-    from optimize import search
+    from optimize.search import objective as search
 
     best = _study_with_a_best(tmp_path)
     key = "tiny:ddim:8:max:0.05"
@@ -653,7 +659,7 @@ def test_out_of_memory_trial(tmp_path, monkeypatch):
     trial starts, and the search goes on."""
     import torch
 
-    from optimize import measure
+    from optimize.measure import evaluator as measure
 
     original = measure.Evaluator.measure
     calls, held, freed = [], [], []
@@ -698,7 +704,7 @@ def test_storage_fails_during_a_run(tmp_path, monkeypatch):
     completed trial is kept, and the next run re-runs the trial left running."""
     import time
 
-    from optimize import measure
+    from optimize.measure import evaluator as measure
 
     original = measure.Evaluator.measure
     calls, down = [], []
@@ -750,7 +756,7 @@ def test_postgresql_goes_away_during_a_run(tmp_path, monkeypatch):
         from pgserver import fresh_database, require_server
     except ImportError:
         from tests.pgserver import fresh_database, require_server
-    from optimize import measure
+    from optimize.measure import evaluator as measure
 
     base = require_server()
     url = fresh_database(base)

@@ -30,7 +30,7 @@ try:
 except ImportError:  # tests/ made a package
     from tests.helpers import one_error_line, pareto_run, run_cli, synthetic_study, target_run
 
-from optimize import report
+from optimize.app import report
 from optimize.levers import Config, DeepCache, TGate, ToMe
 from optimize.study.record import Goal, best_feasible, goal_of, is_feasible, pareto_front
 

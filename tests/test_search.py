@@ -21,13 +21,13 @@ import pytest
 from optuna.trial import TrialState
 
 try:
-    from helpers import (goal_opts, load_study, max_run, pareto_run, run_args, run_cli, sqlite_rows, storage_url,
-                         target_run)
+    from helpers import (DEFAULT_TIMING, goal_opts, load_study, max_run, pareto_run, run_args, run_cli, sqlite_rows,
+                         storage_url, target_run)
 except ImportError:  # tests/ made a package
-    from tests.helpers import (goal_opts, load_study, max_run, pareto_run, run_args, run_cli, sqlite_rows,
-                               storage_url, target_run)
+    from tests.helpers import (DEFAULT_TIMING, goal_opts, load_study, max_run, pareto_run, run_args, run_cli,
+                               sqlite_rows, storage_url, target_run)
 
-from optimize import runner
+from optimize.app import runner
 from optimize.levers import METHODS, Context
 from optimize.study.record import CONSTRAINTS_ATTR, Goal, best_feasible, is_feasible
 
@@ -162,7 +162,7 @@ def test_resume_reuses_baseline(tmp_path, monkeypatch):
 
 
 def test_failing_trial_is_recorded_and_search_goes_on(tmp_path, monkeypatch):
-    from optimize import measure
+    from optimize.measure import evaluator as measure
 
     original = measure.Evaluator.measure
     calls = []
@@ -195,7 +195,7 @@ def test_failing_trial_is_recorded_and_search_goes_on(tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def nan_run(tmp_path_factory):
     """A 2-trial run whose first trial measures a NaN CLIP score (call 1 is the baseline)."""
-    from optimize import measure
+    from optimize.measure import evaluator as measure
 
     original = measure.Evaluator.measure
     calls = []
@@ -407,7 +407,7 @@ def test_interrupted_warm_start_trial_is_queued_again(tmp_path, monkeypatch):
     """Ctrl-C during a queued trial (warm start, or a retry): the configuration runs again when the
     study next runs, with the retry bookkeeping; one that is interrupted every time stops after the
     retry limit (2) instead of coming back for ever."""
-    from optimize import measure
+    from optimize.measure import evaluator as measure
     from optimize.search import warm_start_params
 
     original = measure.Evaluator.measure
@@ -527,7 +527,7 @@ def test_no_images_when_asked_for_none(tmp_path, monkeypatch):
 
 def test_speed_gate_skips_scoring_of_configs_too_slow_for_the_target(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    argv = run_args(tmp_path, "--target-speedup", "50", "--repeats", "1", "--n-trials", "3")
+    argv = run_args(tmp_path, "--target-speedup", "50", "--repeats", "1", "--speed-gate", "--n-trials", "3")
     code, out, err = run_cli(argv)
     assert code == 0, out + err
     trials = load_study(storage_url(tmp_path)).trials
@@ -547,7 +547,7 @@ def test_speed_gate_skips_scoring_of_configs_too_slow_for_the_target(tmp_path, m
 
 def test_speed_gate_in_max_mode_only_skips_configs_slower_than_the_best(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    argv = run_args(tmp_path, "--max-loss", "0.5", "--repeats", "1", "--n-trials", "2")
+    argv = run_args(tmp_path, "--max-loss", "0.5", "--repeats", "1", "--speed-gate", "--n-trials", "2")
     code, out, err = run_cli(argv)  # the two warm-start configurations (DeepCache N=3, 5)
     assert code == 0, out + err
     study = load_study(storage_url(tmp_path))
@@ -571,7 +571,7 @@ def test_speed_gate_in_max_mode_only_skips_configs_slower_than_the_best(tmp_path
 
 
 def test_trial_speedup_comes_from_its_paired_baseline_calls(tmp_path, monkeypatch):
-    from optimize import measure
+    from optimize.measure import evaluator as measure
 
     paired = []  # the baseline floor of each measurement's paired rounds, in order (None: unpaired)
     original = measure.Evaluator.measure
@@ -596,21 +596,51 @@ def test_trial_speedup_comes_from_its_paired_baseline_calls(tmp_path, monkeypatc
         assert a["rounds"] == 3  # scored trials are topped up to --scored-repeats
 
 
-def test_without_rounds_the_baseline_is_retimed_with_as_many_calls_as_a_scoring_pass(tmp_path, monkeypatch):
-    """On CPU (no rounds) a trial's time is the floor over its scoring pass; the re-timed baseline
-    must be a floor over as many calls, or the lower floor of more calls would favour one side."""
-    from optimize import measure
+@pytest.mark.slow  # three trials at the CPU default of 6 paired rounds: 30-60 s on a loaded 2-core machine
+def test_on_the_cpu_default_every_trial_is_a_paired_ratio_and_a_resumed_run_times_no_baseline_of_its_own(
+        tmp_path, monkeypatch):
+    """Without --repeats on a CPU every measured trial carries paired rounds and its speedup is the ratio of
+    its own baseline calls to its configured calls, in every run: a resumed run divides by no re-timed
+    baseline, so the trials of both runs rank on the same footing. A stored baseline whose time is far from
+    this run's (the machine's load changed) is one note, and moves no speedup."""
+    from optimize.measure import evaluator as measure
 
-    calls = []
-    original = measure.Evaluator.time_only
+    gate, scored = measure.default_rounds("cpu", "eager")
+    paired = []  # per measurement: the baseline floor of its paired rounds (None: unpaired)
+    original = measure.Evaluator.measure
 
-    def time_only(self, config, n):
-        calls.append(n)
-        return original(self, config, n)
+    def record(self, *args, **kwargs):
+        try:
+            m = original(self, *args, **kwargs)
+        except Exception:
+            paired.append("gated")
+            raise
+        paired.append(m.reference.best if m.reference is not None else None)
+        return m
 
-    monkeypatch.setattr(measure.Evaluator, "time_only", time_only)
+    monkeypatch.setattr(measure.Evaluator, "measure", record)
     monkeypatch.chdir(tmp_path)
-    code, out, err = run_cli(run_args(tmp_path, "--max-loss", "0.5", "--n-trials", "2", "--retime-every", "1",
-                                      "--num-samples", "5", "--no-warm-start"))
+    argv = run_args(tmp_path, "--max-loss", "0.5", "--n-trials", "2", small=DEFAULT_TIMING)
+    code, out, err = run_cli(argv)
     assert code == 0, out + err
-    assert calls and set(calls) == {5}
+    study = load_study(storage_url(tmp_path))
+    stored = study.user_attrs["baseline"]
+    # the stored baseline as if measured while the machine was 50x slower
+    study.set_user_attr("baseline", {**stored, "time_per_image": 50 * stored["time_per_image"]})
+    study.enqueue_trial({"deepcache": True, "deepcache.cache_interval": 4, "deepcache.cache_branch_id": 0,
+                         "tome": False, "tgate": False})
+    code, out2, err = run_cli(argv[:-2] + ["--n-trials", "1"])
+    assert code == 0, out2 + err
+    assert "reusing the stored baseline" in out2
+    assert out2.count("note: the untouched pipeline took") == 1 and "load changed" in out2
+    study = load_study(storage_url(tmp_path))
+    trials = study.trials
+    assert paired[0] is None and len(paired) == 1 + len(trials) == 4  # run 1's baseline, then the trials
+    for t, reference in zip(trials, paired[1:]):
+        a = t.user_attrs
+        assert t.state in (TrialState.COMPLETE, TrialState.PRUNED)
+        assert a["rounds"] == (scored if t.state == TrialState.COMPLETE else gate)
+        assert a["speedup"] == pytest.approx(a["baseline_time"] / a["time_per_image"])
+        if reference != "gated":
+            assert a["baseline_time"] == reference  # timed beside the trial
+        assert a["speedup"] < 20  # not divided by the stored (50x slow) baseline time

@@ -200,7 +200,7 @@ def test_identical_runs_at_once_get_different_seeds(tmp_path, monkeypatch):
     """Two identical commands open one study at once (same host, same trial count, both worker 0): the
     database hands each a different slot, so their samplers differ; the same command on a fresh study
     gets the first one's seed again (what --seed reproduces)."""
-    from optimize import runner
+    from optimize.app import runner
     from optimize.app.cli import check_run_options, run
 
     seeds = []

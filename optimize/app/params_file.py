@@ -23,9 +23,10 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from ..study.files import atomic_write_json, read_only
+from ..study.record import (CLIP_SCORE, CONFIDENCE, CONFIG, ENTRY_LEVEL, FIDELITY, INTERVAL_LEVEL, INTERVALS,
+                            LOSS_INTERVAL, SCORE_LOSS, SPEEDUP, SPEEDUP_EAGER, SPEEDUP_INTERVAL, SPEEDUP_REPRODUCED, SPREAD,
+                            TIME_PER_IMAGE, VALIDATION, Goal, Validation)
 from ..study.storage import StorageError, redact
-from ..study.record import (CLIP_SCORE, CONFIDENCE, CONFIG, ENTRY_LEVEL, FIDELITY, INTERVAL_LEVEL, INTERVALS, LOSS_INTERVAL, SCORE_LOSS,
-                    SPEEDUP, SPEEDUP_EAGER, SPEEDUP_INTERVAL, SPREAD, TIME_PER_IMAGE, VALIDATION, Goal, Validation)
 
 REQUIRED = ("pipe", "scheduler", "steps", "dtype")  # what generate needs of an entry
 
@@ -86,6 +87,8 @@ def _uncertainty(trial, goal: Goal) -> dict[str, Any]:
     validation = Validation.of(trial)
     if validation is not None:
         out[VALIDATION] = validation.summary()
+        # false: the held-out speedup fell outside the search's interval, so ``speedup`` is not a result
+        out[SPEEDUP_REPRODUCED] = validation.speedup_reproduced
     return out
 
 
@@ -189,6 +192,7 @@ def add_validations(path: str, study_name: str, validations: dict[int, dict[str,
             for item in [entry] + [e for e in entry.get("front") or [] if isinstance(e, dict)]:
                 if item.get("trial") in validations:
                     item[VALIDATION] = validations[item["trial"]]
+                    item[SPEEDUP_REPRODUCED] = item[VALIDATION].get(SPEEDUP_REPRODUCED)
                     changed.append(key)
         if changed:
             atomic_write_json(path, data)

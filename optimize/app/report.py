@@ -482,7 +482,7 @@ def _best_info(best, goal: Goal, label: str) -> list[tuple[str, str]]:
     v = Validation.of(best)
     if v is not None:
         text = esc(validation_text(goal, v))
-        rows.append(("held-out validation", text if v.within_bound else
+        rows.append(("held-out validation", text if v.within_bound and v.speedup_reproduced is not False else
                      f"<span class=\"note\" id=\"validation-flag\">{text}</span>"))
     else:
         rows.append(("held-out validation", "not run (optimize-sd validate)"))

@@ -34,16 +34,20 @@ from ..runtime import pipelines
 from ..levers import Config, Context
 from ..study.artifacts import (BASELINE_PREFIX, artifact_dir_for, artifact_store, baseline_image_ids, load_baseline_images,
                         trial_prefix, upload_images)
-from ..study.baseline import Baseline, BaselineMismatch, check_fingerprint
-from ..measure.evaluator import Evaluator, GenerationSettings
-from ..runtime.graphs import compile_blocks
+from ..measure.evaluator import Evaluator, GenerationSettings, pin_cpu_threads
 from ..measure.metrics import ClipScorer, FidelityScorer, MetricError, lpips_available, lpips_weights_path, score_loss
+from ..runtime.graphs import compile_blocks
+from ..study.baseline import Baseline, BaselineMismatch, check_fingerprint
 from .params_file import run_entry, search_params_key, update_search_params
 from ..measure.prompts import PromptsError, counted, load_heldout, load_prompts, prompt_source, prompts_hash
 from ..search import Objective, SearchSpace, make_sampler, warm_start_params
 from ..study.storage import (MAX_RETRY, StorageError, first_line, from_queue, insert_study_system_attr_once, open_storage,
                       redact, storage_cause, storage_errors)
-from ..study.record import OWNER, SAMPLER_SLOT, WORKER, Fingerprint, Goal, StudyRecord, goal_of, study_result
+from ..study.record import (BASELINE_TIME, OWNER, REUSED_FROM, SAMPLER_SLOT, WORKER, Fingerprint, Goal, StudyRecord,
+                            goal_of, study_result)
+
+
+LOAD_SWING = 2.0  # the untouched pipeline's slowest / fastest time before a run notes that the load changed
 
 
 class RunError(Exception):
@@ -84,7 +88,6 @@ class RunOptions:
     output: str
     heartbeat: int
     progress: bool
-    retime_every: int = 10
     warm_start: bool = True
     speed_gate: bool = True
     images_per_trial: int = 4  # uploaded as artifacts, shown per trial by optuna-dashboard
@@ -230,18 +233,18 @@ def prepare_study(spec: pipelines.PipeSpec, opts: RunOptions, echo: console.Echo
 
 def ensure_baseline(study: optuna.Study, storage, evaluator: Evaluator, fingerprint: Fingerprint, echo,
                     save_images=lambda images: None):
-    """The study's baseline, this process's reference time (None: re-time before the first trial) and
-    the baseline images this process measured (None if it measured none).
+    """The study's baseline, the baseline images this process measured (None if it measured none) and
+    whether the stored baseline is this process's measurement.
 
     A study without a baseline gets one measured here. Workers that start together on a fresh study
     each measure it on their own device (in parallel: no worker waits for another); the first stored
-    is kept by the database's unique constraint, and the others use its CLIP scores with the time they
-    measured on their own device, which is all a same-device speedup needs.
+    is kept by the database's unique constraint, and the others use its CLIP scores. No trial divides
+    by the stored time: each times the baseline beside itself, on its own device (paired rounds).
     """
     baseline = Baseline.load(study)
     if baseline is not None:
         echo("reusing the stored baseline")
-        return baseline, None, None  # re-timed on this device before the first trial
+        return baseline, None, False
     s = evaluator.settings
     echo(f"measuring baseline on {len(evaluator.prompts)} prompts ({s.steps} steps, {s.width}x{s.height})")
     try:
@@ -253,12 +256,12 @@ def ensure_baseline(study: optuna.Study, storage, evaluator: Evaluator, fingerpr
     if measured.insert_once(storage, study):
         StudyRecord.set_fingerprint(study, fingerprint)
         save_images(m.images)
-        return measured, measured.time_per_image, m.images
+        return measured, m.images, True
     stored = Baseline.load(study)
     _check_fingerprint(stored.fingerprint, fingerprint)
     echo(f"another worker stored the baseline first: using its CLIP score {stored.clip_score:.3f} "
-         f"(measured here: {measured.clip_score:.3f}) and the time measured on this device")
-    return stored, measured.time_per_image, m.images
+         f"(measured here: {measured.clip_score:.3f})")
+    return stored, m.images, False
 
 
 def baseline_images(study: optuna.Study, store, directory: str, evaluator: Evaluator, measured, echo,
@@ -344,6 +347,7 @@ class Search:
         self.store = None
         self.study = None
         self.running = None  # the trial this process runs, while it runs one
+        self.baseline_times: list[float] = []  # the untouched pipeline's time beside each trial of this run
 
     def run(self) -> None:
         """The steps in order. A scheduler's pre-emption (SIGTERM) ends any of them like Ctrl-C: one line
@@ -379,6 +383,7 @@ class Search:
     def load(self) -> None:
         """The pipeline, the CLIP scorer, the evaluator and where images go."""
         opts = self.opts
+        pin_cpu_threads(opts.device)
         try:
             pipe = pipelines.load_pipeline(self.spec, opts.scheduler, opts.device, opts.dtype)
             scorer = ClipScorer(opts.clip_model, opts.clip_pretrained, opts.device, opts.dtype)
@@ -402,23 +407,26 @@ class Search:
 
     def get_baseline(self) -> None:
         """The stored baseline (or one measured now), its images and the fidelity scorer holding them.
-        A stored baseline's time is re-measured on this device before the first trial: the machine may
-        have changed since, or this may be another worker's GPU."""
+        No trial divides by the stored baseline's time: each times the untouched pipeline beside itself
+        (paired rounds), since the machine's load may have changed since, or this may be another worker's GPU."""
         study, echo = self.study, self.echo
 
         def save(images) -> None:
             self.save_images(images, study, BASELINE_PREFIX, None)
 
         try:
-            self.baseline, self.reference, measured = ensure_baseline(study, self.storage, self.evaluator,
-                                                                      self.fingerprint, echo, save)
+            self.baseline, measured, ours = ensure_baseline(study, self.storage, self.evaluator, self.fingerprint, echo,
+                                                      save)
             images = baseline_images(study, self.store, self.directory, self.evaluator, measured, echo, save)
         except storage_errors() as e:
             raise RunFailure(f"storage {redact(self.opts.storage)} failed: {first_line(e, self.opts.storage)}") from None
         b = self.baseline
-        if self.measured_stored():  # else build_objective says which time this run divides by
+        if ours:
             echo(f"baseline ({self.opts.exec_mode}): {1000 * b.time_per_image:.1f} ms/image (±{100 * b.spread:.0f}%), "
                  f"CLIP {b.clip_score:.3f}")
+        else:  # stored by an earlier run or another worker: its time is not what any speedup here divides by
+            echo(f"baseline ({self.opts.exec_mode}): CLIP {b.clip_score:.3f} (stored); each trial's speedup is against "
+                 f"the baseline calls timed beside it on this device (stored time: {1000 * b.time_per_image:.1f} ms/image)")
         self.eager_time = None
         if self.opts.exec_mode != "eager":  # every speedup is also shown against the eager baseline
             eager = self.evaluator.time_eager(max(1, self.opts.repeats))
@@ -430,33 +438,10 @@ class Search:
     def build_objective(self) -> None:
         opts = self.opts
         space = SearchSpace(opts.methods, Context.of(self.pipe, opts.steps, self.settings.guidance, opts.scheduler))
-        # the re-timed baseline serves only runs without rounds, where a trial's time is the floor of its
-        # scoring pass: as many calls, since a floor over more calls is lower
-        retime_calls = max(1, len(self.prompts) // opts.batch_size)
-        self.objective = Objective(self.evaluator, self.baseline, opts.goal, space, retime_every=opts.retime_every,
-                                   reference=self.reference, retime_calls=retime_calls,
-                                   speed_gate=opts.speed_gate, fidelity=self.fidelity, eager_time=self.eager_time)
+        self.objective = Objective(self.evaluator, self.baseline, opts.goal, space, speed_gate=opts.speed_gate,
+                                   fidelity=self.fidelity, eager_time=self.eager_time)
         self.key = search_params_key(self.spec, opts)
         self.worker = worker_label(opts)
-        if not self.measured_stored():
-            self.show_reference()
-
-    def measured_stored(self) -> bool:
-        """Whether this process measured the stored baseline (its time is then the one used)."""
-        return self.reference is not None and self.reference == self.baseline.time_per_image
-
-    def show_reference(self) -> None:
-        """The baseline a resumed run (or a worker whose baseline lost the race) divides by: never the
-        stored time, measured elsewhere or earlier, but the one timed here before the first trial (paired
-        calls beside each trial with ``--repeats``)."""
-        b, mode = self.baseline, self.opts.exec_mode
-        if self.opts.repeats:
-            self.echo(f"baseline ({mode}): CLIP {b.clip_score:.3f} (stored); each trial's speedup is against the "
-                      f"baseline calls timed beside it on this device (stored time: {1000 * b.time_per_image:.1f} ms/image)")
-            return
-        used = self.objective.reference_time()  # timed now rather than at the first trial, so the line can say it
-        self.echo(f"baseline ({mode}): {1000 * used:.1f} ms/image, timed now on this device for the speedups "
-                  f"(stored: {1000 * b.time_per_image:.1f} ms/image), CLIP {b.clip_score:.3f} (stored)")
 
     def optimize(self) -> None:
         """``opts.n_trials`` trials; Ctrl-C or SIGTERM is :class:`Interrupted`, a lost storage :class:`RunFailure`."""
@@ -573,12 +558,30 @@ class Search:
         self.running = None
         self.bar.update(1)
         self.write(console.trial_line(trial, self.opts.goal))
+        self.note_load(trial)
         if trial.state == TrialState.FAIL:
             free_memory()
         best, front = self.result()
         if trial.state == TrialState.COMPLETE and best is not None and (
                 best.number == trial.number or any(t.number == trial.number for t in front)):
             self.save_best(best, front)
+
+    def note_load(self, trial) -> None:
+        """One note per run once the untouched pipeline's time, beside this run's trials and when the study's
+        baseline was measured, spans more than :data:`LOAD_SWING`: the machine's load changed (a shared CPU
+        gave 220 to 4,763 ms/image for the same settings). Speedups are paired ratios and stay comparable
+        across runs; times per image are not."""
+        a = trial.user_attrs
+        if BASELINE_TIME not in a or REUSED_FROM in a or self.baseline_times is None:
+            return
+        self.baseline_times.append(a[BASELINE_TIME])
+        times = self.baseline_times + [self.baseline.time_per_image]
+        if max(times) > LOAD_SWING * min(times):
+            self.write(f"note: the untouched pipeline took {1000 * min(times):.0f} to {1000 * max(times):.0f} ms/image "
+                       f"in this study (its stored baseline: {1000 * self.baseline.time_per_image:.0f} ms): the machine's "
+                       "load changed; speedups are paired ratios (each trial's own baseline calls) and stay comparable, "
+                       "times per image do not")
+            self.baseline_times = None  # said once
 
     def result(self):
         return study_result(self.study, self.opts.goal)

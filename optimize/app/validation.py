@@ -8,7 +8,8 @@ first ``--num-samples``) with fresh seeds (the study's seed + :data:`SEED_OFFSET
 untouched pipeline on the same prompts and seeds. The result, a :class:`optimize.study.record.Validation`
 (losses with their paired intervals, speedup, whether the study's constraints hold out of sample), is
 stored on the trial (system attr ``validation``) and in search_params.json; a pick that breaks the
-bound out of sample is flagged in one line. ``optimize-sd validate`` does the same on an existing study
+bound out of sample, or whose held-out speedup falls outside the interval the search measured for it
+(``speedup_reproduced`` false: the search's speedup was noise), is flagged in one line. ``optimize-sd validate`` does the same on an existing study
 (:func:`validate_study`), its whole feasible front if asked.
 
 Size without ``--validate``: ``max(4, num_samples // 4)`` prompts, run only when that costs at most
@@ -27,7 +28,7 @@ import optuna
 
 from ..levers import Config
 from .console import Echo, validation_text
-from ..measure.evaluator import Evaluator, default_rounds
+from ..measure.evaluator import Evaluator, default_rounds, pin_cpu_threads
 from ..measure.metrics import ClipScorer, FidelityScorer, MetricError, lpips_available, score_loss
 from ..runtime.pipelines import device_name
 from ..measure.prompts import PromptsError, load_heldout, load_prompts, prompts_hash
@@ -119,6 +120,8 @@ class Validator:
             self.goal.level, base.scores, m.scores, fidelity, speedup, m.timing.samples, reference.samples, paired)}
         failed = self._verdict(attrs)
         loss_interval, speedup_interval = self.goal.loss_interval(attrs), self.goal.speedup_interval(attrs)
+        # the search's speedup stands only if a fresh measurement lands where its interval says it could
+        search = self.goal.speedup_interval(trial.user_attrs)
         return Validation(
             n=len(self.prompts), seed=self.settings.seed, prompts=self.hash, level=self.goal.level,
             loss_metric=self.goal.loss_metric, loss=self.goal.loss(attrs),
@@ -127,7 +130,9 @@ class Validator:
             failed=failed, measured=measured,
             per_prompt={CLIP_SCORE: rounded(m.scores), **{k: rounded(v) for k, v in fidelity.items()}},
             baseline_per_prompt={CLIP_SCORE: rounded(base.scores)}, device=device_name(self.device),
-            time=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+            time=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            speedup_reproduced=None if search is None else bool(search[0] <= speedup <= search[1]),
+            search_speedup_interval=None if search is None else list(search))
 
     def close(self) -> None:
         self.evaluator.close()
@@ -135,7 +140,8 @@ class Validator:
 
 def validate_trials(study: optuna.Study, trials, validator: Validator, echo: Echo) -> dict[int, Validation]:
     """Validate each of ``trials`` (one already validated on the same prompts and seeds is not measured
-    again) and store the result on it; a result that breaks the bound is one warning line on stderr.
+    again) and store the result on it; a result that breaks the bound, or whose speedup falls outside the
+    interval the search measured (the search's speedup did not reproduce), is one warning line on stderr.
     Returns trial number -> validation. Load the study again to see the stored attrs."""
     done: dict[int, Validation] = {}
     n, seed = len(validator.prompts), validator.settings.seed
@@ -149,7 +155,7 @@ def validate_trials(study: optuna.Study, trials, validator: Validator, echo: Ech
         else:
             echo(f"{label}: already validated on these {n} held-out prompts (seed {seed})")
         done[t.number] = v
-        if not v.within_bound:
+        if not v.within_bound or v.speedup_reproduced is False:  # one line, whatever went wrong
             echo(f"optimize-sd: warning: {label}: {validation_text(validator.goal, v)}", err=True)
     return done
 
@@ -256,6 +262,7 @@ def validate_study(storage_url: str, study_name: str | None, *, n: int | None = 
     if record.fingerprint.device not in (None, here):
         echo(f"note: the study was measured on {record.fingerprint.device}, this is {here}: "
              "the held-out speedup is this device's")
+    pin_cpu_threads(device)  # as the study's run timed it
     pipe, scorer, settings, exec_mode = _load(record, Baseline.load(study), device)
     rounds = default_rounds(device, exec_mode)
     validator = Validator(pipe, scorer, heldout, settings, record.goal, device, exec_mode=exec_mode,

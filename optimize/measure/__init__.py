@@ -8,11 +8,12 @@ Example:
     (3, 5)
 """
 
-from .evaluator import Evaluator, GenerationSettings, Measurement, Timing, default_rounds
+from .evaluator import Evaluator, GenerationSettings, Measurement, Timing, default_rounds, pin_cpu_threads
 from .metrics import ClipScorer, FidelityScorer, MetricError, score_loss, testbed_scorer
 from .prompts import PromptsError, load_heldout, load_prompts
 from .uncertainty import intervals
 
 __all__ = ["ClipScorer", "Evaluator", "FidelityScorer", "GenerationSettings", "Measurement", "MetricError",
-           "PromptsError", "Timing", "default_rounds", "intervals", "load_heldout", "load_prompts", "score_loss",
+           "PromptsError", "Timing", "default_rounds", "intervals", "load_heldout", "load_prompts", "pin_cpu_threads",
+           "score_loss",
            "testbed_scorer"]

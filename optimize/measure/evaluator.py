@@ -20,8 +20,12 @@ between minutes (calls seconds apart share it), equal counts on both sides keep 
 equally biased. ``spread`` = interquartile range / median of the whole configured calls shows how
 disturbed they were (docs/benchmarks.md, P1).
 
-Without repeats (the CPU default) there are no rounds: the scoring pass's calls are the timing, and
-the caller supplies the baseline time.
+Every device gets paired rounds: on a loaded CPU a baseline timed in another minute reads the load
+as acceleration (the untouched pipeline measured 0.35x that way), while calls seconds apart share it.
+On a CPU a side's time is the geometric mean of its whole calls instead of the floor
+(:attr:`Evaluator.statistic`), so the speedup is the mean paired log ratio, the centre of its interval.
+Without repeats (only the study's own baseline, ``paired=False``) the scoring pass's calls are the
+timing.
 
 In a graph mode (``exec="graphs"`` or ``"compile"``, :mod:`optimize.runtime.graphs`) both sides replay CUDA
 graphs. A configuration is applied once per measurement, so its graphs are captured once (in the
@@ -45,18 +49,32 @@ from ..runtime.graphs import PipelineGraphs, StepGraphs
 
 def default_rounds(device: str, exec_mode: str) -> tuple[int, int]:
     """The defaults of ``--repeats`` and ``--scored-repeats``: (paired rounds before the speed gate,
-    paired rounds in all for a scored configuration). None on a CPU (the scoring pass is the timing).
-    On a GPU eagerly 3 and 10: the host's launch jitter is in every call, and 10 rounds hold P1 (the
-    same configuration twice in one run) within 1%. Replayed from graphs a call's spread is 0.1-2%
-    and 3 rounds already hold it within about 1%, so a scored configuration gets 5 (docs/benchmarks.md, P1)."""
+    paired rounds in all for a scored configuration). On a GPU eagerly 3 and 10: the host's launch
+    jitter is in every call, and 10 rounds hold P1 (the same configuration twice in one run) within 1%.
+    Replayed from graphs a call's spread is 0.1-2% and 3 rounds already hold it within about 1%, so a
+    scored configuration gets 5 (docs/benchmarks.md, P1). On a CPU (eager) 3 and 6: on a loaded 2-core
+    machine 6 rounds held the same configuration measured twice within 4-8% and every interval
+    around its other measurement (and around 1 for the baseline against itself); 3 rounds tell a slow
+    configuration from a fast one, 2 were off by up to 20% (docs/benchmarks.md, "CPU timing")."""
     if not str(device).startswith("cuda"):
-        return 0, 0
+        return 3, 6
     return (3, 10) if exec_mode == "eager" else (3, 5)
+
+
+def pin_cpu_threads(device: str) -> None:
+    """On a CPU, time with one intra-op thread. On a shared machine a second thread waits at every
+    operator's barrier for a core another process holds: at load 7 on 2 cores a 20-step call of the
+    testbed took 36-56 s with torch's 2 threads and 1.2-3.0 s with one (docs/benchmarks.md, "CPU timing").
+    Both sides of every paired round run alike, so speedups stay the acceleration's own."""
+    if not str(device).startswith("cuda"):
+        import torch
+
+        torch.set_num_threads(1)
 
 
 @dataclass
 class Timing:
-    best: float  # seconds per image: the floor (module docstring), the statistic speedups use
+    best: float  # seconds per image, the statistic speedups use: the floor (GPU) or the geometric mean (CPU)
     median: float
     spread: float
     samples: list[float] = field(repr=False)  # seconds per image of each whole call
@@ -68,9 +86,13 @@ class Timing:
         return min(self.samples)
 
     @classmethod
-    def from_samples(cls, samples: list[float], segments: list[list[float]] | None = None) -> "Timing":
+    def from_samples(cls, samples: list[float], segments: list[list[float]] | None = None,
+                     statistic: str = "floor") -> "Timing":
         q1, med, q3 = np.percentile(samples, [25, 50, 75])
         spread = float((q3 - q1) / med) if med > 0 else 0.0
+        if statistic == "geomean":  # of equal paired counts: base / configured = the mean paired log ratio
+            return cls(float(np.exp(np.mean(np.log(samples)))), float(med), spread, [float(s) for s in samples],
+                       segments)
         best = floor(segments) if segments else None
         return cls(min(samples) if best is None else best, float(med), spread, [float(s) for s in samples],
                    segments)
@@ -139,11 +161,11 @@ class _Series:
         self.samples += other.samples
         self.segments += other.segments
 
-    def timing(self) -> Timing | None:
+    def timing(self, statistic: str = "floor") -> Timing | None:
         if not self.samples:
             return None
         cut = None if any(s is None for s in self.segments) else self.segments
-        return Timing.from_samples(self.samples, cut)
+        return Timing.from_samples(self.samples, cut, statistic)
 
 
 @dataclass
@@ -196,6 +218,16 @@ class Evaluator:
                                      if getattr(pipe, "_optimize_sd_applied", False) else None))
         # the text encoders' graphs and the host schedule: one set for the baseline and every configuration
         self.pipeline_graphs = None if exec == "eager" else PipelineGraphs(pipe, backend=graph_backend)
+
+    @property
+    def statistic(self) -> str:
+        """What a side's time is (:class:`Timing`): the per-step floor on a GPU, where a stall of the
+        launch-bound host only adds time to some steps; the geometric mean of the whole calls on a CPU,
+        where other processes take the cores for whole time slices and a floor of a few rounds swung by
+        up to 30% between two measurements of the same configuration, while the ratio of geometric means
+        (the mean paired log ratio, the centre of the speedup's interval) held within 2-8%
+        (docs/benchmarks.md, "CPU timing")."""
+        return "floor" if self.pipe.device.type == "cuda" else "geomean"
 
     def _batches(self):
         bs = self.settings.batch_size
@@ -287,7 +319,7 @@ class Evaluator:
         mode, graphs = self.exec, self.baseline_graphs
         self.exec, self.baseline_graphs = "eager", None
         try:
-            return self._solo(Config(), max(1, calls)).timing()
+            return self._solo(Config(), max(1, calls)).timing(self.statistic)
         finally:
             self.exec, self.baseline_graphs = mode, graphs
 
@@ -311,11 +343,6 @@ class Evaluator:
             for _ in range(calls):
                 series.add(*self._call(run, first, 0)[1:], len(first))
         return series
-
-    def time_only(self, config: Config, calls: int) -> Timing:
-        """Time ``config`` without scoring: warm-up, then ``calls`` timed calls on the first batch."""
-        with self._holding(config):
-            return self._solo(config, max(1, calls)).timing()
 
     def _rounds(self, config: Config, paired: bool) -> tuple["_Series", "_Series"]:
         timed, base = self._solo(config, 0 if paired else self.repeats), _Series()
@@ -342,7 +369,7 @@ class Evaluator:
             timed, base = self._rounds(config, paired=True)
         if not base.samples:
             raise ValueError("paired timing needs repeats >= 1")
-        return timed.timing(), base.timing()
+        return timed.timing(self.statistic), base.timing(self.statistic)
 
     def measure(self, config: Config, gate=None, paired: bool = True) -> Measurement:
         """Time and score ``config`` (module docstring: the protocol).
@@ -362,12 +389,12 @@ class Evaluator:
         full = self.settings.batch_size
         images: list[np.ndarray] = []
         timed, base = self._rounds(config, paired and self.repeats > 0)
-        reference = base.timing()
+        reference = base.timing(self.statistic)
         if gate is not None and timed.samples:
-            gate(timed.timing(), reference)
+            gate(timed.timing(self.statistic), reference)
         if reference is not None and self.scored_repeats > self.repeats:
             self._paired(config, self.scored_repeats - self.repeats, timed, base)
-            reference = base.timing()
+            reference = base.timing(self.statistic)
         scoring = _Series()
         with self._configured(config) as run, tqdm(total=len(self.prompts), desc=config.label(), leave=False,
                                                    disable=not self.progress, unit="prompt") as bar:
@@ -386,4 +413,4 @@ class Evaluator:
             raise FloatingPointError(f"{config.label()}: generated images contain NaN or Inf")
         pil = self.pipe.numpy_to_pil(stacked)
         scores = self.scorer.score(pil, self.prompts)
-        return Measurement(config, timed.timing(), scores, pil, reference)
+        return Measurement(config, timed.timing(self.statistic), scores, pil, reference)

@@ -9,9 +9,9 @@ A trial and the baseline are generated from the same prompts with the same seeds
   varies from prompt to prompt in both (one prompt is simply harder) cancels;
 * PSNR, SSIM, LPIPS: already one value per prompt against the baseline image of the same prompt and
   seed, so the interval of their mean;
-* speedup: from the timed calls. With paired rounds (a baseline call, then a configured call) the
-  interval of the mean log ratio of the rounds; without rounds (the CPU default) Welch's interval of
-  the difference of the two sides' mean log times. The point estimate stays the floor ratio
+* speedup: from the timed calls. With paired rounds (a baseline call, then a configured call; every
+  trial on every device) the interval of the mean log ratio of the rounds; for two unpaired sets of
+  calls Welch's interval of the difference of the two sides' mean log times. The point estimate stays the floor ratio
   (:mod:`optimize.measure.evaluator`); the interval is put around it, on the log scale, with the half-width the
   calls' spread gives: it says how much the number could move in another set of calls.
 

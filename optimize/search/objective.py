@@ -46,36 +46,22 @@ def _timing_attrs(timing, base: float, paired=None, eager: float | None = None) 
 class Objective:
     """Optuna objective: suggest, measure, compare with the baseline, record.
 
-    With timed repeats (the GPU default) each measurement pairs its calls with baseline calls made
-    seconds apart (:mod:`optimize.measure.evaluator`) and its speedup comes from those. Without them, speedups
-    divide by a *reference* baseline time re-measured in this process every ``retime_every``
-    measured trials (and at the start of a resumed run), so slow drift of the machine cancels;
-    ``reference`` seeds it (a baseline just measured in this process needs no re-timing). Either
-    way the stored baseline keeps the scores.
+    Every measurement pairs its calls with baseline calls made seconds apart (:mod:`optimize.measure.evaluator`)
+    and its speedup is the ratio of those, on every device. A speedup divided by a baseline time from
+    another minute (or another run) reads the machine's load as acceleration: on a loaded 2-core CPU
+    that gave the untouched pipeline 0.35x and a pick 10.02x that measured 3.94x held out
+    (docs/benchmarks.md, "CPU timing"). So trials of different runs compare: each carries its own
+    baseline. The stored baseline keeps the scores and the images.
     """
 
     def __init__(self, evaluator, baseline: Baseline, goal: Goal, space: SearchSpace,
-                 retime_every: int = 10, reference: float | None = None, retime_calls: int = 3,
                  speed_gate: bool = True, gate_margin: float = 0.02, fidelity=None, eager_time: float | None = None):
         self.evaluator, self.baseline, self.goal, self.space = evaluator, baseline, goal, space
         self.fidelity = fidelity  # a metrics.FidelityScorer holding the baseline images, or None
         self.eager_time = eager_time  # graph modes: the eager baseline's time, for "vs eager"
-        self.retime_every, self.retime_calls = retime_every, retime_calls
-        self.reference = reference
-        # the per-call times of the reference (its interval's other side); None: re-timed before it is used
-        self.reference_samples = list(baseline.samples) if reference == baseline.time_per_image else None
-        self._since_retime = 0
         self.last_images = None
         self.last_per_prompt = None  # the last measurement's per-prompt scores (PER_PROMPT)
         self.speed_gate, self.gate_margin = speed_gate, gate_margin
-
-    def reference_time(self) -> float:
-        if (self.reference is None or self.reference_samples is None
-                or (self.retime_every and self._since_retime >= self.retime_every)):
-            timing = self.evaluator.time_only(Config(), self.retime_calls)
-            self.reference, self.reference_samples = timing.best, timing.samples
-            self._since_retime = 0
-        return self.reference
 
     def _same_config(self, study: optuna.Study, params: dict[str, Any]) -> FrozenTrial | None:
         for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
@@ -85,13 +71,13 @@ class Objective:
 
     def _gate(self, study: optuna.Study):
         """The speed gate: skip scoring a configuration that is too slow to matter, judged from the
-        paired rounds timed before the scoring pass (only with ``--repeats`` >= 1). Target mode: more
+        paired rounds timed before the scoring pass. Target mode: more
         than ``gate_margin`` below the target. Max mode: more than ``gate_margin`` below the best
         feasible speedup so far (it cannot become the best, whatever its loss). On the search-efficiency
         simulation this cut GPU time by 55-68% for the same trials. Pareto mode has no gate: a slow
         configuration may still be on the front with a smaller loss."""
         if not self.speed_gate or not self.evaluator.repeats or self.goal.mode == "pareto":
-            return None  # without timed repeats there is nothing to judge before the scoring pass
+            return None
 
         def gate(timing, paired) -> None:
             attrs = _timing_attrs(timing, paired.best, paired, self.eager_time)
@@ -109,25 +95,21 @@ class Objective:
 
     def _measure(self, config: Config, study: optuna.Study) -> dict[str, Any]:
         m = self.evaluator.measure(config, gate=self._gate(study))
+        if m.reference is None:
+            raise ValueError("a trial's speedup needs paired rounds (--repeats >= 1)")
         self.last_images = m.images
-        # paired baseline calls when there were rounds; else the re-timed reference
-        base = m.reference.best if m.reference is not None else self.reference_time()
-        self._since_retime += 1
-        attrs = _timing_attrs(m.timing, base, m.reference, self.eager_time)
+        attrs = _timing_attrs(m.timing, m.reference.best, m.reference, self.eager_time)
         attrs[SCORE_LOSS] = score_loss(self.baseline.clip_score, m.clip_score)
         attrs[CLIP_SCORE] = m.clip_score
-        if m.reference is not None:
-            attrs[BASELINE_SPREAD] = m.reference.spread
+        attrs[BASELINE_SPREAD] = m.reference.spread
         # psnr, ssim (and lpips) of each image against the baseline image of its prompt; the attrs are means
         fidelity = self.fidelity.per_image(m.images) if self.fidelity is not None else {}
         attrs.update({k: float(v.mean()) for k, v in fidelity.items()})
         bad = [k for k, v in attrs.items() if not math.isfinite(v)]
         if bad:
             raise FloatingPointError(f"non-finite {', '.join(bad)} for {config.label()}")
-        paired = m.reference is not None
         attrs[INTERVALS] = intervals(self.goal.level, self.baseline.scores, m.scores, fidelity, attrs[SPEEDUP],
-                                     m.timing.samples, m.reference.samples if paired else self.reference_samples,
-                                     paired)
+                                     m.timing.samples, m.reference.samples, True)
         self.last_per_prompt = {CLIP_SCORE: list(m.scores), **{k: list(v) for k, v in fidelity.items()}}
         return attrs
 

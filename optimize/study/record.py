@@ -87,6 +87,7 @@ VALIDATION = "validation"  # trial system attr: Validation.as_dict()
 # the study's --confidence (None: constraints on the point estimates)
 LOSS_INTERVAL = "loss_interval"
 SPEEDUP_INTERVAL = "speedup_interval"
+SPEEDUP_REPRODUCED = "speedup_reproduced"  # entry key: the held-out speedup fell inside the search's interval
 CONFIDENCE = "confidence"
 ENTRY_LEVEL = "interval_level"
 DEFAULT_LEVEL = 0.9  # the level of the intervals shown when a study has no --confidence
@@ -439,6 +440,10 @@ class Validation:
     baseline_per_prompt: dict[str, list[float]]  # the untouched pipeline's CLIP scores on the same prompts and seeds
     device: str
     time: str  # when (UTC, ISO 8601)
+    # the held-out speedup inside the interval the search measured for the trial (None: no interval, or a
+    # validation made before this was recorded); False: the search's speedup did not reproduce
+    speedup_reproduced: bool | None = None
+    search_speedup_interval: list[float] | None = None  # that interval
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
