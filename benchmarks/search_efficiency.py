@@ -12,7 +12,7 @@ GPU-seconds the trial would have taken. All numbers it prints are **simulated**.
 
 What is simulated
 -----------------
-* **Configurations**: the samplers draw from ``optimize.search.objective.SearchSpace(METHODS, steps=50,
+* **Configurations**: the samplers draw from ``optimize.search.SearchSpace(METHODS, steps=50,
   max_branch_id=11)``, exactly the space a real SD1.5 study samples (DeepCache N 2..10, branch 0..5;
   ToMe ratio 0.1..0.9 step 0.05, max_downsample 1/2/4/8; T-GATE gate 4..49, sp 1..10, fi 1..5,
   warm-up 0..3; each method on or off). GPSampler gets the same distributions in a fixed
@@ -24,7 +24,7 @@ What is simulated
   in b). ToMe and T-GATE are multiplicative time factors fitted on the measured single-method and
   combination rows; T-GATE's gate step, self-attention reuse (sp/fi after warm-up) and its extra cost
   under DeepCache are modelled (``_tgate_logtime``); the batch-halving gain after the gate is fixed
-  from the batch-1 vs batch-4 cost in REFERENCE section 4 (assumptions, see quality_model.md).
+  from the batch-1 vs batch-4 cost in the H200 measurements of 2026-11-26 (assumptions, see quality_model.md).
 * **Timing noise**: each configuration's measured time is its true time times ``exp(sigma * z)``,
   ``sigma`` = median IQR/median of the landscape rows / 1.349 (3.2%), ``z`` a standard normal fixed
   per (seed, configuration): one measurement per configuration, as the optimizer reuses a measured
@@ -36,12 +36,12 @@ What is simulated
 * **GPU-seconds of a trial** = measured time per image x images generated. The optimizer's protocol
   (``optimize.measure.evaluator``): 1 warm-up + ``--repeats`` timed calls + one call per prompt, plus the
   baseline measured once and re-timed (warm-up + 3 calls) every 10 measured trials. The original
-  grid's protocol (REFERENCE section 2): one call per prompt, one warm-up for the whole run. A
+  grid's protocol (the original script's grid): one call per prompt, one warm-up for the whole run. A
   configuration proposed again costs nothing (the optimizer reuses the measurement).
 
 The original grid
 -----------------
-Nested loops over the REFERENCE section 2 ranges (DeepCache cache_interval 2..5 x branch 0..3; ToMe
+Nested loops over the the original script's grid ranges (DeepCache cache_interval 2..5 x branch 0..3; ToMe
 ratio 0.1..0.9 step 0.1 x max_downsample 1,2,4; T-GATE gate 5..19 x sp 2..9 x fi 1..5 x warm-up
 1..3), over the 7 method combinations in the order DeepCache, ToMe, T-GATE, DeepCache+ToMe,
 DeepCache+T-GATE, ToMe+T-GATE, all three (outer method and first-listed parameter = outer loop):
@@ -91,6 +91,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import datetime as dt
 import json
 import math
@@ -109,7 +110,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import optuna  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
 
-from optimize.levers import METHODS, TOME_DOWNSAMPLES, Config, DeepCache, TGate, ToMe  # noqa: E402
+from optimize.levers import BY_NAME, Config, Context, DeepCache, TGate, ToMe  # noqa: E402
 from optimize.search import SearchSpace, make_sampler, warm_start_params  # noqa: E402
 from optimize.study.record import Goal, record_constraints  # noqa: E402
 
@@ -117,17 +118,20 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 LANDSCAPE = os.path.join(HERE, "results", "sd1.5-50steps-bs1-landscape.csv")
 STEPS = 50
 MAX_BRANCH_ID = 11  # SD1.5 UNet: 4 down blocks x 3
-SPACE = SearchSpace(METHODS, STEPS, MAX_BRANCH_ID)
+# the three caching levers: the simulation's landscape was measured for them (not for the schedule)
+METHODS = ("deepcache", "tome", "tgate")
+CONTEXT = Context(steps=STEPS, max_branch_id=MAX_BRANCH_ID, scheduler="ddim")
+SPACE = SearchSpace(METHODS, CONTEXT)
 # Encoding of the sampler space (every value the space can produce has one integer code).
 DC_N, DC_B = range(2, 11), range(0, 6)
 TOME_R = [round(0.1 + 0.05 * i, 2) for i in range(17)]
-TOME_MD = list(TOME_DOWNSAMPLES)
+TOME_MD = BY_NAME["tome"].distributions(CONTEXT)["tome.max_downsample"].choices
 TG_G, TG_SP, TG_FI, TG_W = range(4, STEPS), range(1, 11), range(1, 6), range(0, 4)
 N_DC = 1 + len(DC_N) * len(DC_B)  # 55 (0 = off)
 N_TOME = 1 + len(TOME_R) * len(TOME_MD)  # 69
 N_TG = 1 + len(TG_G) * len(TG_SP) * len(TG_FI) * len(TG_W)  # 9201
 
-# The original grid (REFERENCE section 2).
+# The original grid (the original script's grid).
 GRID = {
     "deepcache": {"N": list(range(2, 6)), "b": list(range(0, 4))},
     "tome": {"r": [round(0.1 * i, 1) for i in range(1, 10)], "md": [1, 2, 4]},
@@ -139,7 +143,7 @@ GRID_COMBOS = [("deepcache",), ("tome",), ("tgate",), ("deepcache", "tome"), ("d
 # Known-good configurations from the methods' own documentation, not from this landscape: DeepCache's
 # diffusers example (N=3, branch 0) and the paper's N=5 branch 0 (Table 13), the optimizer's own warm
 # start; and both with T-GATE at the settings of T-GATE's README example (gate 10, sp 5, fi 1, warm-up 2).
-_DC = warm_start_params(METHODS, STEPS)
+_DC = warm_start_params(METHODS, CONTEXT)
 _TG10 = {"tgate": True, "tgate.gate_step": 10, "tgate.sp_interval": 5, "tgate.fi_interval": 1, "tgate.warm_up": 2}
 WARM_STARTS = {"dc": _DC, "dc+tgate": _DC + [dict(p, **_TG10) for p in _DC]}
 
@@ -201,7 +205,7 @@ def normal_noise(seed: int, codes: np.ndarray, stream: int = 0) -> np.ndarray:
 # --------------------------------------------------------------------------------------------------
 # Latency model (from the measured landscape)
 # --------------------------------------------------------------------------------------------------
-H_BATCH = 0.032  # time saved per step with the CFG half dropped: batch 4 costs 1.19x batch 1 (REFERENCE 4)
+H_BATCH = 0.032  # time saved per step with the CFG half dropped: batch 4 costs 1.19x batch 1 (H200, 2026-11-26)
 NOISY_CELL = 0.10  # DeepCache cells with IQR/median above this are replaced by the fit
 
 
@@ -545,15 +549,13 @@ class FlatSpace:
     models only parameters present in all trials); a method's parameters are ignored while it is off."""
 
     def suggest(self, trial: optuna.Trial) -> Config:
-        on = {m: trial.suggest_categorical(m, [False, True]) for m in METHODS}
-        dc = DeepCache(trial.suggest_int("deepcache.cache_interval", 2, 10),
-                       trial.suggest_int("deepcache.cache_branch_id", 0, min(5, MAX_BRANCH_ID)))
-        tome = ToMe(round(trial.suggest_float("tome.ratio", 0.1, 0.9, step=0.05), 2),
-                    trial.suggest_categorical("tome.max_downsample", list(TOME_DOWNSAMPLES)))
-        tg = TGate(trial.suggest_int("tgate.gate_step", 4, STEPS - 1), trial.suggest_int("tgate.sp_interval", 1, 10),
-                   trial.suggest_int("tgate.fi_interval", 1, 5), trial.suggest_int("tgate.warm_up", 0, 3))
-        return Config(deepcache=dc if on["deepcache"] else None, tome=tome if on["tome"] else None,
-                      tgate=tg if on["tgate"] else None)
+        on, params = {}, {}
+        for name in METHODS:  # every field from the range its lever declares
+            lever = BY_NAME[name]
+            on[name] = trial.suggest_categorical(name, [False, True])
+            params[name] = lever.Params(**{f.name: f.metadata["search"].suggest(trial, lever.key(f.name), CONTEXT)
+                                           for f in dataclasses.fields(lever.Params)})
+        return Config(**{name: params[name] if on[name] else None for name in METHODS})
 
 
 def _sampler(kind: str, seed: int, options: Options):

@@ -19,8 +19,8 @@ Output under --out:
   summary.json       per-stage steps, seconds, final losses; evaluation; sizes
   samples.png        held-out captions: ground truth (odd rows) and generated (even rows)
 
-Install into the package:  rm -rf optimize/testbed/weights && mkdir -p optimize/testbed/weights &&
-  cp -r OUT/pipeline OUT/clip OUT/summary.json optimize/testbed/weights/
+Install into the package:  rm -rf optimize/runtime/testbed/weights && mkdir -p optimize/runtime/testbed/weights &&
+  cp -r OUT/pipeline OUT/clip OUT/summary.json optimize/runtime/testbed/weights/
 
 Examples:
   python benchmarks/train_testbed.py --device cuda --minutes 7 --out /tmp/testbed

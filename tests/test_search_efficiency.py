@@ -2,8 +2,8 @@
 original grid it compares with, and a small run of the whole benchmark (``--quick``, about 15 s).
 
 The benchmark is a simulation built from the measured H200 landscape; these tests check that it
-answers like a trial (deterministic per seed, costs = time x images), that its grid is the REFERENCE
-grid in the original order, and that the small run produces every method's row with TPE succeeding.
+answers like a trial (deterministic per seed, costs = time x images), that its grid is the original
+script's grid in its order, and that the small run produces every method's row with TPE succeeding.
 """
 
 from __future__ import annotations
