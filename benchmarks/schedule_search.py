@@ -4,7 +4,7 @@ caching alone, at the same bound and trial budget? Runs real studies on the trai
 runs them, for each arm and seed, and reads back each study's pick and its held-out validation.
 
 Arms: ``joint`` (every lever, the default ``--methods``) and ``caching`` (``--methods
-deepcache,tome,tgate``). Every study: ``optimize-sd run --pipe tiny --max-loss 0.02`` with the same
+deepcache,tome,tgate``). Every study: ``optimize-sd run --pipe tiny --steps 50 --max-loss 0.02`` with the same
 trial budget and seed, timed in the tool's default paired rounds, and its pick validated on held-out
 captions with fresh seeds (``--validate``).
 
@@ -51,6 +51,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", default="0,1,2,3,4")
     ap.add_argument("--n-trials", type=int, default=12)
+    ap.add_argument("--steps", type=int, default=50, help="the reference's DDIM steps (the testbed's default is 20)")
     ap.add_argument("--max-loss", type=float, default=0.02)
     ap.add_argument("--repeats", type=int, default=None, help="[default: the tool's]")
     ap.add_argument("--scored-repeats", type=int, default=None, help="[default: the tool's]")
