@@ -132,12 +132,14 @@ def test_bad_command_lines_are_one_line_and_load_nothing(tmp_path, maxrun, no_mo
 
 
 def test_pipe_sources():
-    assert generate_mod.spec_from_source("random:sd1.5") == pipelines.resolve_pipe("sd1.5", random_weights=True)
-    assert generate_mod.spec_from_source("random:sdxl").is_xl is True
-    assert generate_mod.spec_from_source("tiny").kind == "tiny"
-    assert generate_mod.spec_from_source("tiny-xl").is_xl is True
-    with pytest.raises(generate_mod.GenerateError, match="--random-weights needs a preset"):
-        generate_mod.spec_from_source("random:nope")
+    from optimize.app.settings import spec_from_source
+
+    assert spec_from_source("random:sd1.5") == pipelines.resolve_pipe("sd1.5", random_weights=True)
+    assert spec_from_source("random:sdxl").is_xl is True
+    assert spec_from_source("tiny").kind == "tiny"
+    assert spec_from_source("tiny-xl").is_xl is True
+    with pytest.raises(pipelines.PipelineError, match="--random-weights needs a preset"):
+        spec_from_source("random:nope")
 
 
 # --- images --------------------------------------------------------------------------------------------

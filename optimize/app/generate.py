@@ -16,21 +16,21 @@ import io
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Iterator
 
 from optuna.trial import TrialState
 
-from ..runtime import pipelines
 from ..levers import Config, Context, InvalidConfig, accelerate
-from ..runtime.graphs import check_exec, compile_blocks
+from ..measure.prompts import PromptsError, check_length
+from ..runtime import pipelines
+from ..runtime.text import shorten
 from ..study.baseline import Baseline
 from ..study.files import atomic_write
-from .params_file import read_entry
-from ..measure.prompts import PromptsError, check_length
-from ..runtime.text import shorten
-from ..study.storage import StorageError
 from ..study.record import DEFAULT_SEED, StudyError, StudyRecord, best_feasible, goal_of, is_feasible, open_study
+from ..study.storage import StorageError
+from .params_file import read_entry
+from .settings import PipelineSettings, SettingsError
 
 
 class GenerateError(ValueError):
@@ -42,31 +42,15 @@ class Plan:
     """Everything one ``generate`` needs, resolved and checked before any model loads."""
 
     origin: str  # where the settings came from, for the messages
-    spec: pipelines.PipeSpec
-    scheduler: str
-    steps: int
-    guidance: float | None  # None: the pipeline's default (7.5; SDXL 5.0)
-    height: int | None  # None: the model's native size
-    width: int | None
-    dtype: str
-    device: str
-    seed: int
+    settings: PipelineSettings
     params: dict[str, Any]
     config: Config
     notes: tuple[str, ...] = ()
-    exec: str = "eager"  # the execution mode the configuration was found in (optimize.runtime.graphs)
 
-
-def spec_from_source(source: str) -> pipelines.PipeSpec:
-    """The pipe a study or entry was made with: ``random:<preset>``, ``tiny`` / ``tiny-xl``, a hub id or a directory."""
-    try:
-        if source.startswith("random:"):
-            return pipelines.resolve_pipe(source.split(":", 1)[1], random_weights=True)
-        spec = pipelines.resolve_pipe(source)
-        pipelines.check_loadable(spec)
-        return spec
-    except pipelines.PipelineError as e:
-        raise GenerateError(str(e)) from None
+    def __getattr__(self, name: str):  # plan.steps, plan.device, ...: the pipeline settings'
+        if name != "settings" and name in PipelineSettings.__dataclass_fields__:
+            return getattr(self.settings, name)
+        raise AttributeError(name)
 
 
 def _check_output(output: str) -> str:
@@ -82,48 +66,18 @@ def _check_output(output: str) -> str:
     return fmt
 
 
-def _plan(origin: str, source: str, scheduler: str, steps: Any, guidance: Any, height: Any, width: Any,
-          dtype: str, params: Any, seed: int, device: str | None, exec_mode: Any = None) -> Plan:
-    if scheduler not in pipelines.SCHEDULERS:
-        raise GenerateError(f"{origin}: unknown scheduler {scheduler!r} (known: {', '.join(pipelines.SCHEDULERS)})")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise GenerateError(f"{origin}: steps must be a positive integer, got {steps!r}")
-    if guidance is not None and (isinstance(guidance, bool) or not isinstance(guidance, (int, float))):
-        raise GenerateError(f"{origin}: guidance must be a number, got {guidance!r}")
-    for side, value in (("height", height), ("width", width)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 8 or value % 8):
-            raise GenerateError(f"{origin}: {side} must be a positive multiple of 8, got {value!r}")
-    if dtype not in pipelines.DTYPES:
-        raise GenerateError(f"{origin}: unknown dtype {dtype!r} (known: {', '.join(pipelines.DTYPES)})")
+def _plan(origin: str, settings: PipelineSettings, params: Any) -> Plan:
     if not isinstance(params, dict):
         raise GenerateError(f"{origin}: params must be a JSON object, got {params!r}")
     try:
-        spec = spec_from_source(source)
-    except GenerateError as e:
-        raise GenerateError(f"{origin}: {e}") from None
-    try:
         config = Config.from_params(params)
-        check = guidance  # the default is unknown for a directory not loaded yet
-        if check is None and spec.is_xl is not None:
-            check = pipelines.default_guidance(spec.is_xl)
-        config.validate(num_inference_steps=steps, guidance_scale=check)
+        check = settings.guidance  # the default is unknown for a directory not loaded yet
+        if check is None and settings.spec.is_xl is not None:
+            check = pipelines.default_guidance(settings.spec.is_xl)
+        config.validate(num_inference_steps=settings.steps, guidance_scale=check)
     except (InvalidConfig, TypeError) as e:
         raise GenerateError(f"{origin}: {e}") from None
-    try:
-        device = pipelines.resolve_device(device)
-    except pipelines.PipelineError as e:
-        raise GenerateError(str(e)) from None
-    exec_mode = exec_mode or "eager"
-    try:  # the configuration runs in the mode it was found and timed in
-        check_exec(exec_mode, device)
-    except ValueError as e:
-        raise GenerateError(f"{origin}: found with --exec {exec_mode}: {e}") from None
-    notes = []
-    if dtype == "fp16" and device == "cpu":
-        notes.append("note: fp16 does not run on the CPU: generating in fp32")
-        dtype = "fp32"
-    return Plan(origin, spec, scheduler, steps, None if guidance is None else float(guidance), height, width, dtype,
-                device, seed, dict(params), config, tuple(notes), exec_mode)
+    return Plan(origin, settings, dict(params), config, settings.notes)
 
 
 def plan_from_study(storage_url: str, study_name: str | None = None, trial_number: int | None = None,
@@ -152,13 +106,13 @@ def plan_from_study(storage_url: str, study_name: str | None = None, trial_numbe
             raise GenerateError(f"trial #{trial_number} of {study.study_name!r} is {state}, not complete")
         if not is_feasible(trial):
             notes.append(f"note: trial #{trial_number} is infeasible (outside the study's bounds)")
-    baseline = Baseline.load(study)
     origin = f"study {study.study_name} trial #{trial.number}"
-    plan = _plan(origin, str(fp.pipe), fp.scheduler, fp.steps, fp.guidance,
-                 fp.height or (baseline.height if baseline else None),
-                 fp.width or (baseline.width if baseline else None), fp.dtype, dict(trial.params),
-                 fp.run_seed if seed is None else seed, device, fp.exec)
-    return Plan(**{**plan.__dict__, "notes": tuple(notes) + plan.notes})
+    try:
+        settings = PipelineSettings.of_study(origin, fp, Baseline.load(study), device=device, seed=seed)
+    except SettingsError as e:
+        raise GenerateError(str(e)) from None
+    plan = _plan(origin, settings, dict(trial.params))
+    return replace(plan, notes=tuple(notes) + plan.notes)
 
 
 def plan_from_params_file(path: str, key: str | None = None, seed: int | None = None,
@@ -168,8 +122,14 @@ def plan_from_params_file(path: str, key: str | None = None, seed: int | None = 
         key, entry = read_entry(path, key)
     except StorageError as e:
         raise GenerateError(str(e)) from None
-    return _plan(f"{path} [{key}]", str(entry.pipe), entry.scheduler, entry.steps, entry.guidance, entry.height,
-                 entry.width, entry.dtype, entry.params, DEFAULT_SEED if seed is None else seed, device, entry.exec)
+    origin = f"{path} [{key}]"
+    try:
+        settings = PipelineSettings.stored(origin, str(entry.pipe), entry.scheduler, entry.steps, entry.guidance,
+                                           entry.height, entry.width, entry.dtype, device=device, exec_mode=entry.exec,
+                                           seed=DEFAULT_SEED if seed is None else seed)
+    except SettingsError as e:
+        raise GenerateError(str(e)) from None
+    return _plan(origin, settings, entry.params)
 
 
 def output_paths(output: str, count: int) -> list[str]:
@@ -218,23 +178,19 @@ def generate(plan: Plan, prompts: list[str], output: str, num_images: int = 1,
         f" instead of the reference's {plan.scheduler}, {plan.steps} steps"
     yield (f"{plan.origin}: {config.label()} ({plan.spec.source}, {runs.scheduler}, {runs.steps} steps{reference}, "
            f"{plan.device})")
+    settings = plan.settings if accelerated else replace(plan.settings, exec="eager")  # --baseline: the untouched one
+    if settings.exec != "eager":
+        yield f"running in {settings.exec} mode (UNet and text encoders replayed from CUDA graphs), as the configuration was timed"
     try:
-        pipe = pipelines.load_pipeline(plan.spec, plan.scheduler, plan.device, plan.dtype)
+        pipe, call = settings.load()
     except pipelines.PipelineError as e:
         raise GenerateError(str(e)) from None
-    xl = pipelines.is_xl(pipe)
-    guidance = plan.guidance if plan.guidance is not None else pipelines.default_guidance(xl)
-    size = pipelines.native_size(pipe)
-    height, width = plan.height or size, plan.width or size
+    guidance, height, width = call.guidance, call.height, call.width
     try:
         config.validate(pipe, plan.steps, guidance)
     except InvalidConfig as e:
         raise GenerateError(f"{plan.origin}: {e}") from None
-    if plan.exec != "eager" and accelerated:
-        yield f"running in {plan.exec} mode (UNet and text encoders replayed from CUDA graphs), as the configuration was timed"
-        if plan.exec == "compile":
-            compile_blocks(pipe.unet)
-    with accelerate(pipe, config, seed=plan.seed, exec=plan.exec if accelerated else "eager") as run:
+    with accelerate(pipe, config, seed=plan.seed, exec=settings.exec) as run:
         for index, prompt in enumerate(prompts):
             seed = plan.seed + index
             start = time.perf_counter()

@@ -34,11 +34,11 @@ from ..runtime import pipelines
 from ..levers import Config, Context
 from ..study.artifacts import (BASELINE_PREFIX, artifact_dir_for, artifact_store, baseline_image_ids, load_baseline_images,
                         trial_prefix, upload_images)
-from ..measure.evaluator import Evaluator, GenerationSettings, pin_cpu_threads
+from ..measure.evaluator import Evaluator, pin_cpu_threads
 from ..measure.metrics import ClipScorer, FidelityScorer, MetricError, lpips_available, lpips_weights_path, score_loss
-from ..runtime.graphs import compile_blocks
 from ..study.baseline import Baseline, BaselineMismatch, check_fingerprint
 from .params_file import run_entry, search_params_key, update_search_params
+from .settings import PipelineSettings
 from ..measure.prompts import PromptsError, counted, load_heldout, load_prompts, prompt_source, prompts_hash
 from ..search import Objective, SearchSpace, make_sampler, warm_start_params
 from ..study.storage import (MAX_RETRY, StorageError, first_line, from_queue, insert_study_system_attr_once, open_storage,
@@ -100,6 +100,12 @@ class RunOptions:
 def study_name_for(spec: pipelines.PipeSpec, opts: RunOptions) -> str:
     mode = "" if opts.exec_mode == "eager" else f"-{opts.exec_mode}"  # one regime per study
     return f"{spec.slug}-{opts.scheduler}-{opts.steps}steps-{opts.goal.slug}{mode}"
+
+
+def settings_for(spec: pipelines.PipeSpec, opts: RunOptions) -> PipelineSettings:
+    """The pipeline settings of a run, as validate and generate read them back from its study."""
+    return PipelineSettings(spec, opts.scheduler, opts.steps, opts.guidance, opts.height, opts.width, opts.dtype,
+                            opts.device, opts.seed, opts.batch_size, opts.exec_mode)
 
 
 def fingerprint_for(spec, opts: RunOptions, prompts: list[str]) -> Fingerprint:
@@ -385,17 +391,11 @@ class Search:
         opts = self.opts
         pin_cpu_threads(opts.device)
         try:
-            pipe = pipelines.load_pipeline(self.spec, opts.scheduler, opts.device, opts.dtype)
+            pipe, self.settings = settings_for(self.spec, opts).load()  # compiled once per run in the compile mode
             scorer = ClipScorer(opts.clip_model, opts.clip_pretrained, opts.device, opts.dtype)
         except (pipelines.PipelineError, MetricError) as e:
             raise RunError(str(e)) from None
-        self.pipe, self.xl, size = pipe, pipelines.is_xl(pipe), pipelines.native_size(pipe)
-        self.settings = GenerationSettings(
-            steps=opts.steps, guidance=opts.guidance if opts.guidance is not None else pipelines.default_guidance(self.xl),
-            height=opts.height or size, width=opts.width or size, batch_size=opts.batch_size, seed=opts.seed,
-        )
-        if opts.exec_mode == "compile":  # once per run, reused by every trial; graphs are captured on top
-            compile_blocks(pipe.unet)
+        self.pipe, self.xl = pipe, pipelines.is_xl(pipe)
         self.evaluator = Evaluator(pipe, scorer, self.prompts, self.settings, repeats=opts.repeats,
                                    progress=opts.progress, scored_repeats=opts.scored_repeats, exec=opts.exec_mode)
         self.directory = artifact_dir_for(opts.storage, opts.artifact_dir)

@@ -198,35 +198,20 @@ def heldout_for(record: StudyRecord, source: str | None, n: int) -> list[str]:
 
 
 def _load(record: StudyRecord, baseline, device: str):
-    """The study's pipeline, its CLIP scorer and generation settings on ``device``, and the exec mode."""
+    """The study's pipeline, its CLIP scorer and generation settings on ``device``, and the exec mode:
+    the settings the study's baseline was measured with, resolved as ``generate`` resolves them."""
     from ..runtime import pipelines
-    from .generate import GenerateError, spec_from_source
-    from ..runtime.graphs import check_exec, compile_blocks
-    from ..measure.evaluator import GenerationSettings
+    from .settings import PipelineSettings, SettingsError
 
     fp = record.fingerprint
-    exec_mode = fp.exec or "eager"
-    try:  # the configuration is timed in the mode the study timed it in
-        check_exec(exec_mode, device)
-    except ValueError as e:
-        raise ValidationError(f"study found with --exec {exec_mode}: {e}") from None
     try:
-        spec = spec_from_source(str(fp.pipe))
-        dtype = "fp32" if fp.dtype == "fp16" and device == "cpu" else fp.dtype
-        pipe = pipelines.load_pipeline(spec, fp.scheduler, device, dtype)
+        settings = PipelineSettings.of_study("study", fp, baseline, device=device)
+        pipe, generation = settings.load()
         model, _, pretrained = str(fp.clip or "ViT-g-14/laion2b_s34b_b88k").partition("/")
-        scorer = ClipScorer(model, None if pretrained in ("", "None") else pretrained, device, dtype)
-    except (GenerateError, pipelines.PipelineError, MetricError) as e:
+        scorer = ClipScorer(model, None if pretrained in ("", "None") else pretrained, device, settings.dtype)
+    except (SettingsError, pipelines.PipelineError, MetricError) as e:
         raise ValidationError(str(e)) from None
-    size = pipelines.native_size(pipe)
-    settings = GenerationSettings(
-        steps=fp.steps, height=fp.height or (baseline.height if baseline else size),
-        guidance=fp.guidance if fp.guidance is not None else pipelines.default_guidance(pipelines.is_xl(pipe)),
-        width=fp.width or (baseline.width if baseline else size), batch_size=fp.batch_size or 1,
-        seed=fp.run_seed)
-    if exec_mode == "compile":
-        compile_blocks(pipe.unet)
-    return pipe, scorer, settings, exec_mode
+    return pipe, scorer, generation, settings.exec
 
 
 def validate_study(storage_url: str, study_name: str | None, *, n: int | None = None, trial_number: int | None = None,
