@@ -11,7 +11,7 @@ import numpy as np
 import optuna
 from helpers import run_cli
 
-FIXTURE = Path(__file__).parent / "fixtures" / "study_v0"
+FIXTURE = Path(__file__).parents[1] / "fixtures" / "study_v0"
 KEY = "tiny:ddim:20:max:0.5"
 # the command that made it (README.md beside it), so a resume matches its stored settings
 MADE_WITH = ["--pipe", "tiny", "--num-samples", "2", "--validate", "0", "--max-loss", "0.5", "--images-per-trial", "1",

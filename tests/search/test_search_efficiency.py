@@ -23,7 +23,7 @@ import pytest
 from optimize.levers import Config, DeepCache, TGate, ToMe
 from optimize.study.record import Goal
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _load():

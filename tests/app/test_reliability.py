@@ -421,7 +421,7 @@ def _as_a_newcomer(tmp_path, *argv) -> tuple[int, str, float]:
     env = {k: v for k, v in os.environ.items()
            if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")}
     env.update(HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path / "hf-home"),
-               PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+               PYTHONPATH=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     start = time.monotonic()
     done = subprocess.run([sys.executable, "-m", "optimize.cli", "run", "--no-progress", "--storage",
                            storage_url(tmp_path), "--output", str(tmp_path / "p.json"), *argv],
@@ -905,7 +905,7 @@ def test_a_mode_444_search_params_file_is_refused_even_for_root(tmp_path, monkey
 
 
 def test_the_demos_artifacts_are_git_ignored():
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     if subprocess.run(["git", "-C", root, "rev-parse"], capture_output=True).returncode != 0:
         pytest.skip("not a git checkout")
     for path in ("studies/optimize-sd-artifacts/x.png", "studies/artifacts/x.png", "studies/optimize-sd.db"):
@@ -913,6 +913,6 @@ def test_the_demos_artifacts_are_git_ignored():
 
 
 def test_the_readme_tells_cpu_users_of_the_cpu_build():
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     with open(os.path.join(root, "README.md"), encoding="utf-8") as f:
         assert "--index-url https://download.pytorch.org/whl/cpu" in f.read()

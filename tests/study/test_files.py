@@ -61,7 +61,7 @@ def test_temporary_file_of_a_killed_writer_is_removed_by_the_next_write(tmp_path
 
     path = tmp_path / "search_params.json"
     path.write_text('{"old": 1}')
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     writer = subprocess.Popen([sys.executable, "-c", _WRITER, str(path)], stdout=subprocess.PIPE, text=True,
                               env=dict(os.environ, PYTHONPATH=root))
     try:

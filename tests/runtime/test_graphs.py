@@ -269,7 +269,7 @@ def test_the_gpu_benchmark_imports_and_refuses_a_cpu(tmp_path):
         pytest.skip("this machine has a GPU")
     import os
 
-    script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "gpu_graphs.py")
+    script = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "gpu_graphs.py")
     out = subprocess.run([sys.executable, script, "--parts", "equal", "--out", str(tmp_path)],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode != 0

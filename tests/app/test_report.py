@@ -34,7 +34,7 @@ from optimize.app import report
 from optimize.levers import Config, DeepCache, TGate, ToMe
 from optimize.study.record import Goal, best_feasible, goal_of, is_feasible, pareto_front
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 GOAL = Goal("target", 1.5, 0.02)
 NAME = "synth<b>&"  # a name that must be escaped in HTML
 
