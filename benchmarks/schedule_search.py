@@ -27,7 +27,8 @@ ARMS = {"joint": "schedule,deepcache,tome,tgate", "caching": "deepcache,tome,tga
 def run_study(arm: str, seed: int, args, workdir: str) -> dict:
     storage = f"sqlite:///{os.path.join(workdir, f'{arm}-{seed}.db')}"
     output = os.path.join(workdir, f"{arm}-{seed}.json")
-    cmd = [sys.executable, "-m", "optimize.app.cli", "run", "--pipe", "tiny", "--max-loss", str(args.max_loss),
+    cmd = [sys.executable, "-m", "optimize.cli", "run", "--pipe", "tiny", "--steps", str(args.steps),
+           "--max-loss", str(args.max_loss),
            "--methods", ARMS[arm], "--n-trials", str(args.n_trials), "--seed", str(seed),
            *(["--repeats", str(args.repeats)] if args.repeats else []),
            *(["--scored-repeats", str(args.scored_repeats)] if args.scored_repeats else []),

@@ -30,7 +30,7 @@ from optimize.study.record import SCORE_LOSS, Validation, goal_of, open_study, s
 
 def one_study(seed: int, args, confidence: float | None, workdir: str) -> dict:
     db = os.path.join(workdir, f"s{seed}-{confidence}.db")
-    argv = [sys.executable, "-m", "optimize.app.cli", "run", "--pipe", "tiny", "--max-loss", str(args.max_loss),
+    argv = [sys.executable, "-m", "optimize.cli", "run", "--pipe", "tiny", "--max-loss", str(args.max_loss),
             "--n-trials", str(args.trials), "--num-samples", str(args.prompts), "--steps", str(args.steps),
             "--validate", str(args.validate), "--seed", str(seed), "--storage", f"sqlite:///{db}",
             "--output", os.path.join(workdir, "search_params.json"), "--no-progress", "--images-per-trial", "0"]

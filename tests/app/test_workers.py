@@ -106,7 +106,7 @@ class Watch:
 def _start(directory, argv) -> tuple[subprocess.Popen, str]:
     log_path = os.path.join(str(directory), "launcher.log")
     log = open(log_path, "w")
-    proc = subprocess.Popen([sys.executable, "-m", "optimize.app.cli", *argv], cwd=str(directory), stdout=log,
+    proc = subprocess.Popen([sys.executable, "-m", "optimize.cli", *argv], cwd=str(directory), stdout=log,
                             stderr=subprocess.STDOUT, env=_env())
     log.close()
     return proc, log_path
