@@ -279,7 +279,7 @@ def test_dashboard_sees_constraints(which, tmp_path_factory):
 
 # A trial lasts a few seconds here, so the worker is surely mid-trial when it is killed.
 SLOW = ["--pipe", "tiny", "--steps", "12", "--num-samples", "3", "--clip-model", "tiny-clip", "--no-progress",
-        "--methods", "deepcache,tome,tgate"]  # see helpers.SMALL
+        "--methods", "deepcache,tome,tgate", "--repeats", "1", "--scored-repeats", "2", "--no-speed-gate"]  # see helpers.SMALL
 
 
 def _env() -> dict:
