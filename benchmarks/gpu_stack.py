@@ -1,5 +1,5 @@
 """Precision, compile and layout levers on the GPU, the hand-built stack a user would assemble, and the
-speed side of the sampling schedule. Full-size random-weight pipelines (``optimize.pipelines``): real
+speed side of the sampling schedule. Full-size random-weight pipelines (``optimize.runtime.pipelines``): real
 latencies, meaningless images.
 
     python benchmarks/gpu_stack.py step --out DIR                 # one SD1.5 UNet step, every lever
@@ -12,7 +12,7 @@ Parts (comma list, run in order, one JSON each under ``--out``, written after ev
 
 * ``step``: one UNet step (CFG batch 2, the pipeline's native size, fp16 unless named) timed in each
   regime: *eager* (the UNet's Python launches every kernel), *graphs* (replayed from a CUDA graph by
-  ``optimize.graphs.StepGraphs``, as ``--exec graphs`` does), *compile* (whole-UNet ``torch.compile``,
+  ``optimize.runtime.graphs.StepGraphs``, as ``--exec graphs`` does), *compile* (whole-UNet ``torch.compile``,
   default mode, its kernels launched by Python) and *compile + graphs* (the compiled step captured and
   replayed). Levers: bf16; channels_last and ``fuse_qkv_projections()``; the SDPA backends (flash,
   efficient, cuDNN, through ``torch.nn.attention.sdpa_kernel`` around the capture); torchao int8
@@ -72,9 +72,9 @@ sys.path.insert(0, HERE)
 
 from gpu_graphs import PROMPT, call  # noqa: E402
 from optimize import accelerate  # noqa: E402
-from optimize.files import atomic_write  # noqa: E402
-from optimize.graphs import StepGraphs  # noqa: E402
-from optimize.pipelines import (_vae, default_guidance, is_xl, load_pipeline, native_size, resolve_pipe,  # noqa: E402
+from optimize.study.files import atomic_write  # noqa: E402
+from optimize.runtime.graphs import StepGraphs  # noqa: E402
+from optimize.runtime.pipelines import (_vae, default_guidance, is_xl, load_pipeline, native_size, resolve_pipe,  # noqa: E402
                                 set_scheduler)
 
 PARTS = ("step", "hand", "schedule", "vae", "dcprobe")
