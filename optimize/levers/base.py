@@ -38,6 +38,31 @@ class InvalidConfig(ValueError):
 
 
 @dataclass(frozen=True)
+class Device:
+    """The device a pipeline runs on, as far as levers care: known before any model loads.
+
+    Example:
+        >>> Device.of("cpu")
+        Device(type='cpu', capability=None)
+    """
+
+    type: str  # "cuda", "cpu", ...
+    capability: tuple[int, int] | None = None  # CUDA compute capability: (9, 0) on Hopper, where fp8 runs
+
+    @classmethod
+    def of(cls, device) -> "Device":
+        """From a ``torch.device`` or a name (``"cuda:1"``); asks the driver, loads no model."""
+        name = str(device)
+        kind = name.split(":")[0]
+        if kind != "cuda":
+            return cls(kind)
+        import torch
+
+        index = int(name.split(":")[1]) if ":" in name else torch.cuda.current_device()
+        return cls("cuda", tuple(torch.cuda.get_device_capability(index)))
+
+
+@dataclass(frozen=True)
 class Context:
     """What a lever's ranges and checks depend on. ``None``: not known here (checked at the call).
 
@@ -50,6 +75,7 @@ class Context:
     xl: bool | None = None
     max_branch_id: int | None = None  # DeepCache's deepest skip branch for this UNet
     scheduler: str | None = None  # the study's --scheduler name, the reference solver
+    device: Device | None = None  # where the pipeline runs (what levers that need a GPU feature ask)
 
     @classmethod
     def of(cls, pipe=None, steps: int | None = None, guidance: float | None = None,
@@ -57,7 +83,8 @@ class Context:
         if pipe is None:
             return cls(steps, guidance, scheduler=scheduler)
         # DeepCache counts 3 layers per down block
-        return cls(steps, guidance, hasattr(pipe, "text_encoder_2"), 3 * len(pipe.unet.down_blocks) - 1, scheduler)
+        return cls(steps, guidance, hasattr(pipe, "text_encoder_2"), 3 * len(pipe.unet.down_blocks) - 1, scheduler,
+                   Device.of(pipe.device))
 
 
 # --- ranges: declared once on each Params field ----------------------------------------------------
@@ -227,13 +254,20 @@ class Lever:
         return [self.key(f.name) for f in fields(self.Params)]
 
     # -- search --------------------------------------------------------------------------------
+    def unavailable(self, ctx: Context) -> str | None:
+        """Why this lever cannot run in ``ctx`` (one line, said once before anything loads), or
+        ``None``. A lever that needs a GPU feature answers from ``ctx.device``; ``None`` there means
+        not known yet. An unavailable lever is never searched, and validating it on is an error."""
+        return None
+
     def searchable(self, ctx: Context) -> bool:
         """Whether the search may switch this lever on in this context."""
         return True
 
     def suggest(self, trial, ctx: Context):
         """The switch, then each field from its ``search`` range; ``None`` when off."""
-        if not self.searchable(ctx) or not trial.suggest_categorical(self.name, [False, True]):
+        if (self.unavailable(ctx) is not None or not self.searchable(ctx)
+                or not trial.suggest_categorical(self.name, [False, True])):
             return None
         return self.Params(**{f.name: f.metadata["search"].suggest(trial, self.key(f.name), ctx)
                               for f in fields(self.Params)})
@@ -267,6 +301,9 @@ class Lever:
     def validate(self, params, ctx: Context) -> None:
         """Raise :class:`InvalidConfig`, naming the parameter, for a value the library would crash on or
         silently ignore."""
+        reason = self.unavailable(ctx)
+        if reason is not None:
+            raise InvalidConfig(f"{self.name}: {reason}")
         for f in fields(params):
             f.metadata["valid"].check(self.key(f.name), getattr(params, f.name), ctx)
         self.check(params, ctx)

@@ -47,7 +47,7 @@ def warm_start_params(methods: tuple[str, ...], context: Context) -> list[dict[s
     branch 0, the schedule at half the reference's steps), each with every other lever off."""
     out = []
     for lever in LEVERS:
-        if lever.name not in methods:
+        if lever.name not in methods or lever.unavailable(context) is not None:
             continue
         for params in lever.warm_starts(context):
             after = lever.context(params, context)
@@ -55,8 +55,10 @@ def warm_start_params(methods: tuple[str, ...], context: Context) -> list[dict[s
             for other in LEVERS:  # in suggestion order: the switches a trial with this lever on asks for
                 if other is lever:
                     entry.update({lever.name: True, **{lever.key(k): v for k, v in asdict(params).items()}})
-                elif other.name in methods and other.searchable(after if _after(other, lever) else context):
-                    entry[other.name] = False
+                elif other.name in methods:
+                    seen = after if _after(other, lever) else context
+                    if other.unavailable(seen) is None and other.searchable(seen):
+                        entry[other.name] = False
             out.append(entry)
     return out
 
