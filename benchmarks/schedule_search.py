@@ -9,6 +9,7 @@ trial budget and seed, timed in the tool's default paired rounds, and its pick v
 captions with fresh seeds (``--validate``).
 
     python benchmarks/schedule_search.py --seeds 0,1,2,3,4 --n-trials 12 --out benchmarks/results/schedule_search_cpu.json
+    python benchmarks/schedule_search.py --confidence 0.9 --out benchmarks/results/schedule_search_conf90_cpu.json
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ def run_study(arm: str, seed: int, args, workdir: str) -> dict:
            "--methods", ARMS[arm], "--n-trials", str(args.n_trials), "--seed", str(seed),
            *(["--repeats", str(args.repeats)] if args.repeats else []),
            *(["--scored-repeats", str(args.scored_repeats)] if args.scored_repeats else []),
+           *(["--confidence", str(args.confidence)] if args.confidence else []),
+           *(["--num-samples", str(args.num_samples)] if args.num_samples else []),
            "--validate", str(args.validate), "--storage", storage, "--output", output, "--no-progress",
            "--images-per-trial", "0", "--study", f"{arm}-{seed}"]
     start = time.time()
@@ -57,6 +60,9 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=None, help="[default: the tool's]")
     ap.add_argument("--scored-repeats", type=int, default=None, help="[default: the tool's]")
     ap.add_argument("--validate", type=int, default=16)
+    ap.add_argument("--confidence", type=float, default=None,
+                    help="feasible only on the loss interval's upper end, in the search and held out [default: off]")
+    ap.add_argument("--num-samples", type=int, default=None, help="search captions [default: the tool's]")
     ap.add_argument("--arms", default="joint,caching")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
