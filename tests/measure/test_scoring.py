@@ -44,13 +44,15 @@ def test_scoring_calls_seed_each_prompt_by_its_index(tiny_pipe, scorer):
 
 def test_the_untouched_pipeline_scored_in_batches_matches_its_batched_baseline(tiny_pipe, scorer):
     """The study's baseline and a trial of the untouched configuration, both scored 3 prompts per call
-    (a short last call of 2): the same images, loss 0, PSNR at its cap, SSIM 1."""
+    (a short last call of 2): the same images, loss 0, PSNR at its cap, SSIM 1 (torchmetrics' own
+    rounding gives an image 0.9999 against itself at times)."""
     baseline = _evaluator(tiny_pipe, scorer, 3, repeats=1).measure(Config(), paired=False)
     trial = _evaluator(tiny_pipe, scorer, 3, repeats=1).measure(Config())  # paired, as a trial
     np.testing.assert_array_equal(_pixels(trial), _pixels(baseline))
     assert score_loss(baseline.clip_score, trial.clip_score) == 0.0
     fidelity = FidelityScorer(baseline.images).per_image(trial.images)
-    assert list(fidelity["psnr"]) == [PSNR_CAP] * len(PROMPTS) and list(fidelity["ssim"]) == [1.0] * len(PROMPTS)
+    assert list(fidelity["psnr"]) == [PSNR_CAP] * len(PROMPTS)
+    assert list(fidelity["ssim"]) == pytest.approx([1.0] * len(PROMPTS), abs=1e-3)
 
 
 def test_each_image_keeps_its_prompts_seed_whatever_the_batch(tiny_pipe, scorer):
