@@ -34,7 +34,7 @@ from ..runtime import pipelines
 from ..levers import Config, Context
 from ..study.artifacts import (BASELINE_PREFIX, artifact_dir_for, artifact_store, baseline_image_ids, load_baseline_images,
                         trial_prefix, upload_images)
-from ..measure.evaluator import Evaluator, pin_cpu_threads
+from ..measure.evaluator import Evaluator, default_score_batch, pin_cpu_threads
 from ..measure.metrics import ClipScorer, FidelityScorer, MetricError, lpips_available, lpips_weights_path, score_loss
 from ..study.baseline import Baseline, BaselineMismatch, check_fingerprint
 from .params_file import run_entry, search_params_key, update_search_params
@@ -95,6 +95,7 @@ class RunOptions:
     devices: tuple[str, ...] = ()  # --workers / --gpus: one worker process per entry
     exec_mode: str = "eager"  # --exec: eager, graphs or compile (optimize.runtime.graphs)
     validate: int | None = None  # --validate: held-out prompts for the pick (0: none; None: the default size, if cheap)
+    score_batch: int | None = None  # --score-batch: a new study's prompts per scoring call (None: the default)
 
 
 def study_name_for(spec: pipelines.PipeSpec, opts: RunOptions) -> str:
@@ -237,6 +238,23 @@ def prepare_study(spec: pipelines.PipeSpec, opts: RunOptions, echo: console.Echo
     return prompts, storage, fingerprint, study, n_before
 
 
+def scoring_batch(study: optuna.Study, opts: RunOptions, settings, n_prompts: int, echo) -> int | None:
+    """Prompts per call of the scoring pass. A stored baseline's own (its images were made that way and
+    trials' images must compare exactly; None: a study from before it was stored, scored in calls of
+    its batch size), whatever ``--score-batch`` says now (a note says so if it says otherwise); else
+    ``--score-batch`` or its default, at most the prompts."""
+    wanted = min(opts.score_batch or default_score_batch(opts.device, settings.height, settings.width), n_prompts)
+    stored = Baseline.load(study)
+    if stored is None:
+        return wanted
+    if opts.score_batch is not None and wanted != stored.score_batch:
+        how = (f"in calls of {stored.score_batch} prompts" if stored.score_batch is not None
+               else "before --score-batch existed, one call per --batch-size")
+        echo(f"note: this study's baseline images were made {how}: its trials are scored the same way "
+             f"(--score-batch {opts.score_batch} applies to a new study)")
+    return stored.score_batch
+
+
 def ensure_baseline(study: optuna.Study, storage, evaluator: Evaluator, fingerprint: Fingerprint, echo,
                     save_images=lambda images: None):
     """The study's baseline, the baseline images this process measured (None if it measured none) and
@@ -252,10 +270,11 @@ def ensure_baseline(study: optuna.Study, storage, evaluator: Evaluator, fingerpr
         echo("reusing the stored baseline")
         return baseline, None, False
     s = evaluator.settings
-    echo(f"measuring baseline on {len(evaluator.prompts)} prompts ({s.steps} steps, {s.width}x{s.height})")
+    scored = f", {evaluator.score_batch} per scoring call" if evaluator.score_batch else ""
+    echo(f"measuring baseline on {len(evaluator.prompts)} prompts ({s.steps} steps, {s.width}x{s.height}{scored})")
     try:
         m = evaluator.measure(Config(), paired=False)
-        measured = Baseline.from_measurement(m, s, fingerprint.as_dict())
+        measured = Baseline.from_measurement(m, s, fingerprint.as_dict(), evaluator.score_batch)
         score_loss(measured.clip_score, measured.clip_score)  # a zero baseline score is an error
     except Exception as e:  # noqa: BLE001 - nothing can be searched without a baseline: one line
         raise RunError(f"baseline measurement failed: {type(e).__name__}: {e}") from e
@@ -267,6 +286,9 @@ def ensure_baseline(study: optuna.Study, storage, evaluator: Evaluator, fingerpr
     _check_fingerprint(stored.fingerprint, fingerprint)
     echo(f"another worker stored the baseline first: using its CLIP score {stored.clip_score:.3f} "
          f"(measured here: {measured.clip_score:.3f})")
+    if stored.score_batch != evaluator.score_batch:  # its images were made in other calls: score as it did
+        evaluator.score_batch = stored.score_batch
+        return stored, None, False
     return stored, m.images, False
 
 
@@ -397,7 +419,9 @@ class Search:
             raise RunError(str(e)) from None
         self.pipe, self.xl = pipe, pipelines.is_xl(pipe)
         self.evaluator = Evaluator(pipe, scorer, self.prompts, self.settings, repeats=opts.repeats,
-                                   progress=opts.progress, scored_repeats=opts.scored_repeats, exec=opts.exec_mode)
+                                   progress=opts.progress, scored_repeats=opts.scored_repeats, exec=opts.exec_mode,
+                                   score_batch=scoring_batch(self.study, opts, self.settings, len(self.prompts),
+                                                             self.echo))
         self.directory = artifact_dir_for(opts.storage, opts.artifact_dir)
         try:
             self.store = artifact_store(self.directory)  # the baseline images always; trial images if --images-per-trial
@@ -496,7 +520,8 @@ class Search:
         try:
             validator = validation.Validator(
                 self.pipe, self.evaluator.scorer, load_heldout(opts.prompt_spec, opts.num_samples, n), self.settings,
-                opts.goal, opts.device, repeats=opts.repeats, scored_repeats=opts.scored_repeats, exec_mode=opts.exec_mode)
+                opts.goal, opts.device, repeats=opts.repeats, scored_repeats=opts.scored_repeats, exec_mode=opts.exec_mode,
+                score_batch=self.evaluator.score_batch)
             try:
                 validation.validate_trials(self.study, [best], validator, self.write)
             finally:

@@ -74,6 +74,15 @@ REUSED_FROM = "reused_from"  # number of the trial whose measurement a repeated 
 WORKER = "worker"  # host:pid device of the process that ran the trial
 ERROR = "error"  # why the trial failed
 SKIPPED = "skipped"  # why the speed gate skipped its scoring
+# What a trial's time went on: PARTS {part: wall seconds} (measure.Evaluator.parts: timing, generation,
+# clip, apply, capture in a graph mode, any part a lever reports such as compile; and fidelity), WALL the
+# whole trial's wall seconds (suggesting, measuring, scoring, recording). Parts may overlap (capture and
+# apply happen within timing and generation); trials from before they were recorded have neither.
+PARTS = "parts"
+WALL = "wall_s"
+PART_TIMING, PART_GENERATION, PART_CLIP, PART_FIDELITY = "timing", "generation", "clip", "fidelity"
+PART_APPLY, PART_CAPTURE = "apply", "capture"
+SEQUENTIAL_PARTS = (PART_TIMING, PART_GENERATION, PART_CLIP, PART_FIDELITY)  # one after another; the rest lie within
 
 # Uncertainty (docs/trust.md). PER_PROMPT: trial system attr {CLIP_SCORE: [...], PSNR: [...], ...}, one value
 # per prompt in prompt order, rounded to 6 digits. INTERVALS: trial user attr {INTERVAL_LEVEL: 0.9, INTERVAL_N:

@@ -197,6 +197,28 @@ def test_report_html_is_self_contained_and_escaped(synthetic):
     assert json.dumps(dict(best.params), indent=2) in html.unescape(page)
 
 
+def test_report_shows_each_trials_wall_time_and_the_median_parts(tmp_path, synthetic):
+    """A "trial s" column (its parts on hover) and the head's median of the scored trials' times; a
+    study from before they were recorded has neither."""
+    timed = [(DC, 2.0, 0.010, {"wall_s": 8.0, "parts": {"timing": 3.0, "generation": 4.0, "clip": 0.5,
+                                                           "fidelity": 0.1, "capture": 0.4}}),
+             (Config(tgate=TGate(6, 2, 1, 1)), 1.6, 0.004,
+              {"wall_s": 6.0, "parts": {"timing": 2.0, "generation": 3.0, "clip": 0.5, "fidelity": 0.3}}),
+             (DC, 2.0, 0.010, {"reused_from": 0, "wall_s": 0.01, "parts": {}})]  # cost nothing of its own
+    study = synthetic_study(f"sqlite:///{tmp_path / 't.db'}", "timed", GOAL, timed)
+    page = report.build_report_html(study)
+    table = page[page.index('<table id="top-trials">'):page.index("</table>", page.index('<table id="top-trials">'))]
+    assert ">trial s</th>" in table
+    assert ('<td class="wall" title="8.0 s: timing 3.0, generation 4.0, clip 0.50, fidelity 0.10 '
+            '(within them: capture 0.40)">8.0</td>') in table
+    assert table.count('<td class="wall"') == 2  # the reused trial's cell is empty
+    assert ("<dt>trial time</dt><dd>median of 2 scored trials: 7.0 s: timing 2.5, generation 3.5, clip 0.50, "
+            "fidelity 0.20 (within them: capture 0.20)</dd>") in page
+    assert "<dt>its trial took</dt><dd>6.0 s: timing 2.0" in page  # the best is #1, least loss
+    old = report.build_report_html(synthetic[1])
+    assert "trial s</th>" not in old and "<dt>trial time</dt>" not in old
+
+
 def test_report_command_on_a_search(target, tmp_path):
     out = tmp_path / "sub" / "report.html"
     code, stdout, err = run_cli(["report", "--storage", target.storage, "--study", target.study_name, "-o", out])
