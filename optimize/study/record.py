@@ -490,10 +490,12 @@ def best_feasible(study: optuna.Study, goal: Goal) -> FrozenTrial | None:
 
 
 def pick(trials, goal: Goal) -> FrozenTrial | None:
-    """The best of measured feasible ``trials`` (:func:`rank_key`), if it is faster than the baseline:
-    a configuration slower than no configuration at all is no result, however well it keeps the bound
+    """The best of measured feasible ``trials`` (:func:`rank_key`) that has a lever on and is faster
+    than the baseline: the untouched configuration (sampled with every lever off) measures 1x plus
+    noise, and a configuration slower than none at all is no result however well it keeps the bound
     (a target above 1 already sees to that; a loss bound alone does not)."""
-    return min((t for t in trials if t.user_attrs[SPEEDUP] > 1.0), key=rank_key(goal), default=None)
+    return min((t for t in trials if t.user_attrs[SPEEDUP] > 1.0 and t.user_attrs.get(CONFIG) != "baseline"),
+               key=rank_key(goal), default=None)
 
 
 def rank_key(goal: Goal):

@@ -516,12 +516,13 @@ def test_validate_command_errors_are_one_line(trusted, tmp_path, no_model):
         assert needle in line, line
 
 
-def test_a_feasible_configuration_slower_than_the_baseline_is_no_pick_outside_target_mode(tmp_path):
+def test_neither_a_configuration_slower_than_the_baseline_nor_the_baseline_itself_is_a_pick(tmp_path):
     # with --confidence few configurations are feasible, and the only one may run slower than the
     # baseline itself (a 0.92x ToMe on the testbed): writing it out as the result would slow users down
     goal = Goal("max", None, 0.02)
     study = synthetic_study(f"sqlite:///{tmp_path / 's.db'}", "slow", goal,
-                            [(Config(tome=ToMe(0.25)), 0.92, 0.001), (Config(deepcache=DeepCache(5, 0)), 2.5, 0.030)])
-    assert [is_feasible(t) for t in study.trials] == [True, False]
+                            [(Config(tome=ToMe(0.25)), 0.92, 0.001), (Config(deepcache=DeepCache(5, 0)), 2.5, 0.030),
+                             (Config(), 1.02, 0.0)])  # every lever off: the baseline again, 1x plus noise
+    assert [is_feasible(t) for t in study.trials] == [True, False, True]
     assert best_feasible(study, goal) is None
     assert "no feasible trial yet that is faster than the baseline" in format_best("slow", goal, None, None)
