@@ -78,6 +78,15 @@ def read_only(path: str) -> bool:
         return False
 
 
+def writable_dir(directory: str) -> bool:
+    """Whether files may be made in ``directory``: this process may, and its mode has a write bit (root
+    may write anywhere; a folder made read-only means "do not write here" to root too)."""
+    try:
+        return os.access(directory, os.W_OK | os.X_OK) and bool(os.stat(directory).st_mode & 0o222)
+    except OSError:
+        return False
+
+
 def check_output(path: str, option: str) -> None:
     """Refuse (:class:`WriteError`), before anything is computed, an output file that cannot be written:
     a read-only file, or a directory where this process cannot create files (the file's, or the nearest
@@ -91,7 +100,7 @@ def check_output(path: str, option: str) -> None:
         directory = os.path.dirname(directory)
     if not os.path.isdir(directory):
         raise WriteError(errno.ENOTDIR, f"cannot write {path}: {directory} is not a directory")
-    if not os.access(directory, os.W_OK | os.X_OK):
+    if not writable_dir(directory):
         raise WriteError(errno.EACCES, f"cannot write {path}: directory {directory} is not writable; pass another {option}")
 
 

@@ -905,6 +905,50 @@ def test_a_mode_444_search_params_file_is_refused_even_for_root(tmp_path, monkey
     assert json.loads(output.read_text()) == OLD
 
 
+@pytest.mark.parametrize("command", ["generate", "report", "run"])
+def test_a_mode_555_folder_is_refused_even_for_root(command, tmp_path, monkeypatch, no_model):
+    """A folder without write bits is not written into, by root either (whom os.access lets write
+    anywhere): as root, generate wrote its image into a mode-555 folder, report its file, run its
+    search_params.json."""
+    from helpers import synthetic_study
+    from optimize.study.record import Goal
+
+    monkeypatch.chdir(tmp_path)
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        if command == "run":
+            output, option = locked / "search_params.json", "--output"
+            result = _run(tmp_path, monkeypatch, "--output", output)
+        else:
+            synthetic_study(storage_url(tmp_path), "s", Goal("max", None, 0.05), [])
+            output, option = locked / ("x.png" if command == "generate" else "r.html"), "-o"
+            words = ["a cat"] if command == "generate" else []
+            result = run_cli([command, *words, "--storage", storage_url(tmp_path), "-o", output])
+        line = one_error_line(*result)
+        assert f"cannot write {output}: directory {locked} is not writable; pass another {option}" in line, line
+        assert os.listdir(locked) == []
+    finally:
+        locked.chmod(0o755)
+
+
+def test_a_folder_made_read_only_during_a_run_is_not_written(tmp_path):
+    """search_params.json's folder made mode 555 after the run's check: not updated (the run says so and
+    exits 1), whoever runs it."""
+    from optimize.app.params_file import update_search_params
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        with pytest.raises(PermissionError, match="its directory is read-only"):
+            update_search_params(str(locked / "search_params.json"), "k", {"params": {}})
+        assert os.listdir(locked) == []
+    finally:
+        locked.chmod(0o755)
+
+
 def test_the_demos_artifacts_are_git_ignored():
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     if subprocess.run(["git", "-C", root, "rev-parse"], capture_output=True).returncode != 0:
