@@ -328,6 +328,11 @@ def worker_label(opts: RunOptions) -> str:
     return f"{socket.gethostname()}:{os.getpid()} {opts.device}"
 
 
+def _why(e: Exception) -> str:
+    """Why a file was not written, without its name (the line names it): a full disk names the disk."""
+    return getattr(e, "reason", None) or getattr(e, "strerror", None) or str(e)
+
+
 def _interrupt(signum, frame):
     # Once: a second signal while the first is being handled would cut the clean-up short.
     signal.signal(signum, signal.SIG_IGN)
@@ -521,7 +526,7 @@ class Search:
         self.echo(console.format_result(name, opts.goal, best, front, self.baseline))
         if self.unsaved:
             e = self.unsaved
-            raise RunFailure(f"{opts.output} not updated: {getattr(e, 'strerror', None) or e}; the old file is intact "
+            raise RunFailure(f"{opts.output} not updated: {_why(e)}; the old file is intact "
                              f"and the study keeps every trial (optimize-sd best --study {name} shows the best)")
         if best is not None:
             self.echo(f"saved to {opts.output} under {self.key!r}")
@@ -601,7 +606,7 @@ class Search:
                 # disk full, read-only, the user's file invalid: the old file stays as it was (atomic
                 # replace; an invalid one is never overwritten) and the study keeps the result
                 self.unsaved = e
-                self.write(f"optimize-sd: warning: {self.opts.output} not updated: {e}", err=True)
+                self.write(f"optimize-sd: warning: {self.opts.output} not updated: {_why(e)}", err=True)
                 return
             self.unsaved = None
             now, now_front = self.result()

@@ -36,12 +36,21 @@ def artifact_dir_for(url: str, artifact_dir: str | None = None) -> str:
 
 
 def artifact_store(directory: str, create: bool = True):
-    """The store of the images in ``directory``; ``create=False`` for readers, which make no directory."""
+    """The store of the images in ``directory``; ``create=False`` for readers, which make no directory.
+    Its writes are atomic: Optuna's left a half-written file on a full disk, taking the last space."""
     from optuna.artifacts import FileSystemArtifactStore
+
+    from .files import atomic_write
+
+    class AtomicStore(FileSystemArtifactStore):
+        def write(self, artifact_id, content_body) -> None:
+            checked = getattr(self, "_get_filepath", None)  # refuses ids that leave the directory (Optuna 4.2+)
+            path = checked(artifact_id) if checked else os.path.join(directory, artifact_id)
+            atomic_write(str(path), content_body.read())
 
     if create:
         os.makedirs(directory, exist_ok=True)
-    return FileSystemArtifactStore(directory)
+    return AtomicStore(directory)
 
 
 def upload_images(images, study_or_trial, store, prefix: str) -> list[str]:

@@ -56,17 +56,59 @@ def atomic_write(path: str, data) -> None:
             os.fsync(f.fileno())
         os.chmod(tmp, mode)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(e, OSError) and not isinstance(e, WriteError) and e.errno is not None:
+            # "[Errno 28] No space left on device" named neither the file nor the disk
+            reason = os_reason(e, path)
+            raise WriteError(e.errno, f"cannot write {path}: {reason}", reason) from None
         raise
 
 
 class WriteError(OSError):
-    """A file that cannot be written, said in one line that names it (``str`` is the message alone)."""
+    """A file that cannot be written, said in one line that names it (``str`` is the message alone;
+    ``reason`` the cause without the file's name)."""
+
+    def __init__(self, code: int, message: str, reason: str | None = None):
+        super().__init__(code, message)
+        self.reason = reason or message
 
     def __str__(self) -> str:
         return self.strerror or super().__str__()
+
+
+def os_reason(e: OSError, path: str) -> str:
+    """The cause of a failed write of ``path`` in words; a full disk names the disk and its free space."""
+    import errno
+
+    reason = e.strerror or str(e)
+    return f"{reason} ({disk_note(path)})" if e.errno == errno.ENOSPC else reason
+
+
+def disk_note(path: str) -> str:
+    """Which disk ``path`` is on (its mount point) and the space left on it."""
+    import shutil
+
+    directory = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(directory):
+        directory = os.path.dirname(directory)
+    mount = directory
+    while not os.path.ismount(mount):
+        mount = os.path.dirname(mount)
+    try:
+        free = shutil.disk_usage(directory).free
+    except OSError:
+        return f"the disk mounted at {mount}"
+    return f"the disk mounted at {mount} has {_size(free)} free"
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" or n >= 10 else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("not reached")
 
 
 def read_only(path: str) -> bool:
