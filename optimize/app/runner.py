@@ -238,7 +238,7 @@ def prepare_study(spec: pipelines.PipeSpec, opts: RunOptions, echo: console.Echo
 
 
 def ensure_baseline(study: optuna.Study, storage, evaluator: Evaluator, fingerprint: Fingerprint, echo,
-                    save_images=lambda images: None):
+                    save_images=lambda images, indices=None: None):
     """The study's baseline, the baseline images this process measured (None if it measured none) and
     whether the stored baseline is this process's measurement.
 
@@ -289,8 +289,11 @@ def baseline_images(study: optuna.Study, store, directory: str, evaluator: Evalu
         images = evaluator.measure(Config(), paired=False).images
     except Exception as e:  # noqa: BLE001 - nothing can be compared without them: one line
         raise RunError(f"baseline images could not be generated: {type(e).__name__}: {e}") from e
-    if not baseline_image_ids(study):
-        save_images(images)  # none were ever stored (a study from before they were kept)
+    # never stored (a study from before they were kept), or their storing was cut short (kill -9, a full
+    # disk): stored now, or every later run would generate them again
+    missing = [i for i in range(n) if i not in baseline_image_ids(study)]
+    if missing:
+        save_images([images[i] for i in missing], missing)
     return images
 
 
@@ -416,8 +419,8 @@ class Search:
         (paired rounds), since the machine's load may have changed since, or this may be another worker's GPU."""
         study, echo = self.study, self.echo
 
-        def save(images) -> None:
-            self.save_images(images, study, BASELINE_PREFIX, None)
+        def save(images, indices=None) -> None:
+            self.save_images(images, study, BASELINE_PREFIX, None, indices)
 
         try:
             self.baseline, measured, ours = ensure_baseline(study, self.storage, self.evaluator, self.fingerprint, echo,
@@ -537,11 +540,11 @@ class Search:
         with tqdm.external_write_mode(file=sys.stderr if err else None):
             self.echo(line, err=err)
 
-    def save_images(self, images, target, prefix: str, limit: int | None) -> None:
+    def save_images(self, images, target, prefix: str, limit: int | None, indices=None) -> None:
         if self.store is None or not images or limit == 0:
             return
         try:
-            upload_images(images[:limit], target, self.store, prefix)
+            upload_images(images[:limit], target, self.store, prefix, indices)
         except Exception as e:  # noqa: BLE001 - a trial's pictures are a convenience: never fail it over them
             self.echo(f"optimize-sd: warning: images not saved: {type(e).__name__}: {e}", err=True)
 

@@ -53,13 +53,14 @@ def artifact_store(directory: str, create: bool = True):
     return AtomicStore(directory)
 
 
-def upload_images(images, study_or_trial, store, prefix: str) -> list[str]:
-    """Upload PIL images as PNG artifacts of a trial or study (optuna-dashboard shows them); their ids."""
+def upload_images(images, study_or_trial, store, prefix: str, indices=None) -> list[str]:
+    """Upload PIL images as PNG artifacts of a trial or study (optuna-dashboard shows them), named
+    ``PREFIX-<i>.png`` with ``i`` from ``indices`` (default 0, 1, ...); their ids."""
     from optuna.artifacts import upload_artifact
 
     ids = []
     with tempfile.TemporaryDirectory() as tmp:
-        for i, image in enumerate(images):
+        for i, image in zip(range(len(images)) if indices is None else indices, images):
             path = os.path.join(tmp, f"{prefix}-{i}.png")  # the dashboard shows the file name
             image.save(path)
             ids.append(upload_artifact(artifact_store=store, file_path=path, study_or_trial=study_or_trial,
