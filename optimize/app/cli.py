@@ -454,19 +454,16 @@ def generate_command(prompts, output, storage, study_name, trial_number, params_
 @click.option("--storage", default=DEFAULT_STORAGE, show_default=True)
 @click.option("--artifact-dir", default=None, help="[default: as run chose it for this storage]")
 @click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", type=click.IntRange(1, 65535), default=8080, show_default=True)
+@click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True, help="0: any free port")
 def dashboard_command(storage, artifact_dir, host, port):
     """Start optuna-dashboard on a study storage, with the trials' images (read-only: nothing is created
     or written, a missing SQLite file is refused)."""
-    import optuna_dashboard
+    from .dashboard import DashboardError, serve
 
     try:
-        rdb = open_storage(storage, read_only=True)
-    except StorageError as e:
+        serve(storage, artifact_dir, host, port, click.echo)
+    except (StorageError, DashboardError) as e:
         raise Failure(str(e)) from None
-    directory = artifact_dir_for(storage, artifact_dir)
-    click.echo(f"optuna-dashboard on http://{host}:{port} ({redact(storage)}, images in {directory}); Ctrl-C to stop")
-    optuna_dashboard.run_server(rdb, host=host, port=port, artifact_store=artifact_store(directory, create=False))
 
 
 def main(argv=None) -> None:

@@ -256,7 +256,7 @@ def scoring_batch(study: optuna.Study, opts: RunOptions, settings, n_prompts: in
 
 
 def ensure_baseline(study: optuna.Study, storage, evaluator: Evaluator, fingerprint: Fingerprint, echo,
-                    save_images=lambda images: None):
+                    save_images=lambda images, indices=None: None):
     """The study's baseline, the baseline images this process measured (None if it measured none) and
     whether the stored baseline is this process's measurement.
 
@@ -311,8 +311,11 @@ def baseline_images(study: optuna.Study, store, directory: str, evaluator: Evalu
         images = evaluator.measure(Config(), paired=False).images
     except Exception as e:  # noqa: BLE001 - nothing can be compared without them: one line
         raise RunError(f"baseline images could not be generated: {type(e).__name__}: {e}") from e
-    if not baseline_image_ids(study):
-        save_images(images)  # none were ever stored (a study from before they were kept)
+    # never stored (a study from before they were kept), or their storing was cut short (kill -9, a full
+    # disk): stored now, or every later run would generate them again
+    missing = [i for i in range(n) if i not in baseline_image_ids(study)]
+    if missing:
+        save_images([images[i] for i in missing], missing)
     return images
 
 
@@ -348,6 +351,11 @@ def free_memory() -> None:
 def worker_label(opts: RunOptions) -> str:
     """Stored on every trial as the ``worker`` user attr: which process on which machine ran it."""
     return f"{socket.gethostname()}:{os.getpid()} {opts.device}"
+
+
+def _why(e: Exception) -> str:
+    """Why a file was not written, without its name (the line names it): a full disk names the disk."""
+    return getattr(e, "reason", None) or getattr(e, "strerror", None) or str(e)
 
 
 def _interrupt(signum, frame):
@@ -435,8 +443,8 @@ class Search:
         (paired rounds), since the machine's load may have changed since, or this may be another worker's GPU."""
         study, echo = self.study, self.echo
 
-        def save(images) -> None:
-            self.save_images(images, study, BASELINE_PREFIX, None)
+        def save(images, indices=None) -> None:
+            self.save_images(images, study, BASELINE_PREFIX, None, indices)
 
         try:
             self.baseline, measured, ours = ensure_baseline(study, self.storage, self.evaluator, self.fingerprint, echo,
@@ -546,7 +554,7 @@ class Search:
         self.echo(console.format_result(name, opts.goal, best, front, self.baseline))
         if self.unsaved:
             e = self.unsaved
-            raise RunFailure(f"{opts.output} not updated: {getattr(e, 'strerror', None) or e}; the old file is intact "
+            raise RunFailure(f"{opts.output} not updated: {_why(e)}; the old file is intact "
                              f"and the study keeps every trial (optimize-sd best --study {name} shows the best)")
         if best is not None:
             self.echo(f"saved to {opts.output} under {self.key!r}")
@@ -557,11 +565,11 @@ class Search:
         with tqdm.external_write_mode(file=sys.stderr if err else None):
             self.echo(line, err=err)
 
-    def save_images(self, images, target, prefix: str, limit: int | None) -> None:
+    def save_images(self, images, target, prefix: str, limit: int | None, indices=None) -> None:
         if self.store is None or not images or limit == 0:
             return
         try:
-            upload_images(images[:limit], target, self.store, prefix)
+            upload_images(images[:limit], target, self.store, prefix, indices)
         except Exception as e:  # noqa: BLE001 - a trial's pictures are a convenience: never fail it over them
             self.echo(f"optimize-sd: warning: images not saved: {type(e).__name__}: {e}", err=True)
 
@@ -626,7 +634,7 @@ class Search:
                 # disk full, read-only, the user's file invalid: the old file stays as it was (atomic
                 # replace; an invalid one is never overwritten) and the study keeps the result
                 self.unsaved = e
-                self.write(f"optimize-sd: warning: {self.opts.output} not updated: {e}", err=True)
+                self.write(f"optimize-sd: warning: {self.opts.output} not updated: {_why(e)}", err=True)
                 return
             self.unsaved = None
             now, now_front = self.result()

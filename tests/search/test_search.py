@@ -21,10 +21,10 @@ import pytest
 from optuna.trial import TrialState
 
 try:
-    from helpers import (DEFAULT_TIMING, goal_opts, load_study, max_run, pareto_run, run_args, run_cli, sqlite_rows,
+    from helpers import (DEFAULT_TIMING, SMALL, goal_opts, load_study, max_run, pareto_run, run_args, run_cli, sqlite_rows,
                          storage_url, target_run)
 except ImportError:  # tests/ made a package
-    from tests.helpers import (DEFAULT_TIMING, goal_opts, load_study, max_run, pareto_run, run_args, run_cli,
+    from tests.helpers import (DEFAULT_TIMING, SMALL, goal_opts, load_study, max_run, pareto_run, run_args, run_cli,
                                sqlite_rows, storage_url, target_run)
 
 from optimize.app import runner
@@ -401,6 +401,65 @@ def test_terminated_while_measuring_the_baseline(tmp_path):
     study = load_study(storage_url(tmp_path))
     assert "baseline" not in study.user_attrs  # the signal came during the measurement
     assert {t.state for t in study.trials} == {TrialState.WAITING}  # the warm start, still to come
+
+
+# A run that dies (SIGKILL, no handler runs) once the baseline is stored and its first image with it.
+_DIES_STORING_IMAGES = """
+import os, signal, sys
+import optuna.artifacts
+real, calls = optuna.artifacts.upload_artifact, []
+def upload(**kwargs):
+    calls.append(kwargs)
+    if len(calls) == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(**kwargs)
+optuna.artifacts.upload_artifact = upload
+from optimize.app.cli import main
+main(sys.argv[1:])
+"""
+
+
+@pytest.mark.slow  # two processes killed, then a run
+@pytest.mark.timeout(600)
+def test_killed_while_the_baseline_is_measured_or_its_images_stored(tmp_path, monkeypatch):
+    """kill -9 while the baseline is measured: nothing half-stored, the next run measures it. kill -9
+    once the baseline is stored but only one of its images: the next run reuses the baseline, makes the
+    images again and stores the missing one; it used to store none, so every later run generated them
+    all again (a full baseline pass per run)."""
+    from optimize.study.artifacts import artifact_dir_for, artifact_store, baseline_image_ids, load_baseline_images
+
+    argv = run_args(tmp_path, "--max-loss", "0.5", "--n-trials", "1", "--images-per-trial", "0",
+                    small=[*SMALL, "--num-samples", "6"])  # 6 prompts: time to kill it while it measures
+    log_path = tmp_path / "run.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "optimize.cli", *argv], cwd=str(tmp_path), stdout=log,
+                                stderr=subprocess.STDOUT, env=_env())
+    try:
+        deadline = time.monotonic() + 240
+        while "measuring baseline" not in log_path.read_text() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        proc.kill()
+        proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, log_path.read_text()
+    study = load_study(storage_url(tmp_path))
+    assert "baseline" not in study.user_attrs and {t.state for t in study.trials} == {TrialState.WAITING}
+
+    died = subprocess.run([sys.executable, "-c", _DIES_STORING_IMAGES, *argv], cwd=str(tmp_path), env=_env(),
+                          capture_output=True, text=True, timeout=400)
+    assert died.returncode == -signal.SIGKILL and "measuring baseline" in died.stdout, died.stdout + died.stderr
+    study = load_study(storage_url(tmp_path))
+    assert "baseline" in study.user_attrs and list(baseline_image_ids(study)) == [0]
+
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_cli(argv)
+    assert code == 0, out + err
+    assert "reusing the stored baseline" in out and "generating them again (6 prompts, same seeds)" in out
+    study = load_study(storage_url(tmp_path))
+    assert list(baseline_image_ids(study)) == list(range(6))
+    # what decides whether the next run generates them again
+    assert load_baseline_images(study, artifact_store(artifact_dir_for(storage_url(tmp_path))), 6) is not None
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.WAITING]
 
 
 def test_interrupted_warm_start_trial_is_queued_again(tmp_path, monkeypatch):
