@@ -4,7 +4,8 @@
 * :mod:`.deepcache`: reuse the deep UNet blocks' output between full steps;
 * :mod:`.tome`: merge redundant tokens before attention;
 * :mod:`.tgate`: cache cross-attention after a gate step;
-* :mod:`.layout`: channels-last convolutions, fused QKV projections, the attention kernel.
+* :mod:`.layout`: channels-last convolutions, fused QKV projections, the attention kernel;
+* :mod:`.precision`: torchao's int8 or fp8 dynamic quantization of the UNet's token-wise layers.
 
 :data:`LEVERS` is the registry; :class:`Config` says which are on; :func:`accelerate` applies one to a
 loaded pipeline and removes it exactly. Adding a lever is one module, one line in :mod:`.registry`
@@ -16,11 +17,12 @@ from .base import Applied, Choice, Context, Device, Float, Int, InvalidConfig, L
 from .config import Config
 from .deepcache import DeepCache
 from .layout import Layout
+from .precision import Precision
 from .registry import BY_NAME, LEVERS, METHODS
 from .schedule import Schedule
 from .tgate import TGate
 from .tome import ToMe
 
 __all__ = ["Accelerated", "Applied", "BY_NAME", "Choice", "Config", "Context", "DeepCache", "Device", "Float", "Int",
-           "InvalidConfig", "LEVERS", "Layout", "Lever", "METHODS", "Schedule", "TGate", "ToMe",
+           "InvalidConfig", "LEVERS", "Layout", "Lever", "METHODS", "Precision", "Schedule", "TGate", "ToMe",
            "accelerate", "param"]
