@@ -10,9 +10,10 @@ concatenated, and one quantized matmul beats three).
 
 from __future__ import annotations
 
-from . import deepcache, layout, precision, schedule, tgate, tome
+from . import deepcache, layout, precision, schedule, tgate, tome, vae
 from .base import Lever
 
-LEVERS: tuple[Lever, ...] = (schedule.LEVER, deepcache.LEVER, tome.LEVER, tgate.LEVER, layout.LEVER, precision.LEVER)
+LEVERS: tuple[Lever, ...] = (schedule.LEVER, deepcache.LEVER, tome.LEVER, tgate.LEVER, layout.LEVER, precision.LEVER,
+                             vae.LEVER)
 BY_NAME: dict[str, Lever] = {lever.name: lever for lever in LEVERS}
 METHODS: tuple[str, ...] = tuple(BY_NAME)
