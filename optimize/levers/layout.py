@@ -11,13 +11,14 @@ Tolerance against the untouched UNet: none of these changes the arithmetic, only
 output is equal up to rounding, not bit for bit. Measured on the CPU (UNet output of one step,
 max |a - b| / max |a|): channels_last 5.7e-7 (the testbed) and 2.7e-6 (SD1.5's architecture, random
 weights), both fp32; the ``math`` kernel instead of the default 2.9e-7 and 9.4e-7; ``fused_qkv``
-0 (bit-identical in fp32 and bf16: each output element keeps its reduction order on the CPU). On a
-GPU the fused matmul and the NHWC convolutions are other kernels, tiled differently: expect fp16
-rounding-level differences there, so a study bounds them like any lever's.
+0, bit-identical (the testbed in fp32 and bf16, SD1.5's architecture in fp32: the CPU's matmul
+computes each output column alike whether the weights are concatenated or not). On a GPU the fused
+matmul and the NHWC convolutions are other kernels, tiled differently: expect fp16 rounding-level
+differences there, which a study bounds like any lever's.
 
 Removal is exact: the very weight tensors, processors and modules are put back (the convolution
-weights converted back from their originals, kept while applied, so the untouched pipeline's CUDA
-graphs, which read them at their addresses, stay valid). diffusers' ``unfuse_qkv_projections()``
+weights' original tensors stay alive while applied, so the untouched pipeline's CUDA graphs, which
+read them at their addresses, stay valid). diffusers' ``unfuse_qkv_projections()``
 alone would not do: it leaves the fused modules and ``fused_projections = True`` behind.
 
 Example:

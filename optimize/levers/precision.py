@@ -12,16 +12,15 @@
 
 Which layers: those inside the UNet's transformer blocks (attention projections, feed-forward,
 projections in and out), where the rows are tokens. The time-embedding layers run on one row per
-image, where quantizing each call costs more than the matmul and ``torch._int_mm`` wants more than
-16 rows. Convolutions are not quantized (torchao quantizes ``Linear`` layers).
+image, where quantizing the activations at each call costs more than the matmul it shrinks.
+Convolutions are not quantized (torchao quantizes ``Linear`` layers).
 
 Speed: without ``torch.compile`` the quantize / matmul / rescale steps run as separate kernels and
 usually cost more than they save (int8 on a shared 2-core CPU: a 12-step call of the testbed took
 1.12 s against 0.96 s, best of 3); the lever is meant to be searched with a compiled UNet, where they
-fuse. torchao's recommended inductor
-settings are not applied (``set_inductor_config=False``): they change process-wide state
-(``torch.set_float32_matmul_precision``) that removal could not take back and that would change the
-untouched pipeline.
+fuse. torchao's recommended inductor settings are not applied (``set_inductor_config=False``): they
+change process-wide state (``torch.set_float32_matmul_precision``) that removal could not take back
+and that would change the untouched pipeline.
 
 Removal is exact: every layer gets its own weight and bias Parameters back (kept while applied, so
 the untouched pipeline's CUDA graphs, which read them at their addresses, stay valid) and loses what
