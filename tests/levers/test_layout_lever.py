@@ -1,5 +1,5 @@
 """The layout lever: the lever contract (tests/levers/contract.py), then what each of its choices does
-to the UNet and how exactly removal takes it back."""
+to the UNet and how exactly removal takes it back. (tests/test_layout.py is the package layout's.)"""
 
 from __future__ import annotations
 
