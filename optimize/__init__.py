@@ -7,8 +7,10 @@ The public Python API applies a found configuration to your own pipeline::
         images = fast("a red fox in the snow", num_inference_steps=50).images
 """
 
-from .levers import Accelerated, Config, DeepCache, InvalidConfig, Schedule, TGate, ToMe, accelerate
+from .levers import (Accelerated, Config, DeepCache, InvalidConfig, Layout, Precision, Schedule, TGate, ToMe, Vae,
+                     accelerate)
 from .runtime import testbed  # `from optimize import testbed`: the offline model, as docs/testbed.md shows
 
-__all__ = ["Accelerated", "Config", "DeepCache", "InvalidConfig", "Schedule", "TGate", "ToMe", "accelerate", "testbed"]
+__all__ = ["Accelerated", "Config", "DeepCache", "InvalidConfig", "Layout", "Precision", "Schedule", "TGate", "ToMe",
+           "Vae", "accelerate", "testbed"]
 __version__ = "0.1.0"

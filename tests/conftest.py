@@ -3,7 +3,7 @@
 Sections:
   * process set-up: offline hub, torch threads
   * helpers: ``generate`` (deterministic numpy images)
-  * fixtures: ``tiny_pipe``, ``tiny_xl_pipe`` (built once per session)
+  * fixtures: ``tiny_pipe``, ``tiny_xl_pipe``, ``tiny_xl_fp16_pipe`` (built once per session)
 
 Tests that change a shared pipeline must leave it as they found it (``optimize.accelerate`` restores
 it on exit); tests that need to break a pipeline build their own with ``make_pipe``.
@@ -32,9 +32,9 @@ torch.set_num_threads(int(os.environ.get("OPTIMIZE_TEST_THREADS", "1")))
 
 
 # --- helpers ------------------------------------------------------------------------------------
-def make_pipe(name: str = "tiny", scheduler: str = "ddim"):
-    """A fresh tiny pipeline (``tiny`` or ``tiny-xl``) on CPU in fp32; same weights every time."""
-    return load_pipeline(resolve_pipe(name), scheduler, "cpu", "fp32")
+def make_pipe(name: str = "tiny", scheduler: str = "ddim", dtype: str = "fp32"):
+    """A fresh tiny pipeline (``tiny`` or ``tiny-xl``) on CPU, in fp32 unless told; same weights every time."""
+    return load_pipeline(resolve_pipe(name), scheduler, "cpu", dtype)
 
 
 def generate(fn, prompts, steps: int, seed: int = 0, **kwargs) -> np.ndarray:
@@ -55,6 +55,12 @@ def tiny_pipe():
 @pytest.fixture(scope="session")
 def tiny_xl_pipe():
     return make_pipe("tiny-xl")
+
+
+@pytest.fixture(scope="session")
+def tiny_xl_fp16_pipe():
+    """tiny-xl in fp16 (on the CPU too): an SDXL pipeline whose VAE is upcast to fp32 for the decode."""
+    return make_pipe("tiny-xl", dtype="fp16")
 
 
 @pytest.fixture(scope="module")

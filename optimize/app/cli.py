@@ -26,7 +26,7 @@ from ..measure.metrics import DEFAULT_MODEL, TESTBED_MODEL, TINY_MODEL, lpips_av
 from .params_file import add_validations, best_json, check_writable, read_search_params
 from ..runtime.pipelines import DTYPES, SCHEDULERS
 from .report import measured_trials, write_report
-from .runner import Interrupted, RunError, RunFailure, RunOptions, run_search
+from .runner import Interrupted, RunError, RunFailure, RunOptions, left_out_note, run_search, unavailable_methods
 from ..study.storage import DEFAULT_STORAGE, StorageError, check_storage_url, open_storage, redact, scrub
 from ..study.record import CONFIG, DEFAULT_SEED, Goal, StudyError, goal_of, open_study, pick_study, study_result
 from .validation import ValidationError, validate_study
@@ -45,8 +45,8 @@ class Failure(click.ClickException):
     exit_code = EXIT_USAGE
 
 
-def _methods(value: str) -> tuple[str, ...]:
-    names = tuple(dict.fromkeys(m.strip().lower() for m in value.split(",") if m.strip()))
+def _methods(value: str | None) -> tuple[str, ...]:
+    names = tuple(dict.fromkeys(m.strip().lower() for m in (value or ",".join(METHODS)).split(",") if m.strip()))
     bad = [m for m in names if m not in METHODS]
     if bad or not names:
         raise Failure(f"--methods: unknown method(s) {', '.join(bad) or '(none)'}; choose from {','.join(METHODS)}")
@@ -56,9 +56,9 @@ def _methods(value: str) -> tuple[str, ...]:
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(package_name="optimize-sd")
 def cli():
-    """Find the fastest training-free acceleration settings (DeepCache, ToMe, T-GATE) for a Stable
-    Diffusion pipeline that keep image quality (CLIP score, or PSNR, SSIM, LPIPS against the baseline
-    images) within a bound."""
+    """Find the fastest training-free acceleration settings (sampling schedule, DeepCache, ToMe, T-GATE,
+    layout, precision, VAE) for a Stable Diffusion pipeline that keep image quality (CLIP score, or PSNR,
+    SSIM, LPIPS against the baseline images) within a bound."""
 
 
 @cli.command()
@@ -115,9 +115,12 @@ def cli():
               help="After the trials, measure the pick again on this many held-out prompts (after the first "
                    "--num-samples) with fresh seeds; 0: off  [default: max(4, num-samples/4) when that costs at most "
                    "10% of the study, else skipped with a note]")
-@click.option("--methods", default=",".join(METHODS), show_default=True,
+@click.option("--methods", default=None,
               help="Levers that may switch on: schedule (another solver and fewer steps than --scheduler and --steps), "
-                   "deepcache, tome, tgate.")
+                   "deepcache, tome, tgate, layout (channels-last convolutions, fused QKV, the attention kernel), "
+                   "precision (torchao int8 or fp8; pip install 'optimize-sd[gpu]'), vae (SDXL's VAE decoded in fp16). "
+                   "Naming one that cannot run on --device is refused  [default: all of them; those that cannot run "
+                   "on --device are left out, said in one line]")
 @click.option("--n-trials", type=click.IntRange(1), default=20, show_default=True, help="Trials to add in this run.")
 @click.option("--storage", default=DEFAULT_STORAGE, show_default=True, help="Optuna storage URL.")
 @click.option("--study", "study_name", default=None, help="[default: derived from model, scheduler, steps and goal]")
@@ -145,7 +148,9 @@ def run(**o):
     """Search acceleration settings; running the same command again resumes the study."""
     spec, opts = check_run_options(o)
     if len(opts.devices) > 1:
-        code = launch(spec, opts, lambda device, n, index: worker_argv(o, device, n, index), echo=click.echo)
+        # the workers search what the launcher kept (and say nothing again about what it left out)
+        kept = {**o, "methods": ",".join(opts.methods)}
+        code = launch(spec, opts, lambda device, n, index: worker_argv(kept, device, n, index), echo=click.echo)
         if not code:
             _validate_launched(spec, opts)
         sys.exit(code)
@@ -294,6 +299,7 @@ def check_run_options(o: dict) -> tuple[pipelines.PipeSpec, RunOptions]:
     except ValueError as e:
         raise Failure(str(e)) from None
     rounds = default_rounds(device, exec_mode)
+    methods, notes = _methods_here(methods, device, explicit=o["methods"] is not None)
     opts = RunOptions(
         scheduler=o["scheduler"], device=device, dtype=dtype, steps=o["steps"] or (20 if tiny else 50),
         guidance=o["guidance"], height=o["height"], width=o["width"], batch_size=o["batch_size"],
@@ -304,10 +310,20 @@ def check_run_options(o: dict) -> tuple[pipelines.PipeSpec, RunOptions]:
         goal=goal, methods=methods, n_trials=o["n_trials"], storage=o["storage"], study_name=o["study_name"],
         seed=o["seed"], output=o["output"], heartbeat=o["heartbeat"], progress=o["progress"],
         warm_start=o["warm_start"], speed_gate=o["speed_gate"], images_per_trial=o["images_per_trial"], artifact_dir=o["artifact_dir"],
-        devices=devices, exec_mode=exec_mode, validate=o["validate"], score_batch=o["score_batch"],
+        devices=devices, exec_mode=exec_mode, validate=o["validate"], score_batch=o["score_batch"], notes=notes,
     )
     _check_trust(opts)
     return spec, opts
+
+
+def _methods_here(methods: tuple[str, ...], device: str, explicit: bool) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The levers a run searches on ``device`` and the line saying which of the default ones it left out;
+    one named in --methods that cannot run there is refused (the user asked for it by name)."""
+    left_out = unavailable_methods(methods, device)
+    if left_out and explicit:
+        raise Failure("--methods: " + "; ".join(f"{n} cannot run on {device}: {r}" for n, r in left_out.items())
+                      + " (leave it out of --methods)")
+    return tuple(m for m in methods if m not in left_out), (left_out_note(left_out, device),) if left_out else ()
 
 
 def _check_trust(opts: RunOptions) -> None:

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from . import console, validation
 from ..runtime import pipelines
-from ..levers import Config, Context
+from ..levers import BY_NAME, Config, Context, Device
 from ..study.artifacts import (BASELINE_PREFIX, artifact_dir_for, artifact_store, baseline_image_ids, load_baseline_images,
                         trial_prefix, upload_images)
 from ..measure.evaluator import Evaluator, default_score_batch, pin_cpu_threads
@@ -96,6 +96,19 @@ class RunOptions:
     exec_mode: str = "eager"  # --exec: eager, graphs or compile (optimize.runtime.graphs)
     validate: int | None = None  # --validate: held-out prompts for the pick (0: none; None: the default size, if cheap)
     score_batch: int | None = None  # --score-batch: a new study's prompts per scoring call (None: the default)
+    notes: tuple[str, ...] = ()  # said once before anything loads (levers left out on this device)
+
+
+def unavailable_methods(methods: tuple[str, ...], device: str) -> dict[str, str]:
+    """The levers of ``methods`` that cannot run on ``device``, each with why (asks the driver, loads no model)."""
+    ctx = Context(device=Device.of(device))
+    reasons = {name: BY_NAME[name].unavailable(ctx) for name in methods}
+    return {name: reason for name, reason in reasons.items() if reason is not None}
+
+
+def left_out_note(left_out: dict[str, str], device: str) -> str:
+    """One line for the levers a run leaves out of its search (:func:`unavailable_methods`)."""
+    return f"note: left out of the search on {device}: " + "; ".join(f"{n}: {r}" for n, r in left_out.items())
 
 
 def study_name_for(spec: pipelines.PipeSpec, opts: RunOptions) -> str:
@@ -219,11 +232,14 @@ def _queued_again(queued: bool) -> str:
 
 
 def prepare_study(spec: pipelines.PipeSpec, opts: RunOptions, echo: console.Echo = lambda line, err=False: None):
-    """Everything before the pipeline loads: prompts, storage, the study (created or checked), the trials
-    of dead runs of this machine queued again (said in one line to ``echo``).
+    """Everything before the pipeline loads: the levers left out on this device and the trials of dead
+    runs of this machine queued again (each said in one line to ``echo``), prompts, storage, the study
+    (created or checked).
 
     Returns ``(prompts, storage, fingerprint, study, n_before)``; bad input is one :class:`RunError`.
     """
+    for note in opts.notes:
+        echo(note)
     try:
         prompts = load_prompts(opts.prompt_spec, opts.num_samples)
         storage = open_storage(opts.storage, heartbeat_interval=opts.heartbeat, owner_key=OWNER)

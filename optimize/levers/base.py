@@ -17,7 +17,7 @@ module branches on that lever.
 Example:
     >>> from optimize.levers import LEVERS
     >>> [lever.name for lever in LEVERS]
-    ['schedule', 'deepcache', 'tome', 'tgate']
+    ['schedule', 'deepcache', 'tome', 'tgate', 'layout', 'precision', 'vae']
     >>> deepcache = LEVERS[1]
     >>> deepcache.label(deepcache.Params(cache_interval=3))
     'dc(3,b0)'
@@ -76,15 +76,21 @@ class Context:
     max_branch_id: int | None = None  # DeepCache's deepest skip branch for this UNet
     scheduler: str | None = None  # the study's --scheduler name, the reference solver
     device: Device | None = None  # where the pipeline runs (what levers that need a GPU feature ask)
+    dtype: str | None = None  # the UNet's dtype, "float16": which attention kernels run on it
+    vae_upcast: bool | None = None  # an SDXL pipeline decoding with its fp16 VAE upcast to fp32 (force_upcast)
 
     @classmethod
     def of(cls, pipe=None, steps: int | None = None, guidance: float | None = None,
            scheduler: str | None = None) -> "Context":
         if pipe is None:
             return cls(steps, guidance, scheduler=scheduler)
+        xl = hasattr(pipe, "text_encoder_2")
+        vae = getattr(pipe, "vae", None)
+        # SDXL's pipelines (not SD's) decode an fp16 VAE in fp32 when its config says force_upcast
+        upcast = xl and vae is not None and str(vae.dtype) == "torch.float16" and bool(vae.config.get("force_upcast"))
         # DeepCache counts 3 layers per down block
-        return cls(steps, guidance, hasattr(pipe, "text_encoder_2"), 3 * len(pipe.unet.down_blocks) - 1, scheduler,
-                   Device.of(pipe.device))
+        return cls(steps, guidance, xl, 3 * len(pipe.unet.down_blocks) - 1, scheduler, Device.of(pipe.device),
+                   str(pipe.unet.dtype).removeprefix("torch."), upcast)
 
 
 # --- ranges: declared once on each Params field ----------------------------------------------------
@@ -338,6 +344,27 @@ class Snapshot:
                     obj.__dict__.pop(name, None)
                 else:
                     obj.__dict__[name] = value
+
+
+class Undo:
+    """What an ``apply`` did, as the steps that take it back: :meth:`run` takes them last-first, each
+    once, so a half-done apply and a second removal undo exactly what was done."""
+
+    def __init__(self):
+        self._steps: list[Callable[[], None]] = []
+
+    def add(self, step: Callable[[], None]) -> None:
+        self._steps.append(step)
+
+    def run(self) -> None:
+        failed = None
+        while self._steps:
+            try:
+                self._steps.pop()()
+            except Exception as e:  # noqa: BLE001 - the other steps still run; the first failure is raised
+                failed = failed or e
+        if failed is not None:
+            raise failed
 
 
 def with_context(ctx: Context, **changes) -> Context:

@@ -14,9 +14,9 @@ import optuna
 import pytest
 
 try:
-    from helpers import one_error_line, goal_opts, load_study, run_args, run_cli, storage_url
+    from helpers import SMALL, one_error_line, goal_opts, load_study, run_args, run_cli, storage_url
 except ImportError:  # tests/ made a package
-    from tests.helpers import one_error_line, goal_opts, load_study, run_args, run_cli, storage_url
+    from tests.helpers import SMALL, one_error_line, goal_opts, load_study, run_args, run_cli, storage_url
 
 from optimize.app import params_file
 
@@ -313,3 +313,49 @@ def test_dashboard_bad_storage_is_one_line(no_model):
     assert "redis://x" in line
     code, out, err = run_cli(["dashboard", "--help"])
     assert code == 0 and "--artifact-dir" in out
+
+
+# --- levers that cannot run on the run's device ------------------------------------------------------
+
+
+@pytest.fixture
+def layout_needs_a_gpu(monkeypatch):
+    from optimize.levers import BY_NAME
+
+    monkeypatch.setattr(BY_NAME["layout"], "unavailable",
+                        lambda ctx: None if ctx.device is None or ctx.device.type == "cuda" else "needs a test GPU")
+
+
+def test_a_default_lever_that_cannot_run_here_is_left_out_in_one_line(layout_needs_a_gpu, tmp_path, monkeypatch,
+                                                                      no_model):
+    from optimize.app.cli import check_run_options, run
+
+    monkeypatch.chdir(tmp_path)
+    argv = run_args(tmp_path, "--n-trials", "1", small=[a for a in SMALL if a != "deepcache,tome,tgate"
+                                                          and a != "--methods"])
+    spec, opts = check_run_options(run.make_context("run", argv[1:]).params)
+    assert "layout" not in opts.methods and {"schedule", "deepcache", "tgate", "vae"} <= set(opts.methods)
+    assert len(opts.notes) == 1 and opts.notes[0].startswith("note: left out of the search on cpu: ")
+    assert "layout: needs a test GPU" in opts.notes[0]
+    lines = []
+    runner.prepare_study(spec, opts, echo=lambda line, err=False: lines.append(line))  # before anything loads
+    assert lines == list(opts.notes)
+
+
+def test_naming_a_lever_that_cannot_run_here_is_refused(layout_needs_a_gpu, tmp_path, monkeypatch, no_model):
+    monkeypatch.chdir(tmp_path)
+    line = one_error_line(*run_cli(run_args(tmp_path, "--methods", "deepcache,layout")))
+    assert "--methods: layout cannot run on cpu: needs a test GPU (leave it out of --methods)" in line
+    assert not os.path.exists(tmp_path / "search_params.json")
+
+
+def test_on_this_cpu_only_precision_may_be_left_out_and_only_without_torchao():
+    import importlib.util
+
+    from optimize.levers import METHODS
+
+    left_out = runner.unavailable_methods(METHODS, "cpu")
+    if importlib.util.find_spec("torchao") is None:
+        assert left_out == {"precision": "torchao is not installed (pip install 'optimize-sd[gpu]')"}
+    else:
+        assert left_out == {}

@@ -4,7 +4,8 @@ A subclass sets ``lever`` and, where the midpoint of the lever's search grid wou
 (params that change the tiny pipeline's output). The contract:
 
 * applied, the output differs; removed, the pipeline is bit-identical to the untouched one and
-  carries nothing the lever added; removal is idempotent;
+  carries nothing the lever added (the UNet holds the very parameter tensors it had, at the same
+  addresses, and the same modules); removal is idempotent;
 * a second call equals the first (per-call reset);
 * under the fake graph backend the graphed output equals the eager one, the step kinds of two calls
   are the same sequence, and the second call captures nothing;
@@ -28,7 +29,8 @@ from optimize.levers.base import Choice, Float, Int
 STEPS = 12
 PROMPT = ["a red fox in the snow"]
 # what any lever may add to a module or the pipeline; none of it may stay after removal
-LEFTOVER_MODULE_ATTRS = ("forward", "cache", "_tome_info")
+LEFTOVER_MODULE_ATTRS = ("forward", "cache", "_tome_info", "extra_repr")
+PIPES = {"tiny": "tiny_pipe", "tiny-xl": "tiny_xl_pipe", "tiny-xl-fp16": "tiny_xl_fp16_pipe"}
 LEFTOVER_PIPE_ATTRS = ("tgate", "deepcache", "_optimize_sd_applied", "set_timesteps")
 
 
@@ -58,8 +60,27 @@ def assert_clean(pipe) -> None:
         left = set(LEFTOVER_MODULE_ATTRS) & set(vars(module))
         assert not left, f"unet module {name or '<unet>'} still has instance attributes {sorted(left)}"
         assert "ToMe" not in type(module).__name__, f"{name} is still a tomesd class"
+        assert not (module._forward_hooks or module._forward_pre_hooks), f"unet module {name or '<unet>'} has hooks left"
     for attr in LEFTOVER_PIPE_ATTRS:
         assert attr not in vars(pipe) and attr not in vars(pipe.scheduler), f"{attr!r} left behind"
+
+
+def unet_state(pipe):
+    """The UNet's modules and parameters as objects and addresses: removal puts back the very tensors
+    (a graph captured before reads them at their addresses), not equal copies."""
+    unet = pipe.unet
+    return ([name for name, _ in unet.named_modules()],
+            {name: (p, p.data_ptr(), p.dtype, p.stride()) for name, p in unet.named_parameters()},
+            pipe.vae.config)
+
+
+def assert_same_state(pipe, before) -> None:
+    modules, params, vae_config = unet_state(pipe)
+    assert modules == before[0], f"modules added or gone: {sorted(set(modules) ^ set(before[0]))[:5]}"
+    changed = [n for n, (p, ptr, dtype, stride) in params.items()
+               if (p is not before[1][n][0]) or (ptr, dtype, stride) != before[1][n][1:]]
+    assert not changed, f"parameters not restored: {changed[:5]}"
+    assert vae_config is before[2], "the VAE's config was not put back"
 
 
 def invalid_values(valid, ctx: Context) -> list:
@@ -85,7 +106,7 @@ class LeverContract:
 
     @pytest.fixture
     def pipe(self, request):
-        return request.getfixturevalue("tiny_xl_pipe" if self.pipe_name == "tiny-xl" else "tiny_pipe")
+        return request.getfixturevalue(PIPES[self.pipe_name])
 
     def params(self, pipe):
         return self.on if self.on is not None else midpoint(self.lever, context(pipe))
@@ -96,6 +117,7 @@ class LeverContract:
     # -- effect and exact removal --------------------------------------------------------------------
     def test_apply_changes_the_output_and_remove_restores_it_bit_for_bit(self, pipe):
         baseline = generate(pipe, PROMPT, STEPS)
+        before = unet_state(pipe)
         acc = optimize.accelerate(pipe, self.config(pipe))
         with acc:
             out = generate(acc, PROMPT, STEPS)
@@ -103,8 +125,10 @@ class LeverContract:
         assert not np.array_equal(out, baseline), f"{self.config(pipe).label()} had no effect"
         np.testing.assert_array_equal(generate(pipe, PROMPT, STEPS), baseline)
         assert_clean(pipe)
+        assert_same_state(pipe, before)
         acc.remove()  # idempotent
         np.testing.assert_array_equal(generate(pipe, PROMPT, STEPS), baseline)
+        assert_same_state(pipe, before)
 
     def test_a_second_call_equals_the_first(self, pipe):
         with optimize.accelerate(pipe, self.config(pipe), seed=5) as fast:

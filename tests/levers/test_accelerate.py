@@ -9,7 +9,7 @@ from conftest import generate, make_pipe
 from contract import assert_clean
 
 import optimize
-from optimize import Config, DeepCache, InvalidConfig, TGate, ToMe
+from optimize import Config, DeepCache, InvalidConfig, Layout, Precision, TGate, ToMe, Vae
 from optimize.levers import Context
 
 STEPS = 12
@@ -258,11 +258,21 @@ def test_params_round_trip():
         "schedule": False, "deepcache": True, "deepcache.cache_interval": 4, "deepcache.cache_branch_id": 2,
         "tome": True, "tome.ratio": 0.35, "tome.max_downsample": 2,
         "tgate": True, "tgate.gate_step": 8, "tgate.sp_interval": 3, "tgate.fi_interval": 2, "tgate.warm_up": 1,
+        "layout": False, "precision": False, "vae": False,
     }
     assert Config.from_params(params) == full
     for cfg in (Config(), Config(tome=ToMe()), Config(deepcache=DeepCache(), tgate=TGate())):
         assert Config.from_params(cfg.to_params()) == cfg
-    assert Config().to_params() == {"schedule": False, "deepcache": False, "tome": False, "tgate": False}
+    off = {"schedule": False, "deepcache": False, "tome": False, "tgate": False, "layout": False, "precision": False,
+           "vae": False}
+    assert Config().to_params() == off
+    new = Config(layout=Layout(True, False, "flash"), precision=Precision("fp8"), vae=Vae())
+    assert new.to_params() == {**off, "layout": True, "layout.channels_last": True, "layout.fused_qkv": False,
+                               "layout.sdpa": "flash", "precision": True, "precision.mode": "fp8",
+                               "vae": True, "vae.fp16_decode": True}
+    assert Config.from_params(new.to_params()) == new
+    # params stored before these levers existed still read
+    assert Config.from_params({"deepcache": True, "deepcache.cache_interval": 4}).methods == ("deepcache",)
 
 
 def test_from_params_switches():
@@ -280,3 +290,5 @@ def test_label():
     )
     assert Config(tome=ToMe(0.25, 4)).label() == "tome(0.25,md4)"
     assert Config(deepcache=DeepCache(2, 5), tgate=TGate(12, 2, 3, 0)).label() == "dc(2,b5)+tgate(12,sp2,fi3,w0)"
+    assert Config(deepcache=DeepCache(3, 0), layout=Layout(True, True, "flash"), precision=Precision("fp8"),
+                  vae=Vae()).label() == "dc(3,b0)+cl+qkv+flash+fp8+vae16"
