@@ -8,8 +8,8 @@ A *lever* is one module of this package holding:
 * a :class:`Lever` subclass: its stored name (``deepcache`` switches it, ``deepcache.cache_interval``
   holds a field), a short label, and :meth:`Lever.apply`;
 * an :class:`Applied` subclass: what ``apply`` returns, with an exact, idempotent :meth:`Applied.remove`,
-  the per-call :meth:`Applied.reset`, its part of the graph step kind (:mod:`optimize.runtime.graphs`), and the
-  call hooks of a lever that changes the call itself.
+  the per-call :meth:`Applied.reset`, its part of the step kind (:mod:`optimize.runtime.graphs`), what
+  computes a step (:meth:`Applied.step`), and the call hooks of a lever that changes the call itself.
 
 The registry (:data:`optimize.levers.LEVERS`) is the only list of levers; nothing outside a lever's
 module branches on that lever.
@@ -213,9 +213,18 @@ class Applied:
         """Before every call: forget what the previous call left behind."""
 
     def step_kind(self):
-        """This lever's part of the coming UNet step's kind (graph modes capture one graph per kind);
-        ``None``: it takes no part."""
+        """This lever's part of the coming UNet step's kind; ``None``: it takes no part. Asked once
+        before every UNet step in every mode, after the UNet's call wrappers ran and before its forward
+        (:class:`optimize.runtime.graphs.Step`): a lever whose Python inside the forward branches per
+        step settles the branch here and freezes it where that Python reads it (DeepCache), so a graph
+        mode captures one graph per kind and a compiled UNet traces one graph per kind."""
         return None
+
+    def step(self, forward: Callable) -> Callable:
+        """What computes a UNet step: ``forward`` (the UNet's own, with the levers' Python inside it) or
+        a replacement computing the same (a compiled one). It runs beneath every wrapper of the UNet's
+        call, after the step's kind was decided; a graph mode captures it."""
+        return forward
 
     def slots(self) -> list:
         """State handed from one UNet step to the next (:class:`optimize.runtime.graphs.Slot`)."""
