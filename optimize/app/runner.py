@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from . import console, validation
 from ..runtime import pipelines
 from ..levers import Config, Context
+from ..levers.base import Device
 from ..study.artifacts import (BASELINE_PREFIX, artifact_dir_for, artifact_store, baseline_image_ids, load_baseline_images,
                         trial_prefix, upload_images)
 from ..measure.evaluator import Evaluator, pin_cpu_threads
@@ -183,7 +184,8 @@ def _open_study(storage, name: str, opts: RunOptions, fingerprint: Fingerprint, 
         if StudyRecord(opts.goal, fingerprint, prompt_source(opts.prompt_spec)).insert_once(storage, study):
             study.set_metric_names(opts.goal.metric_names)  # shown by optuna-dashboard
             if opts.warm_start:  # only the process that created the study: workers would enqueue twice
-                for params in warm_start_params(opts.methods, Context(steps=opts.steps, scheduler=opts.scheduler)):
+                ctx = Context(steps=opts.steps, scheduler=opts.scheduler, device=Device.of(opts.device))
+                for params in warm_start_params(opts.methods, ctx):  # none of a lever that cannot run here
                     study.enqueue_trial(params, skip_if_exists=True)
         else:
             _check_existing(study, opts, fingerprint)  # another worker stored its settings first

@@ -3,7 +3,8 @@
 * :mod:`.schedule`: another solver and fewer steps than the reference;
 * :mod:`.deepcache`: reuse the deep UNet blocks' output between full steps;
 * :mod:`.tome`: merge redundant tokens before attention;
-* :mod:`.tgate`: cache cross-attention after a gate step.
+* :mod:`.tgate`: cache cross-attention after a gate step;
+* :mod:`.compile`: ``torch.compile`` of the whole UNet, one graph per step kind.
 
 :data:`LEVERS` is the registry; :class:`Config` says which are on; :func:`accelerate` applies one to a
 loaded pipeline and removes it exactly. Adding a lever is one module, one line in :mod:`.registry`
@@ -12,6 +13,7 @@ and one contract-test subclass (``tests/levers/contract.py``).
 
 from .apply import Accelerated, accelerate
 from .base import Applied, Choice, Context, Float, Int, InvalidConfig, Lever, param
+from .compile import Compile
 from .config import Config
 from .deepcache import DeepCache
 from .registry import BY_NAME, LEVERS, METHODS
@@ -19,5 +21,5 @@ from .schedule import Schedule
 from .tgate import TGate
 from .tome import ToMe
 
-__all__ = ["Accelerated", "Applied", "BY_NAME", "Choice", "Config", "Context", "DeepCache", "Float", "Int",
+__all__ = ["Accelerated", "Applied", "BY_NAME", "Choice", "Compile", "Config", "Context", "DeepCache", "Float", "Int",
            "InvalidConfig", "LEVERS", "Lever", "METHODS", "Schedule", "TGate", "ToMe", "accelerate", "param"]

@@ -17,7 +17,7 @@ module branches on that lever.
 Example:
     >>> from optimize.levers import LEVERS
     >>> [lever.name for lever in LEVERS]
-    ['schedule', 'deepcache', 'tome', 'tgate']
+    ['schedule', 'deepcache', 'tome', 'tgate', 'compile']
     >>> deepcache = LEVERS[1]
     >>> deepcache.label(deepcache.Params(cache_interval=3))
     'dc(3,b0)'

@@ -28,7 +28,7 @@ from optimize.levers.base import Choice, Float, Int
 STEPS = 12
 PROMPT = ["a red fox in the snow"]
 # what any lever may add to a module or the pipeline; none of it may stay after removal
-LEFTOVER_MODULE_ATTRS = ("forward", "cache", "_tome_info")
+LEFTOVER_MODULE_ATTRS = ("forward", "cache", "_tome_info", "_compiled_call_impl")
 LEFTOVER_PIPE_ATTRS = ("tgate", "deepcache", "_optimize_sd_applied", "set_timesteps")
 
 

@@ -258,11 +258,12 @@ def test_params_round_trip():
         "schedule": False, "deepcache": True, "deepcache.cache_interval": 4, "deepcache.cache_branch_id": 2,
         "tome": True, "tome.ratio": 0.35, "tome.max_downsample": 2,
         "tgate": True, "tgate.gate_step": 8, "tgate.sp_interval": 3, "tgate.fi_interval": 2, "tgate.warm_up": 1,
+        "compile": False,
     }
     assert Config.from_params(params) == full
     for cfg in (Config(), Config(tome=ToMe()), Config(deepcache=DeepCache(), tgate=TGate())):
         assert Config.from_params(cfg.to_params()) == cfg
-    assert Config().to_params() == {"schedule": False, "deepcache": False, "tome": False, "tgate": False}
+    assert Config().to_params() == {"schedule": False, "deepcache": False, "tome": False, "tgate": False, "compile": False}
 
 
 def test_from_params_switches():

@@ -29,6 +29,7 @@ except ImportError:  # tests/ made a package
 
 from optimize.app import runner
 from optimize.levers import METHODS, Context
+from optimize.levers.base import Device
 from optimize.study.record import CONSTRAINTS_ATTR, Goal, best_feasible, is_feasible
 
 ATTRS = ("speedup", "score_loss", "time_per_image", "spread", "clip_score", "config")
@@ -440,10 +441,10 @@ def test_interrupted_warm_start_trial_is_queued_again(tmp_path, monkeypatch):
 
 # --- warm start ----------------------------------------------------------------------------------------
 
-def test_warm_start_params_follow_the_methods():
+def test_warm_start_params_follow_the_methods(monkeypatch):
     from optimize.search import warm_start_params
 
-    ctx = Context(steps=20, scheduler="dpm++")
+    ctx = Context(steps=20, scheduler="dpm++", device=Device("cpu"))  # where the compile lever does not run
     assert warm_start_params(("tome", "tgate"), ctx) == []
     first, second = warm_start_params(("deepcache", "tome", "tgate"), ctx)
     assert first == {"deepcache": True, "deepcache.cache_interval": 3, "deepcache.cache_branch_id": 0,
@@ -459,6 +460,12 @@ def test_warm_start_params_follow_the_methods():
     # at 8 reference steps the schedule's 4 leave T-GATE (>= 5 steps) out of that trial
     assert warm_start_params(("schedule", "tgate"), Context(steps=8, scheduler="ddim")) == [
         {"schedule": True, "schedule.solver": "ddim", "schedule.steps": 4}]
+    # where it runs, the whole UNet compiled alone; the others' switch it off
+    monkeypatch.setattr(__import__("optimize.levers.compile", fromlist=["BACKEND"]), "BACKEND", "eager")
+    assert warm_start_params(("deepcache", "compile"), ctx) == [
+        {**{k: v for k, v in first.items() if k.startswith("deepcache")}, "compile": False},
+        {**{k: v for k, v in second.items() if k.startswith("deepcache")}, "compile": False},
+        {"deepcache": False, "compile": True, "compile.mode": "default"}]
 
 
 def test_new_study_starts_with_known_good_configs_once(tmp_path, monkeypatch):
@@ -469,7 +476,7 @@ def test_new_study_starts_with_known_good_configs_once(tmp_path, monkeypatch):
     code, out, err = run_cli(argv)
     assert code == 0, out + err
     study = load_study(storage_url(tmp_path))
-    warm = warm_start_params(METHODS, Context(steps=8, scheduler="ddim"))
+    warm = warm_start_params(METHODS, Context(steps=8, scheduler="ddim", device=Device("cpu")))
     assert len(warm) == 3 and [t.params for t in study.trials] == warm  # the schedule's, DeepCache N=3, N=5
     code, out, err = run_cli(argv[:-1] + ["1"])  # resumed: nothing enqueued again
     assert code == 0, out + err
@@ -644,3 +651,4 @@ def test_on_the_cpu_default_every_trial_is_a_paired_ratio_and_a_resumed_run_time
         if reference != "gated":
             assert a["baseline_time"] == reference  # timed beside the trial
         assert a["speedup"] < 20  # not divided by the stored (50x slow) baseline time
+
