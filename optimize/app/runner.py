@@ -33,8 +33,9 @@ from . import console, validation
 from ..runtime import pipelines
 from ..levers import Config, Context
 from ..levers.base import Device
-from ..study.artifacts import (BASELINE_PREFIX, artifact_dir_for, artifact_store, baseline_image_ids, load_baseline_images,
-                        trial_prefix, upload_images)
+from ..runtime.compiling import use_cache_dir
+from ..study.artifacts import (BASELINE_PREFIX, artifact_dir_for, artifact_store, baseline_image_ids, compile_cache_for,
+                               load_baseline_images, trial_prefix, upload_images)
 from ..measure.evaluator import Evaluator, pin_cpu_threads
 from ..measure.metrics import ClipScorer, FidelityScorer, MetricError, lpips_available, lpips_weights_path, score_loss
 from ..study.baseline import Baseline, BaselineMismatch, check_fingerprint
@@ -392,6 +393,7 @@ class Search:
         """The pipeline, the CLIP scorer, the evaluator and where images go."""
         opts = self.opts
         pin_cpu_threads(opts.device)
+        use_cache_dir(compile_cache_for(opts.storage))  # a resumed run finds the graphs this one compiles
         try:
             pipe, self.settings = settings_for(self.spec, opts).load()  # compiled once per run in the compile mode
             scorer = ClipScorer(opts.clip_model, opts.clip_pretrained, opts.device, opts.dtype)

@@ -8,6 +8,7 @@ are :mod:`optimize.study.record`'s.
 from __future__ import annotations
 
 import math
+import time
 from typing import Any
 
 import optuna
@@ -16,10 +17,12 @@ from optuna.trial import FrozenTrial, TrialState
 from ..levers import Config
 from ..measure.metrics import score_loss
 from ..measure.uncertainty import intervals
+from ..runtime.compiling import compile_seconds
 from ..study.baseline import Baseline
-from ..study.record import (BASELINE_SPREAD, BASELINE_TIME, CLIP_SCORE, CONFIG, ERROR, INTERVALS, PER_PROMPT,
-                            REUSED_FROM, ROUNDS, SCORE_LOSS, SKIPPED, SPEEDUP, SPEEDUP_EAGER, SPREAD, TIME_MEDIAN,
-                            TIME_PER_IMAGE, WORKER, Goal, best_feasible, record_constraints, record_per_prompt)
+from ..study.record import (BASELINE_SPREAD, BASELINE_TIME, CLIP_SCORE, COMPILE_SECONDS, CONFIG, ERROR, INTERVALS,
+                            PER_PROMPT, REUSED_FROM, ROUNDS, SCORE_LOSS, SKIPPED, SPEEDUP, SPEEDUP_EAGER, SPREAD,
+                            TIME_MEDIAN, TIME_PER_IMAGE, WALL_SECONDS, WORKER, Goal, best_feasible, record_constraints,
+                            record_per_prompt)
 from .space import SearchSpace
 
 
@@ -113,6 +116,16 @@ class Objective:
         self.last_per_prompt = {CLIP_SCORE: list(m.scores), **{k: list(v) for k, v in fidelity.items()}}
         return attrs
 
+    def _timed_measure(self, config: Config, trial: optuna.Trial) -> dict[str, Any]:
+        """:meth:`_measure`, with the trial's wall time and the part of it spent compiling recorded
+        however it ends (a compile-heavy trial shows as such even when gated or failed)."""
+        start, compiling = time.perf_counter(), compile_seconds()
+        try:
+            return self._measure(config, trial.study)
+        finally:
+            trial.set_user_attr(COMPILE_SECONDS, max(0.0, compile_seconds() - compiling))
+            trial.set_user_attr(WALL_SECONDS, time.perf_counter() - start)
+
     def __call__(self, trial: optuna.Trial) -> float:
         self.last_images = None  # set by a measurement; a reused one has no images of its own
         self.last_per_prompt = None
@@ -121,12 +134,13 @@ class Objective:
         same = self._same_config(trial.study, trial.params)
         if same is not None:
             # TPE proposes a configuration it has already seen: reuse the measurement, spend no GPU time.
-            attrs = {k: v for k, v in same.user_attrs.items() if k not in (CONFIG, ERROR, REUSED_FROM, WORKER)}
+            attrs = {k: v for k, v in same.user_attrs.items()
+                     if k not in (CONFIG, ERROR, REUSED_FROM, WORKER, COMPILE_SECONDS, WALL_SECONDS)}
             attrs[REUSED_FROM] = same.number
             self.last_per_prompt = same.system_attrs.get(PER_PROMPT)
         else:
             try:
-                attrs = self._measure(config, trial.study)
+                attrs = self._timed_measure(config, trial)
             except SpeedGate as e:
                 for key, value in e.attrs.items():
                     trial.set_user_attr(key, value)

@@ -74,6 +74,8 @@ REUSED_FROM = "reused_from"  # number of the trial whose measurement a repeated 
 WORKER = "worker"  # host:pid device of the process that ran the trial
 ERROR = "error"  # why the trial failed
 SKIPPED = "skipped"  # why the speed gate skipped its scoring
+COMPILE_SECONDS = "compile_s"  # seconds torch.compile spent compiling during the trial (0 when nothing compiled)
+WALL_SECONDS = "wall_s"  # seconds the trial's measurement took end to end, its compiling included
 
 # Uncertainty (docs/trust.md). PER_PROMPT: trial system attr {CLIP_SCORE: [...], PSNR: [...], ...}, one value
 # per prompt in prompt order, rounded to 6 digits. INTERVALS: trial user attr {INTERVAL_LEVEL: 0.9, INTERVAL_N:

@@ -3,9 +3,12 @@ call finds again; the seconds torch spent compiling; where its on-disk caches go
 
 from __future__ import annotations
 
+import os
+
 import torch
 
-from optimize.runtime.compiling import compile_seconds, compiled, graphs_of, signature
+from optimize.runtime.compiling import compile_seconds, compiled, graphs_of, signature, use_cache_dir
+from optimize.study.artifacts import compile_cache_for
 
 
 def _step(x, scale: float):
@@ -32,3 +35,11 @@ def test_a_call_signature_names_shapes_and_other_leaves():
     assert a != signature((torch.zeros(1, 3),), {"t": torch.tensor(1.0), "return_dict": False})
     assert a != signature((torch.zeros(2, 3),), {"t": torch.tensor(1.0), "return_dict": True})
 
+
+def test_the_cache_directory_is_the_users_if_set_else_the_runs(tmp_path, monkeypatch):
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    assert use_cache_dir(str(tmp_path / "c")) == str(tmp_path / "c") == os.environ["TORCHINDUCTOR_CACHE_DIR"]
+    assert use_cache_dir(str(tmp_path / "other")) == str(tmp_path / "c")
+    assert not (tmp_path / "c").exists()  # made by the first compile, not before
+    assert compile_cache_for("sqlite:///studies/optimize-sd.db") == "studies/optimize-sd-compile-cache"
+    assert compile_cache_for("postgresql://u@h/db") == os.path.join("studies", "compile-cache")

@@ -652,3 +652,45 @@ def test_on_the_cpu_default_every_trial_is_a_paired_ratio_and_a_resumed_run_time
             assert a["baseline_time"] == reference  # timed beside the trial
         assert a["speedup"] < 20  # not divided by the stored (50x slow) baseline time
 
+
+# --- what a trial's measurement cost ------------------------------------------------------------------
+
+def test_a_trial_records_its_wall_time_and_compile_seconds_however_it_ends(monkeypatch):
+    """compile_s: what torch spent compiling during the measurement; wall_s: the measurement end to end.
+    A gated trial has both; a trial that reused an earlier measurement spent neither and has neither."""
+    import numpy as np
+
+    from optimize.measure.evaluator import Measurement, Timing
+    from optimize.search import Objective, SearchSpace
+    from optimize.search import objective as objective_module
+    from optimize.study.baseline import Baseline
+    from optimize.study.record import COMPILE_SECONDS, REUSED_FROM, SKIPPED, WALL_SECONDS
+
+    compiled = [0.0]
+    monkeypatch.setattr(objective_module, "compile_seconds", lambda: compiled[0])
+
+    class Evaluator:
+        repeats = 1
+
+        def measure(self, config, gate=None):
+            compiled[0] += 2.5  # the first call of a compiled configuration compiles
+            timing, reference = Timing.from_samples([0.5, 0.5]), Timing.from_samples([1.0, 1.0])
+            if gate is not None and config.deepcache.cache_interval == 4:
+                gate(timing, reference)
+            return Measurement(config, timing, np.ones(4), [], reference)
+
+    baseline = Baseline(1.0, 0.0, 1.0, [1.0] * 4, {}, 32, 32, [1.0, 1.0])
+    study = optuna.create_study(directions=["minimize"])
+    objective = Objective(Evaluator(), baseline, Goal("target", 1.5, 0.5), SearchSpace(
+        ("deepcache",), Context(steps=8, max_branch_id=3)))
+    objective.gate_margin = -10.0  # the gate stops everything it judges
+    for interval in (3, 3, 4):
+        study.enqueue_trial({"deepcache": True, "deepcache.cache_interval": interval, "deepcache.cache_branch_id": 0})
+    study.optimize(objective, n_trials=3)
+    measured, reused, gated = study.trials
+    assert measured.state == TrialState.COMPLETE and measured.user_attrs[COMPILE_SECONDS] == 2.5
+    assert 0 <= measured.user_attrs[WALL_SECONDS] < 60
+    assert reused.user_attrs[REUSED_FROM] == 0 and COMPILE_SECONDS not in reused.user_attrs
+    assert WALL_SECONDS not in reused.user_attrs
+    assert gated.state == TrialState.PRUNED and SKIPPED in gated.user_attrs
+    assert gated.user_attrs[COMPILE_SECONDS] == 2.5 and WALL_SECONDS in gated.user_attrs
