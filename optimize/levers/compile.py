@@ -31,8 +31,8 @@ configuration calls the same compiled function (:func:`optimize.runtime.compilin
 graphs Dynamo keeps with their guards: a later trial meeting a graph already traced reuses it, in
 the eager mode's apply and remove around every paired round too; (3) across runs, inductor's and
 AOTAutograd's on-disk caches live in the directory the run sets beside the study
-(``TORCHINDUCTOR_CACHE_DIR``), so a resumed run or another worker on the machine recompiles a known
-graph in seconds. Every trial stores the seconds it spent compiling (``compile_s``) beside its wall
+(``TORCHINDUCTOR_CACHE_DIR``), so a resumed run or another worker on the machine takes a known graph's
+code from disk instead of generating it again. Every trial stores the seconds it spent compiling (``compile_s``) beside its wall
 time (``wall_s``), so where compiling dominated shows in the study.
 
 **Where it runs.** On CUDA devices of compute capability 7.0 or newer with Triton. Not on the CPU:

@@ -6,7 +6,8 @@ guards (what the trace assumed: shapes, the values of flags it read). A function
 and called again by a later configuration reuses every graph whose guards still hold, so a study
 compiles each distinct traced graph once per process. Across processes, inductor's FX graph cache
 and AOTAutograd's cache (on by default) keep the generated code under ``TORCHINDUCTOR_CACHE_DIR``,
-Triton's kernels beside it: a known graph compiles again in seconds instead of a minute.
+Triton's kernels beside it: a known graph's code is read back instead of generated again (Dynamo
+still traces it).
 
 Example:
     >>> compile_seconds() >= 0.0

@@ -1,5 +1,6 @@
 """The objective a trial runs: suggest a configuration from the search space, measure it against the
-stored baseline, record speedup, losses, time, spread and intervals as user attrs, and the constraints
+stored baseline, record speedup, losses, time, spread, intervals and what the measurement cost (its
+wall time and the part torch spent compiling) as user attrs, and the constraints
 where optuna-dashboard shows them and Optuna 5's TPE reads them (infeasible trials rank below feasible
 ones). The speed gate skips scoring a configuration too slow to matter. The goals and the stored keys
 are :mod:`optimize.study.record`'s.

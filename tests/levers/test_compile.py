@@ -111,3 +111,17 @@ def test_modes_that_capture_cuda_graphs_of_their_own_are_refused():
         with pytest.raises(InvalidConfig, match=r"compile\.mode"):
             LEVER.validate(LEVER.Params(mode=mode), ctx)
     assert [p.mode for p in LEVER.grid(ctx)] == ["default"]  # max-autotune: valid, not searched
+
+
+def test_the_gpu_benchmark_imports_and_refuses_graphs_on_a_cpu(tmp_path):
+    """benchmarks/gpu_compile.py: graphs need CUDA; here it must import and say so, loading nothing."""
+    import os
+    import subprocess
+    import sys
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    script = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "gpu_compile.py")
+    out = subprocess.run([sys.executable, script, "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0 and out.stderr.strip().splitlines()[-1].startswith("--exec graphs needs CUDA")
+    assert not os.listdir(tmp_path)
