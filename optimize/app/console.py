@@ -106,8 +106,8 @@ def reproduced_text(trial: FrozenTrial) -> str:
 
 
 def format_best(study_name: str, goal: Goal, trial: FrozenTrial | None, baseline) -> str:
-    if trial is None:
-        return f"{study_name}: no feasible trial yet"
+    if trial is None:  # outside target mode a pick must also beat the baseline (optimize.study.record.pick)
+        return f"{study_name}: no feasible trial yet" + ("" if goal.mode == "target" else " that is faster than the baseline")
     e = trial.user_attrs
     fidelity = fidelity_text(e, goal.loss_attr)
     note, held_out = interval_note(goal, e), Validation.of(trial)

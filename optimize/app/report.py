@@ -33,7 +33,7 @@ from ..study.files import atomic_write
 from ..study.storage import redact
 from ..study.record import (CLIP_SCORE, CONFIG, CONSTRAINTS_ATTR, LOSS_INTERVAL, LOSS_TEXT, LPIPS, PSNR, REUSED_FROM,
                     INTERVALS, SCORE_LOSS, SPEEDUP, SPEEDUP_INTERVAL, SPREAD, SSIM, TIME_PER_IMAGE, VALIDATION, Goal, StudyRecord,
-                    Validation, feasible_front, goal_of, is_feasible, pareto_front, rank_key, study_result)
+                    Validation, feasible_front, goal_of, is_feasible, pareto_front, pick, rank_key, study_result)
 
 MIN_TRIALS_FOR_IMPORTANCE = 5  # PED-ANOVA compares the best 10% of trials with the rest: fewer is noise
 FIGURES = ("pareto", "history", "importance", "methods")
@@ -171,7 +171,7 @@ def pareto_figure(study, goal: Goal | None = None):
             mode="lines+markers", line={"shape": "hv", "color": "#d62728"},
             marker={"color": "#d62728", "size": 11, "symbol": "circle-open", "line": {"width": 2}},
             name=f"Pareto front ({len(front)})", hovertext=[_hover(t) for t in front], hoverinfo="text"))
-    best = min(feasible, key=rank_key(goal), default=None)  # best_feasible, from the trials in hand
+    best = pick(feasible, goal)  # best_feasible, from the trials in hand
     if best is not None:
         fig.add_trace(go.Scatter(
             x=[x(best)], y=[best.user_attrs[SPEEDUP]], mode="markers",
@@ -332,7 +332,7 @@ def grid_trials(study, goal: Goal | None = None, n_front: int = GRID_FRONT) -> l
     feasible Pareto front, spread along it (least loss first)."""
     goal = goal or goal_of(study)
     front = feasible_front(study, goal)
-    best = min(front, key=rank_key(goal), default=None)  # best_feasible: the best trial is on the front
+    best = pick(front, goal)  # best_feasible: the best trial is on the front
     others = [t for t in front if best is None or t.number != best.number]
     if len(others) > n_front:
         step = (len(others) - 1) / max(1, n_front - 1)

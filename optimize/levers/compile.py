@@ -1,8 +1,9 @@
 """``torch.compile`` of the whole UNet (inductor): kernels fused across the UNet's blocks.
 
-One SD1.5 UNet step on an H100 (CFG batch 2, fp16) took 12.3 ms replayed from a CUDA graph and 6.4 ms
-compiled and replayed; compiling each block on its own (``--exec compile``) gained nothing clear, as
-fusion stops at every block's boundary. So this lever compiles the whole forward.
+One SD1.5 UNet step on an H200 (CFG batch 2, fp16) took 11.9 ms replayed from a CUDA graph and 7.1 ms
+compiled and replayed (docs/benchmarks.md; 12.3 and 6.4 ms on an H100); compiling each block on its own
+(``--exec compile``) gained nothing clear on the H100, as fusion stops at every block's boundary. So
+this lever compiles the whole forward.
 
 **Where it sits.** :class:`~optimize.levers.Accelerated` puts the UNet's own forward behind a
 :class:`~optimize.runtime.graphs.Step` before anything wraps the UNet; this lever replaces what
@@ -21,7 +22,7 @@ steps find filled: DeepCache's full step) to those it kept from earlier configur
 a lever deciding per step inside the forward: the trial fails saying so, instead of Dynamo running
 the UNet eagerly past its limit and the trial timing that.
 
-**Compile cost, paid once.** A cold whole-UNet compile took about 50 s on the H100, per graph. The
+**Compile cost, paid once.** A cold whole-UNet compile took 61 s on the H200, per graph. The
 search does not spend its time recompiling: (1) the lever's own fields are not searched (only
 on/off), and the other levers' settings that only change *which* kinds run (DeepCache's interval,
 T-GATE's gate step and intervals, the schedule's solver and steps) trace no new graph, so the
@@ -31,9 +32,10 @@ configuration calls the same compiled function (:func:`optimize.runtime.compilin
 graphs Dynamo keeps with their guards: a later trial meeting a graph already traced reuses it, in
 the eager mode's apply and remove around every paired round too; (3) across runs, inductor's and
 AOTAutograd's on-disk caches live in the directory the run sets beside the study
-(``TORCHINDUCTOR_CACHE_DIR``), so a resumed run or another worker on the machine takes a known graph's
-code from disk instead of generating it again. Every trial stores the seconds it spent compiling (``compile_s``) beside its wall
-time (``wall_s``), so where compiling dominated shows in the study.
+(``TORCHINDUCTOR_CACHE_DIR``), so a resumed run or another worker on the machine takes a known graph
+from disk (7.3 s instead of 61 s in a fresh process on the H200). Every trial stores the seconds it
+spent compiling (``compile_s``) beside its wall time (``wall_s``), so where compiling dominated shows
+in the study.
 
 **Where it runs.** On CUDA devices of compute capability 7.0 or newer with Triton. Not on the CPU:
 inductor builds C++ there, minutes per graph for a UNet, more than the offline demo's whole search.
@@ -126,7 +128,7 @@ class CompileLever(Lever):
         return None
 
     def warm_starts(self, ctx: Context) -> list[Compile]:
-        # the whole UNet compiled halved a graph-replayed SD1.5 step on an H100 (12.3 -> 6.4 ms): one graph to compile
+        # the whole UNet compiled: 1.66x a graph-replayed SD1.5 step on an H200 (11.9 -> 7.1 ms), one graph to compile
         return [Compile()]
 
     def label(self, params: Compile) -> str:

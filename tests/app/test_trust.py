@@ -33,9 +33,9 @@ from optimize.app import runner
 from optimize.measure import uncertainty
 
 from optimize.app import validation
-from optimize.levers import Config, Context, DeepCache
+from optimize.levers import Config, Context, DeepCache, ToMe
 from optimize.study.baseline import Baseline
-from optimize.app.console import trial_line, validation_text
+from optimize.app.console import format_best, trial_line, validation_text
 from optimize.measure.evaluator import Measurement, Timing
 from optimize.search import Objective, SearchSpace
 from optimize.study.record import (CONSTRAINTS_ATTR, INTERVALS, PER_PROMPT, SCORE_LOSS, SPEEDUP, STUDY_ATTR, VALIDATION,
@@ -514,3 +514,14 @@ def test_validate_command_errors_are_one_line(trusted, tmp_path, no_model):
     for argv, needle in cases:
         line = one_error_line(*run_cli(["validate", *argv]))
         assert needle in line, line
+
+
+def test_a_feasible_configuration_slower_than_the_baseline_is_no_pick_outside_target_mode(tmp_path):
+    # with --confidence few configurations are feasible, and the only one may run slower than the
+    # baseline itself (a 0.92x ToMe on the testbed): writing it out as the result would slow users down
+    goal = Goal("max", None, 0.02)
+    study = synthetic_study(f"sqlite:///{tmp_path / 's.db'}", "slow", goal,
+                            [(Config(tome=ToMe(0.25)), 0.92, 0.001), (Config(deepcache=DeepCache(5, 0)), 2.5, 0.030)])
+    assert [is_feasible(t) for t in study.trials] == [True, False]
+    assert best_feasible(study, goal) is None
+    assert "no feasible trial yet that is faster than the baseline" in format_best("slow", goal, None, None)
