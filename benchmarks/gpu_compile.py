@@ -12,8 +12,9 @@ captures), torch's compile seconds, the Dynamo graphs it added, those added by a
 same configuration applied again (none expected but T-GATE's one: its attention caches exist from the
 second call on), ms per image over ``--rounds`` calls (the host clock around synchronized calls), and
 the largest pixel difference from the uncompiled images. One JSON under ``--out``, written after every
-configuration, so a command stopped by its time limit keeps what it measured. Run it twice with the same ``TORCHINDUCTOR_CACHE_DIR`` (default: under ``--out``) to see
-what inductor's on-disk cache saves a second process (``compile_s`` of the second run).
+configuration, so a command stopped by its time limit keeps what it measured. Run it twice with the
+same ``TORCHINDUCTOR_CACHE_DIR`` (default: under ``--out``) to see what inductor's on-disk cache saves
+a second process (``compile_s`` of the second run).
 """
 
 from __future__ import annotations

@@ -68,7 +68,8 @@ class Compile:
 
     # max-autotune benchmarks kernel choices for every graph: minutes more per graph, so valid, not searched
     mode: str = param("default", valid=Choice(MODES), search=Choice(MODES[:1]),
-                      doc="inductor's mode: default, or max-autotune-no-cudagraphs (benchmarks kernel choices while compiling)")
+                      doc="inductor's mode: default, or max-autotune-no-cudagraphs (benchmarks kernel choices "
+                          "while compiling)")
 
 
 class _CompiledStep:
@@ -122,7 +123,8 @@ class CompileLever(Lever):
             return ("needs a CUDA device: on the CPU inductor builds C++ for the UNet, minutes per step kind, "
                     "more than a trial gains")
         if device.capability is not None and device.capability < (7, 0):
-            return f"needs compute capability 7.0 or newer for Triton (this GPU has {device.capability[0]}.{device.capability[1]})"
+            major, minor = device.capability
+            return f"needs compute capability 7.0 or newer for Triton (this GPU has {major}.{minor})"
         if importlib.util.find_spec("triton") is None:
             return "needs Triton (pip install triton), which inductor generates its GPU kernels with"
         return None

@@ -263,7 +263,8 @@ def test_params_round_trip():
     assert Config.from_params(params) == full
     for cfg in (Config(), Config(tome=ToMe()), Config(deepcache=DeepCache(), tgate=TGate())):
         assert Config.from_params(cfg.to_params()) == cfg
-    assert Config().to_params() == {"schedule": False, "deepcache": False, "tome": False, "tgate": False, "compile": False}
+    assert Config().to_params() == {"schedule": False, "deepcache": False, "tome": False, "tgate": False,
+                                     "compile": False}
 
 
 def test_from_params_switches():
