@@ -89,8 +89,10 @@ def cli():
                    "the speed gate judges them  [default: 3]")
 @click.option("--exec", "exec_mode", type=click.Choice(["eager", "graphs", "compile"]), default=None,
               help="How the pipeline runs while the baseline and every trial are timed: eager, replayed from CUDA graphs "
-                   "(the UNet one per step kind, the text encoders one per shape; the VAE decode stays eager), or regional torch.compile "
-                   "of the UNet with graphs on top  [default: graphs on CUDA, eager on CPU]")
+                   "(the UNet one per step kind, the text encoders one per shape; the VAE decode stays eager), or compile: "
+                   "graphs over the UNet's blocks each compiled for the baseline and every trial (kept so studies made "
+                   "with it resume; the compile lever, searched in graphs mode, compiles the whole UNet per trial)  "
+                   "[default: graphs on CUDA, eager on CPU]")
 @click.option("--scored-repeats", type=click.IntRange(1), default=None,
               help="Paired rounds in all for a configuration that passes the speed gate and is scored: its speedup "
                    "can become the result, so it is timed more precisely  [default: on GPU 10 eager, 5 in a graph mode; "
@@ -319,7 +321,7 @@ def check_run_options(o: dict) -> tuple[pipelines.PipeSpec, RunOptions]:
 def _methods_here(methods: tuple[str, ...], device: str, explicit: bool) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """The levers a run searches on ``device`` and the line saying which of the default ones it left out;
     one named in --methods that cannot run there is refused (the user asked for it by name)."""
-    left_out = unavailable_methods(methods, device)
+    left_out = unavailable_methods(methods, device, explicit)
     if left_out and explicit:
         raise Failure("--methods: " + "; ".join(f"{n} cannot run on {device}: {r}" for n, r in left_out.items())
                       + " (leave it out of --methods)")

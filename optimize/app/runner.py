@@ -32,8 +32,9 @@ from tqdm.auto import tqdm
 from . import console, validation
 from ..runtime import pipelines
 from ..levers import BY_NAME, Config, Context, Device
-from ..study.artifacts import (BASELINE_PREFIX, artifact_dir_for, artifact_store, baseline_image_ids, load_baseline_images,
-                        trial_prefix, upload_images)
+from ..runtime.compiling import use_cache_dir
+from ..study.artifacts import (BASELINE_PREFIX, artifact_dir_for, artifact_store, baseline_image_ids, compile_cache_for,
+                               load_baseline_images, trial_prefix, upload_images)
 from ..measure.evaluator import Evaluator, default_score_batch, pin_cpu_threads
 from ..measure.metrics import ClipScorer, FidelityScorer, MetricError, lpips_available, lpips_weights_path, score_loss
 from ..study.baseline import Baseline, BaselineMismatch, check_fingerprint
@@ -99,10 +100,13 @@ class RunOptions:
     notes: tuple[str, ...] = ()  # said once before anything loads (levers left out on this device)
 
 
-def unavailable_methods(methods: tuple[str, ...], device: str) -> dict[str, str]:
-    """The levers of ``methods`` that cannot run on ``device``, each with why (asks the driver, loads no model)."""
+def unavailable_methods(methods: tuple[str, ...], device: str, explicit: bool = False) -> dict[str, str]:
+    """The levers of ``methods`` a run leaves out on ``device``, each with why (asks the driver, loads no
+    model): those that cannot run there and, unless the user named them (``explicit``), those that would
+    gain nothing there (:meth:`optimize.levers.Lever.no_gain`)."""
     ctx = Context(device=Device.of(device))
-    reasons = {name: BY_NAME[name].unavailable(ctx) for name in methods}
+    reasons = {name: BY_NAME[name].unavailable(ctx) or (None if explicit else BY_NAME[name].no_gain(ctx))
+               for name in methods}
     return {name: reason for name, reason in reasons.items() if reason is not None}
 
 
@@ -197,7 +201,8 @@ def _open_study(storage, name: str, opts: RunOptions, fingerprint: Fingerprint, 
         if StudyRecord(opts.goal, fingerprint, prompt_source(opts.prompt_spec)).insert_once(storage, study):
             study.set_metric_names(opts.goal.metric_names)  # shown by optuna-dashboard
             if opts.warm_start:  # only the process that created the study: workers would enqueue twice
-                for params in warm_start_params(opts.methods, Context(steps=opts.steps, scheduler=opts.scheduler)):
+                ctx = Context(steps=opts.steps, scheduler=opts.scheduler, device=Device.of(opts.device))
+                for params in warm_start_params(opts.methods, ctx):  # none of a lever that cannot run here
                     study.enqueue_trial(params, skip_if_exists=True)
         else:
             _check_existing(study, opts, fingerprint)  # another worker stored its settings first
@@ -436,6 +441,7 @@ class Search:
         """The pipeline, the CLIP scorer, the evaluator and where images go."""
         opts = self.opts
         pin_cpu_threads(opts.device)
+        use_cache_dir(compile_cache_for(opts.storage))  # a resumed run finds the graphs this one compiles
         try:
             pipe, self.settings = settings_for(self.spec, opts).load()  # compiled once per run in the compile mode
             scorer = ClipScorer(opts.clip_model, opts.clip_pretrained, opts.device, opts.dtype)

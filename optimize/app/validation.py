@@ -30,7 +30,9 @@ from ..levers import Config
 from .console import Echo, validation_text
 from ..measure.evaluator import Evaluator, default_rounds, pin_cpu_threads
 from ..measure.metrics import ClipScorer, FidelityScorer, MetricError, lpips_available, score_loss
+from ..runtime.compiling import use_cache_dir
 from ..runtime.pipelines import device_name
+from ..study.artifacts import compile_cache_for
 from ..measure.prompts import PromptsError, load_heldout, load_prompts, prompts_hash
 from ..study.storage import StorageError, open_storage, rdb, set_trial_system_attr_after
 from ..study.record import (CLIP_SCORE, CONFIG, INTERVALS, SCORE_LOSS, SPEEDUP, VALIDATION, Goal, StudyError, StudyRecord,
@@ -249,6 +251,7 @@ def validate_study(storage_url: str, study_name: str | None, *, n: int | None = 
         echo(f"note: the study was measured on {record.fingerprint.device}, this is {here}: "
              "the held-out speedup is this device's")
     pin_cpu_threads(device)  # as the study's run timed it
+    use_cache_dir(compile_cache_for(storage_url))  # the graphs the study's runs compiled
     baseline = Baseline.load(study)
     pipe, scorer, settings, exec_mode = _load(record, baseline, device)
     rounds = default_rounds(device, exec_mode)

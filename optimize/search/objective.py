@@ -1,5 +1,6 @@
 """The objective a trial runs: suggest a configuration from the search space, measure it against the
-stored baseline, record speedup, losses, time, spread and intervals as user attrs, and the constraints
+stored baseline, record speedup, losses, time, spread, intervals and what the measurement cost (its
+wall time and the part torch spent compiling) as user attrs, and the constraints
 where optuna-dashboard shows them and Optuna 5's TPE reads them (infeasible trials rank below feasible
 ones). The speed gate skips scoring a configuration too slow to matter. What each trial's time went on
 is recorded too (``parts``, ``wall_s``), however it ends. The goals and the stored keys are
@@ -18,10 +19,12 @@ from optuna.trial import FrozenTrial, TrialState
 from ..levers import Config
 from ..measure.metrics import score_loss
 from ..measure.uncertainty import intervals
+from ..runtime.compiling import compile_seconds
 from ..study.baseline import Baseline
-from ..study.record import (BASELINE_SPREAD, BASELINE_TIME, CLIP_SCORE, CONFIG, ERROR, INTERVALS, PART_FIDELITY, PARTS,
-                            PER_PROMPT, REUSED_FROM, ROUNDS, SCORE_LOSS, SKIPPED, SPEEDUP, SPEEDUP_EAGER, SPREAD,
-                            TIME_MEDIAN, TIME_PER_IMAGE, WALL, WORKER, Goal, best_feasible, record_constraints,
+from ..study.record import (BASELINE_SPREAD, BASELINE_TIME, CLIP_SCORE, COMPILE_SECONDS, CONFIG, ERROR, INTERVALS,
+                            PART_FIDELITY, PARTS, PER_PROMPT, REUSED_FROM, ROUNDS, SCORE_LOSS, SKIPPED, SPEEDUP,
+                            SPEEDUP_EAGER, SPREAD, TIME_MEDIAN, TIME_PER_IMAGE, WALL, WORKER, Goal, best_feasible,
+                            record_constraints,
                             record_per_prompt)
 from .space import SearchSpace
 
@@ -138,12 +141,17 @@ class Objective:
         trial.set_user_attr(PARTS, {k: round(v, 4) for k, v in self.parts.items()})
         trial.set_user_attr(WALL, round(time.perf_counter() - start, 4))
 
-    def _measure_parts(self, config: Config, study: optuna.Study) -> dict[str, Any]:
-        """:meth:`_measure`, the evaluator's parts kept in :attr:`parts` also when it raises (the speed gate)."""
+    def _measure_parts(self, config: Config, trial: optuna.Trial) -> dict[str, Any]:
+        """:meth:`_measure`, the evaluator's parts kept in :attr:`parts` also when it raises (the speed gate),
+        and the seconds torch spent compiling recorded however it ends (a compile-heavy trial shows as
+        such even when gated or failed)."""
+        compiling = compile_seconds()
         try:
-            return self._measure(config, study)
+            return self._measure(config, trial.study)
         finally:
-            self.parts = {**getattr(self.evaluator, "parts", {}), **self.parts}
+            spent = max(0.0, compile_seconds() - compiling)
+            self.parts = {**getattr(self.evaluator, "parts", {}), **self.parts, **({"compile": spent} if spent else {})}
+            trial.set_user_attr(COMPILE_SECONDS, spent)
 
     def _trial(self, trial: optuna.Trial) -> float:
         self.last_images = None  # set by a measurement; a reused one has no images of its own
@@ -154,12 +162,12 @@ class Objective:
         if same is not None:
             # TPE proposes a configuration it has already seen: reuse the measurement, spend no GPU time.
             attrs = {k: v for k, v in same.user_attrs.items()
-                     if k not in (CONFIG, ERROR, REUSED_FROM, WORKER, PARTS, WALL)}
+                     if k not in (CONFIG, ERROR, REUSED_FROM, WORKER, PARTS, WALL, COMPILE_SECONDS)}
             attrs[REUSED_FROM] = same.number
             self.last_per_prompt = same.system_attrs.get(PER_PROMPT)
         else:
             try:
-                attrs = self._measure_parts(config, trial.study)
+                attrs = self._measure_parts(config, trial)
             except SpeedGate as e:
                 for key, value in e.attrs.items():
                     trial.set_user_attr(key, value)

@@ -35,6 +35,15 @@ def artifact_dir_for(url: str, artifact_dir: str | None = None) -> str:
     return os.path.join("studies", "artifacts")
 
 
+def compile_cache_for(url: str) -> str:
+    """Where compiled UNet code is kept between runs of a study's storage (inductor's on-disk caches):
+    beside a SQLite file (``studies/optimize-sd.db`` -> ``studies/optimize-sd-compile-cache``), else
+    ``studies/compile-cache``; one per machine for a shared PostgreSQL storage."""
+    if url.startswith("sqlite:///") and url[len("sqlite:///"):] not in ("", ":memory:"):
+        return os.path.splitext(url[len("sqlite:///"):])[0] + "-compile-cache"
+    return os.path.join("studies", "compile-cache")
+
+
 def artifact_store(directory: str, create: bool = True):
     """The store of the images in ``directory``; ``create=False`` for readers, which make no directory.
     Its writes are atomic: Optuna's left a half-written file on a full disk, taking the last space."""

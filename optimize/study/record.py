@@ -83,6 +83,7 @@ WALL = "wall_s"
 PART_TIMING, PART_GENERATION, PART_CLIP, PART_FIDELITY = "timing", "generation", "clip", "fidelity"
 PART_APPLY, PART_CAPTURE = "apply", "capture"
 SEQUENTIAL_PARTS = (PART_TIMING, PART_GENERATION, PART_CLIP, PART_FIDELITY)  # one after another; the rest lie within
+COMPILE_SECONDS = "compile_s"  # seconds torch.compile spent compiling during the trial (also PARTS["compile"])
 
 # Uncertainty (docs/trust.md). PER_PROMPT: trial system attr {CLIP_SCORE: [...], PSNR: [...], ...}, one value
 # per prompt in prompt order, rounded to 6 digits. INTERVALS: trial user attr {INTERVAL_LEVEL: 0.9, INTERVAL_N:

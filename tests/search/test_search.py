@@ -29,6 +29,7 @@ except ImportError:  # tests/ made a package
 
 from optimize.app import runner
 from optimize.levers import METHODS, Context
+from optimize.levers.base import Device
 from optimize.study.record import CONSTRAINTS_ATTR, Goal, best_feasible, is_feasible
 
 ATTRS = ("speedup", "score_loss", "time_per_image", "spread", "clip_score", "config")
@@ -499,10 +500,10 @@ def test_interrupted_warm_start_trial_is_queued_again(tmp_path, monkeypatch):
 
 # --- warm start ----------------------------------------------------------------------------------------
 
-def test_warm_start_params_follow_the_methods():
+def test_warm_start_params_follow_the_methods(monkeypatch):
     from optimize.search import warm_start_params
 
-    ctx = Context(steps=20, scheduler="dpm++")
+    ctx = Context(steps=20, scheduler="dpm++", device=Device("cpu"))  # where the compile lever does not run
     assert warm_start_params(("tome", "tgate"), ctx) == []
     first, second = warm_start_params(("deepcache", "tome", "tgate"), ctx)
     assert first == {"deepcache": True, "deepcache.cache_interval": 3, "deepcache.cache_branch_id": 0,
@@ -518,6 +519,12 @@ def test_warm_start_params_follow_the_methods():
     # at 8 reference steps the schedule's 4 leave T-GATE (>= 5 steps) out of that trial
     assert warm_start_params(("schedule", "tgate"), Context(steps=8, scheduler="ddim")) == [
         {"schedule": True, "schedule.solver": "ddim", "schedule.steps": 4}]
+    # where it runs, the whole UNet compiled alone; the others' switch it off
+    monkeypatch.setattr(__import__("optimize.levers.compile", fromlist=["BACKEND"]), "BACKEND", "eager")
+    assert warm_start_params(("deepcache", "compile"), ctx) == [
+        {**{k: v for k, v in first.items() if k.startswith("deepcache")}, "compile": False},
+        {**{k: v for k, v in second.items() if k.startswith("deepcache")}, "compile": False},
+        {"deepcache": False, "compile": True, "compile.mode": "default"}]
 
 
 def test_new_study_starts_with_known_good_configs_once(tmp_path, monkeypatch):
@@ -528,7 +535,7 @@ def test_new_study_starts_with_known_good_configs_once(tmp_path, monkeypatch):
     code, out, err = run_cli(argv)
     assert code == 0, out + err
     study = load_study(storage_url(tmp_path))
-    warm = warm_start_params(METHODS, Context(steps=8, scheduler="ddim"))
+    warm = warm_start_params(METHODS, Context(steps=8, scheduler="ddim", device=Device("cpu")))
     assert len(warm) == 3 and [t.params for t in study.trials] == warm  # the schedule's, DeepCache N=3, N=5
     code, out, err = run_cli(argv[:-1] + ["1"])  # resumed: nothing enqueued again
     assert code == 0, out + err
@@ -703,3 +710,47 @@ def test_on_the_cpu_default_every_trial_is_a_paired_ratio_and_a_resumed_run_time
         if reference != "gated":
             assert a["baseline_time"] == reference  # timed beside the trial
         assert a["speedup"] < 20  # not divided by the stored (50x slow) baseline time
+
+
+# --- what a trial's measurement cost ------------------------------------------------------------------
+
+def test_a_trial_records_its_wall_time_and_compile_seconds_however_it_ends(monkeypatch):
+    """compile_s: what torch spent compiling during the measurement; wall_s: the measurement end to end.
+    A gated trial has both; a trial that reused an earlier measurement spent neither and has neither."""
+    import numpy as np
+
+    from optimize.measure.evaluator import Measurement, Timing
+    from optimize.search import Objective, SearchSpace
+    from optimize.search import objective as objective_module
+    from optimize.study.baseline import Baseline
+    from optimize.study.record import COMPILE_SECONDS, PARTS, REUSED_FROM, SKIPPED, WALL
+
+    compiled = [0.0]
+    monkeypatch.setattr(objective_module, "compile_seconds", lambda: compiled[0])
+
+    class Evaluator:
+        repeats = 1
+
+        def measure(self, config, gate=None):
+            compiled[0] += 2.5  # the first call of a compiled configuration compiles
+            timing, reference = Timing.from_samples([0.5, 0.5]), Timing.from_samples([1.0, 1.0])
+            if gate is not None and config.deepcache.cache_interval == 4:
+                gate(timing, reference)
+            return Measurement(config, timing, np.ones(4), [], reference)
+
+    baseline = Baseline(1.0, 0.0, 1.0, [1.0] * 4, {}, 32, 32, [1.0, 1.0])
+    study = optuna.create_study(directions=["minimize"])
+    objective = Objective(Evaluator(), baseline, Goal("target", 1.5, 0.5), SearchSpace(
+        ("deepcache",), Context(steps=8, max_branch_id=3)))
+    objective.gate_margin = -10.0  # the gate stops everything it judges
+    for interval in (3, 3, 4):
+        study.enqueue_trial({"deepcache": True, "deepcache.cache_interval": interval, "deepcache.cache_branch_id": 0})
+    study.optimize(objective, n_trials=3)
+    measured, reused, gated = study.trials
+    assert measured.state == TrialState.COMPLETE and measured.user_attrs[COMPILE_SECONDS] == 2.5
+    assert measured.user_attrs[PARTS]["compile"] == 2.5 and 0 <= measured.user_attrs[WALL] < 60
+    # a reused measurement compiled nothing: its wall time is its own, the compile seconds are not copied
+    assert reused.user_attrs[REUSED_FROM] == 0 and COMPILE_SECONDS not in reused.user_attrs
+    assert "compile" not in reused.user_attrs[PARTS]
+    assert gated.state == TrialState.PRUNED and SKIPPED in gated.user_attrs
+    assert gated.user_attrs[COMPILE_SECONDS] == 2.5 and WALL in gated.user_attrs
