@@ -601,6 +601,14 @@ def _study_with_images(tmp_path) -> tuple[str, optuna.Study, dict[str, str]]:
     return url, study, dict(zip(["baseline-0.png", "baseline-1.png"], ids))
 
 
+def _default_sigint() -> None:
+    """Ctrl-C as a terminal gives it: the notebook test leaves SIGINT ignored in this process, and a
+    child that inherits that ignores it too (as a background job of a shell does)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Dashboard:
     """``optimize-sd dashboard`` in a process of its own, on a free port; its stderr (a line per request)
     goes to a file, so that no pipe fills up."""
@@ -610,7 +618,8 @@ class Dashboard:
         with open(log_path, "w") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "optimize.cli", "dashboard", "--storage", url, "--port", "0", *extra],
-                stdout=subprocess.PIPE, stderr=log, text=True, env=dict(os.environ, PYTHONPATH=ROOT))
+                stdout=subprocess.PIPE, stderr=log, text=True, env=dict(os.environ, PYTHONPATH=ROOT),
+                preexec_fn=_default_sigint)
         self.first = self.proc.stdout.readline()
         m = re.search(r"on http://127\.0\.0\.1:(\d+) ", self.first)
         if m is None:
