@@ -512,7 +512,7 @@ def test_warm_start_params_follow_the_methods(monkeypatch):
     assert warm_start_params(("deepcache",), ctx)[0] == {"deepcache": True, "deepcache.cache_interval": 3,
                                                          "deepcache.cache_branch_id": 0}
     # the schedule: the reference's own solver at half its steps, every other lever off
-    half, *dc = warm_start_params(METHODS, ctx)
+    half, *dc = warm_start_params(("schedule", "deepcache", "tome", "tgate"), ctx)
     assert half == {"schedule": True, "schedule.solver": "dpm++", "schedule.steps": 10, "deepcache": False,
                     "tome": False, "tgate": False}
     assert dc == [{"schedule": False, **d} for d in (first, second)]
