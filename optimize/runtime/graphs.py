@@ -148,6 +148,23 @@ class _Installable:
             self.uninstall()
 
 
+def _take_forward(module, replacement):
+    """Make ``replacement`` the module's instance-level ``forward``; returns what to give back."""
+    previous = module.__dict__.get("forward", _MISSING)
+    module.__dict__["forward"] = replacement
+    return previous
+
+
+def _give_back_forward(module, replacement, previous) -> None:
+    """Undo :func:`_take_forward`, if ``replacement`` is still the forward (a wrapper installed on top
+    of it is its owner's to remove)."""
+    if module.__dict__.get("forward") is replacement:
+        if previous is _MISSING:
+            del module.__dict__["forward"]
+        else:
+            module.__dict__["forward"] = previous
+
+
 class Step(_Installable):
     """The module's own forward behind one indirection, installed before anything wraps the module, so
     it stays beneath every wrapper (DeepCache's step counter, :class:`StepGraphs`' replays).
@@ -168,19 +185,14 @@ class Step(_Installable):
     def install(self) -> "Step":
         if self.own is not None:
             raise RuntimeError("step already installed")
-        self._previous = self.module.__dict__.get("forward", _MISSING)
         self.own = self.compute = self.module.forward
-        self.module.__dict__["forward"] = self
+        self._previous = _take_forward(self.module, self)
         return self
 
     def uninstall(self) -> None:
         if self.own is None:
             return
-        if self.module.__dict__.get("forward") is self:
-            if self._previous is _MISSING:
-                del self.module.__dict__["forward"]
-            else:
-                self.module.__dict__["forward"] = self._previous
+        _give_back_forward(self.module, self, self._previous)
         self.own = self.compute = None
         self._previous = _MISSING
 
@@ -219,19 +231,14 @@ class StepGraphs(_Installable):
     def install(self) -> "StepGraphs":
         if self._forward is not None:
             raise RuntimeError("graphs already installed")
-        self._previous = self.module.__dict__.get("forward", _MISSING)
         self._forward = self.module.forward  # whatever forward the module has now (its own, normally)
-        self.module.__dict__["forward"] = self
+        self._previous = _take_forward(self.module, self)
         return self
 
     def uninstall(self) -> None:
         if self._forward is None:
             return
-        if self.module.__dict__.get("forward") is self:
-            if self._previous is _MISSING:
-                del self.module.__dict__["forward"]
-            else:
-                self.module.__dict__["forward"] = self._previous
+        _give_back_forward(self.module, self, self._previous)
         self._forward, self._previous = None, _MISSING
 
     def close(self) -> None:
