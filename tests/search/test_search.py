@@ -28,7 +28,7 @@ except ImportError:  # tests/ made a package
                                sqlite_rows, storage_url, target_run)
 
 from optimize.app import runner
-from optimize.levers import METHODS, Context
+from optimize.levers import BY_NAME, METHODS, Context
 from optimize.study.record import CONSTRAINTS_ATTR, Goal, best_feasible, is_feasible
 
 ATTRS = ("speedup", "score_loss", "time_per_image", "spread", "clip_score", "config")
@@ -453,9 +453,13 @@ def test_warm_start_params_follow_the_methods():
                                                          "deepcache.cache_branch_id": 0}
     # the schedule: the reference's own solver at half its steps, every other lever off
     half, *dc = warm_start_params(METHODS, ctx)
+    # the levers after it are off too: those that can run here (precision needs torchao), and the VAE's
+    # whose pipeline is not known yet
+    after = {"layout": False, **({"precision": False} if BY_NAME["precision"].unavailable(ctx) is None else {}),
+             "vae": False}
     assert half == {"schedule": True, "schedule.solver": "dpm++", "schedule.steps": 10, "deepcache": False,
-                    "tome": False, "tgate": False}
-    assert dc == [{"schedule": False, **d} for d in (first, second)]
+                    "tome": False, "tgate": False, **after}
+    assert dc == [{"schedule": False, **d, **after} for d in (first, second)]
     # at 8 reference steps the schedule's 4 leave T-GATE (>= 5 steps) out of that trial
     assert warm_start_params(("schedule", "tgate"), Context(steps=8, scheduler="ddim")) == [
         {"schedule": True, "schedule.solver": "ddim", "schedule.steps": 4}]
@@ -465,12 +469,16 @@ def test_new_study_starts_with_known_good_configs_once(tmp_path, monkeypatch):
     from optimize.search import warm_start_params
 
     monkeypatch.chdir(tmp_path)
-    argv = run_args(tmp_path, "--max-loss", "0.5", "--methods", ",".join(METHODS), "--n-trials", "3")
+    here = [m for m in METHODS if m not in runner.unavailable_methods(METHODS, "cpu")]  # named ones must run here
+    argv = run_args(tmp_path, "--max-loss", "0.5", "--methods", ",".join(here), "--n-trials", "3")
     code, out, err = run_cli(argv)
     assert code == 0, out + err
     study = load_study(storage_url(tmp_path))
     warm = warm_start_params(METHODS, Context(steps=8, scheduler="ddim"))
-    assert len(warm) == 3 and [t.params for t in study.trials] == warm  # the schedule's, DeepCache N=3, N=5
+    # the schedule's, DeepCache N=3, N=5; the VAE's switch, fixed off before the pipeline was known, is
+    # never asked on this fp32 pipeline
+    assert len(warm) == 3 and [t.params for t in study.trials] == [{k: v for k, v in w.items() if k != "vae"}
+                                                                   for w in warm]
     code, out, err = run_cli(argv[:-1] + ["1"])  # resumed: nothing enqueued again
     assert code == 0, out + err
     study = load_study(storage_url(tmp_path))
