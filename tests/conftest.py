@@ -12,6 +12,7 @@ it on exit); tests that need to break a pipeline build their own with ``make_pip
 from __future__ import annotations
 
 import os
+import tempfile
 
 # --- process set-up -----------------------------------------------------------------------------
 # No network here: make every hub client fail fast instead of retrying. Set before diffusers /
@@ -19,6 +20,9 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# a run keeps compiled code beside its study unless this is set: keep the tests' in one place instead
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR",
+                      os.path.join(tempfile.gettempdir(), f"optimize-sd-tests-inductor-{os.getuid()}"))
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

@@ -75,6 +75,10 @@ def cli():
 @click.option("--height", type=click.IntRange(8), default=None, help="[default: the model's native size]")
 @click.option("--width", type=click.IntRange(8), default=None, help="[default: the model's native size]")
 @click.option("--batch-size", type=click.IntRange(1), default=1, show_default=True)
+@click.option("--score-batch", type=click.IntRange(1), default=None,
+              help="Prompts per pipeline call in the scoring pass, each with its own seed (timing stays at --batch-size); "
+                   "stored with a new study's baseline, a resumed study keeps its own  [default: CPU 8; GPU 8 at "
+                   "512x512, fewer for larger images]")
 @click.option("--prompts", "prompt_spec", default=None,
               help="coco, coco:<dataset>, builtin, or a .txt/.json/.csv file  [default: coco; tiny: builtin]")
 @click.option("--num-samples", type=int, default=None, help="Prompts to generate and score  [default: 32; tiny: 8]")
@@ -85,8 +89,10 @@ def cli():
                    "the speed gate judges them  [default: 3]")
 @click.option("--exec", "exec_mode", type=click.Choice(["eager", "graphs", "compile"]), default=None,
               help="How the pipeline runs while the baseline and every trial are timed: eager, replayed from CUDA graphs "
-                   "(the UNet one per step kind, the text encoders one per shape; the VAE decode stays eager), or regional torch.compile "
-                   "of the UNet with graphs on top  [default: graphs on CUDA, eager on CPU]")
+                   "(the UNet one per step kind, the text encoders one per shape; the VAE decode stays eager), or compile: "
+                   "graphs over the UNet's blocks each compiled for the baseline and every trial (kept so studies made "
+                   "with it resume; the compile lever, searched in graphs mode, compiles the whole UNet per trial)  "
+                   "[default: graphs on CUDA, eager on CPU]")
 @click.option("--scored-repeats", type=click.IntRange(1), default=None,
               help="Paired rounds in all for a configuration that passes the speed gate and is scored: its speedup "
                    "can become the result, so it is timed more precisely  [default: on GPU 10 eager, 5 in a graph mode; "
@@ -306,7 +312,7 @@ def check_run_options(o: dict) -> tuple[pipelines.PipeSpec, RunOptions]:
         goal=goal, methods=methods, n_trials=o["n_trials"], storage=o["storage"], study_name=o["study_name"],
         seed=o["seed"], output=o["output"], heartbeat=o["heartbeat"], progress=o["progress"],
         warm_start=o["warm_start"], speed_gate=o["speed_gate"], images_per_trial=o["images_per_trial"], artifact_dir=o["artifact_dir"],
-        devices=devices, exec_mode=exec_mode, validate=o["validate"], notes=notes,
+        devices=devices, exec_mode=exec_mode, validate=o["validate"], score_batch=o["score_batch"], notes=notes,
     )
     _check_trust(opts)
     return spec, opts
@@ -315,7 +321,7 @@ def check_run_options(o: dict) -> tuple[pipelines.PipeSpec, RunOptions]:
 def _methods_here(methods: tuple[str, ...], device: str, explicit: bool) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """The levers a run searches on ``device`` and the line saying which of the default ones it left out;
     one named in --methods that cannot run there is refused (the user asked for it by name)."""
-    left_out = unavailable_methods(methods, device)
+    left_out = unavailable_methods(methods, device, explicit)
     if left_out and explicit:
         raise Failure("--methods: " + "; ".join(f"{n} cannot run on {device}: {r}" for n, r in left_out.items())
                       + " (leave it out of --methods)")
@@ -466,19 +472,16 @@ def generate_command(prompts, output, storage, study_name, trial_number, params_
 @click.option("--storage", default=DEFAULT_STORAGE, show_default=True)
 @click.option("--artifact-dir", default=None, help="[default: as run chose it for this storage]")
 @click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", type=click.IntRange(1, 65535), default=8080, show_default=True)
+@click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True, help="0: any free port")
 def dashboard_command(storage, artifact_dir, host, port):
     """Start optuna-dashboard on a study storage, with the trials' images (read-only: nothing is created
     or written, a missing SQLite file is refused)."""
-    import optuna_dashboard
+    from .dashboard import DashboardError, serve
 
     try:
-        rdb = open_storage(storage, read_only=True)
-    except StorageError as e:
+        serve(storage, artifact_dir, host, port, click.echo)
+    except (StorageError, DashboardError) as e:
         raise Failure(str(e)) from None
-    directory = artifact_dir_for(storage, artifact_dir)
-    click.echo(f"optuna-dashboard on http://{host}:{port} ({redact(storage)}, images in {directory}); Ctrl-C to stop")
-    optuna_dashboard.run_server(rdb, host=host, port=port, artifact_store=artifact_store(directory, create=False))
 
 
 def main(argv=None) -> None:

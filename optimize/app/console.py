@@ -17,8 +17,8 @@ from typing import Any, Callable
 from optuna.trial import FrozenTrial, TrialState
 
 from ..study.record import (BASELINE_TIME, CLIP_SCORE, CONFIG, ERROR, FAIL_REASON, INTERVAL_LEVEL, INTERVAL_N, INTERVALS, LPIPS,
-                    PSNR, REUSED_FROM, SCORE_LOSS, SKIPPED, SPEEDUP, SPEEDUP_EAGER, SPREAD, SSIM, TIME_PER_IMAGE, Goal,
-                    Validation, is_feasible)
+                    PARTS, PSNR, REUSED_FROM, SCORE_LOSS, SEQUENTIAL_PARTS, SKIPPED, SPEEDUP, SPEEDUP_EAGER, SPREAD, SSIM,
+                    TIME_PER_IMAGE, WALL, Goal, Validation, is_feasible)
 
 Echo = Callable[..., None]  # echo(line: str, err: bool = False)
 
@@ -50,8 +50,25 @@ def speedup_text(attrs: dict[str, Any]) -> str:
     return f"{attrs[SPEEDUP]:5.2f}x{bracket(_interval(attrs, SPEEDUP), '.2f')}"
 
 
+def _seconds(value: float) -> str:
+    """``8.1``, and two decimals below a second (``0.03``)."""
+    return f"{value:.1f}" if value >= 1 else f"{value:.2f}"
+
+
+def parts_text(attrs: dict[str, Any]) -> str:
+    """What a trial's time went on: ``8.1 s: timing 3.0, generation 4.2, clip 0.5, fidelity 0.1 (within
+    them: apply 0.0, capture 0.3)``; empty for a trial from before it was recorded."""
+    if WALL not in attrs:
+        return ""
+    parts = attrs.get(PARTS) or {}
+    head = ", ".join(f"{k} {_seconds(parts[k])}" for k in SEQUENTIAL_PARTS if k in parts)
+    within = ", ".join(f"{k} {_seconds(v)}" for k, v in sorted(parts.items()) if k not in SEQUENTIAL_PARTS)
+    return (f"{_seconds(attrs[WALL])} s" + (f": {head}" if head else "")
+            + (f" (within them: {within})" if within else ""))
+
+
 def trial_line(trial: FrozenTrial, goal: Goal | None = None) -> str:
-    """``#3  dc(3,b0)+tome(0.5,md2)  1.87x [1.80, 1.95] ±4%  score_loss +0.0120 [+0.0040, +0.0200]  psnr 27.1 ssim 0.952  feasible``
+    """``#3  dc(3,b0)+tome(0.5,md2)  1.87x [1.80, 1.95] ±4%  score_loss +0.0120 [+0.0040, +0.0200]  psnr 27.1 ssim 0.952  took 8.1 s  feasible``
 
     The CLIP loss and the fidelity metrics are all shown: feasibility is judged on the study's
     ``--loss-metric`` (``goal``), which may be any of them; its interval is shown beside it."""
@@ -63,9 +80,10 @@ def trial_line(trial: FrozenTrial, goal: Goal | None = None) -> str:
     reused = f"  (same as #{attrs[REUSED_FROM]})" if REUSED_FROM in attrs else ""
     fidelity = fidelity_text(attrs, goal.loss_attr if goal is not None else None)
     eager = f" ({attrs[SPEEDUP_EAGER]:.2f}x vs eager)" if SPEEDUP_EAGER in attrs else ""
+    took = f"took {attrs[WALL]:.1f} s  " if WALL in attrs and REUSED_FROM not in attrs else ""
     return (f"{head} {speedup_text(attrs)} ±{100 * attrs[SPREAD]:.0f}%{eager}  score_loss {attrs[SCORE_LOSS]:+.4f}"
             f"{bracket(_interval(attrs, SCORE_LOSS), '+.4f')}  "
-            f"{fidelity + '  ' if fidelity else ''}{'feasible' if is_feasible(trial) else 'infeasible'}{reused}")
+            f"{fidelity + '  ' if fidelity else ''}{took}{'feasible' if is_feasible(trial) else 'infeasible'}{reused}")
 
 
 def interval_note(goal: Goal, attrs: dict[str, Any]) -> str:
@@ -106,8 +124,8 @@ def reproduced_text(trial: FrozenTrial) -> str:
 
 
 def format_best(study_name: str, goal: Goal, trial: FrozenTrial | None, baseline) -> str:
-    if trial is None:
-        return f"{study_name}: no feasible trial yet"
+    if trial is None:  # outside target mode a pick must also beat the baseline (optimize.study.record.pick)
+        return f"{study_name}: no feasible trial yet" + ("" if goal.mode == "target" else " that is faster than the baseline")
     e = trial.user_attrs
     fidelity = fidelity_text(e, goal.loss_attr)
     note, held_out = interval_note(goal, e), Validation.of(trial)
@@ -120,6 +138,7 @@ def format_best(study_name: str, goal: Goal, trial: FrozenTrial | None, baseline
             f"(CLIP {e[CLIP_SCORE]:.2f} vs {baseline.clip_score:.2f}){'; ' + fidelity if fidelity else ''}\n"
             + (f"  {note}\n" if note else "")
             + (f"  {validation_text(goal, held_out)}\n" if held_out else "")
+            + (f"  trial {parts_text(e)}\n" if parts_text(e) and REUSED_FROM not in e else "")
             + f"  params {dict(trial.params)}")
 
 

@@ -22,7 +22,7 @@ import os
 from dataclasses import dataclass, fields
 from typing import Any
 
-from ..study.files import atomic_write_json, read_only
+from ..study.files import atomic_write_json, read_only, writable_dir
 from ..study.record import (CLIP_SCORE, CONFIDENCE, CONFIG, ENTRY_LEVEL, FIDELITY, INTERVAL_LEVEL, INTERVALS,
                             LOSS_INTERVAL, SCORE_LOSS, SPEEDUP, SPEEDUP_EAGER, SPEEDUP_INTERVAL, SPEEDUP_REPRODUCED, SPREAD,
                             TIME_PER_IMAGE, VALIDATION, Goal, Validation)
@@ -147,7 +147,7 @@ def check_writable(path: str) -> None:
         directory = os.path.dirname(directory)
     if not os.path.isdir(directory):
         raise ParamsFileError(f"cannot write {path}: {directory} is not a directory")
-    if not os.access(directory, os.W_OK | os.X_OK):
+    if not writable_dir(directory):
         raise ParamsFileError(f"cannot write {path}: directory {directory} is not writable; "
                               "pass another --output")
 
@@ -170,7 +170,10 @@ def update_search_params(path: str, key: str, entry: dict[str, Any]) -> None:
     file is :class:`PermissionError`: it is not replaced."""
     if _read_only(path):
         raise PermissionError(errno.EACCES, "the file is read-only", path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    directory = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(directory) and not writable_dir(directory):  # made read-only since the run began
+        raise PermissionError(errno.EACCES, "its directory is read-only", directory)
+    os.makedirs(directory, exist_ok=True)
     with _locked(path):
         data = read_search_params(path)
         data[key] = entry

@@ -32,9 +32,10 @@ from tqdm.auto import tqdm
 from . import console, validation
 from ..runtime import pipelines
 from ..levers import BY_NAME, Config, Context, Device
-from ..study.artifacts import (BASELINE_PREFIX, artifact_dir_for, artifact_store, baseline_image_ids, load_baseline_images,
-                        trial_prefix, upload_images)
-from ..measure.evaluator import Evaluator, pin_cpu_threads
+from ..runtime.compiling import use_cache_dir
+from ..study.artifacts import (BASELINE_PREFIX, artifact_dir_for, artifact_store, baseline_image_ids, compile_cache_for,
+                               load_baseline_images, trial_prefix, upload_images)
+from ..measure.evaluator import Evaluator, default_score_batch, pin_cpu_threads
 from ..measure.metrics import ClipScorer, FidelityScorer, MetricError, lpips_available, lpips_weights_path, score_loss
 from ..study.baseline import Baseline, BaselineMismatch, check_fingerprint
 from .params_file import run_entry, search_params_key, update_search_params
@@ -95,13 +96,17 @@ class RunOptions:
     devices: tuple[str, ...] = ()  # --workers / --gpus: one worker process per entry
     exec_mode: str = "eager"  # --exec: eager, graphs or compile (optimize.runtime.graphs)
     validate: int | None = None  # --validate: held-out prompts for the pick (0: none; None: the default size, if cheap)
+    score_batch: int | None = None  # --score-batch: a new study's prompts per scoring call (None: the default)
     notes: tuple[str, ...] = ()  # said once before anything loads (levers left out on this device)
 
 
-def unavailable_methods(methods: tuple[str, ...], device: str) -> dict[str, str]:
-    """The levers of ``methods`` that cannot run on ``device``, each with why (asks the driver, loads no model)."""
+def unavailable_methods(methods: tuple[str, ...], device: str, explicit: bool = False) -> dict[str, str]:
+    """The levers of ``methods`` a run leaves out on ``device``, each with why (asks the driver, loads no
+    model): those that cannot run there and, unless the user named them (``explicit``), those that would
+    gain nothing there (:meth:`optimize.levers.Lever.no_gain`)."""
     ctx = Context(device=Device.of(device))
-    reasons = {name: BY_NAME[name].unavailable(ctx) for name in methods}
+    reasons = {name: BY_NAME[name].unavailable(ctx) or (None if explicit else BY_NAME[name].no_gain(ctx))
+               for name in methods}
     return {name: reason for name, reason in reasons.items() if reason is not None}
 
 
@@ -196,7 +201,8 @@ def _open_study(storage, name: str, opts: RunOptions, fingerprint: Fingerprint, 
         if StudyRecord(opts.goal, fingerprint, prompt_source(opts.prompt_spec)).insert_once(storage, study):
             study.set_metric_names(opts.goal.metric_names)  # shown by optuna-dashboard
             if opts.warm_start:  # only the process that created the study: workers would enqueue twice
-                for params in warm_start_params(opts.methods, Context(steps=opts.steps, scheduler=opts.scheduler)):
+                ctx = Context(steps=opts.steps, scheduler=opts.scheduler, device=Device.of(opts.device))
+                for params in warm_start_params(opts.methods, ctx):  # none of a lever that cannot run here
                     study.enqueue_trial(params, skip_if_exists=True)
         else:
             _check_existing(study, opts, fingerprint)  # another worker stored its settings first
@@ -253,8 +259,25 @@ def prepare_study(spec: pipelines.PipeSpec, opts: RunOptions, echo: console.Echo
     return prompts, storage, fingerprint, study, n_before
 
 
+def scoring_batch(study: optuna.Study, opts: RunOptions, settings, n_prompts: int, echo) -> int | None:
+    """Prompts per call of the scoring pass. A stored baseline's own (its images were made that way and
+    trials' images must compare exactly; None: a study from before it was stored, scored in calls of
+    its batch size), whatever ``--score-batch`` says now (a note says so if it says otherwise); else
+    ``--score-batch`` or its default, at most the prompts."""
+    wanted = min(opts.score_batch or default_score_batch(opts.device, settings.height, settings.width), n_prompts)
+    stored = Baseline.load(study)
+    if stored is None:
+        return wanted
+    if opts.score_batch is not None and wanted != stored.score_batch:
+        how = (f"in calls of {stored.score_batch} prompts" if stored.score_batch is not None
+               else "before --score-batch existed, one call per --batch-size")
+        echo(f"note: this study's baseline images were made {how}: its trials are scored the same way "
+             f"(--score-batch {opts.score_batch} applies to a new study)")
+    return stored.score_batch
+
+
 def ensure_baseline(study: optuna.Study, storage, evaluator: Evaluator, fingerprint: Fingerprint, echo,
-                    save_images=lambda images: None):
+                    save_images=lambda images, indices=None: None):
     """The study's baseline, the baseline images this process measured (None if it measured none) and
     whether the stored baseline is this process's measurement.
 
@@ -268,10 +291,11 @@ def ensure_baseline(study: optuna.Study, storage, evaluator: Evaluator, fingerpr
         echo("reusing the stored baseline")
         return baseline, None, False
     s = evaluator.settings
-    echo(f"measuring baseline on {len(evaluator.prompts)} prompts ({s.steps} steps, {s.width}x{s.height})")
+    scored = f", {evaluator.score_batch} per scoring call" if evaluator.score_batch else ""
+    echo(f"measuring baseline on {len(evaluator.prompts)} prompts ({s.steps} steps, {s.width}x{s.height}{scored})")
     try:
         m = evaluator.measure(Config(), paired=False)
-        measured = Baseline.from_measurement(m, s, fingerprint.as_dict())
+        measured = Baseline.from_measurement(m, s, fingerprint.as_dict(), evaluator.score_batch)
         score_loss(measured.clip_score, measured.clip_score)  # a zero baseline score is an error
     except Exception as e:  # noqa: BLE001 - nothing can be searched without a baseline: one line
         raise RunError(f"baseline measurement failed: {type(e).__name__}: {e}") from e
@@ -283,6 +307,9 @@ def ensure_baseline(study: optuna.Study, storage, evaluator: Evaluator, fingerpr
     _check_fingerprint(stored.fingerprint, fingerprint)
     echo(f"another worker stored the baseline first: using its CLIP score {stored.clip_score:.3f} "
          f"(measured here: {measured.clip_score:.3f})")
+    if stored.score_batch != evaluator.score_batch:  # its images were made in other calls: score as it did
+        evaluator.score_batch = stored.score_batch
+        return stored, None, False
     return stored, m.images, False
 
 
@@ -305,8 +332,11 @@ def baseline_images(study: optuna.Study, store, directory: str, evaluator: Evalu
         images = evaluator.measure(Config(), paired=False).images
     except Exception as e:  # noqa: BLE001 - nothing can be compared without them: one line
         raise RunError(f"baseline images could not be generated: {type(e).__name__}: {e}") from e
-    if not baseline_image_ids(study):
-        save_images(images)  # none were ever stored (a study from before they were kept)
+    # never stored (a study from before they were kept), or their storing was cut short (kill -9, a full
+    # disk): stored now, or every later run would generate them again
+    missing = [i for i in range(n) if i not in baseline_image_ids(study)]
+    if missing:
+        save_images([images[i] for i in missing], missing)
     return images
 
 
@@ -342,6 +372,11 @@ def free_memory() -> None:
 def worker_label(opts: RunOptions) -> str:
     """Stored on every trial as the ``worker`` user attr: which process on which machine ran it."""
     return f"{socket.gethostname()}:{os.getpid()} {opts.device}"
+
+
+def _why(e: Exception) -> str:
+    """Why a file was not written, without its name (the line names it): a full disk names the disk."""
+    return getattr(e, "reason", None) or getattr(e, "strerror", None) or str(e)
 
 
 def _interrupt(signum, frame):
@@ -406,6 +441,7 @@ class Search:
         """The pipeline, the CLIP scorer, the evaluator and where images go."""
         opts = self.opts
         pin_cpu_threads(opts.device)
+        use_cache_dir(compile_cache_for(opts.storage))  # a resumed run finds the graphs this one compiles
         try:
             pipe, self.settings = settings_for(self.spec, opts).load()  # compiled once per run in the compile mode
             scorer = ClipScorer(opts.clip_model, opts.clip_pretrained, opts.device, opts.dtype)
@@ -413,7 +449,9 @@ class Search:
             raise RunError(str(e)) from None
         self.pipe, self.xl = pipe, pipelines.is_xl(pipe)
         self.evaluator = Evaluator(pipe, scorer, self.prompts, self.settings, repeats=opts.repeats,
-                                   progress=opts.progress, scored_repeats=opts.scored_repeats, exec=opts.exec_mode)
+                                   progress=opts.progress, scored_repeats=opts.scored_repeats, exec=opts.exec_mode,
+                                   score_batch=scoring_batch(self.study, opts, self.settings, len(self.prompts),
+                                                             self.echo))
         self.directory = artifact_dir_for(opts.storage, opts.artifact_dir)
         try:
             self.store = artifact_store(self.directory)  # the baseline images always; trial images if --images-per-trial
@@ -427,8 +465,8 @@ class Search:
         (paired rounds), since the machine's load may have changed since, or this may be another worker's GPU."""
         study, echo = self.study, self.echo
 
-        def save(images) -> None:
-            self.save_images(images, study, BASELINE_PREFIX, None)
+        def save(images, indices=None) -> None:
+            self.save_images(images, study, BASELINE_PREFIX, None, indices)
 
         try:
             self.baseline, measured, ours = ensure_baseline(study, self.storage, self.evaluator, self.fingerprint, echo,
@@ -512,7 +550,8 @@ class Search:
         try:
             validator = validation.Validator(
                 self.pipe, self.evaluator.scorer, load_heldout(opts.prompt_spec, opts.num_samples, n), self.settings,
-                opts.goal, opts.device, repeats=opts.repeats, scored_repeats=opts.scored_repeats, exec_mode=opts.exec_mode)
+                opts.goal, opts.device, repeats=opts.repeats, scored_repeats=opts.scored_repeats, exec_mode=opts.exec_mode,
+                score_batch=self.evaluator.score_batch)
             try:
                 validation.validate_trials(self.study, [best], validator, self.write)
             finally:
@@ -537,7 +576,7 @@ class Search:
         self.echo(console.format_result(name, opts.goal, best, front, self.baseline))
         if self.unsaved:
             e = self.unsaved
-            raise RunFailure(f"{opts.output} not updated: {getattr(e, 'strerror', None) or e}; the old file is intact "
+            raise RunFailure(f"{opts.output} not updated: {_why(e)}; the old file is intact "
                              f"and the study keeps every trial (optimize-sd best --study {name} shows the best)")
         if best is not None:
             self.echo(f"saved to {opts.output} under {self.key!r}")
@@ -548,11 +587,11 @@ class Search:
         with tqdm.external_write_mode(file=sys.stderr if err else None):
             self.echo(line, err=err)
 
-    def save_images(self, images, target, prefix: str, limit: int | None) -> None:
+    def save_images(self, images, target, prefix: str, limit: int | None, indices=None) -> None:
         if self.store is None or not images or limit == 0:
             return
         try:
-            upload_images(images[:limit], target, self.store, prefix)
+            upload_images(images[:limit], target, self.store, prefix, indices)
         except Exception as e:  # noqa: BLE001 - a trial's pictures are a convenience: never fail it over them
             self.echo(f"optimize-sd: warning: images not saved: {type(e).__name__}: {e}", err=True)
 
@@ -617,7 +656,7 @@ class Search:
                 # disk full, read-only, the user's file invalid: the old file stays as it was (atomic
                 # replace; an invalid one is never overwritten) and the study keeps the result
                 self.unsaved = e
-                self.write(f"optimize-sd: warning: {self.opts.output} not updated: {e}", err=True)
+                self.write(f"optimize-sd: warning: {self.opts.output} not updated: {_why(e)}", err=True)
                 return
             self.unsaved = None
             now, now_front = self.result()

@@ -30,7 +30,9 @@ from ..levers import Config
 from .console import Echo, validation_text
 from ..measure.evaluator import Evaluator, default_rounds, pin_cpu_threads
 from ..measure.metrics import ClipScorer, FidelityScorer, MetricError, lpips_available, score_loss
+from ..runtime.compiling import use_cache_dir
 from ..runtime.pipelines import device_name
+from ..study.artifacts import compile_cache_for
 from ..measure.prompts import PromptsError, load_heldout, load_prompts, prompts_hash
 from ..study.storage import StorageError, open_storage, rdb, set_trial_system_attr_after
 from ..study.record import (CLIP_SCORE, CONFIG, INTERVALS, SCORE_LOSS, SPEEDUP, VALIDATION, Goal, StudyError, StudyRecord,
@@ -76,14 +78,15 @@ def stored(trial, prompts: list[str], seed: int) -> Validation | None:
 class Validator:
     """Measures configurations on held-out prompts against the untouched pipeline on the same prompts
     and seeds (measured once, on first use). ``settings``: the study's generation settings; the seed
-    is moved by :data:`SEED_OFFSET` here."""
+    is moved by :data:`SEED_OFFSET` here. ``score_batch``: the study's prompts per scoring call, so the
+    held-out images are made as the search's were."""
 
     def __init__(self, pipe, scorer, prompts: list[str], settings, goal: Goal, device: str, *, repeats: int = 0,
-                 scored_repeats: int = 0, exec_mode: str = "eager"):
+                 scored_repeats: int = 0, exec_mode: str = "eager", score_batch: int | None = None):
         self.prompts, self.goal, self.device = prompts, goal, device
         self.settings = replace(settings, seed=settings.seed + SEED_OFFSET)
         self.evaluator = Evaluator(pipe, scorer, prompts, self.settings, repeats=repeats,
-                                   scored_repeats=scored_repeats, exec=exec_mode)
+                                   scored_repeats=scored_repeats, exec=exec_mode, score_batch=score_batch)
         self.hash = prompts_hash(prompts)
         self._base = None
         self._fidelity = None
@@ -248,9 +251,12 @@ def validate_study(storage_url: str, study_name: str | None, *, n: int | None = 
         echo(f"note: the study was measured on {record.fingerprint.device}, this is {here}: "
              "the held-out speedup is this device's")
     pin_cpu_threads(device)  # as the study's run timed it
-    pipe, scorer, settings, exec_mode = _load(record, Baseline.load(study), device)
+    use_cache_dir(compile_cache_for(storage_url))  # the graphs the study's runs compiled
+    baseline = Baseline.load(study)
+    pipe, scorer, settings, exec_mode = _load(record, baseline, device)
     rounds = default_rounds(device, exec_mode)
     validator = Validator(pipe, scorer, heldout, settings, record.goal, device, exec_mode=exec_mode,
+                          score_batch=baseline.score_batch if baseline is not None else None,
                           repeats=rounds[0] if repeats is None else repeats,
                           scored_repeats=rounds[1] if scored_repeats is None else scored_repeats)
     try:

@@ -14,9 +14,11 @@ per device and waits for them:
 * the baseline is measured by whichever workers find none stored; the first one stored is kept (see
   :func:`optimize.app.runner.ensure_baseline`), and every worker times the baseline on its own device;
 * worker output comes back line by line, prefixed ``[w<i> <device>]``;
-* Ctrl-C or SIGTERM is forwarded to every worker (each marks its running trial failed and exits);
-  a second one kills them (their trials are retried when the study next runs: at once on this machine,
-  where their processes are seen to be gone; elsewhere once their heartbeat is stale).
+* Ctrl-C or SIGTERM is forwarded to every worker (each marks its running trial failed and exits, with
+  one line; one still importing says ``optimize-sd: interrupted``); a second one kills them;
+* a worker that is killed (or crashes) leaves its trial running: the next trial another worker starts
+  fails it and queues it again, and once all workers are done the launcher does so for any left, so
+  the study holds no trial of a dead process as running (it is re-run when the study next runs).
   The workers run in their own process group, so a terminal's Ctrl-C reaches them once, through
   the launcher, and they receive SIGTERM if the launcher itself dies.
 
@@ -41,8 +43,8 @@ from . import console
 from ..study.baseline import Baseline
 from ..measure.prompts import counted
 from .runner import RunOptions, prepare_study
-from ..study.storage import redact
-from ..study.record import study_result
+from ..study.storage import MAX_RETRY, redact, storage_errors
+from ..study.record import OWNER, study_result
 
 LAUNCHER_ENV = "OPTIMIZE_SD_LAUNCHER_PID"
 
@@ -83,7 +85,7 @@ class _Worker:
         # the workers run this very package, whatever is installed
         env["PYTHONPATH"] = os.pathsep.join(p for p in (_package_root(), env.get("PYTHONPATH")) if p)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "optimize.cli", *argv], stdin=subprocess.DEVNULL,
+            [sys.executable, "-c", _WORKER_MAIN, *argv], stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, process_group=0,
         )
         self.readers = [self._relay(self.proc.stdout, False), self._relay(self.proc.stderr, True)]
@@ -93,6 +95,8 @@ class _Worker:
         def pump():
             for raw in iter(stream.readline, b""):
                 line = raw.decode("utf-8", errors="replace").rstrip("\r\n")
+                if not line.strip():  # click's blank line after Ctrl-C ends a terminal's "^C", not a line here
+                    continue
                 with _ECHO_LOCK:
                     self.echo(f"[{self.label}] {line}", err=err)
             stream.close()
@@ -108,7 +112,8 @@ class _Worker:
             except ProcessLookupError:
                 pass
 
-    def describe_exit(self) -> str:
+    def describe_exit(self) -> str | None:
+        """How the worker ended, in one line; None after Ctrl-C, which the worker's own line tells."""
         code = self.proc.returncode
         if code == 0:
             return f"worker {self.label} finished its {counted(self.n_trials, 'trial')}"
@@ -117,8 +122,20 @@ class _Worker:
             return (f"worker {self.label} was killed ({name}); its running trial is retried by the next trial a worker "
                     f"starts (on another machine: once its heartbeat is stale), or when the study next runs")
         if code == 130:
-            return f"worker {self.label} was interrupted; its running trial was marked failed"
+            return None
         return f"worker {self.label} failed (exit {code})"
+
+
+# A worker's entry point: Ctrl-C while it still imports (seconds, on a loaded machine) is one line and
+# exit 130, not a traceback from the middle of an import.
+_WORKER_MAIN = """import sys
+try:
+    from optimize.app.cli import main
+except KeyboardInterrupt:
+    print("optimize-sd: interrupted", file=sys.stderr)
+    sys.exit(130)
+main(sys.argv[1:])
+"""
 
 
 _ECHO_LOCK = threading.Lock()
@@ -131,7 +148,7 @@ def launch(spec, opts: RunOptions, worker_argv: Callable[[str, int, int], list[s
     ``worker_argv(device, n_trials, index)`` gives a worker's ``optimize-sd`` arguments; every line for
     the user, the workers' included, goes to ``echo(line, err=False)``.
     """
-    _, _, _, study, n_before = prepare_study(spec, opts, echo)  # created once here, before any worker starts
+    _, storage, _, study, n_before = prepare_study(spec, opts, echo)  # created once here, before any worker starts
     devices = list(opts.devices)
     shares = [n for n in split_trials(opts.n_trials, len(devices)) if n > 0]
     devices = devices[: len(shares)]
@@ -141,7 +158,24 @@ def launch(spec, opts: RunOptions, worker_argv: Callable[[str, int, int], list[s
         echo(f"note: --n-trials {opts.n_trials} is fewer than the {len(opts.devices)} devices: "
              f"{len(devices)} workers started")
     workers, interrupted = _run_workers(devices, shares, worker_argv, echo)
+    _fail_killed_workers_trials(storage, study, workers, echo)
     return _summary(study, opts, n_before, workers, interrupted, echo)
+
+
+def _fail_killed_workers_trials(storage, study, workers: list[_Worker], echo) -> None:
+    """The trial a killed worker left running, when no other worker started a trial after it died (which
+    would have retried it): failed and queued again now, not left RUNNING in the study until it runs."""
+    labels = {w.proc.pid: w.label for w in workers}
+    try:
+        failed = storage.fail_dead_trials(study)
+    except storage_errors():  # the storage went away too: the next run does this
+        return
+    for trial, queued in failed:
+        pid = trial.system_attrs[OWNER]["pid"]
+        who = f"worker {labels[pid]}" if pid in labels else f"pid {pid}"
+        fate = "queued again: it runs when the study next runs" if queued else \
+            f"not queued again: retried {MAX_RETRY} times already"
+        echo(f"trial #{trial.number} of {who}, which is gone, marked failed and {fate}", err=True)
 
 
 def _run_workers(devices: list[str], shares: list[int], worker_argv, echo) -> tuple[list[_Worker], bool]:
@@ -194,8 +228,10 @@ def _report_exit(w: _Worker, echo) -> bool:
         w.reported = True
         for t in w.readers:
             t.join(timeout=10)
-        with _ECHO_LOCK:
-            echo(w.describe_exit(), err=w.proc.returncode != 0)
+        line = w.describe_exit()
+        if line is not None:
+            with _ECHO_LOCK:
+                echo(line, err=w.proc.returncode != 0)
     return False
 
 

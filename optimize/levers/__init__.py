@@ -7,6 +7,7 @@
 * :mod:`.layout`: channels-last convolutions, fused QKV projections, the attention kernel;
 * :mod:`.precision`: torchao's int8 or fp8 dynamic quantization of the UNet's token-wise layers;
 * :mod:`.vae`: SDXL's VAE decoded in fp16 instead of its fp32 upcast.
+* :mod:`.compile`: ``torch.compile`` of the whole UNet, one graph per step kind.
 
 :data:`LEVERS` is the registry; :class:`Config` says which are on; :func:`accelerate` applies one to a
 loaded pipeline and removes it exactly. Adding a lever is one module, one line in :mod:`.registry`
@@ -15,6 +16,7 @@ and one contract-test subclass (``tests/levers/contract.py``).
 
 from .apply import Accelerated, accelerate
 from .base import Applied, Choice, Context, Device, Float, Int, InvalidConfig, Lever, param
+from .compile import Compile
 from .config import Config
 from .deepcache import DeepCache
 from .layout import Layout
@@ -25,6 +27,6 @@ from .tgate import TGate
 from .tome import ToMe
 from .vae import Vae
 
-__all__ = ["Accelerated", "Applied", "BY_NAME", "Choice", "Config", "Context", "DeepCache", "Device", "Float", "Int",
-           "InvalidConfig", "LEVERS", "Layout", "Lever", "METHODS", "Precision", "Schedule", "TGate", "ToMe", "Vae",
+__all__ = ["Accelerated", "Applied", "BY_NAME", "Choice", "Compile", "Config", "Context", "DeepCache", "Device", "Float",
+           "Int", "InvalidConfig", "LEVERS", "Layout", "Lever", "METHODS", "Precision", "Schedule", "TGate", "ToMe", "Vae",
            "accelerate", "param"]

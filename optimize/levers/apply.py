@@ -1,9 +1,11 @@
 """Apply a :class:`Config` to a loaded pipeline, call it, and remove it exactly.
 
-:class:`Accelerated` composes the levers that are on; it knows none of them. In a graph mode it
-installs the UNet's graphs first (so the levers wrap them: DeepCache keeps them as the UNet's
-forward, and the levers' Python runs at capture only) and asks the levers, before every UNet step,
-which kind of step comes, what state they hand between steps and which generators they draw from.
+:class:`Accelerated` composes the levers that are on; it knows none of them. It puts the UNet's
+own forward behind a :class:`~optimize.runtime.graphs.Step` first, where the levers decide each
+step's kind before the forward runs and may replace what computes it (a compiled forward). In a
+graph mode it installs the UNet's graphs next (so the levers wrap them: DeepCache keeps them as the
+UNet's forward, and the levers' Python runs at capture only) and asks the levers, before every UNet
+step, which kind of step comes, what state they hand between steps and which generators they draw from.
 
 Example:
     >>> with accelerate(pipe, {"deepcache": True, "deepcache.cache_interval": 3}) as fast:   # doctest: +SKIP
@@ -15,7 +17,7 @@ from __future__ import annotations
 from contextlib import ExitStack
 from typing import Any, Mapping
 
-from ..runtime.graphs import EXEC_MODES, PipelineGraphs, StepGraphs
+from ..runtime.graphs import EXEC_MODES, PipelineGraphs, Step, StepGraphs
 from .base import Applied, InvalidConfig
 from .config import Config
 
@@ -40,6 +42,7 @@ class Accelerated:
         self.graph_backend = graph_backend
         self.applied: dict[str, Applied] | None = None  # by lever name, in registry order, while applied
         self.graphs: StepGraphs | None = None
+        self.step: Step | None = None  # the UNet's own forward behind one indirection, while applied
         # graph modes: the text encoders' graphs and the host schedule; shared when given (a study's), else own
         self._shared_pipeline_graphs = pipeline_graphs is not None
         self.pipeline_graphs = pipeline_graphs
@@ -58,6 +61,9 @@ class Accelerated:
         pipe._optimize_sd_applied = True
         self.applied = {}
         try:
+            # beneath everything the levers and the graphs put around the UNet: the levers decide each
+            # step's kind there, and may swap what computes the step (a compiled forward)
+            self.step = Step(pipe.unet, decide=self._step_kind).install()
             if self.exec != "eager":
                 self.graphs = StepGraphs(pipe.unet, kind=self._step_kind, slots=self._slots,
                                          generators=self._generators, backend=self.graph_backend).install()
@@ -67,6 +73,10 @@ class Accelerated:
                 self._pipeline_installed = True
             for lever, params in self.config.items():
                 self.applied[lever.name] = lever.apply(pipe, params, dict(self.applied))
+            compute = self.step.own
+            for applied in self.applied.values():
+                compute = applied.step(compute)
+            self.step.compute = compute
         except BaseException:
             self.remove()
             raise
@@ -96,8 +106,11 @@ class Accelerated:
                     self.pipeline_graphs.close()
                     self.pipeline_graphs = None
                 self._pipeline_installed = False
+            if self.step is not None:
+                self.step.uninstall()
             self.applied = None
             self.graphs = None
+            self.step = None
 
     def __enter__(self) -> "Accelerated":
         return self.apply() if self.applied is None else self

@@ -8,8 +8,8 @@ A *lever* is one module of this package holding:
 * a :class:`Lever` subclass: its stored name (``deepcache`` switches it, ``deepcache.cache_interval``
   holds a field), a short label, and :meth:`Lever.apply`;
 * an :class:`Applied` subclass: what ``apply`` returns, with an exact, idempotent :meth:`Applied.remove`,
-  the per-call :meth:`Applied.reset`, its part of the graph step kind (:mod:`optimize.runtime.graphs`), and the
-  call hooks of a lever that changes the call itself.
+  the per-call :meth:`Applied.reset`, its part of the step kind (:mod:`optimize.runtime.graphs`), what
+  computes a step (:meth:`Applied.step`), and the call hooks of a lever that changes the call itself.
 
 The registry (:data:`optimize.levers.LEVERS`) is the only list of levers; nothing outside a lever's
 module branches on that lever.
@@ -17,7 +17,7 @@ module branches on that lever.
 Example:
     >>> from optimize.levers import LEVERS
     >>> [lever.name for lever in LEVERS]
-    ['schedule', 'deepcache', 'tome', 'tgate', 'layout', 'precision', 'vae']
+    ['schedule', 'deepcache', 'tome', 'tgate', 'layout', 'precision', 'vae', 'compile']
     >>> deepcache = LEVERS[1]
     >>> deepcache.label(deepcache.Params(cache_interval=3))
     'dc(3,b0)'
@@ -31,6 +31,9 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any, Callable, ClassVar, Iterable, Mapping, Sequence
 
 _MISSING = object()
+# what :meth:`Lever.no_gain` says of a lever that speeds up a CUDA GPU's UNet step (launches, fused
+# kernels, tensor cores), on another device
+GPU_ONLY = "it speeds up a CUDA GPU's UNet step; here it would only cost trials"
 
 
 class InvalidConfig(ValueError):
@@ -219,9 +222,18 @@ class Applied:
         """Before every call: forget what the previous call left behind."""
 
     def step_kind(self):
-        """This lever's part of the coming UNet step's kind (graph modes capture one graph per kind);
-        ``None``: it takes no part."""
+        """This lever's part of the coming UNet step's kind; ``None``: it takes no part. Asked once
+        before every UNet step in every mode, after the UNet's call wrappers ran and before its forward
+        (:class:`optimize.runtime.graphs.Step`): a lever whose Python inside the forward branches per
+        step settles the branch here and freezes it where that Python reads it (DeepCache), so a graph
+        mode captures one graph per kind and a compiled UNet traces one graph per kind."""
         return None
+
+    def step(self, forward: Callable) -> Callable:
+        """What computes a UNet step: ``forward`` (the UNet's own, with the levers' Python inside it) or
+        a replacement computing the same (a compiled one). It runs beneath every wrapper of the UNet's
+        call, after the step's kind was decided; a graph mode captures it."""
+        return forward
 
     def slots(self) -> list:
         """State handed from one UNet step to the next (:class:`optimize.runtime.graphs.Slot`)."""
@@ -264,6 +276,12 @@ class Lever:
         """Why this lever cannot run in ``ctx`` (one line, said once before anything loads), or
         ``None``. A lever that needs a GPU feature answers from ``ctx.device``; ``None`` there means
         not known yet. An unavailable lever is never searched, and validating it on is an error."""
+        return None
+
+    def no_gain(self, ctx: Context) -> str | None:
+        """Why searching this lever in ``ctx`` would spend trials for nothing although it runs (a lever
+        that speeds up a GPU's step, on a CPU), or ``None``. A run leaves it out of its default levers
+        with one line; named in ``--methods``, it is searched."""
         return None
 
     def searchable(self, ctx: Context) -> bool:

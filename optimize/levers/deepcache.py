@@ -4,7 +4,9 @@ in between (``DeepCacheSDHelper``); ``cache_branch_id`` picks the skip branch (h
 Library pitfalls handled here: enabling a helper twice recurses (so :class:`Accelerated` refuses a
 second apply); ``disable()`` leaves instance-level ``forward``\\ s bound to the originals (removed
 from a snapshot); the cached block outputs and the step counter carry over from the previous call
-(reset before every call).
+(reset before every call); the block wrappers ask the step counter whether to skip, so a compiled
+UNet would trace one graph per step: the step's part is decided before the UNet's forward
+(``step_kind``) and the wrappers read only that (:func:`frozen_rule`).
 
 Example:
     >>> from optimize.levers.deepcache import DeepCache, LEVER
@@ -35,6 +37,7 @@ class _Applied(Applied):
     def __init__(self, helper, snapshot: Snapshot):
         self.helper = helper  # T-GATE's DeepCache-aware loop drives this same helper (optimize.levers.tgate)
         self._snapshot = snapshot
+        self.partial = False  # the coming step's part, frozen by step_kind for the block wrappers
 
     def remove(self) -> None:
         try:
@@ -49,13 +52,34 @@ class _Applied(Applied):
         self.helper.start_timestep = None
 
     def step_kind(self):
-        # the helper's own schedule; like its block wrappers it fixes start_timestep on a call's first
-        # step, which a replay (no Python inside) would otherwise never do
-        return "partial" if self.helper.is_skip_step(0, 0, "mid") else "full"
+        # the helper's own schedule on its step counter (its UNet wrapper set it for this step); like
+        # its block wrappers it fixes start_timestep on a call's first step, which a replay (no Python
+        # inside) would otherwise never do
+        self.partial = type(self.helper).is_skip_step(self.helper, 0, 0, "mid")
+        return "partial" if self.partial else "full"
 
     def slots(self) -> list:
         helper = self.helper
         return [dict_slot(lambda: helper.cached_output, lambda v: setattr(helper, "cached_output", v))]
+
+
+def frozen_rule(applied: _Applied, params: dict):
+    """The helper's ``is_skip_step`` for its block wrappers: DeepCache's own rule (uniform skip mode,
+    the one this lever sets) with the step's part read from the flag ``step_kind`` froze, never from
+    the step counter. Read from the counter, a compiled UNet guards on it and traces one graph per
+    step (docs/benchmarks.md: 10 graphs for 10 steps); read from the flag, one per kind."""
+    block, layer = params["cache_block_id"], params["cache_layer_id"]
+
+    def is_skip_step(block_i, layer_i, blocktype="down"):
+        if not applied.partial:
+            return False
+        if block_i > block or blocktype == "mid":
+            return True
+        if block_i < block:
+            return False
+        return layer_i >= layer if blocktype == "down" else layer_i > layer
+
+    return is_skip_step
 
 
 class DeepCacheLever(Lever):
@@ -75,6 +99,7 @@ class DeepCacheLever(Lever):
         applied = _Applied(DeepCacheSDHelper(pipe=pipe), Snapshot(pipe.unet.modules(), ("forward",)))
         try:
             applied.helper.set_params(cache_interval=params.cache_interval, cache_branch_id=params.cache_branch_id)
+            applied.helper.is_skip_step = frozen_rule(applied, applied.helper.params)
             applied.helper.enable()
         except BaseException:
             applied.remove()

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .base import Applied, Choice, Context, Lever, Snapshot, Undo, param
+from .base import GPU_ONLY, Applied, Choice, Context, Lever, Snapshot, Undo, param
 
 SDPA = ("default", "flash", "efficient", "cudnn", "math")
 _BACKENDS = {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "cudnn": "CUDNN_ATTENTION",
@@ -75,6 +75,11 @@ class _Applied(Applied):
 
 class LayoutLever(Lever):
     name, short, Params = "layout", "layout", Layout
+
+    def no_gain(self, ctx: Context) -> str | None:
+        if ctx.device is not None and ctx.device.type != "cuda":
+            return GPU_ONLY
+        return None
 
     def label(self, params: Layout) -> str:
         parts = ["cl"] * params.channels_last + ["qkv"] * params.fused_qkv

@@ -40,7 +40,7 @@ from __future__ import annotations
 import importlib.util
 from dataclasses import dataclass
 
-from .base import Applied, Choice, Context, Device, InvalidConfig, Lever, Undo, param
+from .base import GPU_ONLY, Applied, Choice, Context, Device, InvalidConfig, Lever, Undo, param
 
 MODES = ("int8", "fp8")
 FP8_CAPABILITY = (8, 9)
@@ -97,6 +97,11 @@ class PrecisionLever(Lever):
             where = ctx.device.type if ctx.device.capability is None else f"compute capability {ctx.device.capability}"
             raise InvalidConfig(f"precision.mode fp8 needs an NVIDIA GPU of compute capability "
                                 f"{'.'.join(map(str, FP8_CAPABILITY))} or later (this device: {where}); use int8")
+
+    def no_gain(self, ctx: Context) -> str | None:
+        if ctx.device is not None and ctx.device.type != "cuda":
+            return GPU_ONLY
+        return None
 
     def label(self, params: Precision) -> str:
         return params.mode

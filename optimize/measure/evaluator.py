@@ -5,6 +5,15 @@ on the first batch: one timed call of the untouched pipeline, one timed call wit
 applied. A speed gate may stop there; a configuration that goes on to be scored gets more rounds, up
 to ``scored_repeats`` in all, since its speedup is the one that can become the result. Then one pass
 over all prompts with the configuration applied, whose images are scored.
+
+The scoring pass may run several prompts per call (``score_batch``), each prompt with its own
+generator seeded ``seed + its index``, so every image keeps the seed it has at batch 1 while the timed
+calls stay at the study's batch size. Per-image work is the same, the calls fewer: at batch 1 the
+scoring pass was most of a scored trial (one call per prompt). A short last batch is its own call
+shape (in a graph mode one more capture per step kind, a few UNet calls' time), not padded: padding
+would generate up to ``score_batch - 1`` images for nothing; prompt counts that are multiples of
+the scoring batch (the defaults) have one shape. ``score_batch=None`` scores as studies made before
+it did: in calls of the study's batch size, one generator per call (``seed + call index``).
 Every call is bracketed by a device synchronize, the garbage collector is paused during it (as
 ``timeit`` does), and the configuration is removed afterwards, whatever happens.
 
@@ -45,6 +54,7 @@ import numpy as np
 
 from ..levers import Accelerated, Config
 from ..runtime.graphs import PipelineGraphs, StepGraphs
+from ..study.record import PART_APPLY, PART_CAPTURE, PART_CLIP, PART_GENERATION, PART_TIMING
 
 
 def default_rounds(device: str, exec_mode: str) -> tuple[int, int]:
@@ -59,6 +69,23 @@ def default_rounds(device: str, exec_mode: str) -> tuple[int, int]:
     if not str(device).startswith("cuda"):
         return 3, 6
     return (3, 10) if exec_mode == "eager" else (3, 5)
+
+
+SCORE_PIXELS = 8 * 512 * 512  # pixels per scoring call on a GPU by default: SD1.5 at batch 8
+CPU_SCORE_BATCH = 8  # the CPU's default: the testbed's fastest (docs/benchmarks.md, "Scored trial")
+
+
+def default_score_batch(device: str, height: int, width: int) -> int:
+    """The default of ``--score-batch``. On a GPU 8 images at 512x512 and fewer for larger images
+    (a power of two, at most :data:`SCORE_PIXELS` pixels per call: SD2.1 at 768 gets 2, SDXL at 1024 2),
+    since a graph mode keeps one set of activations per step kind and shape, and the VAE decodes the
+    whole batch at once. On a CPU :data:`CPU_SCORE_BATCH`."""
+    if not str(device).startswith("cuda"):
+        return CPU_SCORE_BATCH
+    batch = 8
+    while batch > 1 and batch * height * width > SCORE_PIXELS:
+        batch //= 2
+    return batch
 
 
 def pin_cpu_threads(device: str) -> None:
@@ -175,6 +202,7 @@ class Measurement:
     scores: np.ndarray
     images: list = field(repr=False)
     reference: Timing | None = None  # the baseline calls paired with the timed ones, if any
+    parts: dict[str, float] = field(default_factory=dict)  # wall seconds per part (Evaluator.parts)
 
     @property
     def speedup(self) -> float | None:
@@ -197,11 +225,28 @@ class GenerationSettings:
 
 
 class Evaluator:
-    """Measures configurations on one loaded pipeline with one scorer and one prompt list."""
+    """Measures configurations on one loaded pipeline with one scorer and one prompt list.
+
+    ``score_batch``: prompts per call of the scoring pass, each with its own seed (module docstring;
+    None: the study's batch size, one generator per call, as studies made before it scored).
+
+    :attr:`parts` holds the wall seconds of the last measurement's parts, also after it raised (the
+    speed gate): ``timing`` (from the start to the scoring pass: applying, warm-up, paired rounds),
+    ``generation`` (the scoring pass), ``clip`` (scoring its images), ``apply`` (applying the
+    configuration, within the other parts), ``capture`` in a graph mode (the CUDA graphs captured,
+    within ``timing`` and ``generation``), and whatever a lever reports of its own work: an applied
+    lever's ``seconds`` mapping (e.g. ``{"compile": 41.0}``), summed over the applications.
+    """
 
     def __init__(self, pipe, scorer, prompts: list[str], settings: GenerationSettings, repeats: int = 1,
-                 progress: bool = False, scored_repeats: int = 0, exec: str = "eager", graph_backend=None):
+                 progress: bool = False, scored_repeats: int = 0, exec: str = "eager", graph_backend=None,
+                 score_batch: int | None = None):
         self.pipe, self.scorer, self.prompts, self.settings = pipe, scorer, prompts, settings
+        if score_batch is not None and (isinstance(score_batch, bool) or not isinstance(score_batch, int)
+                                        or score_batch < 1):
+            raise ValueError(f"score_batch must be a positive integer, got {score_batch!r}")
+        self.score_batch = score_batch
+        self.parts: dict[str, float] = {}
         self.repeats = repeats
         self.scored_repeats = scored_repeats
         self.progress = progress
@@ -233,17 +278,32 @@ class Evaluator:
         bs = self.settings.batch_size
         return [self.prompts[i : i + bs] for i in range(0, len(self.prompts), bs)]
 
+    def scoring_calls(self) -> list[tuple[list[str], int | list[int]]]:
+        """The scoring pass's calls: (prompts, seed offsets): one offset per prompt (its index), or
+        without ``score_batch`` one per call (the call's index)."""
+        if self.score_batch is None:
+            return [(batch, index) for index, batch in enumerate(self._batches())]
+        n = self.score_batch
+        return [(self.prompts[i : i + n], list(range(i, min(i + n, len(self.prompts)))))
+                for i in range(0, len(self.prompts), n)]
+
     def _sync(self) -> None:
         import torch
 
         if self.pipe.device.type == "cuda":
             torch.cuda.synchronize(self.pipe.device)
 
-    def _call(self, run, batch: list[str], index: int):
-        """One timed call: (images, seconds, seconds per segment)."""
+    def _call(self, run, batch: list[str], offset: int | list[int]):
+        """One timed call: (images, seconds, seconds per segment). ``offset``: the generator's seed
+        offset, or one per prompt (a generator each)."""
         import torch
 
         s = self.settings
+        # a CPU generator gives the same initial noise on every device
+        if isinstance(offset, int):
+            generator = torch.Generator("cpu").manual_seed(s.seed + offset)
+        else:
+            generator = [torch.Generator("cpu").manual_seed(s.seed + o) for o in offset]
         if self._clock is None:
             self._clock = _StepClock(self.pipe)
         collect = gc.isenabled()
@@ -254,9 +314,7 @@ class Evaluator:
             with self._clock.running():
                 images = run(
                     prompt=batch, num_inference_steps=s.steps, guidance_scale=s.guidance, height=s.height,
-                    width=s.width, output_type="np",
-                    # a CPU generator gives the same initial noise on every device
-                    generator=torch.Generator("cpu").manual_seed(s.seed + index),
+                    width=s.width, output_type="np", generator=generator,
                 ).images
             self._sync()
             seconds = time.perf_counter() - start
@@ -270,8 +328,34 @@ class Evaluator:
             return nullcontext(self._held)
         if self.baseline_graphs is not None and not config.methods:
             return self._untouched()
-        return Accelerated(self.pipe, config, seed=self.settings.seed, exec=self.exec,
-                           graph_backend=self.graph_backend, pipeline_graphs=self.pipeline_graphs)
+        return self._applied(config)
+
+    @contextmanager
+    def _applied(self, config: Config):
+        """``config`` applied, its apply time and what its levers report of their own work in :attr:`parts`."""
+        run = Accelerated(self.pipe, config, seed=self.settings.seed, exec=self.exec,
+                          graph_backend=self.graph_backend, pipeline_graphs=self.pipeline_graphs)
+        start = time.perf_counter()
+        with run:
+            self._add(PART_APPLY, time.perf_counter() - start)
+            try:
+                yield run
+            finally:  # read before the removal forgets the applied levers
+                for applied in (run.applied or {}).values():
+                    for name, seconds in (getattr(applied, "seconds", None) or {}).items():
+                        self._add(str(name), float(seconds))
+
+    def _add(self, part: str, seconds: float) -> None:
+        self.parts[part] = self.parts.get(part, 0.0) + seconds
+
+    def _capture_seconds(self) -> float:
+        """Seconds spent capturing graphs so far: the baseline's, the text encoders' and every
+        configuration's (added when it is removed)."""
+        total = self.capture_seconds
+        for graphs in (self.baseline_graphs, self.pipeline_graphs):
+            if graphs is not None:
+                total += graphs.stats.capture_seconds
+        return total
 
     @contextmanager
     def _untouched(self):
@@ -378,39 +462,53 @@ class Evaluator:
         given, is called with the configured and the baseline timings of the rounds before the
         scoring pass and may raise to skip it (the configuration is removed either way).
         """
+        self.parts = {}
         config.validate(self.pipe, self.settings.steps, self.settings.guidance)
-        with self._holding(config):
-            return self._measure(config, gate, paired)
+        start = time.perf_counter()
+        captured = self._capture_seconds()
+        try:
+            with self._holding(config):
+                m = self._measure(config, gate, paired, start)
+        finally:
+            if self.exec != "eager":  # the held configuration's graphs are counted once it is removed
+                self.parts[PART_CAPTURE] = self._capture_seconds() - captured
+        m.parts = dict(self.parts)
+        return m
 
-    def _measure(self, config: Config, gate, paired: bool) -> Measurement:
+    def _measure(self, config: Config, gate, paired: bool, start: float) -> Measurement:
         from tqdm.auto import tqdm
 
-        batches = self._batches()
         full = self.settings.batch_size
         images: list[np.ndarray] = []
         timed, base = self._rounds(config, paired and self.repeats > 0)
         reference = base.timing(self.statistic)
+        self.parts[PART_TIMING] = time.perf_counter() - start
         if gate is not None and timed.samples:
             gate(timed.timing(self.statistic), reference)
         if reference is not None and self.scored_repeats > self.repeats:
             self._paired(config, self.scored_repeats - self.repeats, timed, base)
             reference = base.timing(self.statistic)
+            self.parts[PART_TIMING] = time.perf_counter() - start
+        generating = time.perf_counter()
         scoring = _Series()
         with self._configured(config) as run, tqdm(total=len(self.prompts), desc=config.label(), leave=False,
                                                    disable=not self.progress, unit="prompt") as bar:
-            for index, batch in enumerate(batches):
-                out, seconds, segments = self._call(run, batch, index)
-                if len(batch) == full:  # a short last batch has another per-image cost
+            for batch, offset in self.scoring_calls():
+                out, seconds, segments = self._call(run, batch, offset)
+                if len(batch) == full:  # a call of another size has another per-image cost
                     scoring.add(seconds, segments, len(batch))
                 images.extend(out)
                 bar.update(len(batch))
         if reference is None:  # the paired rounds alone give the speedup: equal counts on both sides, no bias
             timed.extend(scoring)
         if not timed.samples:
-            timed.add(seconds, segments, len(batches[-1]))
+            timed.add(seconds, segments, len(batch))
         stacked = np.stack(images)
         if not np.isfinite(stacked).all():
             raise FloatingPointError(f"{config.label()}: generated images contain NaN or Inf")
         pil = self.pipe.numpy_to_pil(stacked)
+        self.parts[PART_GENERATION] = time.perf_counter() - generating
+        scoring_start = time.perf_counter()
         scores = self.scorer.score(pil, self.prompts)
+        self.parts[PART_CLIP] = time.perf_counter() - scoring_start
         return Measurement(config, timed.timing(self.statistic), scores, pil, reference)

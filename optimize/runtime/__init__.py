@@ -1,5 +1,6 @@
 """The bottom layer: what runs a pipeline. Loading (presets, local directories, the offline testbed,
-schedulers), the execution modes (CUDA graphs per step kind, regional compile) and message text.
+schedulers), the execution modes (CUDA graphs per step kind, regional compile), ``torch.compile`` as a
+run uses it (:mod:`.compiling`) and message text.
 Nothing here knows about levers, measurements or studies.
 
 Example:

@@ -148,6 +148,47 @@ class _Installable:
             self.uninstall()
 
 
+class Step(_Installable):
+    """The module's own forward behind one indirection, installed before anything wraps the module, so
+    it stays beneath every wrapper (DeepCache's step counter, :class:`StepGraphs`' replays).
+
+    Before each step it calls ``decide``: the levers settle the coming step's kind there, from their
+    own state, and freeze it where their Python inside the forward reads it (DeepCache: full or
+    partial step). What runs beneath, ``compute`` (the forward, or what a lever put in its place: a
+    compiled forward), then sees one decision per kind: Dynamo traces one graph per kind, not one per
+    step, and a graph mode's capture bakes in the decision its kind names.
+    """
+
+    def __init__(self, module, decide: Callable[[], Any] = lambda: None):
+        self.module, self.decide = module, decide
+        self.own = None  # the module's forward as it was installed over (its own, normally)
+        self.compute = None
+        self._previous = _MISSING
+
+    def install(self) -> "Step":
+        if self.own is not None:
+            raise RuntimeError("step already installed")
+        self._previous = self.module.__dict__.get("forward", _MISSING)
+        self.own = self.compute = self.module.forward
+        self.module.__dict__["forward"] = self
+        return self
+
+    def uninstall(self) -> None:
+        if self.own is None:
+            return
+        if self.module.__dict__.get("forward") is self:
+            if self._previous is _MISSING:
+                del self.module.__dict__["forward"]
+            else:
+                self.module.__dict__["forward"] = self._previous
+        self.own = self.compute = None
+        self._previous = _MISSING
+
+    def __call__(self, *args, **kwargs):
+        self.decide()
+        return self.compute(*args, **kwargs)
+
+
 class StepGraphs(_Installable):
     """One CUDA graph per step kind and input shape, replacing ``module.forward`` while installed.
 
@@ -421,8 +462,9 @@ def _hashable(x):
 
 
 def compile_blocks(unet) -> int:
-    """Regional compile: ``torch.compile`` each repeated block of the UNet once (the study's
-    compile, reused by every trial); graphs are captured on top. Returns the number of blocks."""
+    """Regional compile, what ``--exec compile`` does at load (kept so its studies resume as they were
+    made): ``torch.compile`` each repeated block of the UNet once, for the baseline and every trial;
+    graphs are captured on top. Returns the number of blocks."""
     import torch
 
     names = set(getattr(unet, "_repeated_blocks", ()) or ("BasicTransformerBlock",)) | {"ResnetBlock2D"}

@@ -1,13 +1,16 @@
 """The objective a trial runs: suggest a configuration from the search space, measure it against the
-stored baseline, record speedup, losses, time, spread and intervals as user attrs, and the constraints
+stored baseline, record speedup, losses, time, spread, intervals and what the measurement cost (its
+wall time and the part torch spent compiling) as user attrs, and the constraints
 where optuna-dashboard shows them and Optuna 5's TPE reads them (infeasible trials rank below feasible
-ones). The speed gate skips scoring a configuration too slow to matter. The goals and the stored keys
-are :mod:`optimize.study.record`'s.
+ones). The speed gate skips scoring a configuration too slow to matter. What each trial's time went on
+is recorded too (``parts``, ``wall_s``), however it ends. The goals and the stored keys are
+:mod:`optimize.study.record`'s.
 """
 
 from __future__ import annotations
 
 import math
+import time
 from typing import Any
 
 import optuna
@@ -16,10 +19,13 @@ from optuna.trial import FrozenTrial, TrialState
 from ..levers import Config
 from ..measure.metrics import score_loss
 from ..measure.uncertainty import intervals
+from ..runtime.compiling import compile_seconds
 from ..study.baseline import Baseline
-from ..study.record import (BASELINE_SPREAD, BASELINE_TIME, CLIP_SCORE, CONFIG, ERROR, INTERVALS, PER_PROMPT,
-                            REUSED_FROM, ROUNDS, SCORE_LOSS, SKIPPED, SPEEDUP, SPEEDUP_EAGER, SPREAD, TIME_MEDIAN,
-                            TIME_PER_IMAGE, WORKER, Goal, best_feasible, record_constraints, record_per_prompt)
+from ..study.record import (BASELINE_SPREAD, BASELINE_TIME, CLIP_SCORE, COMPILE_SECONDS, CONFIG, ERROR, INTERVALS,
+                            PART_FIDELITY, PARTS, PER_PROMPT, REUSED_FROM, ROUNDS, SCORE_LOSS, SKIPPED, SPEEDUP,
+                            SPEEDUP_EAGER, SPREAD, TIME_MEDIAN, TIME_PER_IMAGE, WALL, WORKER, Goal, best_feasible,
+                            record_constraints,
+                            record_per_prompt)
 from .space import SearchSpace
 
 
@@ -61,6 +67,7 @@ class Objective:
         self.eager_time = eager_time  # graph modes: the eager baseline's time, for "vs eager"
         self.last_images = None
         self.last_per_prompt = None  # the last measurement's per-prompt scores (PER_PROMPT)
+        self.parts: dict[str, float] = {}  # the last trial's PARTS
         self.speed_gate, self.gate_margin = speed_gate, gate_margin
 
     def _same_config(self, study: optuna.Study, params: dict[str, Any]) -> FrozenTrial | None:
@@ -103,7 +110,9 @@ class Objective:
         attrs[CLIP_SCORE] = m.clip_score
         attrs[BASELINE_SPREAD] = m.reference.spread
         # psnr, ssim (and lpips) of each image against the baseline image of its prompt; the attrs are means
+        start = time.perf_counter()
         fidelity = self.fidelity.per_image(m.images) if self.fidelity is not None else {}
+        self.parts[PART_FIDELITY] = time.perf_counter() - start
         attrs.update({k: float(v.mean()) for k, v in fidelity.items()})
         bad = [k for k, v in attrs.items() if not math.isfinite(v)]
         if bad:
@@ -114,6 +123,37 @@ class Objective:
         return attrs
 
     def __call__(self, trial: optuna.Trial) -> float:
+        """Run the trial; its parts and wall time are recorded however it ends (PARTS, WALL)."""
+        start = time.perf_counter()
+        self.parts = {}
+        try:
+            value = self._trial(trial)
+        except BaseException:
+            try:
+                self._record_time(trial, start)
+            except Exception:  # noqa: BLE001 - the storage may be what failed: raise the trial's own exception
+                pass
+            raise
+        self._record_time(trial, start)
+        return value
+
+    def _record_time(self, trial: optuna.Trial, start: float) -> None:
+        trial.set_user_attr(PARTS, {k: round(v, 4) for k, v in self.parts.items()})
+        trial.set_user_attr(WALL, round(time.perf_counter() - start, 4))
+
+    def _measure_parts(self, config: Config, trial: optuna.Trial) -> dict[str, Any]:
+        """:meth:`_measure`, the evaluator's parts kept in :attr:`parts` also when it raises (the speed gate),
+        and the seconds torch spent compiling recorded however it ends (a compile-heavy trial shows as
+        such even when gated or failed)."""
+        compiling = compile_seconds()
+        try:
+            return self._measure(config, trial.study)
+        finally:
+            spent = max(0.0, compile_seconds() - compiling)
+            self.parts = {**getattr(self.evaluator, "parts", {}), **self.parts, **({"compile": spent} if spent else {})}
+            trial.set_user_attr(COMPILE_SECONDS, spent)
+
+    def _trial(self, trial: optuna.Trial) -> float:
         self.last_images = None  # set by a measurement; a reused one has no images of its own
         self.last_per_prompt = None
         config = self.space.suggest(trial)
@@ -121,12 +161,13 @@ class Objective:
         same = self._same_config(trial.study, trial.params)
         if same is not None:
             # TPE proposes a configuration it has already seen: reuse the measurement, spend no GPU time.
-            attrs = {k: v for k, v in same.user_attrs.items() if k not in (CONFIG, ERROR, REUSED_FROM, WORKER)}
+            attrs = {k: v for k, v in same.user_attrs.items()
+                     if k not in (CONFIG, ERROR, REUSED_FROM, WORKER, PARTS, WALL, COMPILE_SECONDS)}
             attrs[REUSED_FROM] = same.number
             self.last_per_prompt = same.system_attrs.get(PER_PROMPT)
         else:
             try:
-                attrs = self._measure(config, trial.study)
+                attrs = self._measure_parts(config, trial)
             except SpeedGate as e:
                 for key, value in e.attrs.items():
                     trial.set_user_attr(key, value)

@@ -35,22 +35,41 @@ def artifact_dir_for(url: str, artifact_dir: str | None = None) -> str:
     return os.path.join("studies", "artifacts")
 
 
+def compile_cache_for(url: str) -> str:
+    """Where compiled UNet code is kept between runs of a study's storage (inductor's on-disk caches):
+    beside a SQLite file (``studies/optimize-sd.db`` -> ``studies/optimize-sd-compile-cache``), else
+    ``studies/compile-cache``; one per machine for a shared PostgreSQL storage."""
+    if url.startswith("sqlite:///") and url[len("sqlite:///"):] not in ("", ":memory:"):
+        return os.path.splitext(url[len("sqlite:///"):])[0] + "-compile-cache"
+    return os.path.join("studies", "compile-cache")
+
+
 def artifact_store(directory: str, create: bool = True):
-    """The store of the images in ``directory``; ``create=False`` for readers, which make no directory."""
+    """The store of the images in ``directory``; ``create=False`` for readers, which make no directory.
+    Its writes are atomic: Optuna's left a half-written file on a full disk, taking the last space."""
     from optuna.artifacts import FileSystemArtifactStore
+
+    from .files import atomic_write
+
+    class AtomicStore(FileSystemArtifactStore):
+        def write(self, artifact_id, content_body) -> None:
+            checked = getattr(self, "_get_filepath", None)  # refuses ids that leave the directory (Optuna 4.2+)
+            path = checked(artifact_id) if checked else os.path.join(directory, artifact_id)
+            atomic_write(str(path), content_body.read())
 
     if create:
         os.makedirs(directory, exist_ok=True)
-    return FileSystemArtifactStore(directory)
+    return AtomicStore(directory)
 
 
-def upload_images(images, study_or_trial, store, prefix: str) -> list[str]:
-    """Upload PIL images as PNG artifacts of a trial or study (optuna-dashboard shows them); their ids."""
+def upload_images(images, study_or_trial, store, prefix: str, indices=None) -> list[str]:
+    """Upload PIL images as PNG artifacts of a trial or study (optuna-dashboard shows them), named
+    ``PREFIX-<i>.png`` with ``i`` from ``indices`` (default 0, 1, ...); their ids."""
     from optuna.artifacts import upload_artifact
 
     ids = []
     with tempfile.TemporaryDirectory() as tmp:
-        for i, image in enumerate(images):
+        for i, image in zip(range(len(images)) if indices is None else indices, images):
             path = os.path.join(tmp, f"{prefix}-{i}.png")  # the dashboard shows the file name
             image.save(path)
             ids.append(upload_artifact(artifact_store=store, file_path=path, study_or_trial=study_or_trial,

@@ -29,11 +29,15 @@ class Baseline:
     height: int
     width: int
     samples: list[float] = field(default_factory=list)
+    # prompts per call of the scoring pass its images were made with (each prompt with its own seed):
+    # trials must score the same way for their images to compare exactly. None: a study from before it
+    # was stored, scored in calls of its batch size with one generator per call (measure.Evaluator)
+    score_batch: int | None = None
 
     @classmethod
-    def from_measurement(cls, m, settings, fingerprint: dict[str, Any]) -> "Baseline":
+    def from_measurement(cls, m, settings, fingerprint: dict[str, Any], score_batch: int | None = None) -> "Baseline":
         return cls(m.timing.best, m.timing.spread, m.clip_score, [float(x) for x in m.scores],
-                   dict(fingerprint), settings.height, settings.width, m.timing.samples)
+                   dict(fingerprint), settings.height, settings.width, m.timing.samples, score_batch)
 
     def save(self, study) -> None:
         study.set_user_attr(ATTR, asdict(self))

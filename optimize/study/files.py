@@ -56,17 +56,59 @@ def atomic_write(path: str, data) -> None:
             os.fsync(f.fileno())
         os.chmod(tmp, mode)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(e, OSError) and not isinstance(e, WriteError) and e.errno is not None:
+            # "[Errno 28] No space left on device" named neither the file nor the disk
+            reason = os_reason(e, path)
+            raise WriteError(e.errno, f"cannot write {path}: {reason}", reason) from None
         raise
 
 
 class WriteError(OSError):
-    """A file that cannot be written, said in one line that names it (``str`` is the message alone)."""
+    """A file that cannot be written, said in one line that names it (``str`` is the message alone;
+    ``reason`` the cause without the file's name)."""
+
+    def __init__(self, code: int, message: str, reason: str | None = None):
+        super().__init__(code, message)
+        self.reason = reason or message
 
     def __str__(self) -> str:
         return self.strerror or super().__str__()
+
+
+def os_reason(e: OSError, path: str) -> str:
+    """The cause of a failed write of ``path`` in words; a full disk names the disk and its free space."""
+    import errno
+
+    reason = e.strerror or str(e)
+    return f"{reason} ({disk_note(path)})" if e.errno == errno.ENOSPC else reason
+
+
+def disk_note(path: str) -> str:
+    """Which disk ``path`` is on (its mount point) and the space left on it."""
+    import shutil
+
+    directory = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(directory):
+        directory = os.path.dirname(directory)
+    mount = directory
+    while not os.path.ismount(mount):
+        mount = os.path.dirname(mount)
+    try:
+        free = shutil.disk_usage(directory).free
+    except OSError:
+        return f"the disk mounted at {mount}"
+    return f"the disk mounted at {mount} has {_size(free)} free"
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" or n >= 10 else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("not reached")
 
 
 def read_only(path: str) -> bool:
@@ -74,6 +116,15 @@ def read_only(path: str) -> bool:
     in its mode (root may write any file; a file made read-only means "do not replace me" to root too)."""
     try:
         return not os.access(path, os.W_OK) or not os.stat(path).st_mode & 0o222
+    except OSError:
+        return False
+
+
+def writable_dir(directory: str) -> bool:
+    """Whether files may be made in ``directory``: this process may, and its mode has a write bit (root
+    may write anywhere; a folder made read-only means "do not write here" to root too)."""
+    try:
+        return os.access(directory, os.W_OK | os.X_OK) and bool(os.stat(directory).st_mode & 0o222)
     except OSError:
         return False
 
@@ -91,7 +142,7 @@ def check_output(path: str, option: str) -> None:
         directory = os.path.dirname(directory)
     if not os.path.isdir(directory):
         raise WriteError(errno.ENOTDIR, f"cannot write {path}: {directory} is not a directory")
-    if not os.access(directory, os.W_OK | os.X_OK):
+    if not writable_dir(directory):
         raise WriteError(errno.EACCES, f"cannot write {path}: directory {directory} is not writable; pass another {option}")
 
 

@@ -74,6 +74,16 @@ REUSED_FROM = "reused_from"  # number of the trial whose measurement a repeated 
 WORKER = "worker"  # host:pid device of the process that ran the trial
 ERROR = "error"  # why the trial failed
 SKIPPED = "skipped"  # why the speed gate skipped its scoring
+# What a trial's time went on: PARTS {part: wall seconds} (measure.Evaluator.parts: timing, generation,
+# clip, apply, capture in a graph mode, any part a lever reports such as compile; and fidelity), WALL the
+# whole trial's wall seconds (suggesting, measuring, scoring, recording). Parts may overlap (capture and
+# apply happen within timing and generation); trials from before they were recorded have neither.
+PARTS = "parts"
+WALL = "wall_s"
+PART_TIMING, PART_GENERATION, PART_CLIP, PART_FIDELITY = "timing", "generation", "clip", "fidelity"
+PART_APPLY, PART_CAPTURE = "apply", "capture"
+SEQUENTIAL_PARTS = (PART_TIMING, PART_GENERATION, PART_CLIP, PART_FIDELITY)  # one after another; the rest lie within
+COMPILE_SECONDS = "compile_s"  # seconds torch.compile spent compiling during the trial (also PARTS["compile"])
 
 # Uncertainty (docs/trust.md). PER_PROMPT: trial system attr {CLIP_SCORE: [...], PSNR: [...], ...}, one value
 # per prompt in prompt order, rounded to 6 digits. INTERVALS: trial user attr {INTERVAL_LEVEL: 0.9, INTERVAL_N:
@@ -477,7 +487,16 @@ def best_feasible(study: optuna.Study, goal: Goal) -> FrozenTrial | None:
     for max and for pareto (its single pick: the fastest point of the feasible front)."""
     trials = _measured((t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if is_feasible(t)),
                        goal)
-    return min(trials, key=rank_key(goal), default=None)
+    return pick(trials, goal)
+
+
+def pick(trials, goal: Goal) -> FrozenTrial | None:
+    """The best of measured feasible ``trials`` (:func:`rank_key`) that has a lever on and is faster
+    than the baseline: the untouched configuration (sampled with every lever off) measures 1x plus
+    noise, and a configuration slower than none at all is no result however well it keeps the bound
+    (a target above 1 already sees to that; a loss bound alone does not)."""
+    return min((t for t in trials if t.user_attrs[SPEEDUP] > 1.0 and t.user_attrs.get(CONFIG) != "baseline"),
+               key=rank_key(goal), default=None)
 
 
 def rank_key(goal: Goal):

@@ -26,6 +26,7 @@ from optuna.storages import RDBStorage
 from optuna.storages._rdb import models
 from optuna.trial import FrozenTrial, TrialState
 
+from .files import disk_note
 from .processes import identity, is_gone
 
 DEFAULT_STORAGE = "sqlite:///studies/optimize-sd.db"
@@ -480,4 +481,7 @@ def first_line(e: BaseException, url: str | None = None) -> str:
     with no password of ``url`` (or of any URL or DSN it quotes) in it."""
     e = next((x.orig for x in _chain(e) if getattr(x, "orig", None) is not None), e)
     text = str(e).strip()
-    return scrub(text.splitlines()[0].strip(), url) if text else type(e).__name__
+    line = scrub(text.splitlines()[0].strip(), url) if text else type(e).__name__
+    if url and url.startswith("sqlite:///") and "disk is full" in line.lower():  # SQLite's words name no disk
+        line += f" ({disk_note(url[len('sqlite:///'):].split('?', 1)[0])})"
+    return line

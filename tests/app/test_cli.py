@@ -65,6 +65,9 @@ BAD = {
     "guidance 1 with tgate": (["--guidance", "1"], "T-GATE"),
     "steps 0": (["--steps", "0"], "--steps"),
     "n-trials 0": (["--n-trials", "0"], "--n-trials"),
+    "score-batch 0": (["--score-batch", "0"], "--score-batch"),
+    "score-batch negative": (["--score-batch", "-4"], "--score-batch"),
+    "score-batch not a number": (["--score-batch", "eight"], "--score-batch"),
     "unknown option": (["--bogus"], "--bogus"),
 }
 
@@ -211,6 +214,25 @@ def test_invalid_search_params_fails_fast(tmp_path, monkeypatch, no_model):
 # --- 6. best -------------------------------------------------------------------------------------------
 
 
+def test_every_trial_records_its_parts_and_the_baseline_its_scoring_batch(maxrun):
+    """Each trial stores the wall seconds of its parts and of the whole trial; the study's baseline
+    stores its scoring batch (the CPU default, at most the 2 prompts), which its trials scored in."""
+    from optimize.study.baseline import Baseline
+    from optimize.study.record import PARTS, REUSED_FROM, SEQUENTIAL_PARTS, WALL
+
+    study = maxrun.study()
+    assert Baseline.load(study).score_batch == 2
+    assert "2 per scoring call" in maxrun.out
+    measured = [t for t in study.trials if "speedup" in t.user_attrs and REUSED_FROM not in t.user_attrs]
+    assert measured
+    for t in measured:
+        parts = t.user_attrs[PARTS]
+        assert set(SEQUENTIAL_PARTS) | {"apply"} <= set(parts) and all(v >= 0 for v in parts.values())
+        # the parts ran one after another inside the trial
+        assert sum(parts[k] for k in SEQUENTIAL_PARTS) <= t.user_attrs[WALL] <= (t.duration.total_seconds() + 1)
+        assert f"took {t.user_attrs[WALL]:.1f} s" in maxrun.out
+
+
 def test_best_text_and_json(maxrun, no_model):
     assert maxrun.code == 0, maxrun.out + maxrun.err
     study = maxrun.study()
@@ -327,13 +349,18 @@ def test_naming_a_lever_that_cannot_run_here_is_refused(layout_needs_a_gpu, tmp_
     assert not os.path.exists(tmp_path / "search_params.json")
 
 
-def test_on_this_cpu_only_precision_may_be_left_out_and_only_without_torchao():
+def test_what_a_cpu_run_leaves_out():
+    """Named: only what cannot run on the CPU (the compile lever; precision without torchao). By default
+    also the levers that only speed up a GPU's step (layout; precision)."""
     import importlib.util
 
     from optimize.levers import METHODS
+    from optimize.levers.base import GPU_ONLY
 
-    left_out = runner.unavailable_methods(METHODS, "cpu")
-    if importlib.util.find_spec("torchao") is None:
-        assert left_out == {"precision": "torchao is not installed (pip install 'optimize-sd[gpu]')"}
-    else:
-        assert left_out == {}
+    named = runner.unavailable_methods(METHODS, "cpu", explicit=True)
+    no_torchao = importlib.util.find_spec("torchao") is None
+    assert set(named) == {"compile", *(["precision"] if no_torchao else [])}
+    if no_torchao:
+        assert named["precision"] == "torchao is not installed (pip install 'optimize-sd[gpu]')"
+    default = runner.unavailable_methods(METHODS, "cpu")
+    assert set(default) == {"compile", "layout", "precision"} and default["layout"] == GPU_ONLY

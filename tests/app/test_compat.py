@@ -32,11 +32,15 @@ def test_an_old_study_reads_and_resumes_with_its_count_and_baseline(tmp_path, mo
     assert best["best"]["params"] == json.loads(params_file.read_text())[KEY]["params"]
     old = optuna.load_study(study_name=optuna.get_all_study_names(url)[0], storage=url)
     stored_baseline = old.user_attrs["baseline"]
-    code, out, err = run_cli(["run", *MADE_WITH, "--storage", url, "--output", str(params_file), "--n-trials", "2"])
+    code, out, err = run_cli(["run", *MADE_WITH, "--storage", url, "--output", str(params_file), "--n-trials", "2",
+                              "--score-batch", "2"])
     assert code == 0, out + err
     assert "4 trials so far, adding 2" in out and "reusing the stored baseline" in out, out
+    # its baseline images were made one prompt per call: its trials are scored so, to compare with them
+    assert "made before --score-batch existed, one call per --batch-size" in out, out
     study = optuna.load_study(study_name=old.study_name, storage=url)
     assert len(study.trials) == 6 and study.user_attrs["baseline"] == stored_baseline
+    assert "score_batch" not in stored_baseline
     # the new trials may switch the new lever on; the old ones read as they were
     assert all("schedule" not in t.params for t in study.trials[:4])
     assert all("schedule" in t.params for t in study.trials[4:])

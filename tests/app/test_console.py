@@ -33,3 +33,19 @@ def test_a_complete_trial_line_shows_speedup_loss_intervals_and_feasibility():
 def test_a_failed_trial_line_says_why():
     t = _trial(TrialState.FAIL, error="GraphUnsupported: capturing failed")
     assert trial_line(t).endswith("fail: GraphUnsupported: capturing failed")
+
+
+def test_a_trial_line_says_how_long_the_trial_took_and_parts_text_what_on():
+    from optimize.app.console import parts_text
+
+    parts = {"apply": 0.012, "timing": 3.02, "generation": 4.2, "clip": 0.51, "fidelity": 0.06, "capture": 0.3,
+             "compile": 12.04}
+    t = _trial(speedup=2.1, spread=0.04, score_loss=0.004, wall_s=8.14, parts=parts)
+    assert "score_loss +0.0040  took 8.1 s  feasible" in trial_line(t, Goal("max", None, 0.02))
+    # the parts in the order they ran; those within them (applying, captures, a lever's compile) after
+    assert parts_text(t.user_attrs) == ("8.1 s: timing 3.0, generation 4.2, clip 0.51, fidelity 0.06 "
+                                        "(within them: apply 0.01, capture 0.30, compile 12.0)")
+    reused = _trial(speedup=2.1, spread=0.04, score_loss=0.004, wall_s=0.01, parts={}, reused_from=3)
+    assert "took" not in trial_line(reused) and parts_text(reused.user_attrs) == "0.01 s"
+    old = _trial(speedup=2.1, spread=0.04, score_loss=0.004)  # a trial from before they were recorded
+    assert "took" not in trial_line(old) and parts_text(old.user_attrs) == ""

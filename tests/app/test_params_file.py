@@ -58,3 +58,47 @@ def test_atomic_write_json_failure_keeps_old_file(tmp_path, monkeypatch):
     monkeypatch.undo()
     files.atomic_write_json(str(path), {"new": 2})
     assert json.loads(path.read_text()) == {"new": 2}
+
+
+# A run's save of its best, killed (SIGKILL) half-way through the temporary file while it holds the lock.
+_KILLED_SAVING = """
+import json, os, signal, sys
+from optimize.app import params_file
+
+def half(data, f, **kwargs):
+    f.write('{"tiny:ddim:8:max:0.5": {"par')
+    f.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+json.dump = half
+params_file.update_search_params(sys.argv[1], "tiny:ddim:8:max:0.5", {"params": {"deepcache": True}})
+"""
+
+
+def test_kill_9_while_saving_the_best_leaves_the_old_file_and_nothing_in_the_way(tmp_path):
+    """kill -9 during a run's write of search_params.json: the old file whole; the lock it held does not
+    block the next write, which removes the dead writer's temporary file and keeps every other key."""
+    import signal
+    import subprocess
+    import sys
+    import threading
+
+    path = tmp_path / "search_params.json"
+    old = {"some:other:key": {"params": {}, "speedup": 1.0}}
+    path.write_text(json.dumps(old))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    done = subprocess.run([sys.executable, "-c", _KILLED_SAVING, str(path)], env=dict(os.environ, PYTHONPATH=root),
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    assert json.loads(path.read_text()) == old
+    (left,) = glob.glob(str(tmp_path / ".search_params.json.*.tmp"))
+    assert open(left).read().startswith('{"tiny:ddim:8:max:0.5"')
+    assert params_file.read_search_params(str(path)) == old  # what the next run checks first
+
+    writer = threading.Thread(target=params_file.update_search_params,
+                              args=(str(path), "tiny:ddim:8:max:0.5", {"params": {"deepcache": False}}), daemon=True)
+    writer.start()
+    writer.join(timeout=30)
+    assert not writer.is_alive(), "the next write waited for the killed writer's lock"
+    assert json.loads(path.read_text()) == {**old, "tiny:ddim:8:max:0.5": {"params": {"deepcache": False}}}
+    assert not glob.glob(str(tmp_path / ".search_params.json.*.tmp"))

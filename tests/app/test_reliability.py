@@ -8,6 +8,7 @@ import errno
 import glob
 import json
 import os
+import re
 import sqlite3
 import subprocess
 import weakref
@@ -481,12 +482,17 @@ def _fill(directory) -> None:
             assert e.errno == errno.ENOSPC
 
 
-def _check_disk_full(tmp_path, out_path, old_bytes, result):
+def _check_disk_full(tmp_path, out_path, old_bytes, result, disk):
     code, out, err = result
     assert code == 1, out + err
     lines = [line for line in err.splitlines() if line.startswith(ERROR_PREFIX)]
     assert len(lines) == 1, err
-    assert f"{out_path} not updated: No space left on device; the old file is intact" in lines[0]
+    # the disk is named, in the error line and in every warning before it
+    assert re.search(rf"{re.escape(str(out_path))} not updated: No space left on device \(the disk mounted at "
+                     rf"{re.escape(disk)} has [\d.]+ [KMG]?i?B free\); the old file is intact", lines[0]), lines[0]
+    warnings = [line for line in err.splitlines() if "warning: " in line]
+    assert warnings and all(f"not updated: No space left on device (the disk mounted at {disk} has " in w
+                            for w in warnings), warnings
     assert "optimize-sd best --study tiny-ddim-8steps-max-loss0.5" in lines[0]
     assert "warning: " in err and "Traceback" not in out + err
     assert out_path.read_bytes() == old_bytes  # the old file, whole
@@ -504,7 +510,7 @@ def test_disk_full_real(tmp_path, tiny_fs, monkeypatch):
     monkeypatch.chdir(tmp_path)
     args = run_args(tmp_path, "--max-loss", "0.5", "--n-trials", "2")
     args[args.index("--output") + 1] = str(out_path)
-    _check_disk_full(tmp_path, out_path, old_bytes, run_cli(args))
+    _check_disk_full(tmp_path, out_path, old_bytes, run_cli(args), str(tiny_fs))
 
 
 def _enospc_writes(monkeypatch, only_during_trials: bool = False):
@@ -532,7 +538,8 @@ def test_disk_full_simulated(tmp_path, monkeypatch):
     out_path.write_text(json.dumps(OLD))
     old_bytes = out_path.read_bytes()
     _enospc_writes(monkeypatch)
-    _check_disk_full(tmp_path, out_path, old_bytes, _run(tmp_path, monkeypatch, "--max-loss", "0.5", "--n-trials", "2"))
+    _check_disk_full(tmp_path, out_path, old_bytes, _run(tmp_path, monkeypatch, "--max-loss", "0.5", "--n-trials", "2"),
+                     _mount_point(tmp_path))
 
 
 def test_disk_full_then_space_again(tmp_path, monkeypatch):
@@ -548,6 +555,120 @@ def test_disk_full_then_space_again(tmp_path, monkeypatch):
     data = json.loads(out_path.read_text())
     best = best_feasible(load_study(storage_url(tmp_path)), Goal("max", None, 0.5))
     assert data["some:other:key"] == OLD["some:other:key"] and data["tiny:ddim:8:max:0.5"]["trial"] == best.number
+
+
+def _mount_point(path) -> str:
+    path = os.path.abspath(path)
+    while not os.path.ismount(path):
+        path = os.path.dirname(path)
+    return path
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """A 1 MiB tmpfs: room for a study of the tiny pipeline and its images (skipped where it cannot be
+    mounted)."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+@pytest.mark.slow  # two tiny runs
+def test_disk_full_during_a_run_real(small_fs, monkeypatch):
+    """Study, images and search_params.json on one disk, which fills up during the second trial: one line
+    that names the disk (SQLite's own words, "database or disk is full", named neither), exit 1; the
+    study intact with its completed trial and the running one left to be retried, search_params.json
+    whole. With space again, the same command goes on and retries that trial."""
+    from optimize import search
+
+    out_path = small_fs / "search_params.json"
+    out_path.write_text(json.dumps(OLD))
+    real_call, calls = search.Objective.__call__, []
+
+    def fills_the_disk(self, trial):
+        calls.append(trial.number)
+        if len(calls) == 2:
+            _fill(small_fs)
+        return real_call(self, trial)
+
+    monkeypatch.setattr(search.Objective, "__call__", fills_the_disk)
+    monkeypatch.chdir(small_fs)
+    args = run_args(small_fs, "--max-loss", "0.5", "--n-trials", "3", "--heartbeat", "1")
+    line = one_error_line(*run_cli(args), exit_code=1)
+    assert re.fullmatch(rf"optimize-sd: error: storage {re.escape(storage_url(small_fs))} failed: database or disk is "
+                        rf"full \(the disk mounted at {re.escape(str(small_fs))} has [\d.]+ [KMG]?i?B free\); completed "
+                        "trials are kept and a running trial is retried when the study next runs", line), line
+    with sqlite3.connect(f"file:{small_fs / 's.db'}?mode=ro", uri=True) as db:
+        assert db.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+    study = load_study(storage_url(small_fs))
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.RUNNING]
+    assert json.loads(out_path.read_text())["some:other:key"] == OLD["some:other:key"]
+    assert not glob.glob(str(small_fs / ".*.tmp")) and not glob.glob(str(small_fs / "s-artifacts" / ".*.tmp"))
+
+    os.remove(small_fs / "filler")
+    code, out, err = run_cli(args)
+    assert code == 0, out + err
+    trials = load_study(storage_url(small_fs)).trials
+    assert trials[1].state == TrialState.FAIL and TrialState.RUNNING not in [t.state for t in trials]
+    (retry,) = [t for t in trials if t.system_attrs.get("failed_trial") == 1]
+    # trial 1 was the second warm start: the disk filled before it stored its params
+    assert retry.state == TrialState.COMPLETE and retry.params == trials[1].system_attrs["fixed_params"]
+    assert "tiny:ddim:8:max:0.5" in json.loads(out_path.read_text())
+
+
+def test_a_full_disk_leaves_no_half_written_image(tiny_fs):
+    """Optuna's store wrote an image straight into its file: on a full disk an empty file stayed behind,
+    named by no artifact. Now nothing is left, and the error names the file and the disk."""
+    from PIL import Image
+
+    from optimize.study.artifacts import artifact_store, upload_images
+
+    study = optuna.create_study(storage=storage_url(tiny_fs.parent))
+    store = artifact_store(str(tiny_fs / "images"))
+    _fill(tiny_fs)
+    with pytest.raises(OSError) as e:
+        upload_images([Image.new("RGB", (64, 64), (200, 30, 30))], study, store, "baseline")
+    assert os.listdir(tiny_fs / "images") == []
+    assert f"No space left on device (the disk mounted at {tiny_fs} has 0 B free)" in str(e.value)
+
+
+@pytest.mark.parametrize("command", ["report", "generate"])
+def test_report_or_generate_onto_a_full_disk_names_the_file_and_the_disk(command, tmp_path, tiny_fs, monkeypatch):
+    """It was "[Errno 28] No space left on device", naming neither."""
+    from helpers import synthetic_study
+    from optimize.study.files import atomic_write
+    from optimize.study.record import Goal
+
+    monkeypatch.chdir(tmp_path)
+    synthetic_study(storage_url(tmp_path), "s", Goal("max", None, 0.5), [])
+    out = tiny_fs / ("r.html" if command == "report" else "x.png")
+    if command == "generate":  # its image written as generate writes it, without a model
+        monkeypatch.setattr("optimize.app.cli.plan_from_study", lambda *a, **k: None)
+        monkeypatch.setattr("optimize.app.cli.generate",
+                            lambda plan, prompts, output, **k: iter([atomic_write(output, b"png")]))
+    _fill(tiny_fs)
+    words = ["a cat"] if command == "generate" else []
+    line = one_error_line(*run_cli([command, *words, "--storage", storage_url(tmp_path), "-o", out]))
+    assert line.endswith(f"cannot write {out}: No space left on device (the disk mounted at {tiny_fs} has 0 B free)"), line
+    assert sorted(os.listdir(tiny_fs)) == ["filler"]
+
+
+def test_the_storage_names_the_disk_sqlite_found_full(tmp_path):
+    """SQLite says "database or disk is full": the line adds which disk, and how much is left on it."""
+    import sqlalchemy.exc
+
+    url = storage_url(tmp_path)
+    e = sqlalchemy.exc.OperationalError("INSERT ...", {}, sqlite3.OperationalError("database or disk is full"))
+    line = storage.first_line(e, url)
+    assert re.fullmatch(rf"database or disk is full \(the disk mounted at {re.escape(_mount_point(tmp_path))} has "
+                        r"[\d.]+ [KMG]?i?B free\)", line), line
+    assert storage.first_line(e, "postgresql://u@h/db") == "database or disk is full"  # the server's disk: not ours
 
 
 # --- search_params.json: written at the end of every run, refused up front where it cannot be -------------
@@ -903,6 +1024,50 @@ def test_a_mode_444_search_params_file_is_refused_even_for_root(tmp_path, monkey
     line = one_error_line(*_run(tmp_path, monkeypatch, "--output", output))
     assert f"{output} is read-only: make it writable or pass another --output" in line, line
     assert json.loads(output.read_text()) == OLD
+
+
+@pytest.mark.parametrize("command", ["generate", "report", "run"])
+def test_a_mode_555_folder_is_refused_even_for_root(command, tmp_path, monkeypatch, no_model):
+    """A folder without write bits is not written into, by root either (whom os.access lets write
+    anywhere): as root, generate wrote its image into a mode-555 folder, report its file, run its
+    search_params.json."""
+    from helpers import synthetic_study
+    from optimize.study.record import Goal
+
+    monkeypatch.chdir(tmp_path)
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        if command == "run":
+            output, option = locked / "search_params.json", "--output"
+            result = _run(tmp_path, monkeypatch, "--output", output)
+        else:
+            synthetic_study(storage_url(tmp_path), "s", Goal("max", None, 0.05), [])
+            output, option = locked / ("x.png" if command == "generate" else "r.html"), "-o"
+            words = ["a cat"] if command == "generate" else []
+            result = run_cli([command, *words, "--storage", storage_url(tmp_path), "-o", output])
+        line = one_error_line(*result)
+        assert f"cannot write {output}: directory {locked} is not writable; pass another {option}" in line, line
+        assert os.listdir(locked) == []
+    finally:
+        locked.chmod(0o755)
+
+
+def test_a_folder_made_read_only_during_a_run_is_not_written(tmp_path):
+    """search_params.json's folder made mode 555 after the run's check: not updated (the run says so and
+    exits 1), whoever runs it."""
+    from optimize.app.params_file import update_search_params
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        with pytest.raises(PermissionError, match="its directory is read-only"):
+            update_search_params(str(locked / "search_params.json"), "k", {"params": {}})
+        assert os.listdir(locked) == []
+    finally:
+        locked.chmod(0o755)
 
 
 def test_the_demos_artifacts_are_git_ignored():

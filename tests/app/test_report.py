@@ -197,6 +197,28 @@ def test_report_html_is_self_contained_and_escaped(synthetic):
     assert json.dumps(dict(best.params), indent=2) in html.unescape(page)
 
 
+def test_report_shows_each_trials_wall_time_and_the_median_parts(tmp_path, synthetic):
+    """A "trial s" column (its parts on hover) and the head's median of the scored trials' times; a
+    study from before they were recorded has neither."""
+    timed = [(DC, 2.0, 0.010, {"wall_s": 8.0, "parts": {"timing": 3.0, "generation": 4.0, "clip": 0.5,
+                                                           "fidelity": 0.1, "capture": 0.4}}),
+             (Config(tgate=TGate(6, 2, 1, 1)), 1.6, 0.004,
+              {"wall_s": 6.0, "parts": {"timing": 2.0, "generation": 3.0, "clip": 0.5, "fidelity": 0.3}}),
+             (DC, 2.0, 0.010, {"reused_from": 0, "wall_s": 0.01, "parts": {}})]  # cost nothing of its own
+    study = synthetic_study(f"sqlite:///{tmp_path / 't.db'}", "timed", GOAL, timed)
+    page = report.build_report_html(study)
+    table = page[page.index('<table id="top-trials">'):page.index("</table>", page.index('<table id="top-trials">'))]
+    assert ">trial s</th>" in table
+    assert ('<td class="wall" title="8.0 s: timing 3.0, generation 4.0, clip 0.50, fidelity 0.10 '
+            '(within them: capture 0.40)">8.0</td>') in table
+    assert table.count('<td class="wall"') == 2  # the reused trial's cell is empty
+    assert ("<dt>trial time</dt><dd>median of 2 scored trials: 7.0 s: timing 2.5, generation 3.5, clip 0.50, "
+            "fidelity 0.20 (within them: capture 0.20)</dd>") in page
+    assert "<dt>its trial took</dt><dd>6.0 s: timing 2.0" in page  # the best is #1, least loss
+    old = report.build_report_html(synthetic[1])
+    assert "trial s</th>" not in old and "<dt>trial time</dt>" not in old
+
+
 def test_report_command_on_a_search(target, tmp_path):
     out = tmp_path / "sub" / "report.html"
     code, stdout, err = run_cli(["report", "--storage", target.storage, "--study", target.study_name, "-o", out])
@@ -559,3 +581,150 @@ def test_the_trial_table_fits_1400_pixels(browser, synthetic, target, tmp_path):
         sizes = page.evaluate("(() => { const s = document.getElementById('section-top'); "
                               "return [s.scrollWidth, s.clientWidth]; })()")
         assert sizes[0] <= sizes[1], (label, sizes)
+
+
+# --- optimize-sd dashboard, the command itself ----------------------------------------------------------
+
+
+def _study_with_images(tmp_path) -> tuple[str, optuna.Study, dict[str, str]]:
+    """A study made without a model, with two baseline images in the artifact directory ``run`` would use
+    for its storage; ``(url, study, {file name: artifact id})``."""
+    from PIL import Image
+
+    from optimize.study.artifacts import artifact_dir_for, artifact_store, upload_images
+
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    study = synthetic_study(url, "served", GOAL, TRIALS[:4])
+    store = artifact_store(artifact_dir_for(url))
+    colours = [(200, 30, 30), (30, 200, 30)]
+    ids = upload_images([Image.new("RGB", (64, 64), c) for c in colours], study, store, "baseline")
+    return url, study, dict(zip(["baseline-0.png", "baseline-1.png"], ids))
+
+
+def _default_sigint() -> None:
+    """Ctrl-C as a terminal gives it: the notebook test leaves SIGINT ignored in this process, and a
+    child that inherits that ignores it too (as a background job of a shell does)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+class Dashboard:
+    """``optimize-sd dashboard`` in a process of its own, on a free port; its stderr (a line per request)
+    goes to a file, so that no pipe fills up."""
+
+    def __init__(self, url: str, log_path, *extra: str):
+        self.log_path = log_path
+        with open(log_path, "w") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "optimize.cli", "dashboard", "--storage", url, "--port", "0", *extra],
+                stdout=subprocess.PIPE, stderr=log, text=True, env=dict(os.environ, PYTHONPATH=ROOT),
+                preexec_fn=_default_sigint)
+        self.first = self.proc.stdout.readline()
+        m = re.search(r"on http://127\.0\.0\.1:(\d+) ", self.first)
+        if m is None:
+            self.proc.kill()
+            raise AssertionError(f"no address in {self.first!r}: {open(log_path).read()}")
+        self.base = f"http://127.0.0.1:{m.group(1)}"
+
+    def request(self, path: str, method: str = "GET", body: dict | None = None) -> tuple[int, bytes]:
+        import urllib.error
+        import urllib.request
+
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(self.base + path, data=data, method=method,
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                return r.status, r.read()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read()
+
+    def stop(self) -> tuple[int, str, str]:
+        """Ctrl-C; ``(exit code, rest of stdout, stderr)``."""
+        import signal
+
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+        out, _ = self.proc.communicate(timeout=60)
+        return self.proc.returncode, out, open(self.log_path).read()
+
+
+@pytest.mark.timeout(120)
+def test_the_dashboard_command_changes_nothing(tmp_path):
+    """What optuna-dashboard offers to change (its trash and upload buttons, notes, deleting the study) is
+    refused with 403, before the dashboard acts: its delete removed the image's file first and only then
+    failed on the read-only database (500), so the study kept naming a baseline image that was gone. An
+    image missing from the directory is a 404 (it was a 500 with a traceback per image); Ctrl-C stops it
+    with one line and exit 0."""
+    url, study, ids = _study_with_images(tmp_path)
+    directory = tmp_path / "s-artifacts"
+    files_before = sorted(os.listdir(directory))
+    db_before = (tmp_path / "s.db").read_bytes()
+    image = f"data:image/png;base64,{base64.b64encode(b'not really a png').decode()}"
+    trial_id = study.trials[0]._trial_id
+    dashboard = Dashboard(url, tmp_path / "dashboard.log")
+    try:
+        sid = study._study_id
+        status, body = dashboard.request(f"/artifacts/{sid}/{ids['baseline-0.png']}")
+        assert status == 200 and body.startswith(b"\x89PNG")
+        for method, path, payload in [
+                ("DELETE", f"/api/artifacts/{sid}/{ids['baseline-0.png']}", None),
+                ("DELETE", f"/api/artifacts/{sid}/{trial_id}/{ids['baseline-1.png']}", None),
+                ("POST", f"/api/artifacts/{sid}", {"file": image, "filename": "x.png"}),
+                ("PUT", f"/api/studies/{sid}/note", {"version": 0, "body": "hi"}),
+                ("POST", f"/api/studies/{sid}/rename", {"study_name": "other"}),
+                ("DELETE", f"/api/studies/{sid}", None)]:
+            status, body = dashboard.request(path, method, payload)
+            assert status == 403 and b"read-only" in body, (method, path, status, body)
+        os.remove(directory / ids["baseline-1.png"])  # as on a machine without the study's images
+        status, body = dashboard.request(f"/artifacts/{sid}/{ids['baseline-1.png']}")
+        assert status == 404 and b"is not in" in body, (status, body)
+    finally:
+        code, out, log = dashboard.stop()
+    assert code == 0 and out.strip() == "dashboard stopped", (code, out, log)
+    assert "Traceback" not in log, log
+    assert sorted(os.listdir(directory)) == sorted(set(files_before) - {ids["baseline-1.png"]})
+    assert (tmp_path / "s.db").read_bytes() == db_before
+
+
+def test_the_dashboard_on_a_port_in_use_is_one_line(tmp_path, no_model):
+    """It was a traceback from the web server, after a line saying it served on that port."""
+    import socket
+
+    url, _, _ = _study_with_images(tmp_path)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        line = one_error_line(*run_cli(["dashboard", "--storage", url, "--port", port]))
+    assert line.endswith(f"cannot serve on 127.0.0.1:{port}: Address already in use; another program uses port "
+                         f"{port}: pass another --port"), line
+
+
+@needs_chromium
+@pytest.mark.timeout(300)
+def test_the_dashboard_command_shows_the_study_in_chromium(browser, tmp_path):
+    """``optimize-sd dashboard`` as a user starts it: the study page loads in a browser with its plots and
+    the baseline's images, without a script error."""
+    url, study, ids = _study_with_images(tmp_path)
+    dashboard = Dashboard(url, tmp_path / "dashboard.log")
+    try:
+        page = browser.open(f"{dashboard.base}/dashboard/studies/{study._study_id}")
+        state = page.evaluate("""new Promise(resolve => { const t0 = Date.now(); (function poll() {
+            const text = document.body.innerText, svgs = document.querySelectorAll('svg.main-svg').length;
+            const images = [...document.querySelectorAll('img')].filter(i => i.src.includes('/artifacts/'))
+                .map(i => [i.src, i.naturalWidth]);
+            if ((text.includes('served') && text.includes('Best Trial') && svgs > 0 && images.length >= 2
+                 && images.every(i => i[1] > 0)) || Date.now() - t0 > 30000)
+                resolve({text: text.slice(0, 3000), svgs, images});
+            else setTimeout(poll, 200); })(); })""")
+        assert "served" in state["text"] and "Best Trial" in state["text"] and state["svgs"] > 0, state
+        shown = {src.rsplit("/", 1)[1]: width for src, width in state["images"]}
+        assert shown == {ids["baseline-0.png"]: 64, ids["baseline-1.png"]: 64}, state["images"]
+        assert page.errors() == []
+        shot = tmp_path / "dashboard.png"
+        _check_page_png(shot, *page.screenshot(shot))
+    finally:
+        code, out, log = dashboard.stop()
+    assert code == 0 and "Traceback" not in log, (code, out, log)

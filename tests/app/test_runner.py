@@ -63,3 +63,35 @@ def test_stored_settings_are_checked_before_anything_loads(field, value, needle)
     with pytest.raises(SettingsError, match=f"^entry: {needle}"):
         PipelineSettings.stored("entry", "tiny", args["scheduler"], args["steps"], args["guidance"], args["height"],
                                 args["width"], args["dtype"], seed=0, device="cpu")
+
+
+def test_a_new_study_scores_in_its_own_batches_and_a_resumed_one_as_its_baseline_was(tmp_path):
+    """--score-batch (or its default, at most the prompts) for a study without a baseline; a stored
+    baseline's own scoring batch otherwise, whatever the option says (one note when it says otherwise):
+    its images were made that way. A study from before it was stored keeps its calls (None)."""
+    from dataclasses import asdict
+
+    import optuna
+
+    from optimize.measure.evaluator import GenerationSettings, default_score_batch
+    from optimize.study.baseline import Baseline
+
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 's.db'}", study_name="s")
+    settings = GenerationSettings(steps=8, guidance=7.5, height=64, width=64)
+    lines = []
+
+    def batch(score_batch, prompts=8):
+        return runner.scoring_batch(study, replace(OPTS, score_batch=score_batch), settings, prompts,
+                                    lambda line, err=False: lines.append(line))
+
+    assert batch(3) == 3 and batch(None) == default_score_batch("cpu", 64, 64) and batch(16, prompts=5) == 5
+    assert lines == []
+    baseline = Baseline(0.1, 0.0, 30.0, [30.0] * 8, {}, 64, 64, score_batch=4)
+    baseline.save(study)
+    assert batch(None) == 4 and batch(4) == 4 and lines == []
+    assert batch(2) == 4 and lines == ["note: this study's baseline images were made in calls of 4 prompts: its trials "
+                                       "are scored the same way (--score-batch 2 applies to a new study)"]
+    old = {k: v for k, v in asdict(baseline).items() if k != "score_batch"}  # as studies made before stored it
+    study.set_user_attr("baseline", old)
+    assert Baseline.load(study).score_batch is None
+    assert batch(None) is None and batch(8) is None and "before --score-batch existed" in lines[-1]

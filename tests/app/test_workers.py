@@ -474,6 +474,29 @@ def test_ctrl_c_stops_all_workers(tmp_path):
     assert len(trials) < 8
 
 
+@pytest.mark.timeout(300)
+def test_ctrl_c_while_the_workers_start_is_one_line_each(tmp_path):
+    """Ctrl-C while the workers still import (seconds on a loaded machine): each says so in one line. It was
+    a Python traceback from the middle of an import per worker, then "was killed (SIGINT); its running
+    trial is retried", of workers that had no trial; later, a blank line and "was interrupted; its running
+    trial was marked failed" beside the worker's own line."""
+    url = storage_url(tmp_path)
+    proc, log_path = _start(tmp_path, _args(tmp_path, url, "--max-loss", "0.05", "--n-trials", "4", "--workers", "2"))
+    deadline = time.monotonic() + 120
+    while "with 2 workers" not in open(log_path).read() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)  # the workers are importing
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=120) == 130, open(log_path).read()
+    lines = open(log_path).read().splitlines()
+    for label in ("w0 cpu", "w1 cpu"):
+        own = [line for line in lines if line.startswith(f"[{label}]")]
+        assert len(own) == 1 and "interrupted" in own[0], lines
+        assert not [line for line in lines if line.startswith(f"worker {label}")], lines
+    assert "Traceback" not in "\n".join(lines) and lines[-1].startswith("interrupted: 0 completed trials kept"), lines
+    assert {t.state for t in Watch(url).study().trials} == {TrialState.WAITING}  # the warm start, still to come
+
+
 def test_a_queued_trial_is_taken_by_one_process_only(url, monkeypatch):
     """Workers popping the same waiting trial (a warm start) at once: one runs it. Optuna reads the state,
     then writes it; on SQLite four storages all read WAITING and all "won" (seen in CI as a worker failing
@@ -520,12 +543,20 @@ def test_killed_worker_trial_is_rerun(url, tmp_path, monkeypatch, one_thread):
     argv = _args(tmp_path, url, "--max-loss", "0.05", small=SLOW)  # the default heartbeat: 120 s of grace
     proc, log_path = _start(tmp_path, argv + ["--n-trials", "2", "--workers", "2"])  # one trial each
     watch = Watch(url)
-    victim = _wait_running(proc, log_path, watch, 1)[0]
+    # both mid-trial: the survivor starts no trial after the kill, which would have retried the victim's
+    victim = _wait_running(proc, log_path, watch, 2)[0]
     completed_before = {t.number: t.values for t in watch.trials() if t.state == TrialState.COMPLETE}
     os.kill(_worker_pid(victim), signal.SIGKILL)
     assert proc.wait(timeout=300) == 1, open(log_path).read()
     log = open(log_path).read()
     assert "was killed (SIGKILL)" in log and "Traceback" not in log
+    # the launcher fails and re-queues the killed worker's trial (it stayed RUNNING in the study)
+    label = next(line for line in log.splitlines() if "was killed (SIGKILL)" in line).split()[1:3]
+    assert (f"trial #{victim.number} of worker {' '.join(label)}, which is gone, marked failed and queued again: "
+            "it runs when the study next runs") in log, log
+    after = Watch(url).trials()
+    assert after[victim.number].state == TrialState.FAIL and TrialState.RUNNING not in {t.state for t in after}
+    assert [t.system_attrs.get("failed_trial") for t in after if t.state == TrialState.WAITING] == [victim.number]
 
     monkeypatch.chdir(tmp_path)
     code, out, err = run_cli(argv + ["--n-trials", "1"])  # the retry, at once: the killed worker's pid is gone

@@ -29,7 +29,7 @@ from optimize.levers.base import Choice, Float, Int
 STEPS = 12
 PROMPT = ["a red fox in the snow"]
 # what any lever may add to a module or the pipeline; none of it may stay after removal
-LEFTOVER_MODULE_ATTRS = ("forward", "cache", "_tome_info", "extra_repr")
+LEFTOVER_MODULE_ATTRS = ("forward", "cache", "_tome_info", "extra_repr", "_compiled_call_impl")
 PIPES = {"tiny": "tiny_pipe", "tiny-xl": "tiny_xl_pipe", "tiny-xl-fp16": "tiny_xl_fp16_pipe"}
 LEFTOVER_PIPE_ATTRS = ("tgate", "deepcache", "_optimize_sd_applied", "set_timesteps")
 

@@ -258,13 +258,13 @@ def test_params_round_trip():
         "schedule": False, "deepcache": True, "deepcache.cache_interval": 4, "deepcache.cache_branch_id": 2,
         "tome": True, "tome.ratio": 0.35, "tome.max_downsample": 2,
         "tgate": True, "tgate.gate_step": 8, "tgate.sp_interval": 3, "tgate.fi_interval": 2, "tgate.warm_up": 1,
-        "layout": False, "precision": False, "vae": False,
+        "layout": False, "precision": False, "vae": False, "compile": False,
     }
     assert Config.from_params(params) == full
     for cfg in (Config(), Config(tome=ToMe()), Config(deepcache=DeepCache(), tgate=TGate())):
         assert Config.from_params(cfg.to_params()) == cfg
     off = {"schedule": False, "deepcache": False, "tome": False, "tgate": False, "layout": False, "precision": False,
-           "vae": False}
+           "vae": False, "compile": False}
     assert Config().to_params() == off
     new = Config(layout=Layout(True, False, "flash"), precision=Precision("fp8"), vae=Vae())
     assert new.to_params() == {**off, "layout": True, "layout.channels_last": True, "layout.fused_qkv": False,

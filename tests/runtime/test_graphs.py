@@ -151,6 +151,29 @@ def test_close_frees_graphs_and_restores_forward(tiny_pipe):
     assert "forward" not in vars(tiny_pipe.unet)
 
 
+def test_a_step_decides_before_what_computes_it_beneath_every_wrapper():
+    """Step: installed over the module's own forward, wrapped by what comes after (a graph mode's
+    StepGraphs, DeepCache's counter), it decides the step's kind right before ``compute`` runs; removed,
+    the module's forward is what it was."""
+    from optimize.runtime.graphs import Step
+
+    module, order = torch.nn.Linear(2, 2), []
+    step = Step(module, decide=lambda: order.append("decide")).install()
+    own = step.own
+    step.compute = lambda x: order.append("compute") or own(x)
+    outer = module.forward
+    module.forward = lambda x: order.append("wrapper") or outer(x)  # a lever's wrapper over it
+    x = torch.ones(1, 2)
+    torch.testing.assert_close(module(x), own(x))
+    assert order == ["wrapper", "decide", "compute"]
+    del module.forward
+    step.uninstall()
+    assert "forward" not in vars(module) and step.own is None
+    step.uninstall()  # idempotent
+    with pytest.raises(RuntimeError, match="installed"):
+        step.install().install()
+
+
 # --- the evaluator in a graph mode ---------------------------------------------------------------
 class _Scorer:
     def score(self, images, prompts):

@@ -21,14 +21,15 @@ import pytest
 from optuna.trial import TrialState
 
 try:
-    from helpers import (DEFAULT_TIMING, goal_opts, load_study, max_run, pareto_run, run_args, run_cli, sqlite_rows,
+    from helpers import (DEFAULT_TIMING, SMALL, goal_opts, load_study, max_run, pareto_run, run_args, run_cli, sqlite_rows,
                          storage_url, target_run)
 except ImportError:  # tests/ made a package
-    from tests.helpers import (DEFAULT_TIMING, goal_opts, load_study, max_run, pareto_run, run_args, run_cli,
+    from tests.helpers import (DEFAULT_TIMING, SMALL, goal_opts, load_study, max_run, pareto_run, run_args, run_cli,
                                sqlite_rows, storage_url, target_run)
 
 from optimize.app import runner
-from optimize.levers import BY_NAME, METHODS, Context
+from optimize.levers import METHODS, Context
+from optimize.levers.base import Device
 from optimize.study.record import CONSTRAINTS_ATTR, Goal, best_feasible, is_feasible
 
 ATTRS = ("speedup", "score_loss", "time_per_image", "spread", "clip_score", "config")
@@ -403,6 +404,65 @@ def test_terminated_while_measuring_the_baseline(tmp_path):
     assert {t.state for t in study.trials} == {TrialState.WAITING}  # the warm start, still to come
 
 
+# A run that dies (SIGKILL, no handler runs) once the baseline is stored and its first image with it.
+_DIES_STORING_IMAGES = """
+import os, signal, sys
+import optuna.artifacts
+real, calls = optuna.artifacts.upload_artifact, []
+def upload(**kwargs):
+    calls.append(kwargs)
+    if len(calls) == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(**kwargs)
+optuna.artifacts.upload_artifact = upload
+from optimize.app.cli import main
+main(sys.argv[1:])
+"""
+
+
+@pytest.mark.slow  # two processes killed, then a run
+@pytest.mark.timeout(600)
+def test_killed_while_the_baseline_is_measured_or_its_images_stored(tmp_path, monkeypatch):
+    """kill -9 while the baseline is measured: nothing half-stored, the next run measures it. kill -9
+    once the baseline is stored but only one of its images: the next run reuses the baseline, makes the
+    images again and stores the missing one; it used to store none, so every later run generated them
+    all again (a full baseline pass per run)."""
+    from optimize.study.artifacts import artifact_dir_for, artifact_store, baseline_image_ids, load_baseline_images
+
+    argv = run_args(tmp_path, "--max-loss", "0.5", "--n-trials", "1", "--images-per-trial", "0",
+                    small=[*SMALL, "--num-samples", "6"])  # 6 prompts: time to kill it while it measures
+    log_path = tmp_path / "run.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "optimize.cli", *argv], cwd=str(tmp_path), stdout=log,
+                                stderr=subprocess.STDOUT, env=_env())
+    try:
+        deadline = time.monotonic() + 240
+        while "measuring baseline" not in log_path.read_text() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        proc.kill()
+        proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, log_path.read_text()
+    study = load_study(storage_url(tmp_path))
+    assert "baseline" not in study.user_attrs and {t.state for t in study.trials} == {TrialState.WAITING}
+
+    died = subprocess.run([sys.executable, "-c", _DIES_STORING_IMAGES, *argv], cwd=str(tmp_path), env=_env(),
+                          capture_output=True, text=True, timeout=400)
+    assert died.returncode == -signal.SIGKILL and "measuring baseline" in died.stdout, died.stdout + died.stderr
+    study = load_study(storage_url(tmp_path))
+    assert "baseline" in study.user_attrs and list(baseline_image_ids(study)) == [0]
+
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_cli(argv)
+    assert code == 0, out + err
+    assert "reusing the stored baseline" in out and "generating them again (6 prompts, same seeds)" in out
+    study = load_study(storage_url(tmp_path))
+    assert list(baseline_image_ids(study)) == list(range(6))
+    # what decides whether the next run generates them again
+    assert load_baseline_images(study, artifact_store(artifact_dir_for(storage_url(tmp_path))), 6) is not None
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.WAITING]
+
+
 def test_interrupted_warm_start_trial_is_queued_again(tmp_path, monkeypatch):
     """Ctrl-C during a queued trial (warm start, or a retry): the configuration runs again when the
     study next runs, with the retry bookkeeping; one that is interrupted every time stops after the
@@ -440,10 +500,10 @@ def test_interrupted_warm_start_trial_is_queued_again(tmp_path, monkeypatch):
 
 # --- warm start ----------------------------------------------------------------------------------------
 
-def test_warm_start_params_follow_the_methods():
+def test_warm_start_params_follow_the_methods(monkeypatch):
     from optimize.search import warm_start_params
 
-    ctx = Context(steps=20, scheduler="dpm++")
+    ctx = Context(steps=20, scheduler="dpm++", device=Device("cpu"))  # where the compile lever does not run
     assert warm_start_params(("tome", "tgate"), ctx) == []
     first, second = warm_start_params(("deepcache", "tome", "tgate"), ctx)
     assert first == {"deepcache": True, "deepcache.cache_interval": 3, "deepcache.cache_branch_id": 0,
@@ -452,17 +512,19 @@ def test_warm_start_params_follow_the_methods():
     assert warm_start_params(("deepcache",), ctx)[0] == {"deepcache": True, "deepcache.cache_interval": 3,
                                                          "deepcache.cache_branch_id": 0}
     # the schedule: the reference's own solver at half its steps, every other lever off
-    half, *dc = warm_start_params(METHODS, ctx)
-    # the levers after it are off too: those that can run here (precision needs torchao), and the VAE's
-    # whose pipeline is not known yet
-    after = {"layout": False, **({"precision": False} if BY_NAME["precision"].unavailable(ctx) is None else {}),
-             "vae": False}
+    half, *dc = warm_start_params(("schedule", "deepcache", "tome", "tgate"), ctx)
     assert half == {"schedule": True, "schedule.solver": "dpm++", "schedule.steps": 10, "deepcache": False,
-                    "tome": False, "tgate": False, **after}
-    assert dc == [{"schedule": False, **d, **after} for d in (first, second)]
+                    "tome": False, "tgate": False}
+    assert dc == [{"schedule": False, **d} for d in (first, second)]
     # at 8 reference steps the schedule's 4 leave T-GATE (>= 5 steps) out of that trial
     assert warm_start_params(("schedule", "tgate"), Context(steps=8, scheduler="ddim")) == [
         {"schedule": True, "schedule.solver": "ddim", "schedule.steps": 4}]
+    # where it runs, the whole UNet compiled alone; the others' switch it off
+    monkeypatch.setattr(__import__("optimize.levers.compile", fromlist=["BACKEND"]), "BACKEND", "eager")
+    assert warm_start_params(("deepcache", "compile"), ctx) == [
+        {**{k: v for k, v in first.items() if k.startswith("deepcache")}, "compile": False},
+        {**{k: v for k, v in second.items() if k.startswith("deepcache")}, "compile": False},
+        {"deepcache": False, "compile": True, "compile.mode": "default"}]
 
 
 def test_new_study_starts_with_known_good_configs_once(tmp_path, monkeypatch):
@@ -474,7 +536,7 @@ def test_new_study_starts_with_known_good_configs_once(tmp_path, monkeypatch):
     code, out, err = run_cli(argv)
     assert code == 0, out + err
     study = load_study(storage_url(tmp_path))
-    warm = warm_start_params(METHODS, Context(steps=8, scheduler="ddim"))
+    warm = warm_start_params(tuple(here), Context(steps=8, scheduler="ddim", device=Device("cpu")))
     # the schedule's, DeepCache N=3, N=5; the VAE's switch, fixed off before the pipeline was known, is
     # never asked on this fp32 pipeline
     assert len(warm) == 3 and [t.params for t in study.trials] == [{k: v for k, v in w.items() if k != "vae"}
@@ -652,3 +714,47 @@ def test_on_the_cpu_default_every_trial_is_a_paired_ratio_and_a_resumed_run_time
         if reference != "gated":
             assert a["baseline_time"] == reference  # timed beside the trial
         assert a["speedup"] < 20  # not divided by the stored (50x slow) baseline time
+
+
+# --- what a trial's measurement cost ------------------------------------------------------------------
+
+def test_a_trial_records_its_wall_time_and_compile_seconds_however_it_ends(monkeypatch):
+    """compile_s: what torch spent compiling during the measurement; wall_s: the measurement end to end.
+    A gated trial has both; a trial that reused an earlier measurement spent neither and has neither."""
+    import numpy as np
+
+    from optimize.measure.evaluator import Measurement, Timing
+    from optimize.search import Objective, SearchSpace
+    from optimize.search import objective as objective_module
+    from optimize.study.baseline import Baseline
+    from optimize.study.record import COMPILE_SECONDS, PARTS, REUSED_FROM, SKIPPED, WALL
+
+    compiled = [0.0]
+    monkeypatch.setattr(objective_module, "compile_seconds", lambda: compiled[0])
+
+    class Evaluator:
+        repeats = 1
+
+        def measure(self, config, gate=None):
+            compiled[0] += 2.5  # the first call of a compiled configuration compiles
+            timing, reference = Timing.from_samples([0.5, 0.5]), Timing.from_samples([1.0, 1.0])
+            if gate is not None and config.deepcache.cache_interval == 4:
+                gate(timing, reference)
+            return Measurement(config, timing, np.ones(4), [], reference)
+
+    baseline = Baseline(1.0, 0.0, 1.0, [1.0] * 4, {}, 32, 32, [1.0, 1.0])
+    study = optuna.create_study(directions=["minimize"])
+    objective = Objective(Evaluator(), baseline, Goal("target", 1.5, 0.5), SearchSpace(
+        ("deepcache",), Context(steps=8, max_branch_id=3)))
+    objective.gate_margin = -10.0  # the gate stops everything it judges
+    for interval in (3, 3, 4):
+        study.enqueue_trial({"deepcache": True, "deepcache.cache_interval": interval, "deepcache.cache_branch_id": 0})
+    study.optimize(objective, n_trials=3)
+    measured, reused, gated = study.trials
+    assert measured.state == TrialState.COMPLETE and measured.user_attrs[COMPILE_SECONDS] == 2.5
+    assert measured.user_attrs[PARTS]["compile"] == 2.5 and 0 <= measured.user_attrs[WALL] < 60
+    # a reused measurement compiled nothing: its wall time is its own, the compile seconds are not copied
+    assert reused.user_attrs[REUSED_FROM] == 0 and COMPILE_SECONDS not in reused.user_attrs
+    assert "compile" not in reused.user_attrs[PARTS]
+    assert gated.state == TrialState.PRUNED and SKIPPED in gated.user_attrs
+    assert gated.user_attrs[COMPILE_SECONDS] == 2.5 and WALL in gated.user_attrs
