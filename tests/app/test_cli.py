@@ -349,13 +349,18 @@ def test_naming_a_lever_that_cannot_run_here_is_refused(layout_needs_a_gpu, tmp_
     assert not os.path.exists(tmp_path / "search_params.json")
 
 
-def test_on_this_cpu_only_precision_may_be_left_out_and_only_without_torchao():
+def test_what_a_cpu_run_leaves_out():
+    """Named: only what cannot run on the CPU (the compile lever; precision without torchao). By default
+    also the levers that only speed up a GPU's step (layout; precision)."""
     import importlib.util
 
     from optimize.levers import METHODS
+    from optimize.levers.base import GPU_ONLY
 
-    left_out = runner.unavailable_methods(METHODS, "cpu")
-    if importlib.util.find_spec("torchao") is None:
-        assert left_out == {"precision": "torchao is not installed (pip install 'optimize-sd[gpu]')"}
-    else:
-        assert left_out == {}
+    named = runner.unavailable_methods(METHODS, "cpu", explicit=True)
+    no_torchao = importlib.util.find_spec("torchao") is None
+    assert set(named) == {"compile", *(["precision"] if no_torchao else [])}
+    if no_torchao:
+        assert named["precision"] == "torchao is not installed (pip install 'optimize-sd[gpu]')"
+    default = runner.unavailable_methods(METHODS, "cpu")
+    assert set(default) == {"compile", "layout", "precision"} and default["layout"] == GPU_ONLY
