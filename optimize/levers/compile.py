@@ -16,11 +16,13 @@ next call and for every interval). In a graph mode the compiled step is what
 :class:`~optimize.runtime.graphs.StepGraphs` captures, one CUDA graph per kind; both modes here leave
 CUDA graphs to it (inductor's own would capture inside a capture). Eagerly the compiled step runs as it is.
 
-**Recompiles.** While applied, Dynamo may add at most :data:`GRAPHS_PER_KIND` graphs of the UNet's
-forward per step kind and input shape met (a kind's first step may find a cache empty that its later
-steps find filled: DeepCache's full step) to those it kept from earlier configurations. One more is
-a lever deciding per step inside the forward: the trial fails saying so, instead of Dynamo running
-the UNet eagerly past its limit and the trial timing that.
+**Recompiles.** While applied, at most :data:`CALLS_THAT_COMPILE_PER_KIND` calls of each step kind
+and input shape may compile anything (a kind's first call may find a cache empty that its later calls
+find filled: DeepCache's full step); one more is a lever deciding per step inside the forward, and the
+trial fails saying so. Dynamo's own per-function limits are raised for the call instead: they count
+over the whole process, every configuration and every UNet block function that a graph break leaves
+to compile on its own (one graph per shape: ToMe's breaks leave each ResNet block's forward a graph
+for each of its shapes), and past them Dynamo runs the UNet eagerly, which the trial would time.
 
 **Compile cost, paid once.** A cold whole-UNet compile took 61 s on the H200, per graph. The
 search does not spend its time recompiling: (1) the lever's own fields are not searched (only
@@ -49,17 +51,21 @@ Example:
 from __future__ import annotations
 
 import importlib.util
+from collections import Counter
 from dataclasses import dataclass
 from typing import Callable
 
-from ..runtime.compiling import compiled, graphs_of, signature
+from ..runtime.compiling import compiled, frames_compiled, signature
 from .base import Applied, Choice, Context, Lever, param
 
 # inductor's modes that leave CUDA graphs to StepGraphs ("reduce-overhead" and "max-autotune" capture their own)
 MODES = ("default", "max-autotune-no-cudagraphs")
 # the compiler; tests on the CPU set "eager" (Dynamo alone: the graphs are counted, nothing is generated)
 BACKEND = "inductor"
-GRAPHS_PER_KIND = 2
+# a kind's first call may find a cache empty that its later calls find filled (DeepCache's full step):
+# two calls of one kind may compile, a third is a decision per step
+CALLS_THAT_COMPILE_PER_KIND = 2
+DYNAMO_LIMIT = 1024
 
 
 @dataclass(frozen=True)
@@ -73,28 +79,39 @@ class Compile:
 
 
 class _CompiledStep:
-    """The UNet's forward, compiled; Dynamo's recompile limit raised only by what the kinds met need."""
+    """The UNet's forward, compiled; a step kind that keeps compiling fails the call (module docstring)."""
 
     def __init__(self, forward: Callable, mode: str, kinds: Callable[[], tuple]):
         self.function = getattr(forward, "__func__", forward)  # compiled unbound: the cache keeps no UNet alive
         self.owner = (forward.__self__,) if hasattr(forward, "__self__") else ()
         self.compiled = compiled(self.function, BACKEND, None if mode == "default" else mode)
-        self.kept = graphs_of(self.function)  # graphs earlier configurations left, reused where they fit
-        self.kinds, self.met = kinds, set()
+        self.kinds = kinds
+        self.compiling: Counter = Counter()  # per (step kind, input signature): the calls that compiled
 
     def __call__(self, *args, **kwargs):
         import torch._dynamo
         from torch._dynamo.exc import FailOnRecompileLimitHit
 
-        self.met.add((self.kinds(), signature(args, kwargs)))
-        limit = self.kept + GRAPHS_PER_KIND * len(self.met)
+        met = (self.kinds(), signature(args, kwargs))
+        before = frames_compiled()
         try:
-            with torch._dynamo.config.patch(recompile_limit=limit, fail_on_recompile_limit_hit=True):
-                return self.compiled(*self.owner, *args, **kwargs)
+            # Dynamo's own limits count graphs per function over the whole process (every configuration,
+            # every UNet block function a graph break leaves to compile on its own, one graph per shape);
+            # past them it would run the UNet eagerly and the trial time that, so they are raised here and
+            # the per-kind count below is the check
+            with torch._dynamo.config.patch(recompile_limit=DYNAMO_LIMIT, accumulated_recompile_limit=DYNAMO_LIMIT,
+                                            fail_on_recompile_limit_hit=True):
+                out = self.compiled(*self.owner, *args, **kwargs)
         except FailOnRecompileLimitHit:
-            raise RuntimeError(f"compile: the UNet needed more than {GRAPHS_PER_KIND} graphs for each of the "
-                               f"{len(self.met)} step kinds met: something inside its forward decides per step "
-                               "(decide it in the lever's step_kind instead)") from None
+            raise RuntimeError(f"compile: Dynamo kept {DYNAMO_LIMIT} graphs of one function in this process "
+                               "and would run the rest eagerly") from None
+        if frames_compiled() > before:
+            self.compiling[met] += 1
+            if self.compiling[met] > CALLS_THAT_COMPILE_PER_KIND:
+                raise RuntimeError(f"compile: {self.compiling[met]} calls of one step kind compiled the UNet anew: "
+                                   "something inside its forward decides per step (decide it in the lever's "
+                                   "step_kind instead)")
+        return out
 
 
 class _Applied(Applied):

@@ -46,6 +46,16 @@ def graphs_of(function: Callable) -> int:
     return len(_debug_get_cache_entry_list(getattr(function, "__code__", function)))
 
 
+def frames_compiled() -> int:
+    """How many frames Dynamo has compiled in this process (each recompile of a function counts), every
+    function's included: what a call compiled is the difference across it."""
+    if "torch._dynamo" not in sys.modules:
+        return 0
+    from torch._dynamo.utils import compilation_time_metrics
+
+    return len(compilation_time_metrics.get("_compile.compile_inner", ()))
+
+
 def compile_seconds() -> float:
     """Seconds ``torch.compile`` has spent compiling in this process, as torch accounts them: every
     frame's Dynamo trace and its backend's compile (inductor's code generation and kernel builds)."""

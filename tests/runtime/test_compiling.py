@@ -7,7 +7,8 @@ import os
 
 import torch
 
-from optimize.runtime.compiling import compile_seconds, compiled, graphs_of, signature, use_cache_dir
+from optimize.runtime.compiling import (compile_seconds, compiled, frames_compiled, graphs_of, signature,
+                                       use_cache_dir)
 from optimize.study.artifacts import compile_cache_for
 
 
@@ -18,15 +19,15 @@ def _step(x, scale: float):
 def test_one_compiled_function_per_settings_whose_graphs_are_found_again():
     fast = compiled(_step, "eager")
     assert compiled(_step, "eager") is fast and compiled(_step, "aot_eager") is not fast
-    before, seconds = graphs_of(_step), compile_seconds()
+    before, seconds, frames = graphs_of(_step), compile_seconds(), frames_compiled()
     x = torch.randn(3)
     torch.testing.assert_close(fast(x, 2.0), _step(x, 2.0))
-    assert graphs_of(_step) == before + 1 and compile_seconds() > seconds
+    assert graphs_of(_step) == before + 1 and compile_seconds() > seconds and frames_compiled() == frames + 1
     fast(torch.randn(3), 2.0)
     compiled(_step, "eager")(torch.randn(3), 2.0)  # handed out again: the same graph
-    assert graphs_of(_step) == before + 1
+    assert graphs_of(_step) == before + 1 and frames_compiled() == frames + 1
     fast(torch.randn(4), 2.0)  # static shapes: another shape is a graph of its own
-    assert graphs_of(_step) == before + 2
+    assert graphs_of(_step) == before + 2 and frames_compiled() == frames + 2
 
 
 def test_a_call_signature_names_shapes_and_other_leaves():
