@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .base import GPU_ONLY, Applied, Choice, Context, Lever, Snapshot, Undo, param
+from .base import GPU_ONLY, Applied, Choice, Context, InvalidConfig, Lever, Snapshot, Undo, param
 
 SDPA = ("default", "flash", "efficient", "cudnn", "math")
 _BACKENDS = {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "cudnn": "CUDNN_ATTENTION",
@@ -85,6 +85,12 @@ class LayoutLever(Lever):
         parts = ["cl"] * params.channels_last + ["qkv"] * params.fused_qkv
         parts += [params.sdpa] if params.sdpa != "default" else []
         return "+".join(parts) or "layout"
+
+    def check(self, params: Layout, ctx: Context) -> None:
+        if params == Layout(channels_last=False, fused_qkv=False, sdpa="default"):
+            # the untouched UNet under another name: a trial of it would time noise
+            raise InvalidConfig("layout.channels_last, layout.fused_qkv and layout.sdpa all off change nothing: "
+                                "switch layout off instead")
 
     def apply(self, pipe, params: Layout, others) -> _Applied:
         applied = _Applied()

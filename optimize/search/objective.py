@@ -16,7 +16,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from ..levers import Config
+from ..levers import Config, InvalidConfig
 from ..measure.metrics import score_loss
 from ..measure.uncertainty import intervals
 from ..runtime.compiling import compile_seconds
@@ -175,6 +175,11 @@ class Objective:
                 if self.goal.mode == "target":  # infeasible by speed alone; its loss was never measured
                     record_constraints(trial, [self.goal.target_speedup - e.attrs[SPEEDUP], 0.0])
                 raise optuna.TrialPruned(str(e)) from None
+            except InvalidConfig as e:
+                # a draw the levers' cross-field checks refuse (every layout setting off, ToMe at full
+                # resolution on SDXL): nothing was measured, nothing failed
+                trial.set_user_attr(SKIPPED, f"not a configuration: {e}")
+                raise optuna.TrialPruned(f"not a configuration: {e}") from None
             except Exception as e:
                 trial.set_user_attr(ERROR, f"{type(e).__name__}: {e}"[:2000])
                 raise

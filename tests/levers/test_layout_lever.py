@@ -116,6 +116,17 @@ def test_the_kernels_offered_are_those_that_run_there():
     LEVER.validate(Layout(sdpa="cudnn"), hopper)
 
 
+def test_every_setting_off_is_refused_and_never_drawn():
+    """Layout(False, False, "default") is the untouched UNet: a trial of it would time noise."""
+    ctx = Context(steps=20)
+    with pytest.raises(InvalidConfig, match=r"layout\.channels_last.*switch layout off"):
+        LEVER.validate(Layout(False, False, "default"), ctx)
+    LEVER.validate(Layout(False, False, "math"), ctx)
+    grid = list(LEVER.grid(ctx))
+    assert Layout(False, False, "default") not in grid and Layout(False, False, "flash") in grid
+    assert len(grid) == 2 * 2 * len(sdpa_here(ctx)) - 1
+
+
 def test_labels():
     assert LEVER.label(Layout(True, True, "flash")) == "cl+qkv+flash"
     assert LEVER.label(Layout(False, True, "default")) == "qkv"

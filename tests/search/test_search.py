@@ -758,3 +758,34 @@ def test_a_trial_records_its_wall_time_and_compile_seconds_however_it_ends(monke
     assert "compile" not in reused.user_attrs[PARTS]
     assert gated.state == TrialState.PRUNED and SKIPPED in gated.user_attrs
     assert gated.user_attrs[COMPILE_SECONDS] == 2.5 and WALL in gated.user_attrs
+
+
+def test_a_draw_the_levers_refuse_is_pruned_with_the_reason_not_failed():
+    """Every layout setting off is the untouched UNet: the evaluator's validation refuses it before
+    anything runs, and the trial says why, pruned; the next draw is measured."""
+    import numpy as np
+
+    from optimize.levers import Config
+    from optimize.measure.evaluator import Measurement, Timing
+    from optimize.search import Objective, SearchSpace
+    from optimize.study.baseline import Baseline
+    from optimize.study.record import SKIPPED
+
+    class Evaluator:
+        repeats = 1
+
+        def measure(self, config, gate=None):
+            Config.validate(config)  # as the real evaluator does first
+            return Measurement(config, Timing.from_samples([0.5, 0.5]), np.ones(4), [], Timing.from_samples([1.0, 1.0]))
+
+    baseline = Baseline(1.0, 0.0, 1.0, [1.0] * 4, {}, 32, 32, [1.0, 1.0])
+    study = optuna.create_study(directions=["minimize"])
+    objective = Objective(Evaluator(), baseline, Goal("target", 1.5, 0.5), SearchSpace(("layout",), Context(steps=8)))
+    for sdpa in ("default", "math"):
+        study.enqueue_trial({"layout": True, "layout.channels_last": False, "layout.fused_qkv": False,
+                             "layout.sdpa": sdpa})
+    study.optimize(objective, n_trials=2)
+    refused, measured = study.trials
+    assert refused.state == TrialState.PRUNED
+    assert refused.user_attrs[SKIPPED].startswith("not a configuration: layout.channels_last")
+    assert measured.state == TrialState.COMPLETE and measured.user_attrs["config"] == "math"
