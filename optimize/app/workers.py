@@ -85,7 +85,7 @@ class _Worker:
         # the workers run this very package, whatever is installed
         env["PYTHONPATH"] = os.pathsep.join(p for p in (_package_root(), env.get("PYTHONPATH")) if p)
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", _WORKER_MAIN, *argv], stdin=subprocess.DEVNULL,
+            [sys.executable, "-m", "optimize.cli", *argv], stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, process_group=0,
         )
         self.readers = [self._relay(self.proc.stdout, False), self._relay(self.proc.stderr, True)]
@@ -124,18 +124,6 @@ class _Worker:
         if code == 130:
             return None
         return f"worker {self.label} failed (exit {code})"
-
-
-# A worker's entry point: Ctrl-C while it still imports (seconds, on a loaded machine) is one line and
-# exit 130, not a traceback from the middle of an import.
-_WORKER_MAIN = """import sys
-try:
-    from optimize.app.cli import main
-except KeyboardInterrupt:
-    print("optimize-sd: interrupted", file=sys.stderr)
-    sys.exit(130)
-main(sys.argv[1:])
-"""
 
 
 _ECHO_LOCK = threading.Lock()

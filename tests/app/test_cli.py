@@ -20,7 +20,6 @@ except ImportError:  # tests/ made a package
 
 from optimize.app import params_file
 
-from optimize.runtime import pipelines
 
 from optimize.app import runner
 from optimize.study.record import Goal, best_feasible
@@ -112,6 +111,26 @@ def test_help_exits_zero(command, no_model):
         assert "--target-speedup" in out and "--max-loss" in out
     if command[0] == "best":
         assert "--json" in out
+
+
+def test_ctrl_c_while_the_commands_load_is_one_line(monkeypatch, capsys):
+    """`optimize-sd` imports torch and diffusers for a second or more before any command runs; a Ctrl-C
+    there was a traceback from the middle of an import."""
+    import sys
+
+    import optimize.cli
+
+    class Interrupting:
+        def find_spec(self, name, path=None, target=None):
+            if name == "optimize.app.cli":
+                raise KeyboardInterrupt
+            return None
+
+    monkeypatch.delitem(sys.modules, "optimize.app.cli")
+    monkeypatch.setattr(sys, "meta_path", [Interrupting(), *sys.meta_path])
+    with pytest.raises(SystemExit) as exit_:
+        optimize.cli.main(["--help"])
+    assert exit_.value.code == 130 and capsys.readouterr().err == "optimize-sd: interrupted\n"
 
 
 # --- 3. a study made with other settings is refused before anything loads ------------------------------
