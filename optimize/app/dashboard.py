@@ -16,6 +16,7 @@ import errno
 import json
 import os
 import re
+import threading
 from typing import Callable
 
 from ..study.artifacts import artifact_dir_for, artifact_store
@@ -70,7 +71,13 @@ def serve(storage_url: str, artifact_dir: str | None, host: str, port: int, echo
              "Ctrl-C to stop")
         if not os.path.isdir(directory):
             echo(f"note: no image directory {directory}: the trials are shown without images (--artifact-dir)")
+        # served from a thread so that Ctrl-C lands here, never inside a request: wsgiref takes a
+        # KeyboardInterrupt raised in a request for that request's error, logs a traceback and serves on
+        serving = threading.Thread(target=server.serve_forever, name="dashboard", daemon=True)
+        serving.start()
         try:
-            server.serve_forever()
+            while serving.is_alive():
+                serving.join(0.5)
         except KeyboardInterrupt:  # how a server is meant to stop
+            server.shutdown()
             echo("dashboard stopped")

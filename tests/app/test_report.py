@@ -646,7 +646,12 @@ class Dashboard:
 
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGINT)
-        out, _ = self.proc.communicate(timeout=60)
+        try:
+            out, _ = self.proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()  # not left serving after the test
+            out, _ = self.proc.communicate()
+            return None, out, open(self.log_path).read()
         return self.proc.returncode, out, open(self.log_path).read()
 
 
