@@ -70,7 +70,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 sys.path.insert(0, HERE)
 
-from gpu_graphs import PROMPT, call  # noqa: E402
+from gpu_graphs import call  # noqa: E402
 from optimize import accelerate  # noqa: E402
 from optimize.study.files import atomic_write  # noqa: E402
 from optimize.runtime.graphs import StepGraphs  # noqa: E402

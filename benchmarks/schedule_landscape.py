@@ -11,6 +11,13 @@ per caption, the same for every configuration. The UNet calls per image are coun
 CPU that is the steadier measure of the work saved.
 
     python benchmarks/schedule_landscape.py --out benchmarks/results/schedule_landscape_cpu.json
+
+``--picks`` measures, instead of the grid, the configurations that ``benchmarks/schedule_search.py``
+runs picked (their labels), on as many held-out captions as asked: one larger held-out check of every
+pick, on the same captions and seeds for all of them.
+
+    python benchmarks/schedule_landscape.py --captions 128 --picks benchmarks/results/schedule_search_cpu.json \
+        --out benchmarks/results/heldout_picks_cpu.json
 """
 
 from __future__ import annotations
@@ -18,19 +25,50 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 
-import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from optimize.levers import Config, DeepCache, Schedule  # noqa: E402
+from optimize.levers import Config, DeepCache, Schedule, TGate, ToMe  # noqa: E402
 from optimize.measure.evaluator import Evaluator, GenerationSettings  # noqa: E402
 from optimize.measure.metrics import FidelityScorer, score_loss  # noqa: E402
 from optimize.runtime.pipelines import load_pipeline, resolve_pipe  # noqa: E402
 from optimize.measure.prompts import load_heldout  # noqa: E402
 from optimize.measure.uncertainty import mean_interval, score_loss_interval, speedup_interval  # noqa: E402
+
+
+_LABELS = {  # a pick's label, as Config.label writes it, back to its lever's params
+    "sched": lambda a: ("schedule", Schedule(solver=a[0], steps=int(a[1]))),
+    "dc": lambda a: ("deepcache", DeepCache(int(a[0]), int(a[1].lstrip("b")))),
+    "tome": lambda a: ("tome", ToMe(float(a[0]), int(a[1].lstrip("md")))),
+    "tgate": lambda a: ("tgate", TGate(int(a[0]), int(a[1][2:]), int(a[2][2:]), int(a[3][1:]))),
+}
+
+
+def from_label(label: str) -> Config:
+    """``sched(ddim,25)+tome(0.8,md8)`` -> the Config whose label it is (checked by writing it back)."""
+    levers = dict(_LABELS[name](args.split(","))
+                  for name, args in re.findall(r"(\w+)\(([^)]*)\)", label))
+    config = Config(**levers)
+    if config.label() != label:
+        raise ValueError(f"cannot read the label {label!r} back (got {config.label()!r})")
+    return config
+
+
+def picks(paths):
+    """The distinct configurations the studies in ``paths`` picked, each with who picked it."""
+    by_label: dict[str, list[str]] = {}
+    for path in paths:
+        with open(path) as f:
+            result = json.load(f)
+        tag = "conf" if result["settings"].get("confidence") else "point"
+        for row in result["rows"]:
+            if row.get("config") and row["config"] != "baseline":
+                by_label.setdefault(row["config"], []).append(f"{row['arm']} {row['seed']} ({tag})")
+    return [(from_label(label), who) for label, who in by_label.items()]
 
 
 def configurations(solvers, steps_list, reference_steps):
@@ -57,6 +95,9 @@ def main(argv=None) -> int:
     ap.add_argument("--step-counts", default="10,15,20,25,30")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--level", type=float, default=0.9)
+    ap.add_argument("--picks", nargs="+", default=None,
+                    help="results of benchmarks/schedule_search.py: measure their picks instead of the grid")
+    ap.add_argument("--max-loss", type=float, default=0.02, help="with --picks: the bound the picks are checked on")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
 
@@ -75,7 +116,12 @@ def main(argv=None) -> int:
     reference = evaluator.measure(Config(), paired=False)
     fidelity = FidelityScorer(reference.images)
     rows = []
-    configs = configurations(args.solvers.split(","), [int(s) for s in args.step_counts.split(",")], args.steps)
+    if args.picks:
+        chosen = picks(args.picks)
+        configs, pickers = [c for c, _ in chosen], {c.label(): who for c, who in chosen}
+    else:
+        configs, pickers = configurations(args.solvers.split(","), [int(s) for s in args.step_counts.split(",")],
+                                          args.steps), {}
     for i, config in enumerate(configs):
         m = evaluator.measure(config)
         per = fidelity.per_image(m.images)
@@ -90,6 +136,7 @@ def main(argv=None) -> int:
             "psnr": float(per["psnr"].mean()), "psnr_interval": mean_interval(per["psnr"], args.level),
             "ssim": float(per["ssim"].mean()),
             "spread": m.timing.spread, "baseline_spread": m.reference.spread,
+            **({"picked_by": pickers[config.label()]} if pickers else {}),
         }
         rows.append(row)
         print(f"[{i + 1}/{len(configs)} {time.time() - t0:.0f}s] {row['config']:<22} {speedup:5.2f}x "
@@ -102,6 +149,17 @@ def main(argv=None) -> int:
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
+    if args.picks:
+        print(f"| configuration | picked by | speedup (eager, {args.level:.0%}) | CLIP loss ({args.level:.0%}) | "
+              f"PSNR dB | holds {args.max_loss:g}: point | upper end |")
+        print("|---|---|---|---|---|---|---|")
+        for r in sorted(rows, key=lambda r: -r["speedup"]):
+            lo, hi = r["speedup_interval"]
+            llo, lhi = r["score_loss_interval"]
+            print(f"| {r['config']} | {'; '.join(r['picked_by'])} | {r['speedup']:.2f}x [{lo:.2f}, {hi:.2f}] | "
+                  f"{r['score_loss']:+.4f} [{llo:+.4f}, {lhi:+.4f}] | {r['psnr']:.1f} | "
+                  f"{'yes' if r['score_loss'] <= args.max_loss else 'no'} | {'yes' if lhi <= args.max_loss else 'no'} |")
+        return 0
     print(f"| configuration | UNet calls | speedup (eager, {args.level:.0%}) | CLIP loss ({args.level:.0%}) | PSNR dB |")
     print("|---|---|---|---|---|")
     for r in sorted(rows, key=lambda r: -r["speedup"]):

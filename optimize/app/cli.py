@@ -14,7 +14,6 @@ import click
 from ..runtime import pipelines
 from ..measure import prompts as prompts_mod
 from ..levers import METHODS
-from ..study.artifacts import artifact_dir_for, artifact_store
 from ..study.baseline import Baseline
 from .console import format_result, validation_text
 from ..study.files import check_output
@@ -27,7 +26,7 @@ from .params_file import add_validations, best_json, check_writable, read_search
 from ..runtime.pipelines import DTYPES, SCHEDULERS
 from .report import measured_trials, write_report
 from .runner import Interrupted, RunError, RunFailure, RunOptions, left_out_note, run_search, unavailable_methods
-from ..study.storage import DEFAULT_STORAGE, StorageError, check_storage_url, open_storage, redact, scrub
+from ..study.storage import DEFAULT_STORAGE, StorageError, check_storage_url, scrub
 from ..study.record import CONFIG, DEFAULT_SEED, Goal, StudyError, goal_of, open_study, pick_study, study_result
 from .validation import ValidationError, validate_study
 from .workers import follow_launcher, launch

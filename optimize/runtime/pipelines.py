@@ -195,7 +195,6 @@ def set_scheduler(pipe, name: str) -> None:
 
 def load_pipeline(spec: PipeSpec, scheduler: str = "ddim", device: str = "cpu", dtype: str = "fp32"):
     """Load (or build) the pipeline, set the scheduler, move it to ``device`` in ``dtype``."""
-    import torch
 
     if spec.kind == "tiny-xl":
         pipe = build_tiny_xl_pipeline()

@@ -21,7 +21,6 @@ except ImportError:  # tests/ made a package
     from tests.helpers import ERROR_PREFIX, one_error_line, max_run, run_cli, synthetic_study
 
 import optimize
-from optimize.app import generate as generate_mod
 from optimize.runtime import pipelines
 from optimize.levers import Config, DeepCache, TGate, ToMe
 from optimize.study.record import Goal, best_feasible

@@ -17,17 +17,10 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-try:
-    from helpers import ERROR_PREFIX, one_error_line, SMALL, load_study, run_args, run_cli, storage_url
-except ImportError:  # tests/ made a package
-    from tests.helpers import ERROR_PREFIX, one_error_line, SMALL, load_study, run_args, run_cli, storage_url
-
-from optimize.runtime import pipelines
-
-from optimize.measure import prompts
+from helpers import ERROR_PREFIX, load_study, one_error_line, run_args, run_cli, storage_url
 
 from optimize.app import runner
-
+from optimize.measure import prompts
 from optimize.study import storage
 from optimize.study.record import STUDY_ATTR
 
@@ -458,18 +451,23 @@ def test_without_network_a_bad_pipe_or_coco_fails_fast_and_leaves_no_study(argv,
 OLD = {"some:other:key": {"params": {}, "speedup": 1.0}}
 
 
-@pytest.fixture
-def tiny_fs(tmp_path):
-    """A 64 KiB tmpfs (needs root and mount rights; skipped elsewhere, where the simulated case runs)."""
-    mnt = tmp_path / "full"
-    mnt.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)], capture_output=True)
+def _tmpfs(directory, size: str):
+    """A tmpfs of ``size`` mounted on ``directory`` until the test ends (needs root and mount rights;
+    the test is skipped elsewhere)."""
+    directory.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(directory)], capture_output=True)
     if done.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
     try:
-        yield mnt
+        yield directory
     finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
+        subprocess.run(["umount", "-l", str(directory)], check=False)
+
+
+@pytest.fixture
+def tiny_fs(tmp_path):
+    """A 64 KiB tmpfs (where it cannot be mounted, the simulated case runs)."""
+    yield from _tmpfs(tmp_path / "full", "64k")
 
 
 def _fill(directory) -> None:
@@ -568,15 +566,7 @@ def _mount_point(path) -> str:
 def small_fs(tmp_path):
     """A 1 MiB tmpfs: room for a study of the tiny pipeline and its images (skipped where it cannot be
     mounted)."""
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
+    yield from _tmpfs(tmp_path / "small", "1m")
 
 
 @pytest.mark.slow  # two tiny runs
@@ -934,7 +924,7 @@ def test_a_seed_beyond_64_bits_is_refused_before_anything(command, tmp_path, mon
         monkeypatch.chdir(tmp_path)
         code, out, err = run_cli(["generate", "a cat", "--seed", seed])
     line = one_error_line(code, out, err)
-    assert f"--seed" in line and seed in line and "9223372036854775807" in line, line
+    assert "--seed" in line and seed in line and "9223372036854775807" in line, line
     assert os.listdir(tmp_path) == []
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 
 from optimize.measure.prompts import PromptsError, load_prompts, prompts_hash
