@@ -1,4 +1,4 @@
-"""Shared helpers for tests/test_search.py and tests/test_cli.py.
+"""Shared helpers for tests/search/test_search.py and tests/app/test_cli.py.
 
 ``run_cli`` calls ``optimize.app.cli.main`` in-process and returns ``(exit code, stdout, stderr)``;
 ``shared_run`` runs a small search once per test session (cached here, so both test modules reuse it)
@@ -23,7 +23,7 @@ import optuna
 DEFAULT_TIMING = ["--pipe", "tiny", "--steps", "8", "--num-samples", "2", "--clip-model", "tiny-clip", "--no-progress",
                   "--methods", "deepcache,tome,tgate"]
 # Plumbing tests keep the three caching levers and their two warm starts, so that trial counts and
-# orders stay what they test (the schedule lever's own runs are in tests/test_schedule_search.py); they
+# orders stay what they test (the schedule lever's own runs are in tests/app/test_schedule_search.py); they
 # time in the fewest paired rounds and score every trial (the CPU defaults, 3 gate and 6 scored rounds
 # with the speed gate on, would multiply their calls); tests of the timing pass DEFAULT_TIMING or their
 # own --repeats / --speed-gate (the last of a repeated option wins).
@@ -151,7 +151,7 @@ def sqlite_rows(db_path: str, query: str, params=()) -> list[tuple]:
         con.close()
 
 
-# --- studies made without a model (tests/test_report.py, tests/test_generate.py) -----------------
+# --- studies made without a model (tests/app/test_report.py, tests/app/test_generate.py) -----------------
 
 TINY_FINGERPRINT = {
     "pipe": "tiny", "scheduler": "ddim", "steps": 8, "guidance": None, "height": None, "width": None,

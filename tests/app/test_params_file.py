@@ -1,6 +1,6 @@
 """optimize.app.params_file: search_params.json keeps other keys, refuses (never overwrites) a file that
 is not a JSON object, and is replaced atomically. The entries a run writes are checked in
-tests/test_cli.py, reading them back in tests/test_generate.py."""
+tests/app/test_cli.py, reading them back in tests/app/test_generate.py."""
 
 from __future__ import annotations
 

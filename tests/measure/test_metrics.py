@@ -1,5 +1,5 @@
 """optimize.measure.metrics: the CLIP score on the tiny pipeline and the relative score loss (fidelity against
-the baseline images is in tests/test_fidelity.py)."""
+the baseline images is in tests/measure/test_fidelity.py)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""optimize.measure.prompts (built-in, files, COCO schema through datasets); metrics are in tests/test_metrics.py."""
+"""optimize.measure.prompts (built-in, files, COCO schema through datasets); metrics are in tests/measure/test_metrics.py."""
 
 from __future__ import annotations
 

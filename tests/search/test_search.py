@@ -2,7 +2,7 @@
 view of the constraints, and a killed worker whose trial is retried.
 
 Settings are the smallest that exercise every method (``--steps 8 --num-samples 2``): about a second
-a trial on a CPU. The two 4-trial runs (target and max mode) are shared with tests/test_cli.py.
+a trial on a CPU. The two 4-trial runs (target and max mode) are shared with tests/app/test_cli.py.
 """
 
 from __future__ import annotations
@@ -637,7 +637,7 @@ def test_speed_gate_in_max_mode_only_skips_configs_slower_than_the_best(tmp_path
             assert CONSTRAINTS_ATTR not in t.system_attrs
 
 
-# --- the paired timing protocol, as the search uses it (the protocol itself: tests/test_measure.py) -----
+# --- the paired timing protocol, as the search uses it (the protocol itself: tests/measure/test_measure.py) -----
 
 
 def test_trial_speedup_comes_from_its_paired_baseline_calls(tmp_path, monkeypatch):
