@@ -96,6 +96,16 @@ def interval_note(goal: Goal, attrs: dict[str, Any]) -> str:
     return f"{100 * ints[INTERVAL_LEVEL]:g}% paired intervals over {ints[INTERVAL_N]} prompts; constraints on {rule}"
 
 
+def undecided_note(goal: Goal, attrs: dict[str, Any]) -> str:
+    """For a pick feasible on its point estimate whose loss interval reaches past the bound: the prompts
+    did not decide the bound (empty otherwise, and with --confidence, where the upper end decided it)."""
+    interval = goal.loss_interval(attrs)
+    if goal.confidence is not None or interval is None or interval[1] <= goal.bound:
+        return ""
+    return (f"the loss interval reaches past the bound ({goal.bound_text()}): {attrs[INTERVALS][INTERVAL_N]} prompts "
+            "do not show that this pick holds it; more prompts (--num-samples) or --confidence 0.9 decide it")
+
+
 def loss_with_interval(goal: Goal, loss: float, interval) -> str:
     """The bounded loss as people read it, with its interval: ``score_loss +0.0061 [-0.0030, +0.0150]``,
     ``psnr 27.10 dB [26.50, 27.70]``."""
@@ -137,6 +147,7 @@ def format_best(study_name: str, goal: Goal, trial: FrozenTrial | None, baseline
             f"score_loss {e[SCORE_LOSS]:+.4f}{bracket(_interval(e, SCORE_LOSS), '+.4f')} "
             f"(CLIP {e[CLIP_SCORE]:.2f} vs {baseline.clip_score:.2f}){'; ' + fidelity if fidelity else ''}\n"
             + (f"  {note}\n" if note else "")
+            + (f"  {undecided_note(goal, e)}\n" if undecided_note(goal, e) else "")
             + (f"  {validation_text(goal, held_out)}\n" if held_out else "")
             + (f"  trial {parts_text(e)}\n" if parts_text(e) and REUSED_FROM not in e else "")
             + f"  params {dict(trial.params)}")

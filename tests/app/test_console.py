@@ -49,3 +49,20 @@ def test_a_trial_line_says_how_long_the_trial_took_and_parts_text_what_on():
     assert "took" not in trial_line(reused) and parts_text(reused.user_attrs) == "0.01 s"
     old = _trial(speedup=2.1, spread=0.04, score_loss=0.004)  # a trial from before they were recorded
     assert "took" not in trial_line(old) and parts_text(old.user_attrs) == ""
+
+
+def test_a_pick_whose_loss_interval_reaches_past_the_bound_says_the_prompts_did_not_decide_it():
+    """The offline demo's pick: loss -0.028 [-0.176, +0.119] under a 0.02 bound over 8 prompts is feasible
+    on its point estimate, not shown to hold; with --confidence the upper end decided it already."""
+    from optimize.app.console import undecided_note
+    from optimize.study.record import INTERVALS, PSNR, SCORE_LOSS, Goal
+
+    wide = {SCORE_LOSS: -0.028, INTERVALS: {"level": 0.9, "n": 8, SCORE_LOSS: [-0.176, 0.119]}}
+    note = undecided_note(Goal("target", 1.5, 0.02), wide)
+    assert note.startswith("the loss interval reaches past the bound (score_loss <= 0.02): 8 prompts")
+    assert undecided_note(Goal("target", 1.5, 0.2), wide) == ""  # inside the bound
+    assert undecided_note(Goal("target", 1.5, 0.02, confidence=0.9), wide) == ""
+    assert undecided_note(Goal("max", None, 0.02), {SCORE_LOSS: 0.0}) == ""  # no interval: nothing to say
+    psnr = {PSNR: 30.0, INTERVALS: {"level": 0.9, "n": 8, PSNR: [27.0, 33.0]}}
+    assert "(psnr >= 28 dB)" in undecided_note(Goal("max", None, 28, loss_metric="psnr"), psnr)
+    assert undecided_note(Goal("max", None, 26, loss_metric="psnr"), psnr) == ""
