@@ -19,7 +19,7 @@ import optimize
 from optimize import testbed
 from optimize.measure.metrics import FidelityScorer
 from optimize.runtime.testbed import world
-from optimize.measure.metrics import testbed_scorer
+from optimize.measure.metrics import testbed_scorer as load_testbed_scorer  # not named test*: pytest would collect it
 
 STEPS = 20  # --pipe tiny's default
 N_SCORER, N_PIPE, N_ACCEL = 32, 32, 24
@@ -36,7 +36,7 @@ def _embed(scorer, images, prompts):
 
 @pytest.fixture(scope="module")
 def scorer():
-    return testbed_scorer()
+    return load_testbed_scorer()
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import pytest
 
 from optimize import testbed
 from optimize.runtime.testbed import world
-from optimize.measure.metrics import testbed_scorer
+from optimize.measure.metrics import testbed_scorer as load_testbed_scorer  # not named test*: pytest would collect it
 
 
 def test_world_round_trip_and_split():
@@ -30,4 +30,4 @@ def test_missing_weights_are_one_clear_error(monkeypatch, tmp_path):
     with pytest.raises(FileNotFoundError, match="testbed pipeline is missing"):
         testbed.pipeline_dir()
     with pytest.raises(FileNotFoundError, match="testbed CLIP weights are missing"):
-        testbed_scorer()
+        load_testbed_scorer()
