@@ -82,7 +82,7 @@ def measure(pipe, name: str, params: dict, args) -> dict:
         got = call(fast, args)
         sync()
         row.update(first_call_s=time.perf_counter() - start, compile_s=compile_seconds() - compiling,
-                   graphs=dynamo_graphs() - graphs, kinds=len(fast.step.compute.met))
+                   graphs=dynamo_graphs() - graphs, kinds_compiled=len(fast.step.compute.compiling))  # step kinds whose calls compiled
         graphs = dynamo_graphs()
         again = call(fast, args)
         row["graphs_second_call"] = dynamo_graphs() - graphs

@@ -138,7 +138,7 @@ def format_best(study_name: str, goal: Goal, trial: FrozenTrial | None, baseline
         return f"{study_name}: no feasible trial yet" + ("" if goal.mode == "target" else " that is faster than the baseline")
     e = trial.user_attrs
     fidelity = fidelity_text(e, goal.loss_attr)
-    note, held_out = interval_note(goal, e), Validation.of(trial)
+    note, undecided, held_out = interval_note(goal, e), undecided_note(goal, e), Validation.of(trial)
     return (f"{study_name}: best feasible trial #{trial.number}: {e[CONFIG]}\n"
             f"  speedup {speedup_text(e).strip()}{reproduced_text(trial)} (±{100 * e[SPREAD]:.0f}%)"
             + (f", {e[SPEEDUP_EAGER]:.2f}x vs the eager baseline" if SPEEDUP_EAGER in e else "")
@@ -147,7 +147,7 @@ def format_best(study_name: str, goal: Goal, trial: FrozenTrial | None, baseline
             f"score_loss {e[SCORE_LOSS]:+.4f}{bracket(_interval(e, SCORE_LOSS), '+.4f')} "
             f"(CLIP {e[CLIP_SCORE]:.2f} vs {baseline.clip_score:.2f}){'; ' + fidelity if fidelity else ''}\n"
             + (f"  {note}\n" if note else "")
-            + (f"  {undecided_note(goal, e)}\n" if undecided_note(goal, e) else "")
+            + (f"  {undecided}\n" if undecided else "")
             + (f"  {validation_text(goal, held_out)}\n" if held_out else "")
             + (f"  trial {parts_text(e)}\n" if parts_text(e) and REUSED_FROM not in e else "")
             + f"  params {dict(trial.params)}")

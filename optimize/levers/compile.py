@@ -92,8 +92,7 @@ class _CompiledStep:
         import torch._dynamo
         from torch._dynamo.exc import FailOnRecompileLimitHit
 
-        met = (self.kinds(), signature(args, kwargs))
-        before = frames_compiled()
+        kind, before = self.kinds(), frames_compiled()
         try:
             # Dynamo's own limits count graphs per function over the whole process (every configuration,
             # every UNet block function a graph break leaves to compile on its own, one graph per shape);
@@ -105,7 +104,8 @@ class _CompiledStep:
         except FailOnRecompileLimitHit:
             raise RuntimeError(f"compile: Dynamo kept {DYNAMO_LIMIT} graphs of one function in this process "
                                "and would run the rest eagerly") from None
-        if frames_compiled() > before:
+        if frames_compiled() > before:  # the call's signature read only then: every step passes here
+            met = (kind, signature(args, kwargs))
             self.compiling[met] += 1
             if self.compiling[met] > CALLS_THAT_COMPILE_PER_KIND:
                 raise RuntimeError(f"compile: {self.compiling[met]} calls of one step kind compiled the UNet anew: "

@@ -129,13 +129,25 @@ class GraphStats:
 
 
 class _Installable:
-    """``with x.installed():`` around ``install`` / ``uninstall``."""
+    """Itself in place of ``module.forward`` while installed (``with x.installed():``); ``wrapped`` is the
+    forward it found there (the module's own, normally), ``None`` while not installed."""
+
+    module: Any
+    wrapped: Callable | None = None
+    _previous: Any = _MISSING
 
     def install(self):
-        raise NotImplementedError
+        if self.wrapped is not None:
+            raise RuntimeError(f"{type(self).__name__} already installed")
+        self.wrapped = self.module.forward
+        self._previous = _take_forward(self.module, self)
+        return self
 
     def uninstall(self) -> None:
-        raise NotImplementedError
+        if self.wrapped is None:
+            return
+        _give_back_forward(self.module, self, self._previous)
+        self.wrapped, self._previous = None, _MISSING
 
     @contextmanager
     def installed(self):
@@ -178,23 +190,21 @@ class Step(_Installable):
 
     def __init__(self, module, decide: Callable[[], Any] = lambda: None):
         self.module, self.decide = module, decide
-        self.own = None  # the module's forward as it was installed over (its own, normally)
         self.compute = None
-        self._previous = _MISSING
+
+    @property
+    def own(self) -> Callable | None:
+        """The module's forward as it was installed over (its own, normally)."""
+        return self.wrapped
 
     def install(self) -> "Step":
-        if self.own is not None:
-            raise RuntimeError("step already installed")
-        self.own = self.compute = self.module.forward
-        self._previous = _take_forward(self.module, self)
+        super().install()
+        self.compute = self.wrapped
         return self
 
     def uninstall(self) -> None:
-        if self.own is None:
-            return
-        _give_back_forward(self.module, self, self._previous)
-        self.own = self.compute = None
-        self._previous = _MISSING
+        super().uninstall()
+        self.compute = None
 
     def __call__(self, *args, **kwargs):
         self.decide()
@@ -220,26 +230,11 @@ class StepGraphs(_Installable):
         self.graphs: dict[Hashable, _Graph] = {}
         self.stats = GraphStats()
         self.record_kinds = record_kinds
-        self._forward = None  # the forward the graphs capture (the UNet's own when installed)
-        self._previous = _MISSING
 
-    # -- installing ----------------------------------------------------------------------------
+    # -- installing (the graphs capture ``wrapped``: the UNet's own forward, normally) -----------------
     @property
     def is_installed(self) -> bool:
-        return self._forward is not None
-
-    def install(self) -> "StepGraphs":
-        if self._forward is not None:
-            raise RuntimeError("graphs already installed")
-        self._forward = self.module.forward  # whatever forward the module has now (its own, normally)
-        self._previous = _take_forward(self.module, self)
-        return self
-
-    def uninstall(self) -> None:
-        if self._forward is None:
-            return
-        _give_back_forward(self.module, self, self._previous)
-        self._forward, self._previous = None, _MISSING
+        return self.wrapped is not None
 
     def close(self) -> None:
         """Uninstall and free every graph (their memory returns to the allocator)."""
@@ -302,7 +297,7 @@ class StepGraphs(_Installable):
         static = [(x.to(device, copy=True) if x.device.type == "cpu" else x.clone()) if isinstance(x, torch.Tensor)
                   else x for x in leaves]
         args, kwargs = tree_unflatten(static, spec)
-        forward = self._forward
+        forward = self.wrapped
 
         def run():
             return forward(*args, **kwargs)
