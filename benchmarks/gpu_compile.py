@@ -4,6 +4,8 @@ what the same configuration computes uncompiled.
     python benchmarks/gpu_compile.py --out DIR                          # SD1.5 random weights, 50 steps, graphs
     python benchmarks/gpu_compile.py --configs dc3,tgate --out DIR      # some of them
     python benchmarks/gpu_compile.py --exec eager --configs base --out DIR
+    python benchmarks/gpu_compile.py --pipe sdxl --steps 30 --configs base,dc5 --also '{"vae": true}' \
+        --eager-baseline --out DIR                                        # SDXL, fp16 decode, against eager
     python benchmarks/gpu_compile.py --pipe tiny --backend eager --steps 10 --out DIR   # the CPU check (Dynamo only)
 
 For each configuration (``--configs``, from :data:`CONFIGS`), in ``--exec`` mode: the configuration alone
@@ -105,6 +107,9 @@ def main() -> None:
     p.add_argument("--configs", default=",".join(CONFIGS))
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--backend", default="inductor", help="the lever's compiler (eager: Dynamo only, for a CPU check)")
+    p.add_argument("--also", default="{}", help="flat params (JSON) added to every configuration, e.g. '{\"vae\": true}'")
+    p.add_argument("--eager-baseline", action="store_true",
+                   help="also time the untouched pipeline eagerly: each row's speedup over it")
     p.add_argument("--out", required=True)
     args = p.parse_args()
     os.makedirs(args.out, exist_ok=True)
@@ -123,10 +128,20 @@ def main() -> None:
                        "cache_dir": os.environ["TORCHINDUCTOR_CACHE_DIR"], "date": dt.date.today().isoformat()},
               "rows": []}
     path = os.path.join(args.out, f"compile-{args.pipe}-{args.exec}-{args.backend}.json")
+    also = json.loads(args.also)
+    result["meta"]["also"] = also
     with torch.no_grad():
+        if args.eager_baseline:
+            call(pipe, args)
+            result["eager_baseline_ms"] = ms_per_image(pipe, args)
+            print(json.dumps({"eager_baseline_ms": result["eager_baseline_ms"]}), flush=True)
         for name in args.configs.split(","):
             try:
-                row = measure(pipe, name, CONFIGS[name], args)
+                row = measure(pipe, name, {**CONFIGS[name], **also}, args)
+                if args.eager_baseline:
+                    eager = float(np.min(result["eager_baseline_ms"]))
+                    row["vs_eager_baseline"] = {"uncompiled": eager / float(np.min(row["uncompiled_ms"])),
+                                                "compiled": eager / float(np.min(row["compiled_ms"]))}
             except Exception as exc:  # noqa: BLE001 - the next configuration still runs
                 row = {"config": name, "error": f"{type(exc).__name__}: {exc}"[:400]}
             result["rows"].append(row)

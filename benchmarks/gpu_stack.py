@@ -23,7 +23,7 @@ Parts (comma list, run in order, one JSON each under ``--out``, written after ev
   graph baseline ``optimize.accelerate(pipe, {}, exec="graphs")``, DeepCache N=5 and N=3 (branch 0) in
   graphs, and the hand stack built with the libraries directly: DeepCache N=3 branch 0 (its own
   ``DeepCacheSDHelper``) + whole-UNet ``torch.compile`` + torchao fp8 (the pipeline in bf16), and the
-  same without fp8. DeepCache decides full or partial step in Python; compiled as it is, Dynamo guards
+  same without fp8; ``--configs`` adds configurations of the optimizer (a study's pick) in graphs. DeepCache decides full or partial step in Python; compiled as it is, Dynamo guards
   on the helper's step counter and recompiles every step (the ``dcprobe`` part counts it). The hand
   stack therefore compiles the two paths separately, as OneDiff does: the skip rule reads one flag
   set before each UNet call, so Dynamo keeps one graph for full steps and one for partial steps
@@ -72,6 +72,7 @@ sys.path.insert(0, HERE)
 
 from gpu_graphs import call  # noqa: E402
 from optimize import accelerate  # noqa: E402
+from optimize.levers import Config  # noqa: E402
 from optimize.study.files import atomic_write  # noqa: E402
 from optimize.runtime.graphs import StepGraphs  # noqa: E402
 from optimize.runtime.pipelines import (_vae, default_guidance, is_xl, load_pipeline, native_size, resolve_pipe,  # noqa: E402
@@ -629,7 +630,8 @@ def run_hand(args, part: Part) -> None:
                                   ("dc(5,b0)", {"deepcache": True, "deepcache.cache_interval": 5,
                                                 "deepcache.cache_branch_id": 0}),
                                   ("dc(3,b0)", {"deepcache": True, "deepcache.cache_interval": 3,
-                                                "deepcache.cache_branch_id": 0})):
+                                                "deepcache.cache_branch_id": 0}),
+                                  *((Config.from_params(p).label(), p) for p in json.loads(args.configs))):
                 row = {"label": label, "regime": "graphs", "steps": steps,
                        "how": f"optimize.accelerate(pipe, {params}, exec='graphs')"}
                 try:
@@ -862,6 +864,9 @@ def main() -> None:
     ap.add_argument("--compile-variants", default="", help="step: only these worker labels (comma list)")
     ap.add_argument("--only-compile", action="store_true", help="step, hand: only the compile workers")
     ap.add_argument("--hand-variants", default="", help="hand: only these worker labels (comma list)")
+    ap.add_argument("--configs", default="[]",
+                    help="hand: more of the optimizer's configurations timed beside the hand stack, in graphs (a JSON "
+                         "list of flat params, as a study stores them: a study's pick)")
     ap.add_argument("--hand-compile", default="two-path", choices=("two-path", "regional"))
     ap.add_argument("--compile-backend", default="inductor",
                     help="torch.compile backend of the workers (\"eager\": Dynamo only, to check the code paths quickly)")

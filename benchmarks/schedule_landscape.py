@@ -18,6 +18,14 @@ pick, on the same captions and seeds for all of them.
 
     python benchmarks/schedule_landscape.py --captions 128 --picks benchmarks/results/schedule_search_cpu.json \
         --out benchmarks/results/heldout_picks_cpu.json
+
+``--configs`` measures given configurations instead (a JSON list of flat params, as a study stores
+them), and ``--device``, ``--dtype``, ``--exec`` run the testbed where they say: the quality of the GPU
+levers (precision, compile, layout) on a trained model, against the same pipeline untouched (fp16
+graphs replay fp16 eager bit for bit):
+
+    python benchmarks/schedule_landscape.py --device cuda --dtype fp16 --exec graphs --steps 20 --captions 128 \
+        --configs '[{"compile": true}, {"compile": true, "precision": true, "precision.mode": "int8"}]' --out F
 """
 
 from __future__ import annotations
@@ -98,20 +106,26 @@ def main(argv=None) -> int:
     ap.add_argument("--picks", nargs="+", default=None,
                     help="results of benchmarks/schedule_search.py: measure their picks instead of the grid")
     ap.add_argument("--max-loss", type=float, default=0.02, help="with --picks: the bound the picks are checked on")
+    ap.add_argument("--configs", default=None, help="a JSON list of flat params: these instead of the grid")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="fp32")
+    ap.add_argument("--exec", dest="exec_mode", default="eager", help="eager, graphs (CUDA)")
+    ap.add_argument("--score-batch", type=int, default=None, help="captions per call of the scoring pass")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
 
     import torch
 
     torch.set_num_threads(args.threads)
-    pipe = load_pipeline(resolve_pipe("tiny"), "ddim", "cpu", "fp32")
+    pipe = load_pipeline(resolve_pipe("tiny"), "ddim", args.device, args.dtype)
     from optimize.measure.metrics import testbed_scorer
 
-    scorer = testbed_scorer()
+    scorer = testbed_scorer(args.device)
     # held out: the captions after the 8 a default tiny study searches on
     prompts = load_heldout("testbed", 8, args.captions)
     settings = GenerationSettings(steps=args.steps, guidance=7.5, height=64, width=64, seed=42)
-    evaluator = Evaluator(pipe, scorer, prompts, settings, repeats=args.rounds, scored_repeats=args.rounds)
+    evaluator = Evaluator(pipe, scorer, prompts, settings, repeats=args.rounds, scored_repeats=args.rounds,
+                          exec=args.exec_mode, score_batch=args.score_batch)
     t0 = time.time()
     reference = evaluator.measure(Config(), paired=False)
     fidelity = FidelityScorer(reference.images)
@@ -119,11 +133,18 @@ def main(argv=None) -> int:
     if args.picks:
         chosen = picks(args.picks)
         configs, pickers = [c for c, _ in chosen], {c.label(): who for c, who in chosen}
+    elif args.configs:
+        configs, pickers = [Config.from_params(p) for p in json.loads(args.configs)], {}
     else:
         configs, pickers = configurations(args.solvers.split(","), [int(s) for s in args.step_counts.split(",")],
                                           args.steps), {}
     for i, config in enumerate(configs):
-        m = evaluator.measure(config)
+        try:
+            m = evaluator.measure(config)
+        except Exception as exc:  # noqa: BLE001 - recorded; the next configuration still runs
+            rows.append({"config": config.label(), "params": config.to_params(), "error": f"{type(exc).__name__}: {exc}"[:400]})
+            print(f"[{i + 1}/{len(configs)}] {config.label()}: {rows[-1]['error']}", flush=True)
+            continue
         per = fidelity.per_image(m.images)
         speedup = m.reference.best / m.timing.best
         row = {
@@ -135,25 +156,28 @@ def main(argv=None) -> int:
             "score_loss_interval": score_loss_interval(reference.scores, m.scores, args.level),
             "psnr": float(per["psnr"].mean()), "psnr_interval": mean_interval(per["psnr"], args.level),
             "ssim": float(per["ssim"].mean()),
-            "spread": m.timing.spread, "baseline_spread": m.reference.spread,
+            "spread": m.timing.spread, "baseline_spread": m.reference.spread, "parts": dict(evaluator.parts),
             **({"picked_by": pickers[config.label()]} if pickers else {}),
         }
         rows.append(row)
         print(f"[{i + 1}/{len(configs)} {time.time() - t0:.0f}s] {row['config']:<22} {speedup:5.2f}x "
               f"[{row['speedup_interval'][0]:.2f}, {row['speedup_interval'][1]:.2f}] calls {row['unet_calls_ratio']:.2f}x "
               f"loss {row['score_loss']:+.4f} psnr {row['psnr']:.1f}", flush=True)
-    result = {"reference": f"ddim {args.steps}", "captions": len(prompts), "rounds": args.rounds,
+    result = {"reference": f"ddim {args.steps}", "device": args.device, "dtype": args.dtype, "exec": args.exec_mode,
+              "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv),
+              "captions": len(prompts), "rounds": args.rounds,
               "level": args.level, "reference_clip": reference.clip_score,
               "reference_ms_per_image": 1000 * reference.timing.best, "threads": args.threads,
               "seconds": time.time() - t0, "rows": rows}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
+    measured = [r for r in rows if "error" not in r]
     if args.picks:
         print(f"| configuration | picked by | speedup (eager, {args.level:.0%}) | CLIP loss ({args.level:.0%}) | "
               f"PSNR dB | holds {args.max_loss:g}: point | upper end |")
         print("|---|---|---|---|---|---|---|")
-        for r in sorted(rows, key=lambda r: -r["speedup"]):
+        for r in sorted(measured, key=lambda r: -r["speedup"]):
             lo, hi = r["speedup_interval"]
             llo, lhi = r["score_loss_interval"]
             print(f"| {r['config']} | {'; '.join(r['picked_by'])} | {r['speedup']:.2f}x [{lo:.2f}, {hi:.2f}] | "
@@ -162,7 +186,7 @@ def main(argv=None) -> int:
         return 0
     print(f"| configuration | UNet calls | speedup (eager, {args.level:.0%}) | CLIP loss ({args.level:.0%}) | PSNR dB |")
     print("|---|---|---|---|---|")
-    for r in sorted(rows, key=lambda r: -r["speedup"]):
+    for r in sorted(measured, key=lambda r: -r["speedup"]):
         lo, hi = r["speedup_interval"]
         llo, lhi = r["score_loss_interval"]
         print(f"| {r['config']} | {r['unet_calls_ratio']:.2f}x fewer | {r['speedup']:.2f}x [{lo:.2f}, {hi:.2f}] | "

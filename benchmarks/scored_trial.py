@@ -138,6 +138,22 @@ def main() -> None:
               *(["--num-samples", str(args.num_samples)] if args.num_samples else []),
               *(["--device", args.device] if args.device else []), *args.extra]
     studies, first = [], None
+
+    def write(studies: list[dict]) -> dict:
+        import torch
+
+        from optimize.runtime.pipelines import resolve_device
+
+        result = {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                  "device": device_text(resolve_device(args.device)), "torch": torch.__version__,
+                  "command": " ".join(["python", "benchmarks/scored_trial.py", *sys.argv[1:]]),
+                  "summary": summary(studies), "studies": studies}
+        if args.out:
+            from optimize.study.files import atomic_write
+
+            atomic_write(args.out, json.dumps(result, indent=2) + "\n")
+        return result
+
     for round_ in range(args.rounds):
         for batch in batches:
             name = f"b{batch}-r{round_}"
@@ -161,25 +177,13 @@ def main() -> None:
                     "psnr_min": float(fidelity["psnr"].min()), "ssim_min": float(fidelity["ssim"].min()),
                     "max_pixel_diff": int(np.abs(reference.astype(int) - first[1].astype(int)).max())}
             studies.append(study)
+            write(studies)  # after every study: a command stopped by its time limit keeps what it measured
             walls = [t[WALL] for t in study["trials"] if t[WALL] is not None and not t["reused"]]
             same = study["untouched_vs_baseline"]
             print(f"score batch {study['score_batch']}: trials {', '.join(f'{w:.1f}' for w in walls)} s "
                   f"(baseline {study['baseline_s']:.1f} s, load avg {study['load_before']:.1f}); untouched vs "
                   f"baseline: loss {same['score_loss']:+.6f}, min psnr {same['psnr_min']:.1f}", flush=True)
-    import torch
-
-    from optimize.runtime.pipelines import resolve_device
-
-    device = resolve_device(args.device)
-    result = {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-              "device": device_text(device), "torch": torch.__version__,
-              "command": " ".join(["python", "benchmarks/scored_trial.py", *sys.argv[1:]]),
-              "summary": summary(studies), "studies": studies}
-    print(json.dumps(result["summary"], indent=2))
-    if args.out:
-        from optimize.study.files import atomic_write
-
-        atomic_write(args.out, json.dumps(result, indent=2) + "\n")
+    print(json.dumps(write(studies)["summary"], indent=2))
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import click
 
 from ..runtime import pipelines
 from ..measure import prompts as prompts_mod
-from ..levers import METHODS
+from ..levers import BY_NAME, METHODS
 from ..study.baseline import Baseline
 from .console import format_result, validation_text
 from ..study.files import check_output
@@ -320,6 +320,11 @@ def check_run_options(o: dict) -> tuple[pipelines.PipeSpec, RunOptions]:
 def _methods_here(methods: tuple[str, ...], device: str, explicit: bool) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """The levers a run searches on ``device`` and the line saying which of the default ones it left out;
     one named in --methods that cannot run there is refused (the user asked for it by name)."""
+    if explicit:
+        for name in methods:
+            needed = BY_NAME[name].requires
+            if needed is not None and needed not in methods:
+                raise Failure(f"--methods: {name} is searched only together with {needed}: add {needed} to --methods")
     left_out = unavailable_methods(methods, device, explicit)
     if left_out and explicit:
         raise Failure("--methods: " + "; ".join(f"{n} cannot run on {device}: {r}" for n, r in left_out.items())

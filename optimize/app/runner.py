@@ -107,7 +107,12 @@ def unavailable_methods(methods: tuple[str, ...], device: str, explicit: bool = 
     ctx = Context(device=Device.of(device))
     reasons = {name: BY_NAME[name].unavailable(ctx) or (None if explicit else BY_NAME[name].no_gain(ctx))
                for name in methods}
-    return {name: reason for name, reason in reasons.items() if reason is not None}
+    left_out = {name: reason for name, reason in reasons.items() if reason is not None}
+    for name in methods:  # a lever searched only together with another one that is not searched
+        needed = BY_NAME[name].requires
+        if name not in left_out and needed is not None and (needed not in methods or needed in left_out):
+            left_out[name] = f"searched only together with {needed}, which this run does not search"
+    return left_out
 
 
 def left_out_note(left_out: dict[str, str], device: str) -> str:

@@ -260,6 +260,9 @@ class Lever:
     name: ClassVar[str]
     short: ClassVar[str]
     Params: ClassVar[type]
+    # the lever this one is searched together with: it is drawn only in trials where that one is on
+    # (after every other lever), and a run searches it only where it searches that one too
+    requires: ClassVar[str | None] = None
 
     def __repr__(self) -> str:
         return f"<lever {self.name}>"

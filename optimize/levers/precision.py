@@ -17,8 +17,9 @@ Convolutions are not quantized (torchao quantizes ``Linear`` layers).
 
 Speed: without ``torch.compile`` the quantize / matmul / rescale steps run as separate kernels and
 usually cost more than they save (int8 on a shared 2-core CPU: a 12-step call of the testbed took
-1.12 s against 0.96 s, best of 3); the lever is meant to be searched with a compiled UNet, where they
-fuse. torchao's recommended inductor settings are not applied (``set_inductor_config=False``): they
+1.12 s against 0.96 s, best of 3), and torchao's int8 cannot be captured into a CUDA graph; so the
+search draws it only in trials that compile the UNet (``requires``), where they fuse. Applied by hand
+(``optimize.accelerate``) it runs alone too, eagerly. torchao's recommended inductor settings are not applied (``set_inductor_config=False``): they
 change process-wide state (``torch.set_float32_matmul_precision``) that removal could not take back
 and that would change the untouched pipeline.
 
@@ -83,6 +84,9 @@ class _Applied(Applied):
 
 class PrecisionLever(Lever):
     name, short, Params = "precision", "prec", Precision
+    # uncompiled, the quantized layers cost more than they save, and in a graph mode torchao's int8
+    # cannot be captured at all (docs/benchmarks.md): searched only with a compiled UNet
+    requires = "compile"
 
     def unavailable(self, ctx: Context) -> str | None:
         missing = torchao_missing()

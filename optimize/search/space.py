@@ -32,14 +32,21 @@ class SearchSpace:
 
     def suggest(self, trial: optuna.Trial) -> Config:
         ctx, chosen = self.context, {}
-        for lever in LEVERS:
-            if lever.name not in self.methods:
+        for lever in suggestion_order():
+            if lever.name not in self.methods or (lever.requires is not None and lever.requires not in chosen):
                 continue
             params = lever.suggest(trial, ctx)
             if params is not None:
                 chosen[lever.name] = params
                 ctx = lever.context(params, ctx)
         return Config(**chosen)
+
+
+def suggestion_order() -> list:
+    """The levers in the order a trial draws them: the registry's, but a lever searched together with
+    another (:attr:`optimize.levers.Lever.requires`) after all the others, once it is known whether
+    that one is on."""
+    return sorted(LEVERS, key=lambda lever: lever.requires is not None)
 
 
 def warm_start_params(methods: tuple[str, ...], context: Context) -> list[dict[str, Any]]:
@@ -52,10 +59,10 @@ def warm_start_params(methods: tuple[str, ...], context: Context) -> list[dict[s
         for params in lever.warm_starts(context):
             after = lever.context(params, context)
             entry = {}
-            for other in LEVERS:  # in suggestion order: the switches a trial with this lever on asks for
+            for other in suggestion_order():  # the switches a trial with this lever on asks for
                 if other is lever:
                     entry.update({lever.name: True, **{lever.key(k): v for k, v in asdict(params).items()}})
-                elif other.name in methods:
+                elif other.name in methods and (other.requires is None or entry.get(other.requires)):
                     seen = after if _after(other, lever) else context
                     if other.unavailable(seen) is None and other.searchable(seen):
                         entry[other.name] = False
@@ -64,7 +71,8 @@ def warm_start_params(methods: tuple[str, ...], context: Context) -> list[dict[s
 
 
 def _after(other, lever) -> bool:
-    return LEVERS.index(other) > LEVERS.index(lever)
+    order = suggestion_order()
+    return order.index(other) > order.index(lever)
 
 
 def make_sampler(seed: int) -> optuna.samplers.TPESampler:

@@ -378,8 +378,52 @@ def test_what_a_cpu_run_leaves_out():
 
     named = runner.unavailable_methods(METHODS, "cpu", explicit=True)
     no_torchao = importlib.util.find_spec("torchao") is None
-    assert set(named) == {"compile", *(["precision"] if no_torchao else [])}
-    if no_torchao:
-        assert named["precision"] == "torchao is not installed (pip install 'optimize-sd[gpu]')"
+    # precision, searched only together with compile, is left out with it where torchao is installed too
+    assert set(named) == {"compile", "precision"}
+    assert named["precision"] == ("torchao is not installed (pip install 'optimize-sd[gpu]')" if no_torchao
+                                  else "searched only together with compile, which this run does not search")
     default = runner.unavailable_methods(METHODS, "cpu")
     assert set(default) == {"compile", "layout", "precision"} and default["layout"] == GPU_ONLY
+
+
+REQUIRES_COMPILE = "searched only together with compile, which this run does not search"
+
+
+@pytest.fixture
+def torchao_here(monkeypatch):
+    """The precision lever available as far as torchao goes, whatever this machine has installed."""
+    from optimize.levers import precision
+
+    monkeypatch.setattr(precision, "torchao_missing", lambda: None)
+
+
+def test_precision_is_left_out_where_compile_is_not_searched(torchao_here, monkeypatch):
+    """precision runs here (torchao taken as installed; named, so its GPU-only gain does not count), but
+    is searched only together with compile: left out where compile is not among the methods, or is left
+    out itself (on the CPU), with that reason; kept where compile is searched."""
+    from optimize.levers import BY_NAME, Context, Device
+    from optimize.levers.base import GPU_ONLY
+
+    assert BY_NAME["precision"].unavailable(Context(device=Device("cpu"))) is None
+    assert runner.unavailable_methods(("deepcache", "precision"), "cpu", explicit=True) == {
+        "precision": REQUIRES_COMPILE}
+    # not named: its own reason (no gain on the CPU) comes first
+    assert runner.unavailable_methods(("deepcache", "precision"), "cpu") == {"precision": GPU_ONLY}
+    # compile named, but it cannot run on the CPU: precision goes with it
+    left_out = runner.unavailable_methods(("deepcache", "precision", "compile"), "cpu", explicit=True)
+    assert set(left_out) == {"compile", "precision"} and left_out["precision"] == REQUIRES_COMPILE
+    # a Hopper GPU with Triton: both searched; without compile, precision alone is still left out
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (9, 0))
+    monkeypatch.setattr(BY_NAME["compile"], "unavailable", lambda ctx: None)
+    assert runner.unavailable_methods(("deepcache", "precision", "compile"), "cuda:0", explicit=True) == {}
+    assert runner.unavailable_methods(("deepcache", "precision", "compile"), "cuda:0") == {}
+    assert runner.unavailable_methods(("deepcache", "precision"), "cuda:0") == {"precision": REQUIRES_COMPILE}
+
+
+def test_naming_precision_without_compile_is_refused(torchao_here, tmp_path, monkeypatch, no_model):
+    monkeypatch.chdir(tmp_path)
+    line = one_error_line(*run_cli(run_args(tmp_path, "--methods", "precision,deepcache")))
+    assert line.endswith("--methods: precision is searched only together with compile: add compile to --methods"), line
+    assert not os.path.exists(tmp_path / "search_params.json")

@@ -126,6 +126,91 @@ def test_search_space_respects_methods_and_steps():
         study.tell(trial, 1.0)
 
 
+@pytest.fixture
+def gpu_levers_here(monkeypatch):
+    """The precision and compile levers available whatever this machine has: torchao and Triton are
+    taken as installed (the context's device is a made-up Hopper GPU)."""
+    from optimize.levers import BY_NAME
+    from optimize.levers import precision as precision_module
+
+    monkeypatch.setattr(precision_module, "torchao_missing", lambda: None)
+    monkeypatch.setattr(BY_NAME["compile"], "unavailable",
+                        lambda ctx: None if ctx.device is None or ctx.device.type == "cuda" else "needs a CUDA device")
+    return Context(steps=8, max_branch_id=3, scheduler="ddim", device=Device("cuda", (9, 0)))
+
+
+def test_precision_is_drawn_only_in_trials_that_compile(gpu_levers_here):
+    """precision requires compile: a trial draws it (its switch and its mode) only once compile is on,
+    so no configuration quantizes an uncompiled UNet; where compile is on, both ways are drawn."""
+    from optimize.levers import BY_NAME
+    from optimize.search import SearchSpace
+
+    assert BY_NAME["precision"].unavailable(gpu_levers_here) is None  # so the search may draw it
+    assert BY_NAME["compile"].unavailable(gpu_levers_here) is None
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    space = SearchSpace(("deepcache", "tome", "precision", "compile"), gpu_levers_here)
+    compiled, precision_on, modes = 0, 0, set()
+    for _ in range(80):
+        trial = study.ask()
+        config = space.suggest(trial)
+        if config.precision is not None:
+            assert config.compile is not None, trial.params
+            precision_on += 1
+            modes.add(config.precision.mode)
+        if config.compile is None:
+            assert trial.params["compile"] is False
+            assert not any(k == "precision" or k.startswith("precision.") for k in trial.params), trial.params
+        else:
+            compiled += 1
+            assert "precision" in trial.params  # drawn after compile, in every trial that compiles
+            assert trial.params["precision"] == (config.precision is not None)
+        study.tell(trial, 1.0)
+    assert 0 < precision_on < compiled < 80  # both ways, so the checks above could fail
+    assert modes == {"int8", "fp8"}  # fp8 runs on capability 9.0
+    # without compile among the methods precision is never drawn
+    space = SearchSpace(("deepcache", "precision"), gpu_levers_here)
+    for _ in range(20):
+        trial = study.ask()
+        assert space.suggest(trial).precision is None
+        assert "precision" not in trial.params, trial.params
+        study.tell(trial, 1.0)
+
+
+def test_precision_is_drawn_after_every_other_lever():
+    from optimize.levers import LEVERS
+    from optimize.search.space import suggestion_order
+
+    order = [lever.name for lever in suggestion_order()]
+    assert order[-1] == "precision" and order.index("compile") < order.index("precision")
+    # the others keep the registry's order
+    assert order[:-1] == [lever.name for lever in LEVERS if lever.name != "precision"]
+
+
+def test_warm_starts_set_precision_only_beside_compile(gpu_levers_here):
+    """A warm start fixes the switches its trial asks for: precision's only where compile is on (the
+    compile warm start, precision off); the others' (compile off) have no precision key. Each is what
+    the search space asks for: an enqueued warm start draws nothing more."""
+    from optimize.search import SearchSpace, warm_start_params
+
+    methods = ("deepcache", "tome", "precision", "compile")
+    warm = warm_start_params(methods, gpu_levers_here)
+    assert len(warm) == 3  # DeepCache N=3, N=5, the whole UNet compiled
+    for entry in warm:
+        assert ("precision" in entry) == (entry.get("compile") is True), entry
+    assert warm[-1] == {"deepcache": False, "tome": False, "compile": True, "compile.mode": "default",
+                        "precision": False}
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    space = SearchSpace(methods, gpu_levers_here)
+    for entry in warm:
+        study.enqueue_trial(entry)
+        trial = study.ask()
+        space.suggest(trial)
+        assert trial.params == entry
+        study.tell(trial, 1.0)
+    # without compile among the methods no warm start names precision
+    assert all("precision" not in e for e in warm_start_params(("deepcache", "precision"), gpu_levers_here))
+
+
 # --- 2. resume ----------------------------------------------------------------------------------------
 
 
