@@ -130,6 +130,19 @@ def main(argv=None) -> int:
     reference = evaluator.measure(Config(), paired=False)
     fidelity = FidelityScorer(reference.images)
     rows = []
+
+    def write() -> None:  # after every configuration: a run stopped by a time limit keeps what it measured
+        from optimize.study.files import atomic_write
+
+        result = {"reference": f"ddim {args.steps}", "device": args.device, "dtype": args.dtype,
+                  "exec": args.exec_mode, "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv),
+                  "captions": len(prompts), "rounds": args.rounds,
+                  "level": args.level, "reference_clip": reference.clip_score,
+                  "reference_ms_per_image": 1000 * reference.timing.best, "threads": args.threads,
+                  "seconds": time.time() - t0, "rows": rows}
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        atomic_write(args.out, json.dumps(result, indent=1))
+
     if args.picks:
         chosen = picks(args.picks)
         configs, pickers = [c for c, _ in chosen], {c.label(): who for c, who in chosen}
@@ -144,6 +157,7 @@ def main(argv=None) -> int:
         except Exception as exc:  # noqa: BLE001 - recorded; the next configuration still runs
             rows.append({"config": config.label(), "params": config.to_params(), "error": f"{type(exc).__name__}: {exc}"[:400]})
             print(f"[{i + 1}/{len(configs)}] {config.label()}: {rows[-1]['error']}", flush=True)
+            write()
             continue
         per = fidelity.per_image(m.images)
         speedup = m.reference.best / m.timing.best
@@ -160,18 +174,11 @@ def main(argv=None) -> int:
             **({"picked_by": pickers[config.label()]} if pickers else {}),
         }
         rows.append(row)
+        write()
         print(f"[{i + 1}/{len(configs)} {time.time() - t0:.0f}s] {row['config']:<22} {speedup:5.2f}x "
               f"[{row['speedup_interval'][0]:.2f}, {row['speedup_interval'][1]:.2f}] calls {row['unet_calls_ratio']:.2f}x "
               f"loss {row['score_loss']:+.4f} psnr {row['psnr']:.1f}", flush=True)
-    result = {"reference": f"ddim {args.steps}", "device": args.device, "dtype": args.dtype, "exec": args.exec_mode,
-              "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv),
-              "captions": len(prompts), "rounds": args.rounds,
-              "level": args.level, "reference_clip": reference.clip_score,
-              "reference_ms_per_image": 1000 * reference.timing.best, "threads": args.threads,
-              "seconds": time.time() - t0, "rows": rows}
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
+    write()
     measured = [r for r in rows if "error" not in r]
     if args.picks:
         print(f"| configuration | picked by | speedup (eager, {args.level:.0%}) | CLIP loss ({args.level:.0%}) | "

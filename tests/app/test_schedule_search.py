@@ -17,10 +17,10 @@ def test_a_search_over_the_schedule_is_stored_shown_and_generated(tmp_path, monk
                               "--storage", url, "--output", output])
     assert code == 0, out + err
     trials = load_study(url).trials
-    # the first warm start: the reference's solver at half its steps, every other lever off
-    assert trials[0].params == {"schedule": True, "schedule.solver": "ddim", "schedule.steps": 4, "deepcache": False}
-    assert trials[0].user_attrs["config"] == "sched(ddim,4)"
-    assert "#0   sched(ddim,4)" in out
+    # the first warm start: DPM++ at two fifths of the reference's steps, every other lever off
+    assert trials[0].params == {"schedule": True, "schedule.solver": "dpm++", "schedule.steps": 3, "deepcache": False}
+    assert trials[0].user_attrs["config"] == "sched(dpm++,3)"
+    assert "#0   sched(dpm++,3)" in out
     # the search draws the schedule from its declared ranges: below the reference's 8 steps
     drawn = [t.params for t in trials if t.params.get("schedule")]
     assert all(2 <= p["schedule.steps"] <= 7 for p in drawn)
@@ -34,8 +34,8 @@ def test_a_search_over_the_schedule_is_stored_shown_and_generated(tmp_path, monk
     code, out, err = run_cli(["generate", "--storage", url, "--trial", str(schedule_trial.number), "a red circle",
                               "-o", tmp_path / "a.png"])
     assert code == 0, out + err
-    assert "sched(ddim,4)" in out and "ddim, 4 steps instead of the reference's ddim, 8 steps" in out, out
+    assert "sched(dpm++,3)" in out and "dpm++, 3 steps instead of the reference's ddim, 8 steps" in out, out
 
     code, out, err = run_cli(["report", "--storage", url, "-o", tmp_path / "r.html"])
     assert code == 0, out + err
-    assert "sched(ddim,4)" in (tmp_path / "r.html").read_text()
+    assert "sched(dpm++,3)" in (tmp_path / "r.html").read_text()

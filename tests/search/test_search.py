@@ -596,14 +596,18 @@ def test_warm_start_params_follow_the_methods(monkeypatch):
     assert second["deepcache.cache_interval"] == 5
     assert warm_start_params(("deepcache",), ctx)[0] == {"deepcache": True, "deepcache.cache_interval": 3,
                                                          "deepcache.cache_branch_id": 0}
-    # the schedule: the reference's own solver at half its steps, every other lever off
-    half, *dc = warm_start_params(("schedule", "deepcache", "tome", "tgate"), ctx)
-    assert half == {"schedule": True, "schedule.solver": "dpm++", "schedule.steps": 10, "deepcache": False,
-                    "tome": False, "tgate": False}
+    # the schedule: DPM++ at two fifths of the reference's steps, every other lever off
+    fewer, *dc = warm_start_params(("schedule", "deepcache", "tome", "tgate"), ctx)
+    assert fewer == {"schedule": True, "schedule.solver": "dpm++", "schedule.steps": 8, "deepcache": False,
+                     "tome": False, "tgate": False}
     assert dc == [{"schedule": False, **d} for d in (first, second)]
-    # at 8 reference steps the schedule's 4 leave T-GATE (>= 5 steps) out of that trial
+    assert warm_start_params(("schedule",), Context(steps=50, scheduler="ddim")) == [
+        {"schedule": True, "schedule.solver": "dpm++", "schedule.steps": 20}]
+    # at 8 reference steps the schedule's 3 leave T-GATE (>= 5 steps) out of that trial
     assert warm_start_params(("schedule", "tgate"), Context(steps=8, scheduler="ddim")) == [
-        {"schedule": True, "schedule.solver": "ddim", "schedule.steps": 4}]
+        {"schedule": True, "schedule.solver": "dpm++", "schedule.steps": 3}]
+    # never below the fewest steps the search draws (a fifth of the reference, at least 2)
+    assert warm_start_params(("schedule",), Context(steps=3, scheduler="ddim"))[0]["schedule.steps"] == 2
     # where it runs, the whole UNet compiled alone; the others' switch it off
     monkeypatch.setattr(__import__("optimize.levers.compile", fromlist=["BACKEND"]), "BACKEND", "eager")
     assert warm_start_params(("deepcache", "compile"), ctx) == [
