@@ -442,7 +442,9 @@ def test_without_network_a_bad_pipe_or_coco_fails_fast_and_leaves_no_study(argv,
     assert needle in err, err
     if "coco" in argv:
         assert "use --prompts builtin or a prompts file" in err
-    assert "Retrying" not in err and seconds < 30, seconds  # datasets' retries alone sleep 23 s
+    # no retries (datasets logs each one); the bound only catches minutes of them (diffusers' own), with room
+    # for a loaded machine's imports (30 s was seen at load 5)
+    assert "Retrying" not in err and seconds < 90, seconds
     assert not (tmp_path / "s.db").exists() and not (tmp_path / "studies").exists()
 
 
