@@ -46,6 +46,7 @@ from optimize.measure.metrics import FidelityScorer, score_loss  # noqa: E402
 from optimize.runtime.pipelines import load_pipeline, resolve_pipe  # noqa: E402
 from optimize.measure.prompts import load_heldout  # noqa: E402
 from optimize.measure.uncertainty import mean_interval, score_loss_interval, speedup_interval  # noqa: E402
+from optimize.study.files import atomic_write  # noqa: E402
 
 
 _LABELS = {  # a pick's label, as Config.label writes it, back to its lever's params
@@ -131,17 +132,18 @@ def main(argv=None) -> int:
     fidelity = FidelityScorer(reference.images)
     rows = []
 
-    def write() -> None:  # after every configuration: a run stopped by a time limit keeps what it measured
-        from optimize.study.files import atomic_write
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
 
+    def write() -> None:  # after every configuration: a run stopped by a time limit keeps what it measured
         result = {"reference": f"ddim {args.steps}", "device": args.device, "dtype": args.dtype,
                   "exec": args.exec_mode, "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv),
                   "captions": len(prompts), "rounds": args.rounds,
                   "level": args.level, "reference_clip": reference.clip_score,
                   "reference_ms_per_image": 1000 * reference.timing.best, "threads": args.threads,
                   "seconds": time.time() - t0, "rows": rows}
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         atomic_write(args.out, json.dumps(result, indent=1))
+
+    write()
 
     if args.picks:
         chosen = picks(args.picks)
@@ -178,7 +180,6 @@ def main(argv=None) -> int:
         print(f"[{i + 1}/{len(configs)} {time.time() - t0:.0f}s] {row['config']:<22} {speedup:5.2f}x "
               f"[{row['speedup_interval'][0]:.2f}, {row['speedup_interval'][1]:.2f}] calls {row['unet_calls_ratio']:.2f}x "
               f"loss {row['score_loss']:+.4f} psnr {row['psnr']:.1f}", flush=True)
-    write()
     measured = [r for r in rows if "error" not in r]
     if args.picks:
         print(f"| configuration | picked by | speedup (eager, {args.level:.0%}) | CLIP loss ({args.level:.0%}) | "

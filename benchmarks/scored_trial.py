@@ -139,18 +139,18 @@ def main() -> None:
               *(["--device", args.device] if args.device else []), *args.extra]
     studies, first = [], None
 
+    import torch
+
+    from optimize.runtime.pipelines import resolve_device
+    from optimize.study.files import atomic_write
+
+    about = {"device": device_text(resolve_device(args.device)), "torch": torch.__version__,
+             "command": " ".join(["python", "benchmarks/scored_trial.py", *sys.argv[1:]])}
+
     def write(studies: list[dict]) -> dict:
-        import torch
-
-        from optimize.runtime.pipelines import resolve_device
-
-        result = {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                  "device": device_text(resolve_device(args.device)), "torch": torch.__version__,
-                  "command": " ".join(["python", "benchmarks/scored_trial.py", *sys.argv[1:]]),
+        result = {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), **about,
                   "summary": summary(studies), "studies": studies}
         if args.out:
-            from optimize.study.files import atomic_write
-
             atomic_write(args.out, json.dumps(result, indent=2) + "\n")
         return result
 

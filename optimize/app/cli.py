@@ -13,7 +13,7 @@ import click
 
 from ..runtime import pipelines
 from ..measure import prompts as prompts_mod
-from ..levers import BY_NAME, METHODS
+from ..levers import METHODS
 from ..study.baseline import Baseline
 from .console import format_result, validation_text
 from ..study.files import check_output
@@ -25,7 +25,8 @@ from ..measure.metrics import DEFAULT_MODEL, TESTBED_MODEL, TINY_MODEL, lpips_av
 from .params_file import add_validations, best_json, check_writable, read_search_params
 from ..runtime.pipelines import DTYPES, SCHEDULERS
 from .report import measured_trials, write_report
-from .runner import Interrupted, RunError, RunFailure, RunOptions, left_out_note, run_search, unavailable_methods
+from .runner import (Interrupted, RunError, RunFailure, RunOptions, left_out_note, missing_partner, run_search,
+                     unavailable_methods)
 from ..study.storage import DEFAULT_STORAGE, StorageError, check_storage_url, scrub
 from ..study.record import CONFIG, DEFAULT_SEED, Goal, StudyError, goal_of, open_study, pick_study, study_result
 from .validation import ValidationError, validate_study
@@ -322,8 +323,8 @@ def _methods_here(methods: tuple[str, ...], device: str, explicit: bool) -> tupl
     one named in --methods that cannot run there is refused (the user asked for it by name)."""
     if explicit:
         for name in methods:
-            needed = BY_NAME[name].requires
-            if needed is not None and needed not in methods:
+            needed = missing_partner(name, methods)
+            if needed is not None:
                 raise Failure(f"--methods: {name} is searched only together with {needed}: add {needed} to --methods")
     left_out = unavailable_methods(methods, device, explicit)
     if left_out and explicit:

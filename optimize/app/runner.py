@@ -108,11 +108,19 @@ def unavailable_methods(methods: tuple[str, ...], device: str, explicit: bool = 
     reasons = {name: BY_NAME[name].unavailable(ctx) or (None if explicit else BY_NAME[name].no_gain(ctx))
                for name in methods}
     left_out = {name: reason for name, reason in reasons.items() if reason is not None}
-    for name in methods:  # a lever searched only together with another one that is not searched
-        needed = BY_NAME[name].requires
-        if name not in left_out and needed is not None and (needed not in methods or needed in left_out):
+    searched = [m for m in methods if m not in left_out]
+    for name in searched:
+        needed = missing_partner(name, searched)
+        if needed is not None:
             left_out[name] = f"searched only together with {needed}, which this run does not search"
     return left_out
+
+
+def missing_partner(name: str, searched) -> str | None:
+    """The lever ``name`` is searched only together with (:attr:`optimize.levers.Lever.requires`), where
+    ``searched`` lacks it; else None."""
+    needed = BY_NAME[name].requires
+    return needed if needed is not None and needed not in searched else None
 
 
 def left_out_note(left_out: dict[str, str], device: str) -> str:

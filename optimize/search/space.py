@@ -32,7 +32,7 @@ class SearchSpace:
 
     def suggest(self, trial: optuna.Trial) -> Config:
         ctx, chosen = self.context, {}
-        for lever in suggestion_order():
+        for lever in _SUGGESTION_ORDER:
             if lever.name not in self.methods or (lever.requires is not None and lever.requires not in chosen):
                 continue
             params = lever.suggest(trial, ctx)
@@ -42,11 +42,14 @@ class SearchSpace:
         return Config(**chosen)
 
 
-def suggestion_order() -> list:
-    """The levers in the order a trial draws them: the registry's, but a lever searched together with
-    another (:attr:`optimize.levers.Lever.requires`) after all the others, once it is known whether
-    that one is on."""
-    return sorted(LEVERS, key=lambda lever: lever.requires is not None)
+# the levers in the order a trial draws them: the registry's, but a lever searched together with another
+# (:attr:`optimize.levers.Lever.requires`) after all the others, once it is known whether that one is on
+_SUGGESTION_ORDER = tuple(sorted(LEVERS, key=lambda lever: lever.requires is not None))
+
+
+def suggestion_order() -> tuple:
+    """The levers in the order a trial draws them (registry order, levers with ``requires`` last)."""
+    return _SUGGESTION_ORDER
 
 
 def warm_start_params(methods: tuple[str, ...], context: Context) -> list[dict[str, Any]]:
@@ -59,7 +62,7 @@ def warm_start_params(methods: tuple[str, ...], context: Context) -> list[dict[s
         for params in lever.warm_starts(context):
             after = lever.context(params, context)
             entry = {}
-            for other in suggestion_order():  # the switches a trial with this lever on asks for
+            for other in _SUGGESTION_ORDER:  # the switches a trial with this lever on asks for
                 if other is lever:
                     entry.update({lever.name: True, **{lever.key(k): v for k, v in asdict(params).items()}})
                 elif other.name in methods and (other.requires is None or entry.get(other.requires)):
@@ -71,8 +74,7 @@ def warm_start_params(methods: tuple[str, ...], context: Context) -> list[dict[s
 
 
 def _after(other, lever) -> bool:
-    order = suggestion_order()
-    return order.index(other) > order.index(lever)
+    return _SUGGESTION_ORDER.index(other) > _SUGGESTION_ORDER.index(lever)
 
 
 def make_sampler(seed: int) -> optuna.samplers.TPESampler:
