@@ -95,6 +95,11 @@ def unet_calls(config: Config, steps: int) -> float:
     return config.schedule.steps if config.schedule else steps
 
 
+def span(interval, fmt: str = ".2f") -> str:
+    """An interval as text; one round (or one caption) has none."""
+    return "[-]" if interval is None else f"[{interval[0]:{fmt}}, {interval[1]:{fmt}}]"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=50, help="the reference's DDIM steps")
@@ -178,11 +183,11 @@ def main(argv=None) -> int:
         rows.append(row)
         write()
         print(f"[{i + 1}/{len(configs)} {time.time() - t0:.0f}s] {row['config']:<22} {speedup:5.2f}x "
-              f"[{row['speedup_interval'][0]:.2f}, {row['speedup_interval'][1]:.2f}] calls {row['unet_calls_ratio']:.2f}x "
+              f"{span(row['speedup_interval'])} calls {row['unet_calls_ratio']:.2f}x "
               f"loss {row['score_loss']:+.4f} psnr {row['psnr']:.1f}", flush=True)
     measured = [r for r in rows if "error" not in r]
     if args.picks:
-        print(f"| configuration | picked by | speedup (eager, {args.level:.0%}) | CLIP loss ({args.level:.0%}) | "
+        print(f"| configuration | picked by | speedup ({args.exec_mode}, {args.level:.0%}) | CLIP loss ({args.level:.0%}) | "
               f"PSNR dB | holds {args.max_loss:g}: point | upper end |")
         print("|---|---|---|---|---|---|---|")
         for r in sorted(measured, key=lambda r: -r["speedup"]):
@@ -192,13 +197,11 @@ def main(argv=None) -> int:
                   f"{r['score_loss']:+.4f} [{llo:+.4f}, {lhi:+.4f}] | {r['psnr']:.1f} | "
                   f"{'yes' if r['score_loss'] <= args.max_loss else 'no'} | {'yes' if lhi <= args.max_loss else 'no'} |")
         return 0
-    print(f"| configuration | UNet calls | speedup (eager, {args.level:.0%}) | CLIP loss ({args.level:.0%}) | PSNR dB |")
+    print(f"| configuration | UNet calls | speedup ({args.exec_mode}, {args.level:.0%}) | CLIP loss ({args.level:.0%}) | PSNR dB |")
     print("|---|---|---|---|---|")
     for r in sorted(measured, key=lambda r: -r["speedup"]):
-        lo, hi = r["speedup_interval"]
-        llo, lhi = r["score_loss_interval"]
-        print(f"| {r['config']} | {r['unet_calls_ratio']:.2f}x fewer | {r['speedup']:.2f}x [{lo:.2f}, {hi:.2f}] | "
-              f"{r['score_loss']:+.4f} [{llo:+.4f}, {lhi:+.4f}] | {r['psnr']:.1f} |")
+        print(f"| {r['config']} | {r['unet_calls_ratio']:.2f}x fewer | {r['speedup']:.2f}x {span(r['speedup_interval'])} | "
+              f"{r['score_loss']:+.4f} {span(r['score_loss_interval'], '+.4f')} | {r['psnr']:.1f} |")
     return 0
 
 

@@ -120,7 +120,8 @@ def cli():
 @click.option("--methods", default=None,
               help="Levers that may switch on: schedule (another solver and fewer steps than --scheduler and --steps), "
                    "deepcache, tome, tgate, layout (channels-last convolutions, fused QKV, the attention kernel), "
-                   "precision (torchao int8 or fp8; pip install 'optimize-sd[gpu]'), vae (SDXL's VAE decoded in fp16). "
+                   "precision (torchao int8 or fp8, searched only with compile; pip install 'optimize-sd[gpu]'), vae (SDXL's "
+                   "VAE decoded in fp16), compile (the whole UNet under torch.compile, in graphs mode). "
                    "Naming one that cannot run on --device is refused  [default: all of them; those that cannot run "
                    "on --device are left out, said in one line]")
 @click.option("--n-trials", type=click.IntRange(1), default=20, show_default=True, help="Trials to add in this run.")
