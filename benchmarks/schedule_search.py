@@ -43,6 +43,9 @@ def run_study(arm: str, seed: int, args, workdir: str) -> dict:
     if proc.returncode != 0:
         return {"arm": arm, "seed": seed, "error": (proc.stderr or proc.stdout).strip().splitlines()[-1:],
                 "seconds": seconds}
+    if not os.path.exists(output):  # no trial was feasible: run writes no result, and says so last
+        return {"arm": arm, "seed": seed, "seconds": seconds, "config": None,
+                "note": proc.stdout.strip().splitlines()[-1:], "command": " ".join(cmd[2:])}
     with open(output) as f:
         entry = next(iter(json.load(f).values()))
     validation = entry.get("validation") or {}
@@ -76,7 +79,7 @@ def main(argv=None) -> int:
                 print(f"{arm:8} seed {seed}: {row.get('config')} {row.get('speedup') or 0:.2f}x loss "
                       f"{row.get('loss') or 0:+.4f}; held out: {v.get('speedup', 0) or 0:.2f}x loss "
                       f"{v.get('loss', 0) or 0:+.4f} within bound={v.get('within_bound')} ({row['seconds']:.0f} s) "
-                      f"{row.get('error', '')}", flush=True)
+                      f"{row.get('error', '')}{row.get('note', '')}", flush=True)
                 os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
                 with open(args.out, "w") as f:
                     json.dump({"settings": vars(args), "rows": rows}, f, indent=1)
