@@ -596,18 +596,22 @@ def test_warm_start_params_follow_the_methods(monkeypatch):
     assert second["deepcache.cache_interval"] == 5
     assert warm_start_params(("deepcache",), ctx)[0] == {"deepcache": True, "deepcache.cache_interval": 3,
                                                          "deepcache.cache_branch_id": 0}
-    # the schedule: DPM++ at two fifths of the reference's steps, every other lever off
-    fewer, *dc = warm_start_params(("schedule", "deepcache", "tome", "tgate"), ctx)
-    assert fewer == {"schedule": True, "schedule.solver": "dpm++", "schedule.steps": 8, "deepcache": False,
-                     "tome": False, "tgate": False}
+    # the schedule: DPM++ at two fifths, then three fifths of the reference's steps, every other lever off
+    bold, mild, *dc = warm_start_params(("schedule", "deepcache", "tome", "tgate"), ctx)
+    assert bold == {"schedule": True, "schedule.solver": "dpm++", "schedule.steps": 8, "deepcache": False,
+                    "tome": False, "tgate": False}
+    assert mild == {**bold, "schedule.steps": 12}
     assert dc == [{"schedule": False, **d} for d in (first, second)]
     assert warm_start_params(("schedule",), Context(steps=50, scheduler="ddim")) == [
-        {"schedule": True, "schedule.solver": "dpm++", "schedule.steps": 20}]
-    # at 8 reference steps the schedule's 3 leave T-GATE (>= 5 steps) out of that trial
+        {"schedule": True, "schedule.solver": "dpm++", "schedule.steps": n} for n in (20, 30)]
+    # at 8 reference steps the schedule's 3 leave T-GATE (>= 5 steps) out of that trial, its 5 do not
     assert warm_start_params(("schedule", "tgate"), Context(steps=8, scheduler="ddim")) == [
-        {"schedule": True, "schedule.solver": "dpm++", "schedule.steps": 3}]
-    # never below the fewest steps the search draws (a fifth of the reference, at least 2)
-    assert warm_start_params(("schedule",), Context(steps=3, scheduler="ddim"))[0]["schedule.steps"] == 2
+        {"schedule": True, "schedule.solver": "dpm++", "schedule.steps": 3},
+        {"schedule": True, "schedule.solver": "dpm++", "schedule.steps": 5, "tgate": False}]
+    # never below the fewest steps the search draws (a fifth of the reference, at least 2); one trial where
+    # both fractions round to the same steps
+    assert warm_start_params(("schedule",), Context(steps=3, scheduler="ddim")) == [
+        {"schedule": True, "schedule.solver": "dpm++", "schedule.steps": 2}]
     # where it runs, the whole UNet compiled alone; the others' switch it off
     monkeypatch.setattr(__import__("optimize.levers.compile", fromlist=["BACKEND"]), "BACKEND", "eager")
     assert warm_start_params(("deepcache", "compile"), ctx) == [
