@@ -18,7 +18,7 @@ Example:
     'sched(dpm++,20)'
     >>> from optimize.levers.base import Context
     >>> LEVER.warm_starts(Context(steps=50, scheduler="ddim"))
-    [Schedule(solver='dpm++', steps=20)]
+    [Schedule(solver='dpm++', steps=20), Schedule(solver='dpm++', steps=30)]
 """
 
 from __future__ import annotations

@@ -625,19 +625,19 @@ def test_new_study_starts_with_known_good_configs_once(tmp_path, monkeypatch):
 
     monkeypatch.chdir(tmp_path)
     here = [m for m in METHODS if m not in runner.unavailable_methods(METHODS, "cpu")]  # named ones must run here
-    argv = run_args(tmp_path, "--max-loss", "0.5", "--methods", ",".join(here), "--n-trials", "3")
+    argv = run_args(tmp_path, "--max-loss", "0.5", "--methods", ",".join(here), "--n-trials", "4")
     code, out, err = run_cli(argv)
     assert code == 0, out + err
     study = load_study(storage_url(tmp_path))
     warm = warm_start_params(tuple(here), Context(steps=8, scheduler="ddim", device=Device("cpu")))
-    # the schedule's, DeepCache N=3, N=5; the VAE's switch, fixed off before the pipeline was known, is
+    # the schedule's two, DeepCache N=3, N=5; the VAE's switch, fixed off before the pipeline was known, is
     # never asked on this fp32 pipeline
-    assert len(warm) == 3 and [t.params for t in study.trials] == [{k: v for k, v in w.items() if k != "vae"}
+    assert len(warm) == 4 and [t.params for t in study.trials] == [{k: v for k, v in w.items() if k != "vae"}
                                                                    for w in warm]
     code, out, err = run_cli(argv[:-1] + ["1"])  # resumed: nothing enqueued again
     assert code == 0, out + err
     study = load_study(storage_url(tmp_path))
-    assert len(study.trials) == 4 and "fixed_params" not in study.trials[3].system_attrs
+    assert len(study.trials) == 5 and "fixed_params" not in study.trials[4].system_attrs
 
 
 def test_no_warm_start(tmp_path, monkeypatch):
