@@ -24,10 +24,11 @@ Parts (comma list, run in order, one JSON each under ``--out``, written after ev
   graphs, and the hand stack built with the libraries directly: DeepCache N=3 branch 0 (its own
   ``DeepCacheSDHelper``) + whole-UNet ``torch.compile`` + torchao fp8 (the pipeline in bf16), and the
   same without fp8; ``--configs`` adds configurations of the optimizer (a study's pick) in graphs.
-  DeepCache decides full or partial step in Python; compiled as it is, Dynamo guards on the helper's step counter and recompiles every step (the ``dcprobe`` part counts it). The hand
-  stack therefore compiles the two paths separately, as OneDiff does: the skip rule reads one flag
-  set before each UNet call, so Dynamo keeps one graph for full steps and one for partial steps
-  (``--hand-compile regional`` instead compiles the blocks DeepCache wraps, as Pruna does).
+  DeepCache decides full or partial step in Python; compiled as it is, Dynamo guards on the helper's
+  step counter and recompiles every step (the ``dcprobe`` part counts it). The hand stack therefore
+  compiles the two paths separately, as OneDiff does: the skip rule reads one flag set before each
+  UNet call, so Dynamo keeps one graph for full steps and one for partial steps (``--hand-compile
+  regional`` instead compiles the blocks DeepCache wraps, as Pruna does).
 * ``schedule``: graph mode (``exec="graphs"``), DDIM 50 as the reference, then ddim / dpm++
   (``DPMSolverMultistepScheduler``) / unipc / dpm++ with Karras sigmas at ``--schedule-steps``; the
   scheduler is swapped before accelerating. ms/image, speedup vs DDIM 50, and a least-squares line

@@ -191,11 +191,11 @@ def main(argv=None) -> int:
               f"PSNR dB | holds {args.max_loss:g}: point | upper end |")
         print("|---|---|---|---|---|---|---|")
         for r in sorted(measured, key=lambda r: -r["speedup"]):
-            lo, hi = r["speedup_interval"]
-            llo, lhi = r["score_loss_interval"]
-            print(f"| {r['config']} | {'; '.join(r['picked_by'])} | {r['speedup']:.2f}x [{lo:.2f}, {hi:.2f}] | "
-                  f"{r['score_loss']:+.4f} [{llo:+.4f}, {lhi:+.4f}] | {r['psnr']:.1f} | "
-                  f"{'yes' if r['score_loss'] <= args.max_loss else 'no'} | {'yes' if lhi <= args.max_loss else 'no'} |")
+            interval = r["score_loss_interval"]
+            upper = "-" if interval is None else "yes" if interval[1] <= args.max_loss else "no"
+            print(f"| {r['config']} | {'; '.join(r['picked_by'])} | {r['speedup']:.2f}x {span(r['speedup_interval'])} | "
+                  f"{r['score_loss']:+.4f} {span(interval, '+.4f')} | {r['psnr']:.1f} | "
+                  f"{'yes' if r['score_loss'] <= args.max_loss else 'no'} | {upper} |")
         return 0
     print(f"| configuration | UNet calls | speedup ({args.exec_mode}, {args.level:.0%}) | CLIP loss ({args.level:.0%}) | PSNR dB |")
     print("|---|---|---|---|---|")

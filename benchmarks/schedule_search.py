@@ -22,6 +22,10 @@ import sys
 import tempfile
 import time
 
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from optimize.study.files import atomic_write  # noqa: E402
+
 ARMS = {"joint": "schedule,deepcache,tome,tgate", "caching": "deepcache,tome,tgate"}
 
 
@@ -70,6 +74,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
     rows = []
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with tempfile.TemporaryDirectory() as workdir:
         for seed in (int(s) for s in args.seeds.split(",")):
             for arm in args.arms.split(","):  # interleaved: both arms see the same machine load
@@ -80,9 +85,7 @@ def main(argv=None) -> int:
                       f"{row.get('loss') or 0:+.4f}; held out: {v.get('speedup', 0) or 0:.2f}x loss "
                       f"{v.get('loss', 0) or 0:+.4f} within bound={v.get('within_bound')} ({row['seconds']:.0f} s) "
                       f"{row.get('error', '')}{row.get('note', '')}", flush=True)
-                os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-                with open(args.out, "w") as f:
-                    json.dump({"settings": vars(args), "rows": rows}, f, indent=1)
+                atomic_write(args.out, json.dumps({"settings": vars(args), "rows": rows}, indent=1))
     return 0
 
 

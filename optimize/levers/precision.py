@@ -20,8 +20,9 @@ usually cost more than they save (int8 on a shared 2-core CPU: a 12-step call of
 1.12 s against 0.96 s, best of 3), and torchao's int8 cannot be captured into a CUDA graph; so the
 search draws it only in trials that compile the UNet (``requires``), where they fuse. Applied by hand
 (``optimize.accelerate``) it runs alone too, eagerly. torchao's recommended inductor settings are not
-applied (``set_inductor_config=False``): they change process-wide state (``torch.set_float32_matmul_precision``) that removal could not take back
-and that would change the untouched pipeline.
+applied (``set_inductor_config=False``): they change process-wide state
+(``torch.set_float32_matmul_precision``) that removal could not take back and that would change the
+untouched pipeline.
 
 Removal is exact: every layer gets its own weight and bias Parameters back (kept while applied, so
 the untouched pipeline's CUDA graphs, which read them at their addresses, stay valid) and loses what

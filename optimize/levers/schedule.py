@@ -92,8 +92,9 @@ class ScheduleLever(Lever):
         # scoring the milder one.
         if not self.searchable(ctx):
             return []
-        fewest, most = _fewest(ctx), _below_reference(ctx)
-        steps = dict.fromkeys(min(most, max(fewest, round(ctx.steps * f))) for f in (2 / 5, 3 / 5))
+        # searchable means at least 3 reference steps, where three fifths rounds below the reference;
+        # where both fractions round to the same steps, one trial
+        steps = dict.fromkeys(max(_fewest(ctx), round(ctx.steps * f)) for f in (2 / 5, 3 / 5))
         return [Schedule(solver="dpm++", steps=n) for n in steps]
 
     def apply(self, pipe, params: Schedule, others) -> _Applied:
