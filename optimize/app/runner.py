@@ -18,7 +18,6 @@ from __future__ import annotations
 import gc
 import itertools
 import os
-import signal
 import socket
 import sys
 import traceback
@@ -30,6 +29,7 @@ from optuna.trial import TrialState
 from tqdm.auto import tqdm
 
 from . import console, validation
+from .interrupts import interrupts_outside_storage
 from ..runtime import pipelines
 from ..levers import BY_NAME, Config, Context, Device
 from ..runtime.compiling import use_cache_dir
@@ -392,12 +392,6 @@ def _why(e: Exception) -> str:
     return getattr(e, "reason", None) or getattr(e, "strerror", None) or str(e)
 
 
-def _interrupt(signum, frame):
-    # Once: a second signal while the first is being handled would cut the clean-up short.
-    signal.signal(signum, signal.SIG_IGN)
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def run_search(spec: pipelines.PipeSpec, opts: RunOptions, echo: console.Echo = console.echo) -> None:
     """Run ``opts.n_trials`` trials of the study ``opts`` names (see :class:`Search`)."""
     Search(spec, opts, echo).run()
@@ -421,21 +415,19 @@ class Search:
 
     def run(self) -> None:
         """The steps in order. A scheduler's pre-emption (SIGTERM) ends any of them like Ctrl-C: one line
-        and exit 130, not the default death (exit 143, nothing said); :meth:`optimize` says more."""
-        previous = signal.signal(signal.SIGTERM, _interrupt)
+        and exit 130, not the default death (exit 143, nothing said); :meth:`optimize` says more. Either
+        is raised outside the storage's code (:mod:`optimize.app.interrupts`)."""
         steps = ((self.open, "while opening the study"), (self.load, "while loading the models"),
                  (self.get_baseline, "while measuring the baseline"), (self.build_objective, "before the first trial"),
                  (self.optimize, "during the trials"), (self.validate, "while validating the pick"),
                  (self.finish, "after the trials"))
-        try:
+        with interrupts_outside_storage():
             for step, during in steps:
                 try:
                     step()
                 except KeyboardInterrupt:  # optimize() says what became of the running trial itself
                     raise Interrupted(f"interrupted {during}: {counted(self.completed(), 'completed trial')} kept; "
                                       "run the same command to resume") from None
-        finally:
-            signal.signal(signal.SIGTERM, previous)
 
     def completed(self) -> int:
         if self.study is None:

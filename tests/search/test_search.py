@@ -374,7 +374,24 @@ def _env() -> dict:
     threads = os.environ.get("OPTIMIZE_TEST_THREADS", "1")
     root = os.path.dirname(os.path.dirname(os.path.abspath(runner.__file__)))
     path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
-    return dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, HF_HUB_OFFLINE="1", PYTHONPATH=path)
+    # PYTHONFAULTHANDLER: SIGABRT prints every thread's stack (_ended), so a run that hangs says where
+    return dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, HF_HUB_OFFLINE="1", PYTHONPATH=path,
+                PYTHONFAULTHANDLER="1")
+
+
+def _ended(proc, log_path, timeout: float) -> int:
+    """``proc``'s exit status once it ends within ``timeout`` s; else its threads' stacks go to its log
+    (SIGABRT, see _env) and the test fails with the log's end."""
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGABRT)
+        try:
+            proc.wait(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        pytest.fail(f"still running {timeout:g} s after the signal; its log ends:\n{log_path.read_text()[-6000:]}")
 
 
 def _start_worker_until_running(tmp_path, argv):
@@ -416,7 +433,7 @@ def test_terminated_worker_marks_its_trial_failed(tmp_path):
     argv = run_args(tmp_path, "--max-loss", "0.05", small=SLOW)
     proc, running = _start_worker_until_running(tmp_path, argv)
     proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=60) == 130
+    assert _ended(proc, tmp_path / "worker.log", 60) == 130
     assert "interrupted" in (tmp_path / "worker.log").read_text()
     study = load_study(storage_url(tmp_path))
     assert study.trials[running].state == TrialState.FAIL
