@@ -5,11 +5,15 @@ runs them, for each arm and seed, and reads back each study's pick and its held-
 
 Arms: ``joint`` (every lever, the default ``--methods``) and ``caching`` (``--methods
 deepcache,tome,tgate``). Every study: ``optimize-sd run --pipe tiny --steps 50 --max-loss 0.02`` with the same
-trial budget and seed, timed in the tool's default paired rounds, and its pick validated on held-out
-captions with fresh seeds (``--validate``).
+trial budget and seed, timed in the tool's default paired rounds, its pick validated by the run on
+held-out captions with fresh seeds (``--validate``; the run passes over a pick that breaks the bound
+there and validates the next best). Those captions chose among candidates, so each study's final pick
+is then checked on ``--check`` captions after them (``optimize-sd validate --trial N`` on a prompt file
+that holds the study's search captions, then those): the column that says whether the pick holds.
 
     python benchmarks/schedule_search.py --seeds 0,1,2,3,4 --n-trials 12 --out benchmarks/results/schedule_search_cpu.json
     python benchmarks/schedule_search.py --confidence 0.9 --out benchmarks/results/schedule_search_conf90_cpu.json
+    python benchmarks/schedule_search.py --steps 20 --n-trials 20 --validate -1 --check 32 --out F  # the tool's defaults
 """
 
 from __future__ import annotations
@@ -24,7 +28,11 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+import optuna  # noqa: E402
+
+from optimize.measure.prompts import load_heldout, load_prompts  # noqa: E402
 from optimize.study.files import atomic_write  # noqa: E402
+from optimize.study.record import StudyRecord  # noqa: E402
 
 ARMS = {"joint": "schedule,deepcache,tome,tgate", "caching": "deepcache,tome,tgate"}
 
@@ -39,23 +47,58 @@ def run_study(arm: str, seed: int, args, workdir: str) -> dict:
            *(["--scored-repeats", str(args.scored_repeats)] if args.scored_repeats else []),
            *(["--confidence", str(args.confidence)] if args.confidence else []),
            *(["--num-samples", str(args.num_samples)] if args.num_samples else []),
-           "--validate", str(args.validate), "--storage", storage, "--output", output, "--no-progress",
-           "--images-per-trial", "0", "--study", f"{arm}-{seed}"]
+           *(["--validate", str(args.validate)] if args.validate >= 0 else []),
+           "--storage", storage, "--output", output, "--no-progress", "--images-per-trial", "0",
+           "--study", f"{arm}-{seed}"]
     start = time.time()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     seconds = time.time() - start
     if proc.returncode != 0:
         return {"arm": arm, "seed": seed, "error": (proc.stderr or proc.stdout).strip().splitlines()[-1:],
                 "seconds": seconds}
-    if not os.path.exists(output):  # no trial was feasible: run writes no result, and says so last
-        return {"arm": arm, "seed": seed, "seconds": seconds, "config": None,
+    study = optuna.load_study(study_name=f"{arm}-{seed}", storage=storage)
+    # every trial the run validated, in trial order: the candidates it passed over and its pick
+    candidates = [{"trial": t.number, "config": t.user_attrs.get("config"), "speedup": t.user_attrs.get("speedup"),
+                   "held_out_loss": t.system_attrs["validation"]["loss"],
+                   "within_bound": t.system_attrs["validation"]["within_bound"]}
+                  for t in study.trials if t.system_attrs.get("validation")]
+    entries = {}
+    if os.path.exists(output):
+        with open(output) as f:
+            entries = json.load(f)
+    if not entries:  # no trial feasible, or every one passed over: run writes no result, and says so last
+        return {"arm": arm, "seed": seed, "seconds": seconds, "config": None, "candidates": candidates,
                 "note": proc.stdout.strip().splitlines()[-1:], "command": " ".join(cmd[2:])}
-    with open(output) as f:
-        entry = next(iter(json.load(f).values()))
+    entry = next(iter(entries.values()))
     validation = entry.get("validation") or {}
-    return {"arm": arm, "seed": seed, "seconds": seconds, "config": entry.get("config"), "speedup": entry.get("speedup"),
-            "speedup_interval": entry.get("speedup_interval"), "loss": entry.get("loss"),
-            "loss_interval": entry.get("loss_interval"), "validation": validation, "command": " ".join(cmd[2:])}
+    row = {"arm": arm, "seed": seed, "seconds": seconds, "trial": entry.get("trial"), "config": entry.get("config"),
+           "speedup": entry.get("speedup"), "speedup_interval": entry.get("speedup_interval"), "loss": entry.get("loss"),
+           "loss_interval": entry.get("loss_interval"), "validation": validation, "candidates": candidates,
+           "command": " ".join(cmd[2:])}
+    if args.check:
+        used = max((t.system_attrs["validation"]["n"] for t in study.trials if t.system_attrs.get("validation")),
+                   default=0)  # the held-out captions the run validated on
+        row["check"] = check_pick(study, entry["trial"], storage, args.check, workdir, used)
+    return row
+
+
+def check_pick(study, trial: int, storage: str, n: int, workdir: str, skip: int) -> dict:
+    """Trial ``trial`` on ``n`` captions after the ``skip`` held-out ones the run validated on: a prompt
+    file with the study's search captions first (``validate`` checks that they are the study's), then
+    those. Returns the stored validation (it replaces the run's on that trial; the row kept the run's)."""
+    ns = StudyRecord.load(study).fingerprint.num_samples
+    path = os.path.join(workdir, f"{study.study_name}-check.txt")
+    with open(path, "w") as f:
+        f.write("\n".join(load_prompts("testbed", ns) + load_heldout("testbed", ns, skip + n)[skip:]) + "\n")
+    cmd = [sys.executable, "-m", "optimize.cli", "validate", "--storage", storage, "--study", study.study_name,
+           "--trial", str(trial), "-n", str(n), "--prompts", path, "--output", os.path.join(workdir, "scratch.json")]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode not in (0, 1):  # 1: it broke the bound or did not reproduce its speedup; still a result
+        return {"error": (proc.stderr or proc.stdout).strip().splitlines()[-1:]}
+    trial = optuna.load_study(study_name=study.study_name, storage=storage).trials[trial]
+    v = trial.system_attrs["validation"]
+    return {k: v[k] for k in ("n", "loss", "loss_interval", "speedup", "speedup_interval", "within_bound",
+                              "speedup_reproduced") if k in v} | {"captions_after": ns + skip}
 
 
 def main(argv=None) -> int:
@@ -66,7 +109,9 @@ def main(argv=None) -> int:
     ap.add_argument("--max-loss", type=float, default=0.02)
     ap.add_argument("--repeats", type=int, default=None, help="[default: the tool's]")
     ap.add_argument("--scored-repeats", type=int, default=None, help="[default: the tool's]")
-    ap.add_argument("--validate", type=int, default=16)
+    ap.add_argument("--validate", type=int, default=16, help="the run's --validate (-1: the tool's default)")
+    ap.add_argument("--check", type=int, default=0, help="captions after the run's held-out ones to check the "
+                                                         "final pick on (0: none)")
     ap.add_argument("--confidence", type=float, default=None,
                     help="feasible only on the loss interval's upper end, in the search and held out [default: off]")
     ap.add_argument("--num-samples", type=int, default=None, help="search captions [default: the tool's]")
@@ -80,11 +125,14 @@ def main(argv=None) -> int:
             for arm in args.arms.split(","):  # interleaved: both arms see the same machine load
                 row = run_study(arm, seed, args, workdir)
                 rows.append(row)
-                v = row.get("validation", {})
+                v, c = row.get("validation", {}), row.get("check", {})
                 print(f"{arm:8} seed {seed}: {row.get('config')} {row.get('speedup') or 0:.2f}x loss "
                       f"{row.get('loss') or 0:+.4f}; held out: {v.get('speedup', 0) or 0:.2f}x loss "
-                      f"{v.get('loss', 0) or 0:+.4f} within bound={v.get('within_bound')} ({row['seconds']:.0f} s) "
-                      f"{row.get('error', '')}{row.get('note', '')}", flush=True)
+                      f"{v.get('loss', 0) or 0:+.4f} within bound={v.get('within_bound')}; passed over "
+                      f"{sum(not x['within_bound'] for x in row.get('candidates', []))}; checked: "
+                      f"{c.get('speedup', 0) or 0:.2f}x loss {c.get('loss', 0) or 0:+.4f} within bound="
+                      f"{c.get('within_bound')} ({row['seconds']:.0f} s) {row.get('error', '')}{row.get('note', '')}",
+                      flush=True)
                 atomic_write(args.out, json.dumps({"settings": vars(args), "rows": rows}, indent=1))
     return 0
 

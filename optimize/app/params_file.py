@@ -202,6 +202,45 @@ def add_validations(path: str, study_name: str, validations: dict[int, dict[str,
     return sorted(set(changed))
 
 
+def update_pick(path: str, study_name: str, best, front, goal: Goal) -> list[str]:
+    """The entries of ``path`` for ``study_name`` that hold another trial than the study's pick take the
+    pick, ``best`` (pareto: and ``front``), as :func:`run_entry` gives it, the settings they were found with
+    kept: a held-out validation may have passed their trial over (or let a faster one back in). None
+    without a pick. Returns the keys changed."""
+    if best is None or not os.path.exists(path):
+        return []
+    with _locked(path):
+        data, changed = read_search_params(path), []
+        for key, entry in data.items():
+            if not isinstance(entry, dict) or entry.get("study") != study_name or entry.get("trial") == best.number:
+                continue
+            for stale in (VALIDATION, SPEEDUP_REPRODUCED, LOSS_INTERVAL, SPEEDUP_INTERVAL):
+                entry.pop(stale, None)  # the other trial's, where the pick has none
+            entry.update(trial_entry(best, goal))
+            if goal.mode == "pareto":
+                entry["front"] = [trial_entry(t, goal) for t in front]
+            entry["updated"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+            changed.append(key)
+        if changed:
+            atomic_write_json(path, data)
+    return changed
+
+
+def drop_passed_over(path: str, study_name: str, trials: set[int]) -> list[str]:
+    """Remove the entries of ``path`` for ``study_name`` that hold one of ``trials`` (picks that broke the
+    bound out of sample, where the study has no other pick): no file says they are a result. Returns the
+    keys removed."""
+    if not trials or not os.path.exists(path):
+        return []
+    with _locked(path):
+        data = read_search_params(path)
+        gone = [k for k, e in data.items() if isinstance(e, dict) and e.get("study") == study_name
+                and e.get("trial") in trials]
+        if gone:
+            atomic_write_json(path, {k: v for k, v in data.items() if k not in gone})
+    return gone
+
+
 def read_entry(path: str, key: str | None = None) -> tuple[str, Entry]:
     """Entry ``key`` of the file at ``path`` (its only entry if ``key`` is None): ``(key, entry)``."""
     if not os.path.isfile(path):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import gc
 import itertools
+import json
 import os
 import socket
 import sys
@@ -38,17 +39,18 @@ from ..study.artifacts import (BASELINE_PREFIX, artifact_dir_for, artifact_store
 from ..measure.evaluator import Evaluator, default_score_batch, pin_cpu_threads
 from ..measure.metrics import ClipScorer, FidelityScorer, MetricError, lpips_available, lpips_weights_path, score_loss
 from ..study.baseline import Baseline, BaselineMismatch, check_fingerprint
-from .params_file import run_entry, search_params_key, update_search_params
+from .params_file import ParamsFileError, drop_passed_over, run_entry, search_params_key, update_search_params
 from .settings import PipelineSettings
 from ..measure.prompts import PromptsError, counted, load_heldout, load_prompts, prompt_source, prompts_hash
 from ..search import Objective, SearchSpace, make_sampler, warm_start_params
 from ..study.storage import (MAX_RETRY, StorageError, first_line, from_queue, insert_study_system_attr_once, open_storage,
                       redact, storage_cause, storage_errors)
 from ..study.record import (BASELINE_TIME, OWNER, REUSED_FROM, SAMPLER_SLOT, WORKER, Fingerprint, Goal, StudyRecord,
-                            goal_of, study_result)
+                            CONFIG, SPEEDUP, goal_of, rejected_held_out, study_result)
 
 
 LOAD_SWING = 2.0  # the untouched pipeline's slowest / fastest time before a run notes that the load changed
+RESCORE = 3  # configurations scored again after each pick passed over (Search.rescore_gated)
 
 
 class RunError(Exception):
@@ -154,7 +156,10 @@ def planned_validation(opts: RunOptions, study: optuna.Study) -> tuple[int, str]
     """How many held-out prompts the pick of ``study`` is validated on after a run with ``opts``, and the
     note to print (:func:`optimize.app.validation.planned_size`), whether one process ran the trials or many."""
     trials = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
-    return validation.planned_size(opts.validate, opts.num_samples, trials, opts.scored_repeats if opts.repeats else 0)
+    # the speed gate's, which ran their paired rounds (an invalid draw is pruned too, having run nothing)
+    gated = sum(SPEEDUP in t.user_attrs for t in study.get_trials(deepcopy=False, states=(TrialState.PRUNED,)))
+    return validation.planned_size(opts.validate, opts.num_samples, trials, opts.scored_repeats if opts.repeats else 0,
+                                   gated)
 
 
 def sampler_seed(seed: int, n_before: int, slot: int = 0) -> int:
@@ -387,6 +392,10 @@ def worker_label(opts: RunOptions) -> str:
     return f"{socket.gethostname()}:{os.getpid()} {opts.device}"
 
 
+def _params_key(params: dict) -> str:
+    return json.dumps(params, sort_keys=True, default=str)
+
+
 def _why(e: Exception) -> str:
     """Why a file was not written, without its name (the line names it): a full disk names the disk."""
     return getattr(e, "reason", None) or getattr(e, "strerror", None) or str(e)
@@ -502,15 +511,17 @@ class Search:
         self.key = search_params_key(self.spec, opts)
         self.worker = worker_label(opts)
 
-    def optimize(self) -> None:
-        """``opts.n_trials`` trials; Ctrl-C or SIGTERM is :class:`Interrupted`, a lost storage :class:`RunFailure`."""
+    def optimize(self, n_trials: int | None = None) -> None:
+        """``opts.n_trials`` trials (or ``n_trials``); Ctrl-C or SIGTERM is :class:`Interrupted`, a lost storage
+        :class:`RunFailure`."""
         opts, study = self.opts, self.study
-        self.bar = tqdm(total=opts.n_trials, desc="trials", unit="trial", disable=not opts.progress, file=sys.stderr)
+        n_trials = opts.n_trials if n_trials is None else n_trials
+        self.bar = tqdm(total=n_trials, desc="trials", unit="trial", disable=not opts.progress, file=sys.stderr)
         optuna.logging.set_verbosity(optuna.logging.ERROR)  # our trial line reports failures
         # Ctrl-C or SIGTERM (run's handler): Optuna marks the running trial failed at once, instead of
         # leaving it for its heartbeat to go stale.
         try:
-            study.optimize(self.run_trial, n_trials=opts.n_trials, catch=(Exception,), callbacks=[self.after_trial],
+            study.optimize(self.run_trial, n_trials=n_trials, catch=(Exception,), callbacks=[self.after_trial],
                            gc_after_trial=True)
         except KeyboardInterrupt:
             self.bar.close()
@@ -557,10 +568,16 @@ class Search:
                 self.pipe, self.evaluator.scorer, load_heldout(opts.prompt_spec, opts.num_samples, n), self.settings,
                 opts.goal, opts.device, repeats=opts.repeats, scored_repeats=opts.scored_repeats, exec_mode=opts.exec_mode,
                 score_batch=self.evaluator.score_batch)
+            def rescore(study):
+                validator.close()  # its graphs: the trials capture theirs
+                return self.rescore_gated(study)
+
             try:
-                validation.validate_trials(self.study, [best], validator, self.write)
+                self.study, _ = validation.validate_pick(self.study, opts.goal, validator, self.write, rescore=rescore)
             finally:
                 validator.close()
+        except (Interrupted, RunFailure):  # while scoring again what the speed gate skipped: as during the trials
+            raise
         except PromptsError as e:  # the default size, and the source has too few: nothing to warn about
             self.write(f"note: held-out validation skipped: {e}" if opts.validate is None
                        else f"optimize-sd: warning: held-out validation not run: {e}", err=opts.validate is not None)
@@ -568,7 +585,38 @@ class Search:
         except Exception as e:  # noqa: BLE001 - the search's result stands without it
             self.write(f"optimize-sd: warning: held-out validation failed: {type(e).__name__}: {first_line(e, opts.storage)}", err=True)
             return
-        self.study = validation.reloaded(self.study)  # finish() writes the result with the validation
+        # finish() writes the result: the pick that held out of sample, with its validation
+
+    def rescore_gated(self, study: optuna.Study) -> optuna.Study:
+        """Once a pick is passed over (it broke the bound out of sample), score the configurations the speed
+        gate skipped for being slower than it that are faster than the next best (:data:`RESCORE` at most,
+        fastest first): the gate's reason is gone, and one of them may be the pick. Max mode only (in
+        target mode the gate's bar is the target, which stands). Returns the study read afresh."""
+        goal = self.opts.goal
+        if goal.mode != "max" or not self.opts.speed_gate:
+            return study
+        best, _ = study_result(study, goal)
+        floor = best.user_attrs[SPEEDUP] if best is not None else 1.0
+        trials = study.get_trials(deepcopy=False)
+        scored = {_params_key(t.params) for t in trials if t.state == TrialState.COMPLETE}
+        skipped, seen = [], set()
+        for t in sorted((t for t in trials if t.state == TrialState.PRUNED and SPEEDUP in t.user_attrs
+                         and t.user_attrs[SPEEDUP] > floor), key=lambda t: -t.user_attrs[SPEEDUP]):
+            key = _params_key(t.params)
+            if key not in scored and key not in seen:
+                seen.add(key)
+                skipped.append(t)
+        skipped = skipped[:RESCORE]
+        if not skipped:
+            return study
+        self.write(f"scoring {counted(len(skipped), 'configuration')} the speed gate skipped because of the pick passed "
+                   f"over: {', '.join(f'#{t.number} {t.user_attrs.get(CONFIG)}' for t in skipped)}")
+        for t in skipped:
+            study.enqueue_trial(t.params, skip_if_exists=False)
+        self.study = study
+        self.optimize(len(skipped))
+        self.evaluator.close()  # its graphs: the held-out measurement captures its own
+        return validation.reloaded(self.study)
 
     def finish(self) -> None:
         """The study's result: written to search_params.json at the end of every run, whether or not a
@@ -578,6 +626,8 @@ class Search:
         best, front = self.result()
         if best is not None:
             self.save_best(best, front)
+        else:  # a pick written during the trials may have been passed over since: no longer a result
+            self.drop_passed_over()
         self.echo(console.format_result(name, opts.goal, best, front, self.baseline))
         if self.unsaved:
             e = self.unsaved
@@ -587,6 +637,18 @@ class Search:
             self.echo(f"saved to {opts.output} under {self.key!r}")
 
     # --- what the steps call -----------------------------------------------------------------------
+    def drop_passed_over(self) -> None:
+        passed_over = {t.number for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                       if rejected_held_out(t)}
+        try:
+            gone = drop_passed_over(self.opts.output, self.study.study_name, passed_over)
+        except (OSError, ParamsFileError) as e:
+            self.echo(f"optimize-sd: warning: {self.opts.output} not updated: {_why(e)}", err=True)
+            return
+        for key in gone:
+            self.echo(f"removed {key!r} from {self.opts.output}: its pick broke the bound out of sample and "
+                      "the study has no other")
+
     def write(self, line: str, err: bool = False) -> None:
         """A line while the progress bar may be shown (tqdm clears the bar, the line goes out, it redraws)."""
         with tqdm.external_write_mode(file=sys.stderr if err else None):

@@ -9,7 +9,10 @@ untouched pipeline on the same prompts and seeds. The result, a :class:`optimize
 (losses with their paired intervals, speedup, whether the study's constraints hold out of sample), is
 stored on the trial (system attr ``validation``) and in search_params.json; a pick that breaks the
 bound out of sample, or whose held-out speedup falls outside the interval the search measured for it
-(``speedup_reproduced`` false: the search's speedup was noise), is flagged in one line. ``optimize-sd validate`` does the same on an existing study
+(``speedup_reproduced`` false: the search's speedup was noise), is flagged in one line. A pick that breaks
+the bound is no pick any more (:func:`optimize.study.record.rejected_held_out`: ``best``, ``generate`` and
+search_params.json pass it over), and the next best is validated in its place, :data:`CANDIDATES` in all
+at most (:func:`validate_pick`). ``optimize-sd validate`` does the same on an existing study
 (:func:`validate_study`), its whole feasible front if asked.
 
 Size without ``--validate``: ``max(4, num_samples // 4)`` prompts, run only when that costs at most
@@ -41,6 +44,7 @@ from ..measure.uncertainty import intervals
 
 SEED_OFFSET = 1000  # held-out prompt i is generated with seed + SEED_OFFSET + i
 BUDGET = 0.10  # the share of a study's pipeline calls a default validation may cost
+CANDIDATES = 3  # picks validated in turn after a run until one holds the bound out of sample
 
 
 class ValidationError(ValueError):
@@ -51,17 +55,25 @@ def default_size(num_samples: int) -> int:
     return max(4, num_samples // 4)
 
 
-def planned_size(requested: int | None, num_samples: int, trials: int, rounds: int) -> tuple[int, str | None]:
+def planned_size(requested: int | None, num_samples: int, trials: int, rounds: int,
+                 gated: int = 0) -> tuple[int, str | None]:
     """``(N, note)``: ``requested`` (``--validate N``) as given; without it the default size when it is
-    within :data:`BUDGET` of ``trials`` trials of ``num_samples`` prompts and ``rounds`` paired rounds, else
-    0 and a note saying why."""
+    within :data:`BUDGET` of the study's pipeline calls: ``trials`` scored trials of ``num_samples``
+    prompts and ``rounds`` paired rounds each, and ``gated`` trials the speed gate stopped after their
+    rounds; else 0 and a note saying why.
+
+    >>> planned_size(None, 8, 5, 6)[0]  # 5 scored trials: 100 calls; 4 prompts and 6 rounds cost 20
+    0
+    >>> planned_size(None, 8, 5, 6, gated=15)  # and 15 gated ones: 280 calls
+    (4, None)
+    """
     if requested is not None:
         return requested, None
     n = default_size(num_samples)
-    if 2 * (n + rounds) <= BUDGET * trials * (num_samples + 2 * rounds):
+    if 2 * (n + rounds) <= BUDGET * (trials * (num_samples + 2 * rounds) + gated * 2 * rounds):
         return n, None
     return 0, (f"note: held-out validation skipped: {n} prompts would cost more than {100 * BUDGET:g}% of this "
-               f"study's {trials} trials (--validate {n} runs it anyway, --validate 0 turns it off)")
+               f"study's {trials + gated} trials (--validate {n} runs it anyway, --validate 0 turns it off)")
 
 
 def bound_texts(goal: Goal) -> list[str]:
@@ -163,6 +175,35 @@ def validate_trials(study: optuna.Study, trials, validator: Validator, echo: Ech
     return done
 
 
+def validate_pick(study: optuna.Study, goal: Goal, validator: Validator, echo: Echo, candidates: int = CANDIDATES,
+                  rescore=None) -> tuple[optuna.Study, dict[int, Validation]]:
+    """Validate the study's pick; one that breaks the bound out of sample is no pick any more
+    (:func:`optimize.study.record.rejected_held_out`), so the next best is validated, ``candidates`` in
+    all at most. ``rescore(study)``, called after each pick passed over, may score trials the search left
+    unscored because of it (a run's speed gate) and return the study read afresh. Returns the study read
+    afresh and what was validated (trial number -> validation)."""
+    done: dict[int, Validation] = {}
+    for i in range(candidates):
+        best, _ = study_result(study, goal)
+        if best is None:
+            break
+        done.update(validate_trials(study, [best], validator, echo))
+        study = reloaded(study)
+        if done[best.number].within_bound:
+            break
+        if rescore is not None and i + 1 < candidates:
+            study = rescore(study)
+        after, _ = study_result(study, goal)
+        if after is None:
+            echo(f"#{best.number} was the study's last feasible trial: the study has no pick", err=True)
+        elif i + 1 < candidates:
+            echo(f"#{best.number} is no longer the pick; the next best is #{after.number}")
+        else:
+            echo(f"optimize-sd: warning: the pick is now #{after.number}, not validated: the {candidates} best "
+                 "broke the bound out of sample (optimize-sd validate checks it)", err=True)
+    return study, done
+
+
 def reloaded(study: optuna.Study) -> optuna.Study:
     """The study read afresh (Optuna caches finished trials: a validation stored since is not in its copy)."""
     return optuna.load_study(study_name=study.study_name, storage=rdb(study._storage))
@@ -220,8 +261,9 @@ def _load(record: StudyRecord, baseline, device: str):
 def validate_study(storage_url: str, study_name: str | None, *, n: int | None = None, trial_number: int | None = None,
                    front: bool = False, device: str | None = None, prompts: str | None = None,
                    repeats: int | None = None, scored_repeats: int | None = None, echo: Echo):
-    """``optimize-sd validate``: load the study's pipeline and settings, validate its pick (or ``front``,
-    or trial ``trial_number``) on ``n`` held-out prompts. Returns ``(study read afresh, {number: validation})``."""
+    """``optimize-sd validate``: load the study's pipeline and settings, validate its pick (the next best
+    in its place while one breaks the bound, :func:`validate_pick`; or ``front``, or trial ``trial_number``)
+    on ``n`` held-out prompts. Returns ``(study read afresh, {number: validation})``."""
     from ..runtime import pipelines
     from ..study.baseline import Baseline
 
@@ -260,6 +302,8 @@ def validate_study(storage_url: str, study_name: str | None, *, n: int | None = 
                           repeats=rounds[0] if repeats is None else repeats,
                           scored_repeats=rounds[1] if scored_repeats is None else scored_repeats)
     try:
+        if trial_number is None and not front:  # the pick: the next best in turn while one breaks the bound
+            return validate_pick(study, record.goal, validator, echo)
         results = validate_trials(study, trials, validator, echo)
     finally:
         validator.close()

@@ -490,13 +490,21 @@ def best_feasible(study: optuna.Study, goal: Goal) -> FrozenTrial | None:
     return pick(trials, goal)
 
 
+def rejected_held_out(trial: FrozenTrial) -> bool:
+    """The trial broke the study's bound on held-out prompts (its stored :class:`Validation`): its search
+    numbers flattered it, so it is no pick whatever they say."""
+    data = trial.system_attrs.get(VALIDATION)
+    return bool(data) and data.get("within_bound") is False
+
+
 def pick(trials, goal: Goal) -> FrozenTrial | None:
-    """The best of measured feasible ``trials`` (:func:`rank_key`) that has a lever on and is faster
-    than the baseline: the untouched configuration (sampled with every lever off) measures 1x plus
-    noise, and a configuration slower than none at all is no result however well it keeps the bound
-    (a target above 1 already sees to that; a loss bound alone does not)."""
-    return min((t for t in trials if t.user_attrs[SPEEDUP] > 1.0 and t.user_attrs.get(CONFIG) != "baseline"),
-               key=rank_key(goal), default=None)
+    """The best of measured feasible ``trials`` (:func:`rank_key`) that has a lever on, is faster than
+    the baseline and was not rejected on held-out prompts (:func:`rejected_held_out`). The untouched
+    configuration (sampled with every lever off) measures 1x plus noise, and a configuration slower than
+    none at all is no result however well it keeps the bound (a target above 1 already sees to that; a
+    loss bound alone does not)."""
+    return min((t for t in trials if t.user_attrs[SPEEDUP] > 1.0 and t.user_attrs.get(CONFIG) != "baseline"
+                and not rejected_held_out(t)), key=rank_key(goal), default=None)
 
 
 def rank_key(goal: Goal):
@@ -531,6 +539,7 @@ def study_result(study: optuna.Study, goal: Goal) -> tuple[FrozenTrial | None, l
 
 
 def feasible_front(study: optuna.Study, goal: Goal) -> list[FrozenTrial]:
-    """The Pareto front (speedup up, loss down) of the study's feasible trials."""
-    return pareto_front([t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if is_feasible(t)],
-                        goal)
+    """The Pareto front (speedup up, loss down) of the study's feasible trials, less those rejected on
+    held-out prompts (:func:`rejected_held_out`)."""
+    return pareto_front([t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                         if is_feasible(t) and not rejected_held_out(t)], goal)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import numpy as np
 import optuna
@@ -18,9 +19,9 @@ import pytest
 from optuna.trial import TrialState
 
 try:
-    from helpers import goal_opts, one_error_line, run_args, run_cli, storage_url, synthetic_study
+    from helpers import _distributions, goal_opts, one_error_line, run_args, run_cli, storage_url, synthetic_study
 except ImportError:  # tests/ made a package
-    from tests.helpers import goal_opts, one_error_line, run_args, run_cli, storage_url, synthetic_study
+    from tests.helpers import _distributions, goal_opts, one_error_line, run_args, run_cli, storage_url, synthetic_study
 
 from optimize.app import params_file
 
@@ -238,40 +239,124 @@ def test_validator_verdict_follows_the_study_rule():
     assert v._verdict(attrs) == ["speedup >= 2x", "score_loss <= 0.02"]
 
 
-def _synthetic(tmp_path):
+def _synthetic(tmp_path, held_out: Validation | None = None):
+    """Three trials, #0 (the fastest feasible one) validated with ``held_out`` (default: breaks the bound),
+    #1 infeasible, #2 feasible and slower."""
     goal = Goal("max", None, 0.02)
     trials = [(Config(deepcache=DeepCache(3, 0)), 2.0, 0.010,
                {INTERVALS: {"level": LEVEL, "n": 4, SCORE_LOSS: [0.004, 0.016], SPEEDUP: [1.9, 2.1]}}),
-              (Config(deepcache=DeepCache(5, 0)), 2.5, 0.030)]
+              (Config(deepcache=DeepCache(5, 0)), 2.5, 0.030),
+              (Config(deepcache=DeepCache(2, 0)), 1.6, 0.005)]
     study = synthetic_study(f"sqlite:///{tmp_path / 's.db'}", "synth", goal, trials)
     from optimize.study.storage import set_trial_system_attr_after
 
-    set_trial_system_attr_after(study._storage, study.trials[0]._trial_id, VALIDATION, _validation(False).as_dict())
+    held_out = _validation(False) if held_out is None else held_out
+    set_trial_system_attr_after(study._storage, study.trials[0]._trial_id, VALIDATION, held_out.as_dict())
     return goal, validation.reloaded(study)
 
 
-def test_report_shows_intervals_and_flags_a_pick_that_breaks_the_bound_out_of_sample(tmp_path):
+def test_a_pick_that_breaks_the_bound_out_of_sample_is_passed_over(tmp_path):
+    """Its search numbers flattered it: best, the front and the report's pick go to the next best."""
+    from optimize.study.record import feasible_front, study_result
+
     goal, study = _synthetic(tmp_path)
-    best = best_feasible(study, goal)
-    assert best.number == 0 and Validation.of(best) == _validation(False)  # stored on a completed trial
+    assert Validation.of(study.trials[0]) == _validation(False)  # stored on a completed trial
+    assert best_feasible(study, goal).number == 2
+    assert [t.number for t in feasible_front(study, Goal("pareto", None, 0.02))] == [2]
+    assert study_result(study, Goal("pareto", None, 0.02))[0].number == 2
     page = report.build_report_html(study)
-    assert 'id="validation-flag"' in page and "BREAKS score_loss &lt;= 0.02 out of sample" in page
+    assert "breaks the bound (4 prompts)" in page  # #0 in the table's held-out column, still shown
+    (tmp_path / "held").mkdir()
+    goal, study = _synthetic(tmp_path / "held", _validation(True, loss=0.01, failed=[]))
+    assert best_feasible(study, goal).number == 0  # held: it stays the pick
+
+
+def test_report_shows_intervals_and_flags_a_pick_whose_speedup_did_not_reproduce(tmp_path):
+    (tmp_path / "x").mkdir()
+    goal, study = _synthetic(tmp_path / "x", _validation(True, loss=0.01, failed=[], speedup_reproduced=False,
+                                                          search_speedup_interval=[1.9, 2.1]))
+    best = best_feasible(study, goal)
+    assert best.number == 0
+    page = report.build_report_html(study)
+    assert 'id="validation-flag"' in page and "NOT REPRODUCED" in page
     assert "score_loss +0.0100 [+0.0040, +0.0160]" in page and "2.000x [1.90, 2.10]" in page
-    assert "breaks the bound (4 prompts)" in page  # the table's held-out column
     fig = report.pareto_figure(study, goal)
     feasible = next(t for t in fig.data if (t.name or "").startswith("feasible"))
-    assert list(feasible.error_x.array) == pytest.approx([0.006]) and list(feasible.error_y.arrayminus) == pytest.approx([0.1])
+    assert list(feasible.error_x.array)[0] == pytest.approx(0.006) and list(feasible.error_y.arrayminus)[0] == pytest.approx(0.1)
 
 
 def test_trial_line_and_entry_carry_the_intervals(tmp_path):
     goal, study = _synthetic(tmp_path)
-    best = best_feasible(study, goal)
-    line = trial_line(best, goal)
+    trial = study.trials[0]
+    line = trial_line(trial, goal)
     assert "2.00x [1.90, 2.10]" in line and "score_loss +0.0100 [+0.0040, +0.0160]" in line
-    entry = params_file.trial_entry(best, goal)
+    entry = params_file.trial_entry(trial, goal)
     assert entry["loss_interval"] == [0.004, 0.016] and entry["speedup_interval"] == [1.9, 2.1]
     assert entry["interval_level"] == LEVEL and entry["confidence"] is None
     assert entry["validation"] == _validation(False).summary() and "per_prompt" not in entry["validation"]
+
+
+def test_update_pick_puts_the_study_s_pick_in_its_entries(tmp_path):
+    goal, study = _synthetic(tmp_path)
+    path = tmp_path / "sp.json"
+    rejected = {"study": "synth", "trial": 0, "params": {"deepcache": True}, "config": "dc(3,b0)", "model": "tiny",
+                "steps": 8, "loss_interval": [0.004, 0.016], "validation": _validation(False).summary()}
+    data = {"a": rejected, "b": {**rejected, "study": "other"}, "c": {**rejected, "trial": 2, "params": {}}}
+    path.write_text(json.dumps(data))
+    best = best_feasible(study, goal)
+    assert params_file.update_pick(str(path), "synth", best, [], goal) == ["a"]
+    after = json.loads(path.read_text())
+    assert after["a"]["trial"] == 2 and after["a"]["params"] == dict(best.params)
+    assert after["a"]["config"] == best.user_attrs["config"] and after["a"]["speedup"] == 1.6
+    assert after["a"]["model"] == "tiny" and after["a"]["steps"] == 8  # the settings it was found with stay
+    assert "validation" not in after["a"] and "loss_interval" not in after["a"]  # #2 has neither
+    assert after["b"] == data["b"] and after["c"] == data["c"]  # another study's; already the pick
+    assert params_file.update_pick(str(path), "synth", None, [], goal) == []
+    # no pick left: the entries of the study holding a passed-over trial go, nothing else
+    assert params_file.drop_passed_over(str(path), "synth", {2}) == ["a", "c"]
+    assert json.loads(path.read_text()) == {"b": data["b"]}
+    assert params_file.drop_passed_over(str(path), "synth", set()) == []
+
+
+class _Verdicts(validation.Validator):
+    """A Validator without a model whose verdicts are given: ``broken`` trial numbers break the bound."""
+
+    def __init__(self, goal, broken):
+        self.goal, self.broken, self.measured = goal, set(broken), []
+        self.prompts, self.settings = ["a", "b", "c", "d"], type("S", (), {"seed": 1042})()
+
+    def done(self, trial):
+        return None
+
+    def measure(self, trial):
+        self.measured.append(trial.number)
+        return _validation(trial.number not in self.broken, loss=0.03 if trial.number in self.broken else 0.01)
+
+
+@pytest.mark.parametrize("broken,measured,pick", [
+    ((), [0], 0),  # the pick holds: nothing else measured
+    ((0,), [0, 2], 2),  # the next best in its place
+    ((0, 2, 3), [0, 2, 3], 4),  # three in all at most: the fourth is the pick, not validated, said so
+    ((0, 2, 3, 4), [0, 2, 3], 4),
+])
+def test_validate_pick_goes_down_the_ranking_while_a_pick_breaks_the_bound(tmp_path, broken, measured, pick):
+    goal = Goal("max", None, 0.02)
+    trials = [(Config(deepcache=DeepCache(3, 0)), 2.0, 0.010), (Config(deepcache=DeepCache(5, 0)), 2.5, 0.030),
+              (Config(deepcache=DeepCache(2, 0)), 1.6, 0.005), (Config(deepcache=DeepCache(2, 1)), 1.5, 0.005),
+              (Config(deepcache=DeepCache(2, 2)), 1.4, 0.005)]
+    study = synthetic_study(f"sqlite:///{tmp_path / 's.db'}", "synth", goal, trials)
+    lines = []
+    validator = _Verdicts(goal, broken)
+    study, done = validation.validate_pick(study, goal, validator, lambda line, err=False: lines.append((line, err)))
+    assert validator.measured == measured and list(done) == measured
+    assert best_feasible(study, goal).number == pick
+    assert all(Validation.of(study.trials[n]).within_bound == (n not in broken) for n in measured)
+    text = "\n".join(line for line, _ in lines)
+    if len(measured) > 1:
+        assert "#0 is no longer the pick; the next best is #2" in text
+    if len(measured) == 3:
+        assert any(err and line.startswith("optimize-sd: warning: the pick is now #4, not validated: the 3 best broke "
+                                           "the bound out of sample") for line, err in lines), lines
 
 
 def test_add_validations_updates_only_the_entries_holding_those_trials(tmp_path):
@@ -338,6 +423,9 @@ def test_a_heldout_speedup_outside_the_picks_interval_is_one_warning_and_marks_t
     assert v.speedup_reproduced is reproduced and v.search_speedup_interval == [9.0, 11.2]
     # the trial's validation attr, search_params.json's entry, best --json and the summary all say so
     pick = best_feasible(validation.reloaded(study), goal)
+    if not bound:  # broken out of sample: no pick any more; its entry would still say why
+        assert pick is None
+        pick = validation.reloaded(study).trials[0]
     assert Validation.of(pick).speedup_reproduced is reproduced
     opts = SimpleNamespace(goal=goal, scheduler="ddim", steps=8, batch_size=1, dtype="fp32", exec_mode="eager",
                            storage="sqlite:///s.db")
@@ -494,11 +582,132 @@ def test_validate_command_stores_the_attr_and_updates_the_entry(trusted, monkeyp
     assert f"validating #{other} " in out and "held-out (3 prompts, seed 1042)" in out
     study = optuna.load_study(study_name=trusted["name"], storage=storage)
     assert Validation.of(study.trials[other]).n == 3
-    assert open(output).read() == before  # the file holds the pick, not this trial
+    if Validation.of(study.trials[other]).within_bound:
+        assert open(output).read() == before  # the file holds the pick, not this trial
     code, out, err = run_cli(["validate", "--storage", storage, "-n", "3", "--output", output])
-    assert code == (1 if "NOT REPRODUCED" in out or "BREAKS" in out else 0), out + err
+    study = optuna.load_study(study_name=trusted["name"], storage=storage)
+    # the pick in the end: validated on these 3 prompts (a later validation replaces an earlier one's verdict)
+    pick = best_feasible(study, goal)
+    last = Validation.of(pick)
+    assert last.n == 3 and f"#{pick.number} " in out
+    assert code == (0 if last.within_bound and last.speedup_reproduced is not False else 1), out + err
     assert f"added to {output} under 'tiny:ddim:8:max:0.8:c0.9'" in out
-    assert json.load(open(output))["tiny:ddim:8:max:0.8:c0.9"]["validation"]["n"] == 3
+    entry = json.load(open(output))["tiny:ddim:8:max:0.8:c0.9"]
+    assert entry["trial"] == pick.number and entry["validation"]["n"] == 3
+
+
+def test_after_a_pick_is_passed_over_the_configurations_the_speed_gate_skipped_for_it_are_scored(tmp_path):
+    """The gate skipped them for being slower than a pick that then broke the bound out of sample: those
+    faster than the next best are scored (fastest first, each configuration once, none scored already)."""
+    from types import SimpleNamespace
+
+    from optuna.trial import create_trial
+
+    from optimize.app.runner import Search
+
+    goal = Goal("max", None, 0.02)
+    study = synthetic_study(f"sqlite:///{tmp_path / 's.db'}", "synth", goal,
+                            [(Config(deepcache=DeepCache(3, 0)), 2.0, 0.010), (Config(deepcache=DeepCache(2, 0)), 1.5, 0.005)])
+    dists = _distributions()
+
+    def gated(config, speedup):
+        params = config.to_params()
+        attrs = {"config": config.label(), **({SPEEDUP: speedup} if speedup else {})}
+        study.add_trial(create_trial(state=TrialState.PRUNED, params=params,
+                                     distributions={k: dists[k] for k in params}, user_attrs=attrs))
+
+    gated(Config(deepcache=DeepCache(4, 1)), 1.8)  # #2
+    gated(Config(deepcache=DeepCache(4, 2)), 1.9)  # #3
+    gated(Config(deepcache=DeepCache(2, 2)), 1.4)  # #4: slower than the next best
+    gated(Config(deepcache=DeepCache(2, 0)), 1.7)  # #5: #1's configuration, scored already
+    gated(Config(deepcache=DeepCache(4, 2)), 1.85)  # #6: #3's again
+    gated(Config(deepcache=DeepCache(5, 3)), None)  # #7: an invalid draw, nothing measured
+    from optimize.study.storage import set_trial_system_attr_after
+
+    set_trial_system_attr_after(study._storage, study.trials[0]._trial_id, VALIDATION, _validation(False).as_dict())
+    study = validation.reloaded(study)
+
+    search = Search.__new__(Search)
+    search.opts = SimpleNamespace(goal=goal, speed_gate=True)
+    lines, ran = [], []
+    search.write = lambda line, err=False: lines.append(line)
+    search.evaluator = SimpleNamespace(close=lambda: None)
+    search.optimize = lambda n=None: ran.append((n, [t.system_attrs["fixed_params"] for t in search.study.get_trials(
+        deepcopy=False, states=(TrialState.WAITING,))]))  # the queue: what the trials would run
+    search.rescore_gated(study)
+    assert ran == [(2, [study.trials[3].params, study.trials[2].params])]  # fastest first
+    assert lines == ["scoring 2 configurations the speed gate skipped because of the pick passed over: "
+                     "#3 dc(4,b2), #2 dc(4,b1)"]
+    search.opts = SimpleNamespace(goal=Goal("target", 1.5, 0.02), speed_gate=True)  # the gate's bar is the target
+    ran.clear()
+    search.rescore_gated(study)
+    assert ran == []
+
+
+def test_validate_pick_validates_what_a_rescore_adds(tmp_path):
+    goal = Goal("max", None, 0.02)
+    trials = [(Config(deepcache=DeepCache(3, 0)), 2.0, 0.010), (Config(deepcache=DeepCache(2, 0)), 1.5, 0.005)]
+    study = synthetic_study(f"sqlite:///{tmp_path / 's.db'}", "synth", goal, trials)
+
+    validator, lines = _Verdicts(goal, {0}), []
+
+    def rescore_measured(study):  # as a run's: a configuration the gate skipped, scored now at 1.8x
+        from optuna.trial import create_trial
+
+        params = Config(deepcache=DeepCache(4, 1)).to_params()
+        dists = _distributions()
+        study.add_trial(create_trial(state=TrialState.COMPLETE, values=[1.8], params=params,
+                                     distributions={k: dists[k] for k in params},
+                                     user_attrs={**study.trials[1].user_attrs, "config": "dc(4,b1)", SPEEDUP: 1.8},
+                                     system_attrs={k: v for k, v in study.trials[1].system_attrs.items()
+                                                   if k != VALIDATION}))
+        return validation.reloaded(study)
+
+    study, done = validation.validate_pick(study, goal, validator, lambda line, err=False: lines.append(line),
+                                           rescore=rescore_measured)
+    assert validator.measured == [0, 2] and best_feasible(study, goal).number == 2
+    assert "#0 is no longer the pick; the next best is #2" in lines
+
+
+def test_a_run_passes_over_a_pick_that_breaks_the_bound_out_of_sample(tmp_path, monkeypatch):
+    """The run's pick breaks the bound on the held-out prompts (forced here): the next best is validated
+    and search_params.json, best and the summary carry that one."""
+    original, judged = validation.Validator._verdict, []
+
+    def first_breaks(self, attrs):
+        judged.append(attrs)
+        return ["score_loss <= 0.8"] if len(judged) == 1 else original(self, attrs)
+
+    monkeypatch.setattr(validation.Validator, "_verdict", first_breaks)
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_cli(run_args(tmp_path, "--max-loss", "0.8", "--n-trials", "3", "--validate", "2"))
+    assert code == 0, out + err
+    first, then = (int(n) for n in re.findall(r"validating #(\d+) ", out)[:2])
+    assert f"#{first} is no longer the pick; the next best is #{then}" in out
+    study = optuna.load_study(study_name="tiny-ddim-8steps-max-loss0.8", storage=storage_url(tmp_path))
+    assert Validation.of(study.trials[first]).within_bound is False
+    pick = best_feasible(study, StudyRecord.load(study).goal)
+    assert pick.number == then and Validation.of(pick).n == 2
+    entry = json.load(open(tmp_path / "search_params.json"))["tiny:ddim:8:max:0.8"]
+    assert entry["trial"] == then and entry["validation"]["n"] == 2
+    assert f"best feasible trial #{then}:" in out
+
+
+def test_a_run_whose_every_feasible_trial_breaks_the_bound_out_of_sample_leaves_no_result(tmp_path, monkeypatch):
+    """The entry written while the trials ran is removed: no file says a passed-over trial is a result."""
+    monkeypatch.setattr(validation.Validator, "_verdict", lambda self, attrs: ["score_loss <= 0.8"])
+    monkeypatch.chdir(tmp_path)
+    output = tmp_path / "search_params.json"
+    output.write_text(json.dumps({"other": {"study": "another", "trial": 0, "params": {}}}))
+    code, out, err = run_cli(run_args(tmp_path, "--max-loss", "0.8", "--n-trials", "2", "--validate", "2",
+                                      "--methods", "deepcache"))
+    assert code == 0, out + err
+    assert "removed 'tiny:ddim:8:max:0.8' from" in out and "the study has no other" in out
+    assert json.loads(output.read_text()) == {"other": {"study": "another", "trial": 0, "params": {}}}
+    study = optuna.load_study(study_name="tiny-ddim-8steps-max-loss0.8", storage=storage_url(tmp_path))
+    assert best_feasible(study, StudyRecord.load(study).goal) is None
+    code, out, err = run_cli(["best", "--storage", storage_url(tmp_path)])
+    assert code == 1
 
 
 def test_validate_again_measures_nothing(trusted, no_model):
