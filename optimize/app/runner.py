@@ -50,7 +50,7 @@ from ..study.record import (BASELINE_TIME, OWNER, REUSED_FROM, SAMPLER_SLOT, WOR
 
 
 LOAD_SWING = 2.0  # the untouched pipeline's slowest / fastest time before a run notes that the load changed
-RESCORE = 3  # configurations scored again after each pick passed over (Search.rescore_gated)
+RESCORE = 5  # configurations the speed gate skipped, scored after a pick is passed over (Search.rescore_gated)
 
 
 class RunError(Exception):
@@ -589,34 +589,39 @@ class Search:
 
     def rescore_gated(self, study: optuna.Study) -> optuna.Study:
         """Once a pick is passed over (it broke the bound out of sample), score the configurations the speed
-        gate skipped for being slower than it that are faster than the next best (:data:`RESCORE` at most,
-        fastest first): the gate's reason is gone, and one of them may be the pick. Max mode only (in
-        target mode the gate's bar is the target, which stands). Returns the study read afresh."""
+        gate skipped for being slower than it that are faster than the next best, fastest first, until one
+        is feasible (it is then the next best) or :data:`RESCORE` were scored: the gate's reason is gone.
+        Max mode only (in target mode the gate's bar is the target, which stands). Returns the study read
+        afresh."""
         goal = self.opts.goal
         if goal.mode != "max" or not self.opts.speed_gate:
             return study
-        best, _ = study_result(study, goal)
-        floor = best.user_attrs[SPEEDUP] if best is not None else 1.0
-        trials = study.get_trials(deepcopy=False)
-        scored = {_params_key(t.params) for t in trials if t.state == TrialState.COMPLETE}
-        skipped, seen = [], set()
-        for t in sorted((t for t in trials if t.state == TrialState.PRUNED and SPEEDUP in t.user_attrs
-                         and t.user_attrs[SPEEDUP] > floor), key=lambda t: -t.user_attrs[SPEEDUP]):
-            key = _params_key(t.params)
-            if key not in scored and key not in seen:
-                seen.add(key)
-                skipped.append(t)
-        skipped = skipped[:RESCORE]
-        if not skipped:
-            return study
-        self.write(f"scoring {counted(len(skipped), 'configuration')} the speed gate skipped because of the pick passed "
-                   f"over: {', '.join(f'#{t.number} {t.user_attrs.get(CONFIG)}' for t in skipped)}")
-        for t in skipped:
+        tried: set[str] = set()
+        for _ in range(RESCORE):
+            best, _ = study_result(study, goal)
+            floor = best.user_attrs[SPEEDUP] if best is not None else 1.0
+            trials = study.get_trials(deepcopy=False)
+            scored = {_params_key(t.params) for t in trials if t.state == TrialState.COMPLETE}
+            skipped = [t for t in trials if t.state == TrialState.PRUNED and t.user_attrs.get(SPEEDUP, 0) > floor
+                       and _params_key(t.params) not in scored | tried]
+            if not skipped:
+                break
+            t = max(skipped, key=lambda t: t.user_attrs[SPEEDUP])
+            if not tried:
+                self.write(f"scoring what the speed gate skipped because of the pick passed over, fastest first, until "
+                           f"one is feasible ({RESCORE} at most)")
+            self.write(f"#{t.number} {t.user_attrs.get(CONFIG)} ({t.user_attrs[SPEEDUP]:.2f}x when skipped)")
+            tried.add(_params_key(t.params))
             study.enqueue_trial(t.params, skip_if_exists=False)
-        self.study = study
-        self.optimize(len(skipped))
-        self.evaluator.close()  # its graphs: the held-out measurement captures its own
-        return validation.reloaded(self.study)
+            self.study = study
+            self.optimize(1)
+            study = validation.reloaded(self.study)
+            after, _ = study_result(study, goal)
+            if after is not None and after.number == study.trials[-1].number:
+                break
+        if tried:
+            self.evaluator.close()  # its graphs: the held-out measurement captures its own
+        return study
 
     def finish(self) -> None:
         """The study's result: written to search_params.json at the end of every run, whether or not a

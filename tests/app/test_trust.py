@@ -598,7 +598,8 @@ def test_validate_command_stores_the_attr_and_updates_the_entry(trusted, monkeyp
 
 def test_after_a_pick_is_passed_over_the_configurations_the_speed_gate_skipped_for_it_are_scored(tmp_path):
     """The gate skipped them for being slower than a pick that then broke the bound out of sample: those
-    faster than the next best are scored (fastest first, each configuration once, none scored already)."""
+    faster than the next best are scored (fastest first, each configuration once, none scored already)
+    until one is feasible."""
     from types import SimpleNamespace
 
     from optuna.trial import create_trial
@@ -634,10 +635,31 @@ def test_after_a_pick_is_passed_over_the_configurations_the_speed_gate_skipped_f
     search.evaluator = SimpleNamespace(close=lambda: None)
     search.optimize = lambda n=None: ran.append((n, [t.system_attrs["fixed_params"] for t in search.study.get_trials(
         deepcopy=False, states=(TrialState.WAITING,))]))  # the queue: what the trials would run
-    search.rescore_gated(study)
-    assert ran == [(2, [study.trials[3].params, study.trials[2].params])]  # fastest first
-    assert lines == ["scoring 2 configurations the speed gate skipped because of the pick passed over: "
-                     "#3 dc(4,b2), #2 dc(4,b1)"]
+    search.rescore_gated(study)  # optimize is a fake here: the queued trials stay infeasible (unscored)
+    assert ran == [(1, [study.trials[3].params]), (1, [study.trials[3].params, study.trials[2].params])]
+    assert lines[1:] == ["#3 dc(4,b2) (1.90x when skipped)", "#2 dc(4,b1) (1.80x when skipped)"]
+    # once one is feasible it is the next best, faster than the rest: no more are scored
+    (tmp_path / "b").mkdir()
+    study = synthetic_study(f"sqlite:///{tmp_path / 'b' / 's.db'}", "synth", goal,
+                            [(Config(deepcache=DeepCache(3, 0)), 2.0, 0.010), (Config(deepcache=DeepCache(2, 0)), 1.5, 0.005)])
+    gated(Config(deepcache=DeepCache(4, 1)), 1.8)
+    gated(Config(deepcache=DeepCache(4, 2)), 1.9)
+    set_trial_system_attr_after(study._storage, study.trials[0]._trial_id, VALIDATION, _validation(False).as_dict())
+    study = validation.reloaded(study)
+
+    def feasible_trial(n=None):  # what the queued trial measures: feasible at its speed
+        params = search.study.get_trials(deepcopy=False, states=(TrialState.WAITING,))[-1].system_attrs["fixed_params"]
+        ran.append(params)
+        search.study.add_trial(create_trial(
+            state=TrialState.COMPLETE, values=[1.9], params=params, distributions={k: dists[k] for k in params},
+            user_attrs={**study.trials[1].user_attrs, "config": "dc(4,b2)", SPEEDUP: 1.9},
+            system_attrs={k: v for k, v in study.trials[1].system_attrs.items()}))
+
+    ran.clear()
+    search.optimize = feasible_trial
+    study = search.rescore_gated(study)
+    assert ran == [study.trials[3].params] and best_feasible(study, goal).number == len(study.trials) - 1
+
     search.opts = SimpleNamespace(goal=Goal("target", 1.5, 0.02), speed_gate=True)  # the gate's bar is the target
     ran.clear()
     search.rescore_gated(study)
