@@ -115,8 +115,8 @@ def cli():
                    "the study's name and settings  [default: off; intervals are shown at 0.9]")
 @click.option("--validate", type=click.IntRange(0), default=None,
               help="After the trials, measure the pick again on this many held-out prompts (after the first "
-                   "--num-samples) with fresh seeds; 0: off  [default: max(4, num-samples/4) when that costs at most "
-                   "10% of the study, else skipped with a note]")
+                   "--num-samples) with fresh seeds; 0: off  [default: max(8, num-samples/4) when that costs at most "
+                   "20% of the study, else skipped with a note]")
 @click.option("--methods", default=None,
               help="Levers that may switch on: schedule (another solver and fewer steps than --scheduler and --steps), "
                    "deepcache, tome, tgate, layout (channels-last convolutions, fused QKV, the attention kernel), "
@@ -380,7 +380,7 @@ def best(storage, study_name, as_json):
 @click.option("--storage", default=DEFAULT_STORAGE, show_default=True)
 @click.option("--study", "study_name", default=None, help="[default: the only study, or the most recently run]")
 @click.option("-n", "--num-prompts", type=click.IntRange(1), default=None,
-              help="Held-out prompts (after the study's --num-samples)  [default: max(4, num-samples/4)]")
+              help="Held-out prompts (after the study's --num-samples)  [default: max(8, num-samples/4)]")
 @click.option("--trial", "trial_number", type=click.IntRange(0), default=None,
               help="Validate this trial  [default: the best feasible; pareto study: the fastest feasible]")
 @click.option("--front", is_flag=True, help="Validate every trial of the feasible Pareto front.")

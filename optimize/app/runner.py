@@ -159,7 +159,7 @@ def planned_validation(opts: RunOptions, study: optuna.Study) -> tuple[int, str]
     # the speed gate's, which ran their paired rounds (an invalid draw is pruned too, having run nothing)
     gated = sum(SPEEDUP in t.user_attrs for t in study.get_trials(deepcopy=False, states=(TrialState.PRUNED,)))
     return validation.planned_size(opts.validate, opts.num_samples, trials, opts.scored_repeats if opts.repeats else 0,
-                                   gated)
+                                   gated, opts.repeats)
 
 
 def sampler_seed(seed: int, n_before: int, slot: int = 0) -> int:
@@ -568,6 +568,7 @@ class Search:
                 self.pipe, self.evaluator.scorer, load_heldout(opts.prompt_spec, opts.num_samples, n), self.settings,
                 opts.goal, opts.device, repeats=opts.repeats, scored_repeats=opts.scored_repeats, exec_mode=opts.exec_mode,
                 score_batch=self.evaluator.score_batch)
+
             def rescore(study):
                 validator.close()  # its graphs: the trials capture theirs
                 return self.rescore_gated(study)

@@ -202,11 +202,11 @@ def test_heldout_prompts_come_after_the_search_prompts_and_never_repeat_one(tmp_
         prompts.load_heldout("builtin", 70, 4)  # 72 built-in captions
 
 
-def test_default_validation_size_stays_within_a_tenth_of_the_study():
-    assert validation.default_size(8) == 4 and validation.default_size(32) == 8
+def test_default_validation_size_stays_within_its_share_of_the_study():
+    assert validation.default_size(8) == 8 and validation.default_size(32) == 8
     assert validation.planned_size(None, 32, 20, 10) == (8, None)  # a GPU study: 36 of 1040 calls
     n, note = validation.planned_size(None, 2, 4, 0)  # the tests' tiny runs: 8 of 8 calls
-    assert n == 0 and "skipped" in note and "--validate 4" in note
+    assert n == 0 and "skipped" in note and "--validate 8" in note
     assert validation.planned_size(3, 2, 4, 0) == (3, None)  # asked for: run whatever it costs
     assert validation.planned_size(0, 32, 20, 10) == (0, None)
 

@@ -11,8 +11,8 @@ from optimize.levers import Config, DeepCache
 from optimize.study.record import Goal
 
 
-def test_the_default_size_is_a_quarter_of_the_search_prompts_at_least_four():
-    assert validation.default_size(8) == 4 and validation.default_size(64) == 16
+def test_the_default_size_is_a_quarter_of_the_search_prompts_at_least_eight():
+    assert validation.default_size(8) == 8 and validation.default_size(64) == 16
 
 
 def test_a_default_validation_runs_only_within_its_budget():
